@@ -1,0 +1,123 @@
+"""Wiring: settings -> Redis store -> service -> gRPC server (+ health, reflection, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+
+from .events import RedisStreamQueue
+from .metrics import AllocatorMetrics
+from .refill import RefillWatcher
+from .service import AllocatorService
+from .settings import AllocatorSettings
+from .store.redis_store import RedisStore
+from .timers import TimerSweeper
+from .transport.auth import TokenAuthInterceptor
+from .transport.servicer import AllocatorServicer, NodeManagerServicer
+
+log = logging.getLogger("ipam.allocator")
+
+SERVICE_NAMES = (
+    allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
+    nodes_pb2.DESCRIPTOR.services_by_name["NodeManager"].full_name,
+)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def server_credentials(settings: AllocatorSettings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is set; mutual TLS when a client CA is set too."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    cert = Path(settings.tls_cert_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
+    """Runs one allocator process until SIGTERM/SIGINT; in-flight calls get the grace period."""
+    metrics = AllocatorMetrics()
+    if settings.metrics_address:
+        host, port = split_host_port(settings.metrics_address)
+        start_http_server(port + worker_index, addr=host, registry=metrics.registry)
+
+    client = RedisStore.connect(settings.redis_url, cluster=settings.redis_cluster,
+                                timeout_s=settings.redis_timeout_seconds, max_connections=settings.redis_max_connections)
+    store = RedisStore(client, reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000))
+    queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
+    refills = RefillWatcher(store)
+    service = AllocatorService(store, queue, refills, ipv4_enabled=settings.ipv4_enabled,
+                               ipv6_enabled=settings.ipv6_enabled, metrics=metrics)
+
+    auth = TokenAuthInterceptor(settings.client_token_set, settings.admin_token_set)
+    if not auth.enabled:
+        log.warning("no tokens configured: every caller may use every call (set IPAM_CLIENT_TOKENS and IPAM_ADMIN_TOKENS)")
+    server = grpc.aio.server(
+        interceptors=[auth],
+        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+    )
+    allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(service, metrics), server)
+    nodes_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(service, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    credentials = server_credentials(settings)
+    if credentials:
+        server.add_secure_port(settings.grpc_address, credentials)
+    else:
+        server.add_insecure_port(settings.grpc_address)
+    await server.start()
+
+    sweeper = TimerSweeper(service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds)
+    tasks = [asyncio.create_task(sweeper.run()), asyncio.create_task(_watch_health(store, health_servicer))]
+    refills.start()
+    log.info("allocator %d listening on %s (%s), metrics on %s", worker_index, settings.grpc_address,
+             "TLS" if credentials else "plaintext", settings.metrics_address or "-")
+    if ready is not None:
+        ready.set()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("allocator %d shutting down: finishing in-flight calls", worker_index)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    for task in tasks:
+        task.cancel()
+    await refills.stop()
+    with contextlib.suppress(Exception):
+        await store.close()
+
+
+async def _watch_health(store: RedisStore, servicer: health.aio.HealthServicer) -> None:
+    """SERVING while Redis answers, NOT_SERVING while it does not."""
+    while True:
+        try:
+            await store.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await servicer.set(name, status)
+        await asyncio.sleep(2.0)

@@ -1,0 +1,65 @@
+"""The one exception tree of ipam. Each error carries a stable `reason` (an ErrorInfo reason on the
+wire); the transport layer maps the class to a gRPC status code in exactly one place."""
+
+from __future__ import annotations
+
+
+class IpamError(Exception):
+    """Base of every error the allocator reports to a caller."""
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidArgument(IpamError):
+    """Malformed input (bad IP, empty owner, oversized string, negative timeout)."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(IpamError):
+    """Unknown node, pool, address, owner or reservation."""
+
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(IpamError):
+    """The address (or node) is already taken."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(IpamError):
+    """Address not in the pool, excluded, reserved, family disabled, timer uuid mismatch."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(IpamError):
+    """The pool has no free address (reason says whether a refill is under way or the node is full)."""
+
+    reason = "POOL_EMPTY"
+
+
+class Unavailable(IpamError):
+    """A dependency (Redis) cannot be reached within the call's deadline."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
+class Unauthenticated(IpamError):
+    """No valid credential."""
+
+    reason = "MISSING_CREDENTIALS"
+
+
+class PermissionDenied(IpamError):
+    """A credential without the role the call needs."""
+
+    reason = "ADMIN_ROLE_REQUIRED"

@@ -1,0 +1,63 @@
+"""Node statistics (seed `Node.Stats`): pure computation from what the store holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    used_ips: int
+    available_ips: int
+    needed_ips: int
+    excess_ips: int
+    remaining_interfaces: int
+    interface_candidates: int
+    empty_interface_slots: int
+    cooling_ips: int
+    used_ipv6: int
+    available_ipv6: int
+    needed_ipv6: int
+
+
+def node_stats(
+    v4: PoolCounts,
+    v6: PoolCounts,
+    watermarks: Watermarks,
+    *,
+    ipv6_enabled: bool,
+    interfaces: list[dict[str, Any]],
+    max_interfaces: int,
+    ipv4_per_interface: int,
+    first_interface_index: int,
+) -> NodeStats:
+    """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
+    used_devices = {int(i.get("device_index", 0)) for i in interfaces}
+    if max_interfaces > 0:
+        remaining = max(max_interfaces - len(interfaces), 0)
+        empty_slots = sum(1 for d in range(first_interface_index, max_interfaces) if d not in used_devices)
+    else:
+        remaining = empty_slots = 0
+    candidates = 0
+    if ipv4_per_interface > 0:
+        candidates = sum(
+            1 for i in interfaces
+            if int(i.get("device_index", 0)) >= first_interface_index
+            and len([a for a in i.get("addresses", []) if ":" not in a]) < ipv4_per_interface - 1
+        )
+    return NodeStats(
+        used_ips=v4.used,
+        available_ips=v4.available,
+        needed_ips=pool_needed_ips(v4, watermarks),
+        excess_ips=pool_excess_ips(v4, watermarks),
+        remaining_interfaces=remaining,
+        interface_candidates=candidates,
+        empty_interface_slots=empty_slots,
+        cooling_ips=v4.cooling,
+        used_ipv6=v6.used,
+        available_ipv6=v6.available,
+        needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
+    )

@@ -1,0 +1,298 @@
+"""The allocator's use cases: validate, run the store's script, publish an event when the pool
+needs work. Speaks domain types only; the gRPC servicer translates to and from protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ipam.v1 import events_pb2
+
+from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .domain.model import (
+    MAX_KEY_LENGTH,
+    MAX_OWNER_LENGTH,
+    Allocation,
+    Family,
+    parse_ip,
+    pool_or_default,
+    validate_name,
+    validate_text,
+    validate_timeout,
+)
+from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
+from .domain.stats import NodeStats, node_stats
+from .events import EventQueue
+from .refill import RefillWatcher
+from .store.redis_store import NodeRecord, PoolState, RedisStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    record: NodeRecord
+    stats: NodeStats
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """The parts of a node's spec the allocator itself uses."""
+
+    watermarks: Watermarks
+    first_interface_index: int
+    release_excess: bool
+    ipv6_enabled: bool
+
+
+class AllocatorService:
+    """Allocation and node management over the Redis store."""
+
+    def __init__(
+        self, store: RedisStore, queue: EventQueue, refills: RefillWatcher | None, *,
+        ipv4_enabled: bool, ipv6_enabled: bool, metrics: Any = None,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.refills = refills
+        self.ipv4_enabled = ipv4_enabled
+        self.ipv6_enabled = ipv6_enabled
+        self.metrics = metrics
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _target(node: str, pool: str) -> tuple[str, str]:
+        return validate_name(node, "node"), validate_name(pool_or_default(pool), "pool")
+
+    def _check_family_enabled(self, family: Family) -> None:
+        if family is Family.IPV4 and not self.ipv4_enabled:
+            raise FailedPrecondition("IPv4 is disabled on this allocator", reason="IPV4_DISABLED")
+        if family is Family.IPV6 and not self.ipv6_enabled:
+            raise FailedPrecondition("IPv6 is disabled on this allocator", reason="IPV6_DISABLED")
+
+    def _families(self, family: Family) -> list[Family]:
+        if family is Family.UNSPECIFIED:
+            # Dual-stack: both enabled families, taken together or not at all (IPv6 first, as Cilium).
+            chosen = [f for f, on in ((Family.IPV6, self.ipv6_enabled), (Family.IPV4, self.ipv4_enabled)) if on]
+            if not chosen:
+                raise FailedPrecondition("no address family is enabled", reason="IPV4_DISABLED")
+            return chosen
+        self._check_family_enabled(family)
+        return [family]
+
+    async def after_change(self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False) -> None:
+        """Publishes one (coalesced) event when the pool is below or above its watermark."""
+        if skip_sync_upstream or state.event_pending:
+            return
+        needed = pool_needed_ips(state.counts[Family.IPV4], state.watermarks)
+        if state.ipv6_enabled:
+            needed = max(needed, pool_needed_ips(state.counts[Family.IPV6], state.watermarks))
+        excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks) if state.release_excess else 0
+        if needed <= 0 and excess <= 0:
+            return
+        kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
+        event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind, needed_ips=needed, excess_ips=excess)
+        if await self.queue.publish_once(event) and self.metrics is not None:
+            self.metrics.events_published.labels(kind=events_pb2.PoolEvent.Kind.Name(kind)).inc()
+
+    # --- Allocator --------------------------------------------------------------------------
+
+    async def allocate_next(
+        self, node: str, pool: str, family: Family, owner: str, *, expiration_seconds: int = 0,
+        skip_sync_upstream: bool = False, idempotency_key: str = "", wait_for_refill: bool = False,
+        deadline: float | None = None,
+    ) -> list[Allocation]:
+        node, pool = self._target(node, pool)
+        owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
+        idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=False)
+        expiration_seconds = validate_timeout(expiration_seconds, "expiration_seconds")
+        families = self._families(family)
+        while True:
+            try:
+                outcome = await self.store.allocate_next(
+                    node, pool, families, owner, idempotency_key, expiration_seconds
+                )
+            except ResourceExhausted as exc:
+                state: PoolState = exc.state  # type: ignore[attr-defined]
+                await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
+                if not (wait_for_refill and self.refills and exc.reason in ("POOL_EMPTY", "POOL_COOLING_DOWN")):
+                    raise
+                remaining = (deadline - time.monotonic()) if deadline else 30.0
+                if remaining <= 0.01:
+                    raise
+                await self.refills.wait(node, pool, min(remaining, 1.0))
+                continue
+            if not outcome.replayed:
+                await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+            return outcome.allocations
+
+    async def allocate(self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False) -> Allocation:
+        node, pool = self._target(node, pool)
+        owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
+        ip, family = parse_ip(ip)
+        self._check_family_enabled(family)
+        outcome = await self.store.allocate(node, pool, ip, owner)
+        await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        return outcome.allocations[0]
+
+    async def release(
+        self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None,
+        skip_sync_upstream: bool = False,
+    ) -> list[str]:
+        node, pool = self._target(node, pool)
+        if ip:
+            ip, _ = parse_ip(ip)
+            outcome = await self.store.release(node, pool, ip=ip)
+        elif owner:
+            owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
+            outcome = await self.store.release(node, pool, owner=owner)
+        else:
+            raise InvalidArgument("release needs an ip or an owner", reason="IP_OR_OWNER_REQUIRED")
+        await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        return outcome.ips
+
+    async def exclude(self, node: str, pool: str, ip: str, owner: str) -> None:
+        node, pool = self._target(node, pool)
+        ip, _ = parse_ip(ip)
+        owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
+        outcome = await self.store.exclude(node, pool, ip, owner)
+        await self.after_change(node, pool, outcome.state)
+
+    async def start_timer(self, node: str, pool: str, ip: str, timeout_seconds: int) -> str:
+        node, pool = self._target(node, pool)
+        ip, _ = parse_ip(ip)
+        if validate_timeout(timeout_seconds, "timeout_seconds") == 0:
+            raise InvalidArgument("timeout_seconds must be positive", reason="INVALID_TIMEOUT")
+        return await self.store.start_timer(node, pool, ip, timeout_seconds)
+
+    async def stop_timer(self, node: str, pool: str, ip: str, expiration_uuid: str) -> None:
+        node, pool = self._target(node, pool)
+        ip, _ = parse_ip(ip)
+        validate_text(expiration_uuid, "expiration uuid", 64, required=True)
+        await self.store.stop_timer(node, pool, ip, expiration_uuid)
+
+    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str]]:
+        return await self.store.dump(*self._target(node, pool))
+
+    async def vpc_cidrs(self, node: str) -> list[str]:
+        return (await self.store.node_record(validate_name(node, "node"))).vpc_cidrs
+
+    async def debug_status(self) -> str:
+        names = await self.store.node_names()
+        lines = [f"nodes: {len(names)}", f"ipv4: {'on' if self.ipv4_enabled else 'off'}, "
+                 f"ipv6: {'on' if self.ipv6_enabled else 'off'}"]
+        for name in names[:50]:
+            view = await self.node_view(name, "")
+            s = view.stats
+            lines.append(f"{name}: used {s.used_ips}/{s.available_ips} needed {s.needed_ips} excess {s.excess_ips}")
+        return "\n".join(lines)
+
+    # --- NodeManager ------------------------------------------------------------------------
+
+    async def put_node(self, name: str, spec: bytes, settings: NodeSettings, *, create: bool) -> NodeView:
+        name = validate_name(name, "node")
+        w = settings.watermarks
+        for label, value in (("pre_allocate", w.pre_allocate), ("min_allocate", w.min_allocate),
+                             ("max_allocate", w.max_allocate), ("max_above_watermark", w.max_above_watermark),
+                             ("first_interface_index", settings.first_interface_index)):
+            if value < 0 or value > 100_000:
+                raise InvalidArgument(f"{label} must be between 0 and 100000", reason="INVALID_SPEC")
+        await self.store.put_node(name, create=create, spec=spec, watermarks=w,
+                                  release_excess=settings.release_excess, ipv6_enabled=settings.ipv6_enabled,
+                                  first_interface_index=settings.first_interface_index)
+        state = await self.store.pool_state(name, "default")
+        await self.after_change(name, "default", state)
+        return await self.node_view(name, "")
+
+    async def delete_node(self, name: str) -> None:
+        await self.store.delete_node(validate_name(name, "node"))
+
+    async def node_view(self, name: str, pool: str) -> NodeView:
+        name, pool = self._target(name, pool)
+        record = await self.store.node_record(name)
+        state = await self.store.pool_state(name, pool)
+        stats = node_stats(
+            state.counts[Family.IPV4], state.counts[Family.IPV6], state.watermarks,
+            ipv6_enabled=state.ipv6_enabled, interfaces=record.interfaces,
+            max_interfaces=record.max_interfaces, ipv4_per_interface=record.ipv4_per_interface,
+            first_interface_index=record.first_interface_index,
+        )
+        return NodeView(record, stats)
+
+    async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
+        names = list(names) if names is not None else await self.store.node_names()
+        views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
+        return [v for v in views if isinstance(v, NodeView)]  # a node deleted meanwhile is skipped
+
+    async def resync(self) -> tuple[int, int]:
+        """Re-evaluates every pool of every node; publishes an event where one is needed."""
+        published = 0
+        names = await self.store.node_names()
+        for name in names:
+            try:
+                record = await self.store.node_record(name)
+            except Exception:  # noqa: BLE001 - deleted meanwhile
+                continue
+            for pool in record.pools:
+                state = await self.store.pool_state(name, pool)
+                before = state.event_pending
+                await self.after_change(name, pool, state)
+                published += int(not before and (
+                    pool_needed_ips(state.counts[Family.IPV4], state.watermarks) > 0
+                    or (state.release_excess and pool_excess_ips(state.counts[Family.IPV4], state.watermarks) > 0)))
+        return len(names), published
+
+    # --- worker-facing ----------------------------------------------------------------------
+
+    def _worker_ips(self, ips: Sequence[str]) -> list[str]:
+        return [parse_ip(ip)[0] for ip in ips]
+
+    async def add_addresses(
+        self, node: str, pool: str, interface: dict[str, Any], ips: Sequence[str], vpc_cidrs: Sequence[str],
+        max_interfaces: int, ipv4_per_interface: int,
+    ) -> list[str]:
+        node, pool = self._target(node, pool)
+        outcome = await self.store.add_addresses(
+            node, pool, interface, self._worker_ips(ips), list(vpc_cidrs), max_interfaces, ipv4_per_interface
+        )
+        if outcome.ips and self.refills:
+            await self.refills.notify(node, pool)
+        return outcome.ips
+
+    async def set_interfaces(
+        self, node: str, interfaces: Sequence[dict[str, Any]], vpc_cidrs: Sequence[str], max_interfaces: int,
+        ipv4_per_interface: int, deficit_reason: str,
+    ) -> None:
+        node = validate_name(node, "node")
+        await self.store.set_interfaces(node, interfaces, vpc_cidrs, max_interfaces, ipv4_per_interface, deficit_reason)
+        if deficit_reason and self.refills:
+            await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
+
+    async def reserve_for_release(self, node: str, pool: str, family: Family, interface_id: str, count: int) -> tuple[str, list[str]]:
+        node, pool = self._target(node, pool)
+        if count < 0:
+            raise InvalidArgument("count must not be negative", reason="INVALID_COUNT")
+        outcome = await self.store.reserve_for_release(
+            node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count
+        )
+        return outcome.value, outcome.ips
+
+    async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
+        node, pool = self._target(node, pool)
+        validate_text(reservation_id, "reservation id", 64, required=True)
+        return (await self.store.complete_release(node, pool, reservation_id, self._worker_ips(ips))).ips
+
+    async def abort_release(self, node: str, pool: str, reservation_id: str) -> list[str]:
+        node, pool = self._target(node, pool)
+        validate_text(reservation_id, "reservation id", 64, required=True)
+        return (await self.store.abort_release(node, pool, reservation_id)).ips
+
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> tuple[list[str], list[str]]:
+        node, pool = self._target(node, pool)
+        outcome = await self.store.remove_addresses(node, pool, self._worker_ips(ips))
+        return outcome.ips, outcome.other_ips

@@ -1,0 +1,58 @@
+"""Redis key names. Every key of one node shares the hash tag `{node}`, so each Lua script touches
+one cluster slot and the design runs unchanged on Redis Cluster."""
+
+from __future__ import annotations
+
+NODES_KEY = "ipam:nodes"            # set of node names (its own slot; written outside pool scripts)
+TIMERS_KEY = "ipam:timers"          # zset "node\x00pool" -> next expiration deadline (ms), an index
+EVENTS_STREAM = "ipam:events"       # the stream the worker consumes
+REFILL_CHANNEL = "ipam:refill"      # pub/sub: "node\x00pool" when addresses were added
+
+
+def node_prefix(node: str) -> str:
+    return f"ipam:{{{node}}}"
+
+
+def node_key(node: str) -> str:
+    return f"{node_prefix(node)}:node"
+
+
+def pools_key(node: str) -> str:
+    return f"{node_prefix(node)}:pools"
+
+
+def interfaces_key(node: str) -> str:
+    return f"{node_prefix(node)}:ifaces"
+
+
+def pending_event_key(node: str, pool: str) -> str:
+    """Coalescing marker: set while an event for (node, pool) waits in the stream."""
+    return f"{node_prefix(node)}:{pool}:evpending"
+
+
+def pool_keys(node: str, pool: str) -> list[str]:
+    """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them."""
+    p = f"{node_prefix(node)}:{pool}"
+    return [
+        node_key(node), pools_key(node), interfaces_key(node),
+        f"{p}:free:4", f"{p}:free:6",
+        f"{p}:addrs:4", f"{p}:addrs:6",
+        f"{p}:alloc:4", f"{p}:alloc:6",
+        f"{p}:owners", f"{p}:idem", f"{p}:excluded",
+        f"{p}:reserved:4", f"{p}:reserved:6",
+        f"{p}:resv", f"{p}:exp", pending_event_key(node, pool),
+    ]
+
+
+def pool_key(node: str, pool: str, name: str) -> str:
+    """One key of a pool by its short name (e.g. "alloc:4"), for reads outside scripts."""
+    return f"{node_prefix(node)}:{pool}:{name}"
+
+
+def timer_member(node: str, pool: str) -> str:
+    return f"{node}\x00{pool}"
+
+
+def split_timer_member(member: str) -> tuple[str, str]:
+    node, _, pool = member.partition("\x00")
+    return node, pool

@@ -1,0 +1,105 @@
+-- Shared prelude, prepended to every pool script when it is loaded.
+-- Every pool script gets the same KEYS (all one node's hash tag, so one cluster slot):
+local K_NODE, K_POOLS, K_IFACES = KEYS[1], KEYS[2], KEYS[3]
+local K_FREE = {['4'] = KEYS[4], ['6'] = KEYS[5]}          -- zset ip -> ms it became free (0 = new)
+local K_ADDRS = {['4'] = KEYS[6], ['6'] = KEYS[7]}         -- hash ip -> interface id (attached addresses)
+local K_ALLOC = {['4'] = KEYS[8], ['6'] = KEYS[9]}         -- hash ip -> "owner\tuuid\tidempotency key"
+local K_OWNERS, K_IDEM, K_EXCLUDED = KEYS[10], KEYS[11], KEYS[12]
+local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reservation id
+local K_RESV, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]
+-- and the same leading ARGV: pool name, reuse cooldown in ms.
+local POOL = ARGV[1]
+local COOLDOWN_MS = tonumber(ARGV[2])
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function family_of(ip)
+  if string.find(ip, ':', 1, true) then return '6' end
+  return '4'
+end
+
+local function words(s)
+  local out = {}
+  if s then for w in string.gmatch(s, '%S+') do out[#out + 1] = w end end
+  return out
+end
+
+local function unpack_alloc(v)
+  local owner, uuid, idem = string.match(v, '^([^\t]*)\t([^\t]*)\t(.*)$')
+  return owner, uuid, idem
+end
+
+local function fail(reason, extra)
+  local out = extra or {}
+  out.err = reason
+  return cjson.encode(out)
+end
+
+local function missing_node_or_pool()
+  if redis.call('EXISTS', K_NODE) == 0 then return 'NODE_NOT_FOUND' end
+  if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return 'POOL_NOT_FOUND' end
+  return nil
+end
+
+-- Counts per family for the watermark arithmetic (done by the caller, in the domain core).
+local function pool_state(now)
+  local cutoff = now - COOLDOWN_MS
+  local counts = {}
+  for _, f in ipairs({'4', '6'}) do
+    local attached = redis.call('HLEN', K_ADDRS[f])
+    local available = attached - redis.call('HLEN', K_RESERVED[f])
+    local free = redis.call('ZCARD', K_FREE[f])
+    local cooling = 0
+    if COOLDOWN_MS > 0 and free > 0 then cooling = redis.call('ZCOUNT', K_FREE[f], '(' .. cutoff, '+inf') end
+    counts[f] = {available, available - free, cooling}
+  end
+  local wm = redis.call('HMGET', K_NODE, 'pre', 'min', 'max', 'maw', 'rel', 'v6')
+  return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING)}
+end
+
+local function ok(result, now)
+  result.state = pool_state(now)
+  return cjson.encode(result)
+end
+
+local function owners_add(owner, ip)
+  local cur = redis.call('HGET', K_OWNERS, owner)
+  if cur then redis.call('HSET', K_OWNERS, owner, cur .. ' ' .. ip)
+  else redis.call('HSET', K_OWNERS, owner, ip) end
+end
+
+local function owners_remove(owner, ip)
+  local kept = {}
+  for _, w in ipairs(words(redis.call('HGET', K_OWNERS, owner))) do
+    if w ~= ip then kept[#kept + 1] = w end
+  end
+  if #kept == 0 then redis.call('HDEL', K_OWNERS, owner)
+  else redis.call('HSET', K_OWNERS, owner, table.concat(kept, ' ')) end
+end
+
+-- Releases one allocated address; it goes back to the free set (cooling from now) unless excluded.
+local function release_ip(ip, now)
+  local f = family_of(ip)
+  local v = redis.call('HGET', K_ALLOC[f], ip)
+  if not v then return false end
+  local owner, _, idem = unpack_alloc(v)
+  redis.call('HDEL', K_ALLOC[f], ip)
+  owners_remove(owner, ip)
+  if idem ~= '' then redis.call('HDEL', K_IDEM, idem) end
+  redis.call('ZREM', K_EXP, ip)
+  if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 and redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then
+    redis.call('ZADD', K_FREE[f], now, ip)
+  end
+  return true
+end
+
+-- What an allocation result needs: the interface holding the address.
+local function describe(ip, f, owner, uuid)
+  local iface = redis.call('HGET', K_ADDRS[f], ip) or ''
+  local info = ''
+  if iface ~= '' then info = redis.call('HGET', K_IFACES, iface) or '' end
+  return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}
+end

@@ -1,0 +1,22 @@
+-- Adds addresses the worker attached (and read back from the cloud) to the pool; creates the pool.
+-- ARGV[3] interface id, [4] interface JSON, [5] VPC CIDRs (space-separated, "" = keep),
+-- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8..] addresses.
+if redis.call('EXISTS', K_NODE) == 0 then return fail('NODE_NOT_FOUND') end
+local now = now_ms()
+local iface = ARGV[3]
+redis.call('SADD', K_POOLS, POOL)
+if iface ~= '' then redis.call('HSET', K_IFACES, iface, ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', K_NODE, 'vpc_cidrs', ARGV[5]) end
+if tonumber(ARGV[6]) > 0 then redis.call('HSET', K_NODE, 'max_ifaces', ARGV[6]) end
+if tonumber(ARGV[7]) > 0 then redis.call('HSET', K_NODE, 'ipv4_per_iface', ARGV[7]) end
+local added = {}
+for i = 8, #ARGV do
+  local ip = ARGV[i]
+  local f = family_of(ip)
+  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
+    redis.call('HSET', K_ADDRS[f], ip, iface)
+    if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then redis.call('ZADD', K_FREE[f], 0, ip) end
+    added[#added + 1] = ip
+  end
+end
+return ok({added = added}, now)

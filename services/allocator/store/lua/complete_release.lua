@@ -1,0 +1,28 @@
+-- Ends a reservation: the addresses the worker unassigned leave the pool, the rest return to it.
+-- ARGV[3] reservation id, [4..] the unassigned addresses (none = all of the reservation).
+local missing = missing_node_or_pool()
+if missing then return fail(missing) end
+local now = now_ms()
+local raw = redis.call('HGET', K_RESV, ARGV[3])
+if not raw then return fail('RESERVATION_NOT_FOUND') end
+local r = cjson.decode(raw)
+local gone = {}
+if #ARGV >= 4 then
+  for i = 4, #ARGV do gone[ARGV[i]] = true end
+else
+  for _, ip in ipairs(r.ips) do gone[ip] = true end
+end
+local released, restored = {}, {}
+for _, ip in ipairs(r.ips) do
+  local f = family_of(ip)
+  redis.call('HDEL', K_RESERVED[f], ip)
+  if gone[ip] then
+    redis.call('HDEL', K_ADDRS[f], ip)
+    released[#released + 1] = ip
+  else
+    redis.call('ZADD', K_FREE[f], 0, ip)
+    restored[#restored + 1] = ip
+  end
+end
+redis.call('HDEL', K_RESV, ARGV[3])
+return ok({released = released, restored = restored}, now)

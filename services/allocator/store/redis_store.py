@@ -1,0 +1,436 @@
+"""The Redis store: every state change of a pool is one Lua script (loaded once, run by EVALSHA).
+
+This adapter turns script answers into domain values and Lua failure reasons into the domain's
+exceptions; it knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    IpamError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from ..domain.model import Allocation, Family, InterfaceInfo
+from ..domain.pool_math import PoolCounts, Watermarks
+from . import keys
+
+T = TypeVar("T")
+RedisClient = aioredis.Redis | RedisCluster
+
+SCRIPTS = (
+    "allocate_next", "allocate", "release", "exclude", "start_timer", "stop_timer", "expire",
+    "add_addresses", "reserve_for_release", "complete_release", "abort_release", "remove_addresses",
+    "put_node", "pool_state",
+)
+
+# Lua failure reason -> (domain exception, message template).
+_FAILURES: dict[str, tuple[type[IpamError], str]] = {
+    "NODE_NOT_FOUND": (NotFound, "node {node} is not known"),
+    "POOL_NOT_FOUND": (NotFound, "pool {pool} of node {node} does not exist"),
+    "NODE_ALREADY_EXISTS": (AlreadyExists, "node {node} already exists"),
+    "IP_ALREADY_ALLOCATED": (AlreadyExists, "{ip} is already allocated"),
+    "IP_NOT_IN_POOL": (FailedPrecondition, "{ip} is not in pool {pool} of node {node}"),
+    "IP_EXCLUDED": (FailedPrecondition, "{ip} is excluded from pool {pool} of node {node}"),
+    "IP_RESERVED_FOR_RELEASE": (FailedPrecondition, "{ip} is being released to the cloud"),
+    "IP_NOT_ALLOCATED": (NotFound, "{ip} is not allocated in pool {pool} of node {node}"),
+    "OWNER_NOT_FOUND": (NotFound, "owner holds no address in pool {pool} of node {node}"),
+    "NO_TIMER_RUNNING": (FailedPrecondition, "no expiration timer runs for {ip}"),
+    "EXPIRATION_UUID_MISMATCH": (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
+    "RESERVATION_NOT_FOUND": (NotFound, "reservation is not known in pool {pool} of node {node}"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """A pool's counts per family and its node's sizing, as a script left them."""
+
+    counts: dict[Family, PoolCounts]
+    watermarks: Watermarks
+    release_excess: bool
+    ipv6_enabled: bool
+    event_pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """What Redis holds about a node, apart from its pools' addresses."""
+
+    name: str
+    spec: bytes
+    interfaces: list[dict[str, Any]]
+    pools: list[str]
+    vpc_cidrs: list[str]
+    max_interfaces: int
+    ipv4_per_interface: int
+    deficit_reason: str
+    created_ms: int
+    first_interface_index: int
+
+
+@dataclass(slots=True)
+class AllocateOutcome:
+    allocations: list[Allocation]
+    state: PoolState
+    replayed: bool = False
+
+
+@dataclass(slots=True)
+class ChangeOutcome:
+    """Result of a mutating script: the addresses it touched and the pool state after it."""
+
+    state: PoolState
+    ips: list[str] = field(default_factory=list)
+    other_ips: list[str] = field(default_factory=list)
+    value: str = ""
+    next_ms: int = 0
+
+
+def _as_list(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}.
+    return list(value) if isinstance(value, list) else []
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
+def _pool_state(raw: dict[str, Any]) -> PoolState:
+    counts = raw["counts"]
+    pre, min_a, max_a, maw, rel, v6 = (_text(v) if v else "" for v in raw["wm"])
+    return PoolState(
+        counts={
+            Family.IPV4: PoolCounts(*(int(x) for x in counts["4"])),
+            Family.IPV6: PoolCounts(*(int(x) for x in counts["6"])),
+        },
+        watermarks=Watermarks(_int(pre, 8), _int(min_a), _int(max_a), _int(maw)),
+        release_excess=rel == "1",
+        ipv6_enabled=v6 == "1",
+        event_pending=bool(raw["pending"]),
+    )
+
+
+def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
+    info = json.loads(item["info"]) if item.get("info") else {}
+    return Allocation(
+        ip=item["ip"],
+        family=Family.IPV4 if item["family"] == "4" else Family.IPV6,
+        pool=pool,
+        owner=item["owner"],
+        interface=InterfaceInfo(
+            id=item.get("iface", ""),
+            mac=info.get("mac", ""),
+            device_index=int(info.get("device_index", 0)),
+            gateway_ip=info.get("gateway_ip", ""),
+        ),
+        expiration_uuid=item.get("uuid", ""),
+        vpc_cidrs=tuple(vpc.split()),
+    )
+
+
+class RedisStore:
+    """Pools, allocations, owners, timers and node records in Redis."""
+
+    def __init__(self, client: RedisClient, *, reuse_cooldown_ms: int) -> None:
+        self.client = client
+        self.reuse_cooldown_ms = reuse_cooldown_ms
+        lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
+        self._scripts = {
+            name: client.register_script(lib + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
+            for name in SCRIPTS
+        }
+
+    @staticmethod
+    def connect(url: str, *, cluster: bool, timeout_s: float, max_connections: int) -> RedisClient:
+        """A client for one Redis or a Redis Cluster; timeouts bound every call (no hangs)."""
+        options: dict[str, Any] = dict(
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False,
+        )
+        if cluster:
+            return RedisCluster.from_url(url, max_connections=max_connections, **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, **options
+        )
+        return aioredis.Redis(connection_pool=pool)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self._call(lambda: self.client.ping()))
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
+            raise Unavailable(f"redis is unreachable: {type(exc).__name__}") from exc
+        except ResponseError as exc:
+            if "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc) or "TRYAGAIN" in str(exc):
+                raise Unavailable(f"redis is not ready: {exc}") from exc
+            raise
+
+    async def _run(self, script: str, node: str, pool: str, *args: Any, ip: str = "") -> dict[str, Any]:
+        argv = [pool, self.reuse_cooldown_ms, *args]
+        raw = await self._call(lambda: self._scripts[script](keys=keys.pool_keys(node, pool), args=argv))
+        result = json.loads(raw)
+        failure = result.get("err")
+        if failure:
+            if failure == "POOL_EMPTY":
+                raise self._pool_empty(node, pool, result)
+            exc_type, template = _FAILURES[failure]
+            raise exc_type(template.format(node=node, pool=pool, ip=ip), reason=failure, node=node, pool=pool)
+        return result
+
+    def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> ResourceExhausted:
+        family = "IPv4" if result.get("family") == "4" else "IPv6"
+        hint = _text(result.get("reason_hint") or "")
+        if int(result.get("cooling", 0)) > 0:
+            reason, why = "POOL_COOLING_DOWN", "its free addresses are still in the reuse cooldown"
+        elif hint == "at-capacity":
+            reason, why = "NODE_AT_CAPACITY", "the node is at its instance's interface and address limits"
+        elif hint == "subnet-full":
+            reason, why = "SUBNET_FULL", "its subnets have no free address"
+        else:
+            reason, why = "POOL_EMPTY", "a refill has been requested"
+        exc = ResourceExhausted(
+            f"pool {pool} of node {node} has no free {family} address: {why}", reason=reason, node=node, pool=pool
+        )
+        exc.state = _pool_state(result["state"])  # type: ignore[attr-defined]
+        return exc
+
+    # --- allocation -------------------------------------------------------------------------
+
+    async def allocate_next(
+        self, node: str, pool: str, families: Sequence[Family], owner: str, idempotency_key: str,
+        expiration_s: int,
+    ) -> AllocateOutcome:
+        tags = "".join(f.tag for f in families)
+        uuids = (str(uuid.uuid4()), str(uuid.uuid4())) if expiration_s else ("", "")
+        result = await self._run(
+            "allocate_next", node, pool, tags, owner, idempotency_key, expiration_s * 1000, *uuids
+        )
+        vpc = _text(result.get("vpc"))
+        allocations = [_allocation(a, pool, vpc) for a in _as_list(result["allocations"])]
+        if expiration_s and not result.get("replayed"):
+            await self._index_timer(node, pool, int(time.time() * 1000) + expiration_s * 1000)
+        return AllocateOutcome(allocations, _pool_state(result["state"]), bool(result.get("replayed")))
+
+    async def allocate(self, node: str, pool: str, ip: str, owner: str) -> AllocateOutcome:
+        result = await self._run("allocate", node, pool, ip, owner, ip=ip)
+        vpc = _text(result.get("vpc"))
+        return AllocateOutcome([_allocation(a, pool, vpc) for a in result["allocations"]],
+                               _pool_state(result["state"]))
+
+    async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
+        mode, value = ("ip", ip) if ip is not None else ("owner", owner)
+        result = await self._run("release", node, pool, mode, value, ip=ip or "")
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
+
+    async def exclude(self, node: str, pool: str, ip: str, owner: str) -> ChangeOutcome:
+        result = await self._run("exclude", node, pool, ip, owner, ip=ip)
+        return ChangeOutcome(_pool_state(result["state"]))
+
+    async def start_timer(self, node: str, pool: str, ip: str, timeout_s: int) -> str:
+        result = await self._run("start_timer", node, pool, ip, timeout_s * 1000, str(uuid.uuid4()), ip=ip)
+        await self._index_timer(node, pool, int(time.time() * 1000) + timeout_s * 1000)
+        return str(result["uuid"])
+
+    async def stop_timer(self, node: str, pool: str, ip: str, expiration_uuid: str) -> None:
+        await self._run("stop_timer", node, pool, ip, expiration_uuid, ip=ip)
+
+    async def expire_due(self, node: str, pool: str, batch: int = 500) -> ChangeOutcome:
+        """Releases the addresses whose timer is due; `next_ms` is the next deadline (0 = none)."""
+        result = await self._run("expire", node, pool, batch)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]),
+                             next_ms=int(result["next_ms"]))
+
+    async def _index_timer(self, node: str, pool: str, deadline_ms: int) -> None:
+        # The index lives in its own slot, so it is written after the script; a crash in between
+        # is repaired by the sweeper's periodic full scan (`timer_deadlines`).
+        await self._call(lambda: self.client.zadd(keys.TIMERS_KEY, {keys.timer_member(node, pool): deadline_ms}, lt=True))
+
+    async def due_timers(self, now_ms: int, limit: int = 100) -> list[tuple[str, str]]:
+        members = await self._call(lambda: self.client.zrangebyscore(keys.TIMERS_KEY, "-inf", now_ms, 0, limit))
+        return [keys.split_timer_member(_text(m)) for m in members]
+
+    async def reindex_timer(self, node: str, pool: str, next_ms: int) -> None:
+        member = keys.timer_member(node, pool)
+        if next_ms:
+            await self._call(lambda: self.client.zadd(keys.TIMERS_KEY, {member: next_ms}))
+        else:
+            await self._call(lambda: self.client.zrem(keys.TIMERS_KEY, member))
+
+    async def next_timer_deadline(self, node: str, pool: str) -> int:
+        """The earliest deadline kept in the pool itself (the truth the index mirrors)."""
+        first = await self._call(lambda: self.client.zrange(keys.pool_key(node, pool, "exp"), 0, 0, withscores=True))
+        return int(first[0][1]) if first else 0
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def pool_state(self, node: str, pool: str) -> PoolState:
+        result = await self._run("pool_state", node, pool)
+        return _pool_state(result["state"])
+
+    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Allocated addresses (ip -> owner) per family; excluded ones under "<owner> (excluded)"."""
+        await self.pool_state(node, pool)  # NOT_FOUND for an unknown node or pool
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for name in ("alloc:4", "alloc:6", "excluded", "addrs:4", "addrs:6"):
+                pipe.hgetall(keys.pool_key(node, pool, name))
+            return await pipe.execute()
+
+        alloc4, alloc6, excluded, addrs4, addrs6 = await self._call(read)
+        result: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        for index, (alloc, addrs) in enumerate(((alloc4, addrs4), (alloc6, addrs6))):
+            out = result[index]
+            for ip, value in alloc.items():
+                out[_text(ip)] = _text(value).split("\t", 1)[0]
+            for ip, owner in excluded.items():
+                ip_s = _text(ip)
+                if ip in addrs and ip_s not in out:
+                    out[ip_s] = f"{_text(owner)} (excluded)"
+        return result
+
+    async def node_names(self) -> list[str]:
+        return sorted(_text(n) for n in await self._call(lambda: self.client.smembers(keys.NODES_KEY)))
+
+    async def node_record(self, node: str) -> NodeRecord:
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(keys.node_key(node))
+            pipe.hgetall(keys.interfaces_key(node))
+            pipe.smembers(keys.pools_key(node))
+            return await pipe.execute()
+
+        fields, ifaces, pools = await self._call(read)
+        if not fields:
+            raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
+        f = {_text(k): v for k, v in fields.items()}
+        interfaces = sorted((json.loads(v) for v in ifaces.values()), key=lambda i: int(i.get("device_index", 0)))
+        return NodeRecord(
+            name=node,
+            spec=f.get("spec", b""),
+            interfaces=interfaces,
+            pools=sorted(_text(p) for p in pools),
+            vpc_cidrs=_text(f.get("vpc_cidrs")).split(),
+            max_interfaces=_int(_text(f.get("max_ifaces"))),
+            ipv4_per_interface=_int(_text(f.get("ipv4_per_iface"))),
+            deficit_reason=_text(f.get("deficit_reason")),
+            created_ms=_int(_text(f.get("created_ms"))),
+            first_interface_index=_int(_text(f.get("fii"))),
+        )
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    async def put_node(
+        self, node: str, *, create: bool, spec: bytes, watermarks: Watermarks, release_excess: bool,
+        ipv6_enabled: bool, first_interface_index: int,
+    ) -> None:
+        w = watermarks
+        await self._run(
+            "put_node", node, "default", "create" if create else "update", spec,
+            w.pre_allocate, w.min_allocate, w.max_allocate, w.max_above_watermark,
+            int(release_excess), int(ipv6_enabled), first_interface_index,
+        )
+        # The registry is its own slot: written after the node, so a listed node always exists.
+        await self._call(lambda: self.client.sadd(keys.NODES_KEY, node))
+
+    async def delete_node(self, node: str) -> None:
+        record = await self.node_record(node)
+        await self._call(lambda: self.client.srem(keys.NODES_KEY, node))
+        doomed = [keys.node_key(node), keys.pools_key(node), keys.interfaces_key(node)]
+        for pool in record.pools:
+            doomed += keys.pool_keys(node, pool)[3:]
+            await self.reindex_timer(node, pool, 0)
+        await self._call(lambda: self.client.delete(*doomed))
+
+    # --- worker-facing -----------------------------------------------------------------------
+
+    async def add_addresses(
+        self, node: str, pool: str, interface: dict[str, Any], ips: Sequence[str], vpc_cidrs: Sequence[str],
+        max_interfaces: int, ipv4_per_interface: int,
+    ) -> ChangeOutcome:
+        result = await self._run(
+            "add_addresses", node, pool, interface.get("id", ""), json.dumps(interface, sort_keys=True),
+            " ".join(vpc_cidrs), max_interfaces, ipv4_per_interface, *ips,
+        )
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["added"]))
+
+    async def set_interfaces(
+        self, node: str, interfaces: Sequence[dict[str, Any]], vpc_cidrs: Sequence[str], max_interfaces: int,
+        ipv4_per_interface: int, deficit_reason: str,
+    ) -> None:
+        await self.node_record(node)  # NOT_FOUND for an unknown node
+
+        async def write() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(keys.interfaces_key(node))
+            if interfaces:
+                pipe.hset(keys.interfaces_key(node), mapping={i["id"]: json.dumps(i, sort_keys=True) for i in interfaces})
+            fields: dict[str, Any] = {"deficit_reason": deficit_reason}
+            if vpc_cidrs:
+                fields["vpc_cidrs"] = " ".join(vpc_cidrs)
+            if max_interfaces:
+                fields["max_ifaces"] = max_interfaces
+            if ipv4_per_interface:
+                fields["ipv4_per_iface"] = ipv4_per_interface
+            pipe.hset(keys.node_key(node), mapping=fields)
+            return await pipe.execute()
+
+        await self._call(write)
+
+    async def reserve_for_release(self, node: str, pool: str, family: Family, interface_id: str, count: int) -> ChangeOutcome:
+        reservation_id = uuid.uuid4().hex
+        result = await self._run("reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id)
+        ips = _as_list(result["ips"])
+        return ChangeOutcome(_pool_state(result["state"]), ips, value=reservation_id if ips else "")
+
+    async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> ChangeOutcome:
+        result = await self._run("complete_release", node, pool, reservation_id, *ips)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]), _as_list(result["restored"]))
+
+    async def abort_release(self, node: str, pool: str, reservation_id: str) -> ChangeOutcome:
+        result = await self._run("abort_release", node, pool, reservation_id)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["restored"]))
+
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> ChangeOutcome:
+        result = await self._run("remove_addresses", node, pool, *ips)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["removed"]),
+                             _as_list(result["still_allocated"]))
+
+    async def reservations(self, node: str, pool: str) -> dict[str, dict[str, Any]]:
+        raw = await self._call(lambda: self.client.hgetall(keys.pool_key(node, pool, "resv")))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    async def set_deficit_reason(self, node: str, reason: str) -> None:
+        await self._call(lambda: self.client.hset(keys.node_key(node), "deficit_reason", reason))

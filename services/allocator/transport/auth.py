@@ -1,0 +1,64 @@
+"""Bearer-token access control: the Allocator service needs the client (or admin) role, the
+NodeManager service the admin role. Health and reflection stay open for probes and tools."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from ..domain.errors import IpamError, PermissionDenied, Unauthenticated
+from .status import to_status
+
+log = logging.getLogger(__name__)
+
+CLIENT_SERVICE = "/ipam.v1.Allocator/"
+ADMIN_SERVICE = "/ipam.v1.NodeManager/"
+
+
+def _matches(token: str, allowed: frozenset[str]) -> bool:
+    # Compare against every token in constant time; a short-circuit would leak which matched.
+    return any([hmac.compare_digest(token.encode(), t.encode()) for t in allowed])
+
+
+def _refusal(error: IpamError) -> grpc.RpcMethodHandler:
+    status = to_status(error)
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort_with_status(status)
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` against the configured roles."""
+
+    def __init__(self, client_tokens: frozenset[str], admin_tokens: frozenset[str]) -> None:
+        self._client = client_tokens
+        self._admin = admin_tokens
+        self.enabled = bool(client_tokens or admin_tokens)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method or ""
+        needs_admin = method.startswith(ADMIN_SERVICE)
+        if not self.enabled or not (needs_admin or method.startswith(CLIENT_SERVICE)):
+            return await continuation(details)
+        token = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+                token = value[7:].strip()
+        if not token:
+            return _refusal(Unauthenticated("a bearer token is required", reason="MISSING_CREDENTIALS"))
+        if _matches(token, self._admin):
+            return await continuation(details)
+        if _matches(token, self._client):
+            if needs_admin:
+                return _refusal(PermissionDenied(f"{method} needs the admin role", reason="ADMIN_ROLE_REQUIRED"))
+            return await continuation(details)
+        return _refusal(Unauthenticated("the bearer token is not valid", reason="INVALID_CREDENTIALS"))

@@ -1,0 +1,251 @@
+"""gRPC servicers: a thin translation between protobuf and the AllocatorService."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import allocator_pb2_grpc
+from ipam.v1 import nodes_pb2 as npb
+from ipam.v1 import nodes_pb2_grpc
+
+from ..domain.errors import IpamError, Unavailable
+from ..domain.model import Allocation, Family
+from ..domain.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
+from ..metrics import AllocatorMetrics
+from ..service import AllocatorService, NodeSettings, NodeView
+from .status import status_code_of, to_status
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+# Keep a little of the caller's deadline to send our own answer (UNAVAILABLE, not DEADLINE_EXCEEDED).
+_DEADLINE_MARGIN = 0.05
+
+
+def rpc(handler: Handler) -> Handler:
+    """Runs a handler within the call's deadline and turns domain errors into statuses."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            remaining = context.time_remaining()
+            if remaining is None:
+                return await handler(self, request, context)
+            try:
+                return await asyncio.wait_for(handler(self, request, context), max(remaining - _DEADLINE_MARGIN, 0.001))
+            except asyncio.TimeoutError:
+                raise Unavailable("the store did not answer within the call's deadline", reason="DEADLINE_TOO_SHORT") from None
+        except IpamError as error:
+            code = status_code_of(error)
+            await context.abort_with_status(to_status(error))
+        finally:
+            metrics: AllocatorMetrics | None = self.metrics
+            if metrics is not None:
+                metrics.requests.labels(method=method, code=code.name).inc()
+                metrics.duration.labels(method=method).observe(time.perf_counter() - started)
+
+    return wrapper
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining - 2 * _DEADLINE_MARGIN
+
+
+def allocation_result(a: Allocation) -> pb.AllocationResult:
+    return pb.AllocationResult(
+        ip=a.ip, cidrs=list(a.vpc_cidrs), primary_mac=a.interface.mac, gateway_ip=a.interface.gateway_ip,
+        expiration_uuid=a.expiration_uuid, interface_number=str(a.interface.device_index),
+        interface_id=a.interface.id, pool=a.pool, owner=a.owner,
+    )
+
+
+class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
+    def __init__(self, service: AllocatorService, metrics: AllocatorMetrics | None) -> None:
+        self.service = service
+        self.metrics = metrics
+
+    @rpc
+    async def AllocateNext(self, request: pb.AllocateNextRequest, context: grpc.aio.ServicerContext) -> pb.AllocateNextResponse:
+        allocations = await self.service.allocate_next(
+            request.node, request.pool, Family.parse(request.family), request.owner,
+            expiration_seconds=request.expiration_seconds, skip_sync_upstream=request.skip_sync_upstream,
+            idempotency_key=request.idempotency_key, wait_for_refill=request.wait_for_refill,
+            deadline=_deadline(context),
+        )
+        response = pb.AllocateNextResponse()
+        for a in allocations:
+            (response.ipv4 if a.family is Family.IPV4 else response.ipv6).CopyFrom(allocation_result(a))
+        return response
+
+    @rpc
+    async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
+        a = await self.service.allocate(request.node, request.pool, request.ip, request.owner,
+                                        skip_sync_upstream=request.skip_sync_upstream)
+        return pb.AllocateResponse(result=allocation_result(a))
+
+    @rpc
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        target = request.WhichOneof("target")
+        released = await self.service.release(
+            request.node, request.pool, ip=request.ip if target == "ip" else None,
+            owner=request.owner if target == "owner" else None, skip_sync_upstream=request.skip_sync_upstream,
+        )
+        return pb.ReleaseResponse(released_ips=released)
+
+    @rpc
+    async def ExcludeIP(self, request: pb.ExcludeIPRequest, context: grpc.aio.ServicerContext) -> pb.ExcludeIPResponse:
+        await self.service.exclude(request.node, request.pool, request.ip, request.owner)
+        return pb.ExcludeIPResponse()
+
+    @rpc
+    async def StartExpirationTimer(self, request: pb.StartExpirationTimerRequest, context: grpc.aio.ServicerContext) -> pb.StartExpirationTimerResponse:
+        uuid = await self.service.start_timer(request.node, request.pool, request.ip, request.timeout_seconds)
+        return pb.StartExpirationTimerResponse(expiration_uuid=uuid)
+
+    @rpc
+    async def StopExpirationTimer(self, request: pb.StopExpirationTimerRequest, context: grpc.aio.ServicerContext) -> pb.StopExpirationTimerResponse:
+        await self.service.stop_timer(request.node, request.pool, request.ip, request.expiration_uuid)
+        return pb.StopExpirationTimerResponse()
+
+    @rpc
+    async def Dump(self, request: pb.DumpRequest, context: grpc.aio.ServicerContext) -> pb.DumpResponse:
+        v4, v6 = await self.service.dump(request.node, request.pool)
+        return pb.DumpResponse(ipv4=v4, ipv6=v6, status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated")
+
+    @rpc
+    async def DebugStatus(self, request: pb.DebugStatusRequest, context: grpc.aio.ServicerContext) -> pb.DebugStatusResponse:
+        return pb.DebugStatusResponse(status=await self.service.debug_status())
+
+    @rpc
+    async def GetVpcCIDRs(self, request: pb.GetVpcCIDRsRequest, context: grpc.aio.ServicerContext) -> pb.GetVpcCIDRsResponse:
+        return pb.GetVpcCIDRsResponse(cidrs=await self.service.vpc_cidrs(request.node))
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingResponse:
+        return pb.PingResponse()
+
+
+def _interface_dict(interface: npb.Interface) -> dict[str, Any]:
+    return json_format.MessageToDict(interface, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def node_settings(spec: npb.NodeSpec) -> NodeSettings:
+    pre = spec.pre_allocate if (spec.pre_allocate_set or spec.pre_allocate) else DEFAULT_PRE_ALLOCATE
+    return NodeSettings(
+        watermarks=Watermarks(pre, spec.min_allocate, spec.max_allocate, spec.max_above_watermark),
+        first_interface_index=spec.first_interface_index,
+        release_excess=spec.release_excess,
+        ipv6_enabled=spec.ipv6_enabled,
+    )
+
+
+def node_message(view: NodeView) -> npb.Node:
+    r, s = view.record, view.stats
+    spec = npb.NodeSpec.FromString(r.spec)
+    if not spec.pre_allocate_set and not spec.pre_allocate:
+        spec.pre_allocate = DEFAULT_PRE_ALLOCATE
+    return npb.Node(
+        spec=spec,
+        interfaces=[json_format.ParseDict(i, npb.Interface(), ignore_unknown_fields=True) for i in r.interfaces],
+        stats=npb.NodeStats(
+            used_ips=s.used_ips, available_ips=s.available_ips, needed_ips=s.needed_ips, excess_ips=s.excess_ips,
+            remaining_interfaces=s.remaining_interfaces, interface_candidates=s.interface_candidates,
+            empty_interface_slots=s.empty_interface_slots, cooling_ips=s.cooling_ips, used_ipv6=s.used_ipv6,
+            available_ipv6=s.available_ipv6, needed_ipv6=s.needed_ipv6, deficit_reason=r.deficit_reason,
+        ),
+        pools=r.pools, vpc_cidrs=r.vpc_cidrs, max_interfaces=r.max_interfaces,
+        ipv4_per_interface=r.ipv4_per_interface,
+    )
+
+
+def _watermark_order(node: npb.Node) -> tuple[int, int, str]:
+    # Biggest deficit first, then biggest excess (Cilium's GetNodesByIPWatermark).
+    return (-node.stats.needed_ips, -node.stats.excess_ips, node.spec.name)
+
+
+class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
+    def __init__(self, service: AllocatorService, metrics: AllocatorMetrics | None) -> None:
+        self.service = service
+        self.metrics = metrics
+
+    async def _put(self, spec: npb.NodeSpec, create: bool) -> npb.Node:
+        view = await self.service.put_node(spec.name, spec.SerializeToString(), node_settings(spec), create=create)
+        return node_message(view)
+
+    @rpc
+    async def CreateNode(self, request: npb.CreateNodeRequest, context: grpc.aio.ServicerContext) -> npb.Node:
+        return await self._put(request.spec, True)
+
+    @rpc
+    async def UpdateNode(self, request: npb.UpdateNodeRequest, context: grpc.aio.ServicerContext) -> npb.Node:
+        return await self._put(request.spec, False)
+
+    @rpc
+    async def DeleteNode(self, request: npb.DeleteNodeRequest, context: grpc.aio.ServicerContext) -> npb.DeleteNodeResponse:
+        await self.service.delete_node(request.name)
+        return npb.DeleteNodeResponse()
+
+    @rpc
+    async def GetNode(self, request: npb.GetNodeRequest, context: grpc.aio.ServicerContext) -> npb.Node:
+        return node_message(await self.service.node_view(request.name, request.pool))
+
+    @rpc
+    async def ListNodes(self, request: npb.ListNodesRequest, context: grpc.aio.ServicerContext) -> npb.ListNodesResponse:
+        nodes = [node_message(v) for v in await self.service.node_views()]
+        nodes.sort(key=_watermark_order if request.order_by_watermark else (lambda n: n.spec.name))
+        return npb.ListNodesResponse(nodes=nodes)
+
+    @rpc
+    async def Resync(self, request: npb.ResyncRequest, context: grpc.aio.ServicerContext) -> npb.ResyncResponse:
+        nodes, published = await self.service.resync()
+        return npb.ResyncResponse(nodes=nodes, events_published=published)
+
+    @rpc
+    async def AddAddresses(self, request: npb.AddAddressesRequest, context: grpc.aio.ServicerContext) -> npb.AddAddressesResponse:
+        added = await self.service.add_addresses(
+            request.node, request.pool, _interface_dict(request.interface), list(request.ips), list(request.vpc_cidrs),
+            request.max_interfaces, request.ipv4_per_interface,
+        )
+        return npb.AddAddressesResponse(added_ips=added)
+
+    @rpc
+    async def SetInterfaces(self, request: npb.SetInterfacesRequest, context: grpc.aio.ServicerContext) -> npb.SetInterfacesResponse:
+        await self.service.set_interfaces(
+            request.node, [_interface_dict(i) for i in request.interfaces], list(request.vpc_cidrs),
+            request.max_interfaces, request.ipv4_per_interface, request.deficit_reason,
+        )
+        return npb.SetInterfacesResponse()
+
+    @rpc
+    async def ReserveForRelease(self, request: npb.ReserveForReleaseRequest, context: grpc.aio.ServicerContext) -> npb.ReserveForReleaseResponse:
+        rid, ips = await self.service.reserve_for_release(
+            request.node, request.pool, Family.parse(request.family), request.interface_id, request.count
+        )
+        return npb.ReserveForReleaseResponse(reservation_id=rid, ips=ips)
+
+    @rpc
+    async def CompleteRelease(self, request: npb.CompleteReleaseRequest, context: grpc.aio.ServicerContext) -> npb.CompleteReleaseResponse:
+        released = await self.service.complete_release(request.node, request.pool, request.reservation_id, list(request.ips))
+        return npb.CompleteReleaseResponse(released_ips=released)
+
+    @rpc
+    async def AbortRelease(self, request: npb.AbortReleaseRequest, context: grpc.aio.ServicerContext) -> npb.AbortReleaseResponse:
+        restored = await self.service.abort_release(request.node, request.pool, request.reservation_id)
+        return npb.AbortReleaseResponse(restored_ips=restored)
+
+    @rpc
+    async def RemoveAddresses(self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext) -> npb.RemoveAddressesResponse:
+        removed, still = await self.service.remove_addresses(request.node, request.pool, list(request.ips))
+        return npb.RemoveAddressesResponse(removed_ips=removed, still_allocated=still)
