@@ -17,6 +17,9 @@ class AllocatorMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "ipam_allocator_in_flight", "gRPC calls being served, by method", ["method"], registry=self.registry,
+        )
         self.events_published = Counter(
             "ipam_allocator_events_published_total", "pool events published by kind", ["kind"],
             registry=self.registry,

@@ -39,6 +39,9 @@ def rpc(handler: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        metrics: AllocatorMetrics | None = self.metrics
+        if metrics is not None:
+            metrics.in_flight.labels(method=method).inc()
         try:
             remaining = context.time_remaining()
             if remaining is None:
@@ -51,8 +54,8 @@ def rpc(handler: Handler) -> Handler:
             code = status_code_of(error)
             await context.abort_with_status(to_status(error))
         finally:
-            metrics: AllocatorMetrics | None = self.metrics
             if metrics is not None:
+                metrics.in_flight.labels(method=method).dec()
                 metrics.requests.labels(method=method, code=code.name).inc()
                 metrics.duration.labels(method=method).observe(time.perf_counter() - started)
 

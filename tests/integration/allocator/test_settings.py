@@ -1,0 +1,120 @@
+"""Behaviour that depends on the allocator's settings: each test runs its own allocator process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from ipam.v1 import allocator_pb2 as pb
+from tests.support.allocator_process import AllocatorProcess
+from tests.support.api import Api, reason_of
+from tests.support.redis_server import RedisServer
+
+from .test_allocator_api import expect_error, poll
+
+
+def test_reuse_cooldown_keeps_released_addresses_out_and_asks_for_a_refill(redis_server: RedisServer) -> None:
+    with AllocatorProcess(redis_server.url, reuse_cooldown_seconds=1.5) as process:
+        api = Api(process.address)
+        node = api.create_node(pre_allocate=1, pre_allocate_set=True)
+        api.seed(node, 2)
+        first = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a"), timeout=5).ipv4.ip
+        api.alloc.Release(pb.ReleaseRequest(node=node, ip=first), timeout=5)
+        second = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5).ipv4.ip
+        assert second != first
+        stats = api.stats(node)
+        # One free address, but cooling: it is no headroom, so the pool asks for one more.
+        assert (stats.cooling_ips, stats.needed_ips) == (1, 1)
+        expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="c"),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_COOLING_DOWN")
+        # Once cooled, it is handed out again.
+        reply = poll(lambda: _try_allocate(api, node, "c"), timeout=10)
+        assert reply.ipv4.ip == first
+        api.close()
+
+
+def _try_allocate(api: Api, node: str, owner: str) -> pb.AllocateNextResponse | None:
+    try:
+        return api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=5)
+    except grpc.RpcError as exc:
+        assert reason_of(exc) == "POOL_COOLING_DOWN"
+        return None
+
+
+def test_disabled_family_is_failed_precondition(redis_server: RedisServer) -> None:
+    with AllocatorProcess(redis_server.url, ipv6_enabled=False) as process:
+        api = Api(process.address)
+        node = api.node_with_pool(2, 2)
+        expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner="a"),
+                     grpc.StatusCode.FAILED_PRECONDITION, "IPV6_DISABLED")
+        expect_error(api.alloc.Allocate, pb.AllocateRequest(node=node, ip="2001:db8::100", owner="a"),
+                     grpc.StatusCode.FAILED_PRECONDITION, "IPV6_DISABLED")
+        # Unspecified family = every enabled family: IPv4 only here.
+        reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="a"), timeout=5)
+        assert reply.ipv4.ip and not reply.HasField("ipv6")
+        api.close()
+
+
+def test_redis_down_is_unavailable_within_the_deadline() -> None:
+    redis = RedisServer(aof=True).start()
+    try:
+        with AllocatorProcess(redis.url, redis_timeout_seconds=0.5) as process:
+            api = Api(process.address)
+            node = api.node_with_pool(2)
+            redis.kill()
+            for timeout in (0.3, 2.0):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="a"), timeout=timeout)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+                assert time.monotonic() - started < timeout + 0.2
+            redis.restart()
+            reply = poll(lambda: _allocate_when_back(api, node))
+            assert reply.ipv4.ip
+            api.close()
+    finally:
+        redis.close()
+
+
+def _allocate_when_back(api: Api, node: str) -> pb.AllocateNextResponse | None:
+    try:
+        return api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=2)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        return None
+
+
+def test_sigterm_lets_in_flight_calls_finish(redis_server: RedisServer) -> None:
+    process = AllocatorProcess(redis_server.url).start()
+    api = Api(process.address)
+    node = api.node_with_pool(0)
+    outcome: dict[str, object] = {}
+
+    def waiting_caller() -> None:
+        try:
+            api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w",
+                                                          wait_for_refill=True), timeout=2.0)
+        except grpc.RpcError as exc:
+            outcome["code"], outcome["reason"] = exc.code(), reason_of(exc)
+
+    thread = threading.Thread(target=waiting_caller)
+    thread.start()
+    poll(lambda: _requests_in_flight(process) >= 1)
+    assert process.stop() == 0
+    thread.join(5)
+    # The call ran to its own end (pool still empty), not cut off by the shutdown.
+    assert outcome == {"code": grpc.StatusCode.RESOURCE_EXHAUSTED, "reason": "POOL_EMPTY"}
+    api.close()
+
+
+def _requests_in_flight(process: AllocatorProcess) -> float:
+    """AllocateNext calls started minus finished, read from the Prometheus endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=2).read().decode()
+    started = sum(float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith('ipam_allocator_in_flight{method="AllocateNext"}'))
+    return started

@@ -1,0 +1,248 @@
+"""The local EC2 for tests: a real moto server process over HTTP, and a demo network inside it.
+
+    with MotoServer() as server:
+        ec2 = ec2_client(server.endpoint_url)
+        network = create_demo_network(ec2)
+
+boto3 talks to it exactly as to AWS. Its quirks are in DESIGN.md §6: no instance limits, no subnet
+capacity, loose answers to some calls — hence the large /20 subnets here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import IO, Any
+
+import boto3
+from botocore.awsrequest import AWSResponse
+from botocore.client import BaseClient
+from botocore.config import Config
+
+REGION = "us-east-1"
+AVAILABILITY_ZONE = "us-east-1a"
+DUMMY_KEY = "testing"  # moto accepts any credentials
+POD_SUBNET_TAGS = {"ipam.io/pods": "true"}
+# moto does not check image ids unless MOTO_ENABLE_AMI_VALIDATION is set (we unset it for our
+# server); describing its catalogue of real images would cost a second.
+DEMO_IMAGE_ID = "ami-12c6146b"
+
+
+class MotoServer:
+    """`python -m moto.server` on a free loopback port, ready once its HTTP API answers."""
+
+    def __init__(self, host: str = "127.0.0.1", ready_timeout: float = 30.0) -> None:
+        self.host = host
+        self.port = 0
+        self.ready_timeout = ready_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        """Where boto3 should send requests."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> MotoServer:
+        """Start the server and wait until it answers; retries on a port taken in the meantime."""
+        for _ in range(3):
+            self.port = _free_port(self.host)
+            self._log = tempfile.TemporaryFile()
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                stdout=self._log,
+                env={**os.environ, "MOTO_ENABLE_AMI_VALIDATION": ""},
+                stderr=subprocess.STDOUT,
+            )
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError("moto server did not start three times in a row")
+
+    def stop(self) -> None:
+        """Terminate the server (kill it if it does not exit within 10 s)."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def reset(self) -> None:
+        """Forget every resource (moto's reset API)."""
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> bool:
+        """Poll the dashboard URL. False if the process died (port taken); raises on timeout."""
+        assert self._process is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
+                    return True
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)  # polling interval, not a synchronisation
+        output = self._read_log()
+        self.stop()
+        raise RuntimeError(f"moto server not ready after {self.ready_timeout}s; output:\n{output}")
+
+    def _read_log(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()[-4000:].decode(errors="replace")
+
+
+def ec2_client(endpoint_url: str, region: str = REGION) -> BaseClient:
+    """A boto3 EC2 client for the moto server, with dummy credentials and botocore retries off."""
+    return boto3.session.Session().client(
+        "ec2",
+        region_name=region,
+        endpoint_url=endpoint_url,
+        aws_access_key_id=DUMMY_KEY,
+        aws_secret_access_key=DUMMY_KEY,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+
+
+@dataclass(frozen=True)
+class DemoNetwork:
+    """A VPC with /20 subnets in one zone, a security group, and running instances.
+
+    `subnet_ids[0]` is the node subnet (the instances' primary interfaces live there); the others
+    carry `POD_SUBNET_TAGS`.
+    """
+
+    vpc_id: str
+    cidr: str
+    ipv6_cidr: str
+    availability_zone: str
+    subnet_ids: tuple[str, ...]
+    security_group_id: str
+    instances: dict[str, str] = field(default_factory=dict)  # instance id -> instance type
+
+
+def create_demo_network(
+    client: BaseClient,
+    *,
+    cidr: str = "10.0.0.0/16",
+    availability_zone: str = AVAILABILITY_ZONE,
+    subnet_count: int = 3,
+    instance_types: Sequence[str] = ("m5.large", "c5.xlarge"),
+) -> DemoNetwork:
+    """Create the demo VPC (dual-stack), its /20 subnets, a security group and one instance per type."""
+    vpc = client.create_vpc(CidrBlock=cidr, AmazonProvidedIpv6CidrBlock=True)["Vpc"]
+    vpc_id = vpc["VpcId"]
+    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]
+    v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=20)
+    v6_blocks = ipaddress.ip_network(ipv6_cidr).subnets(new_prefix=64)
+    subnet_ids = []
+    for index in range(subnet_count):
+        tags = [{"Key": "Name", "Value": f"demo-{index}"}]
+        if index > 0:
+            tags += [{"Key": k, "Value": v} for k, v in POD_SUBNET_TAGS.items()]
+        subnet = client.create_subnet(
+            VpcId=vpc_id,
+            CidrBlock=str(next(v4_blocks)),
+            Ipv6CidrBlock=str(next(v6_blocks)),
+            AvailabilityZone=availability_zone,
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
+        )["Subnet"]
+        subnet_ids.append(subnet["SubnetId"])
+    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)["GroupId"]
+    network = DemoNetwork(
+        vpc_id=vpc_id,
+        cidr=cidr,
+        ipv6_cidr=ipv6_cidr,
+        availability_zone=availability_zone,
+        subnet_ids=tuple(subnet_ids),
+        security_group_id=group_id,
+    )
+    for instance_type in instance_types:
+        instance_id = run_instance(client, network, instance_type)
+        network.instances[instance_id] = instance_type
+    return network
+
+
+def run_instance(client: BaseClient, network: DemoNetwork, instance_type: str) -> str:
+    """Run one instance of `instance_type` in the node subnet; returns its id."""
+    response: dict[str, Any] = client.run_instances(
+        ImageId=DEMO_IMAGE_ID,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType=instance_type,
+        SubnetId=network.subnet_ids[0],
+        SecurityGroupIds=[network.security_group_id],
+        Placement={"AvailabilityZone": network.availability_zone},
+    )
+    return str(response["Instances"][0]["InstanceId"])
+
+
+class Ec2Fault:
+    """Makes the next `times` calls of one EC2 operation fail with error `code`.
+
+    A botocore `before-call` hook answers in the server's place, so botocore raises the same
+    `ClientError` it would raise for a real EC2 error; later calls reach the server again.
+    """
+
+    def __init__(self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400) -> None:
+        self.code = code
+        self.status = status
+        self.remaining = times
+        self.injected = 0
+        client.meta.events.register(f"before-call.ec2.{operation}", self._answer)
+
+    def _answer(self, **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if self.remaining <= 0:
+            return None
+        self.remaining -= 1
+        self.injected += 1
+        parsed = {
+            "Error": {"Code": self.code, "Message": "injected by the test"},
+            "ResponseMetadata": {"HTTPStatusCode": self.status},
+        }
+        return AWSResponse(url="", status_code=self.status, headers={}, raw=None), parsed
+
+
+def record_requests(client: BaseClient, operation: str) -> list[dict[str, Any]]:
+    """The parameters of every later call of `operation` (as sent: flattened query fields)."""
+    requests: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        requests.append(dict(params["body"]))
+
+    client.meta.events.register(f"before-call.ec2.{operation}", record)
+    return requests
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
