@@ -1,0 +1,118 @@
+"""Pure parts of ipamctl: tables, error lines, dump and node rendering, argument checking."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as nodes_pb
+
+from clients.client import IpamClientError
+from clients.ipamctl import (
+    build_parser,
+    format_dump,
+    format_error_line,
+    format_nodes_table,
+    format_table,
+    main,
+)
+
+
+def test_format_table_aligns_numbers_right_and_text_left() -> None:
+    table = format_table(["NAME", "USED"], [["a", 5], ["node-long", 120]])
+    assert table.splitlines() == [
+        "NAME       USED",
+        "a             5",
+        "node-long   120",
+    ]
+
+
+def test_format_table_without_rows_is_the_header() -> None:
+    assert format_table(["NAME", "USED"], []) == "NAME  USED"
+
+
+def _node(
+    name: str, instance_type: str, used: int, available: int, needed: int, excess: int
+) -> nodes_pb.Node:
+    return nodes_pb.Node(
+        spec=nodes_pb.NodeSpec(name=name, instance_type=instance_type),
+        stats=nodes_pb.NodeStats(
+            used_ips=used, available_ips=available, needed_ips=needed, excess_ips=excess
+        ),
+    )
+
+
+def test_nodes_table_keeps_the_servers_watermark_order() -> None:
+    nodes = [_node("n2", "m5.large", 12, 14, 6, 0), _node("n1", "", 1, 120, 0, 100)]
+    assert format_nodes_table(nodes).splitlines() == [
+        "NAME  INSTANCE TYPE  USED  AVAILABLE  NEEDED  EXCESS",
+        "n2    m5.large         12         14       6       0",
+        "n1    -                 1        120       0     100",
+    ]
+
+
+def test_nodes_table_when_there_are_none() -> None:
+    assert format_nodes_table([]) == "no nodes"
+
+
+def test_error_line() -> None:
+    error = IpamClientError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY", "pool default of node n1 has no free IPv4 address"
+    )
+    assert (
+        format_error_line(error)
+        == "ipamctl: RESOURCE_EXHAUSTED POOL_EMPTY: pool default of node n1 has no free IPv4 address"
+    )
+    assert format_error_line("two\nlines") == "ipamctl: two lines"
+
+
+def test_dump_sorts_by_address_and_ends_with_the_status() -> None:
+    response = pb.DumpResponse(
+        ipv4={"10.0.0.10": "b", "10.0.0.9": "a"}, ipv6={"2001:db8::1": "c"}, status="3 allocated"
+    )
+    assert format_dump(response).splitlines() == [
+        "IP           OWNER",
+        "10.0.0.9     a",
+        "10.0.0.10    b",
+        "2001:db8::1  c",
+        "",
+        "3 allocated",
+    ]
+    assert format_dump(pb.DumpResponse()) == "no allocations"
+
+
+def test_json_flag_is_accepted_before_and_after_the_command() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["--json", "dump", "n1"]).json
+    assert parser.parse_args(["dump", "n1", "--json"]).json
+    assert not parser.parse_args(["dump", "n1"]).json
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["release", "n1"],
+        ["release", "n1", "--ip", "10.0.0.1", "--owner", "o"],
+        ["allocate", "n1"],
+        ["allocate", "n1", "--owner", "o", "--family", "ipv5"],
+        ["node"],
+        ["node", "create", "n1", "--instance-id", "i-1", "--instance-type", "m5.large", "--subnet-tag", "x"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+
+
+def test_contradicting_flags_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked before any call is made, so no server is needed.
+    assert main(["allocate", "n1", "--owner", "o", "--ip", "10.0.0.1", "--wait"]) == 2
+    assert capsys.readouterr().err == "ipamctl: allocate --ip does not take --wait\n"
+
+
+def test_bad_address_list_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--address", "a:1,b:2", "ping"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ipamctl: ") and err.count("\n") == 1
