@@ -88,7 +88,10 @@ class AllocatorProcess:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        return self.process.returncode if self.process else None
+        code = self.process.returncode if self.process else None
+        if code == 0:
+            self._log.unlink(missing_ok=True)
+        return code
 
     def __enter__(self) -> AllocatorProcess:
         return self.start()

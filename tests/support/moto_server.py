@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import boto3
 from botocore.awsrequest import AWSResponse
@@ -53,11 +53,11 @@ class MotoServer:
         """Where boto3 should send requests."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> MotoServer:
+    def start(self) -> Self:
         """Start the server and wait until it answers; retries on a port taken in the meantime."""
         for _ in range(3):
             self.port = _free_port(self.host)
-            self._log = tempfile.TemporaryFile()
+            self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                 stdout=self._log,
@@ -89,7 +89,7 @@ class MotoServer:
         with urllib.request.urlopen(request, timeout=5):
             pass
 
-    def __enter__(self) -> MotoServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -160,7 +160,9 @@ def create_demo_network(
     """Create the demo VPC (dual-stack), its /20 subnets, a security group and one instance per type."""
     vpc = client.create_vpc(CidrBlock=cidr, AmazonProvidedIpv6CidrBlock=True)["Vpc"]
     vpc_id = vpc["VpcId"]
-    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]
+    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0][
+        "Ipv6CidrBlock"
+    ]
     v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=20)
     v6_blocks = ipaddress.ip_network(ipv6_cidr).subnets(new_prefix=64)
     subnet_ids = []
@@ -176,7 +178,9 @@ def create_demo_network(
             TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
         )["Subnet"]
         subnet_ids.append(subnet["SubnetId"])
-    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)["GroupId"]
+    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)[
+        "GroupId"
+    ]
     network = DemoNetwork(
         vpc_id=vpc_id,
         cidr=cidr,
@@ -212,7 +216,9 @@ class Ec2Fault:
     `ClientError` it would raise for a real EC2 error; later calls reach the server again.
     """
 
-    def __init__(self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400) -> None:
+    def __init__(
+        self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400
+    ) -> None:
         self.code = code
         self.status = status
         self.remaining = times

@@ -136,6 +136,13 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
     )
 
 
+def _interface(raw: bytes) -> dict[str, Any]:
+    info = json.loads(raw)
+    for name in ("addresses", "security_group_ids"):
+        info[name] = _as_list(info.get(name))  # cjson writes an empty list as {}
+    return info
+
+
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
     info = json.loads(item["info"]) if item.get("info") else {}
     return Allocation(
@@ -336,7 +343,7 @@ class RedisStore:
         if not fields:
             raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
         f = {_text(k): v for k, v in fields.items()}
-        interfaces = sorted((json.loads(v) for v in ifaces.values()), key=lambda i: int(i.get("device_index", 0)))
+        interfaces = sorted((_interface(v) for v in ifaces.values()), key=lambda i: int(i.get("device_index", 0)))
         return NodeRecord(
             name=node,
             spec=f.get("spec", b""),

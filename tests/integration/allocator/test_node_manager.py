@@ -75,6 +75,9 @@ def test_add_addresses_is_idempotent(api: Api) -> None:
     assert len(api.seed(name, 3)) == 3
     assert api.seed(name, 3) == []
     assert api.stats(name).available_ips == 3
+    api.seed(name, 4)
+    interfaces = api.nodes.GetNode(npb.GetNodeRequest(name=name), timeout=5).interfaces
+    assert [list(i.addresses) for i in interfaces] == [["10.20.0.10", "10.20.0.11", "10.20.0.12", "10.20.0.13"]]
     expect_error(api.nodes.AddAddresses, npb.AddAddressesRequest(node="no-such-node", ips=["10.0.0.1"]),
                  grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
     expect_error(api.nodes.AddAddresses, npb.AddAddressesRequest(node=name, ips=["10.0.0.300"]),

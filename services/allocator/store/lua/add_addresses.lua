@@ -5,7 +5,6 @@ if redis.call('EXISTS', K_NODE) == 0 then return fail('NODE_NOT_FOUND') end
 local now = now_ms()
 local iface = ARGV[3]
 redis.call('SADD', K_POOLS, POOL)
-if iface ~= '' then redis.call('HSET', K_IFACES, iface, ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', K_NODE, 'vpc_cidrs', ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('HSET', K_NODE, 'max_ifaces', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then redis.call('HSET', K_NODE, 'ipv4_per_iface', ARGV[7]) end
@@ -18,5 +17,23 @@ for i = 8, #ARGV do
     if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then redis.call('ZADD', K_FREE[f], 0, ip) end
     added[#added + 1] = ip
   end
+end
+-- The interface table lists every address the interface holds (merged with what was known).
+if iface ~= '' then
+  local info = cjson.decode(ARGV[4])
+  local known = redis.call('HGET', K_IFACES, iface)
+  local held, seen = {}, {}
+  for _, source in ipairs({known and cjson.decode(known).addresses or {}, info.addresses or {}}) do
+    if type(source) == 'table' then
+      for _, ip in ipairs(source) do
+        if not seen[ip] then seen[ip] = true; held[#held + 1] = ip end
+      end
+    end
+  end
+  for i = 8, #ARGV do
+    if not seen[ARGV[i]] then seen[ARGV[i]] = true; held[#held + 1] = ARGV[i] end
+  end
+  info.addresses = held
+  redis.call('HSET', K_IFACES, iface, cjson.encode(info))
 end
 return ok({added = added}, now)
