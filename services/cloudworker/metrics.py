@@ -1,0 +1,57 @@
+"""Metrics of the worker's cloud API calls. The provider reports to an `ApiObserver`; `Ec2Metrics`
+is the Prometheus one, registered in a registry the caller passes in (no global state)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Histogram
+
+_API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ApiObserver(Protocol):
+    """Receives one report per cloud API attempt and per rate-limiter wait."""
+
+    def observe_api_call(self, operation: str, response_code: str, seconds: float) -> None:
+        """One API attempt: `response_code` is "OK" or the cloud's error code."""
+
+    def observe_rate_limit_wait(self, operation: str, seconds: float) -> None:
+        """Time spent waiting for a rate-limiter token before an attempt."""
+
+
+class NullObserver:
+    """An `ApiObserver` that records nothing."""
+
+    def observe_api_call(self, operation: str, response_code: str, seconds: float) -> None:
+        pass
+
+    def observe_rate_limit_wait(self, operation: str, seconds: float) -> None:
+        pass
+
+
+class Ec2Metrics:
+    """Prometheus histograms of EC2 call durations and rate-limiter waits (an `ApiObserver`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.api_duration_seconds = Histogram(
+            "ipam_worker_ec2_api_duration_seconds",
+            "Duration of EC2 API calls, by operation and response code (OK or the EC2 error code).",
+            ["operation", "response_code"],
+            buckets=_API_BUCKETS,
+            registry=registry,
+        )
+        self.rate_limit_wait_seconds = Histogram(
+            "ipam_worker_ec2_rate_limit_wait_seconds",
+            "Time an EC2 API call waited for a token of the rate limiter, by operation.",
+            ["operation"],
+            buckets=_WAIT_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_api_call(self, operation: str, response_code: str, seconds: float) -> None:
+        self.api_duration_seconds.labels(operation, response_code).observe(seconds)
+
+    def observe_rate_limit_wait(self, operation: str, seconds: float) -> None:
+        self.rate_limit_wait_seconds.labels(operation).observe(seconds)

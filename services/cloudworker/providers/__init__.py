@@ -1,0 +1,1 @@
+"""Cloud providers of the worker: the `CloudProvider` interface and its implementations."""

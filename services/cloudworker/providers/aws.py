@@ -1,0 +1,527 @@
+"""`CloudProvider` for AWS EC2, with boto3.
+
+Every EC2 call (each Describe page included) goes through `_call`: one token from the shared
+`TokenBucket`, throttling retried with exponential backoff, every `ClientError` turned into a
+`ProviderError`, and the duration and limiter wait reported to an `ApiObserver`. botocore's own
+retries are switched off (`make_ec2_client`) so that every attempt passes the bucket.
+
+The moto server (the local EC2) enforces no limits and answers some calls loosely (DESIGN.md §6),
+so every change is read back with DescribeNetworkInterfaces and new addresses are found by diff.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore import exceptions as botocore_errors
+from botocore import xform_name
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
+
+from services.allocator.domain.model import Family
+from services.cloudworker.metrics import ApiObserver, NullObserver
+from services.cloudworker.model import AddressChange, Instance, InstanceLimits, NetworkInterface, Subnet
+from services.cloudworker.providers.base import CloudProvider
+from services.cloudworker.providers.errors import (
+    LimitExceeded,
+    NotFound,
+    ProviderError,
+    SubnetFull,
+    Throttled,
+    Transient,
+)
+from services.cloudworker.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+# Tags on every interface we create; the leaked-interface collector finds them by these.
+MANAGED_BY_TAG = "ipam.io/managed-by"
+MANAGED_BY_VALUE = "ipam"
+CLUSTER_TAG = "ipam.io/cluster"
+NODE_TAG = "ipam.io/node"
+CREATED_AT_TAG = "ipam.io/created-at"  # unix seconds
+
+_THROTTLING_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "EC2ThrottledException",
+    }
+)
+_SUBNET_FULL_CODES = frozenset({"InsufficientFreeAddressesInSubnet", "InsufficientCidrBlocks"})
+_LIMIT_CODES = frozenset(
+    {
+        "PrivateIpAddressLimitExceeded",
+        "AttachmentLimitExceeded",
+        "NetworkInterfaceLimitExceeded",
+        "AddressLimitExceeded",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"InvalidInstanceType", "InvalidNetworkInterfaceId.Malformed"})
+_TRANSIENT_CODES = frozenset(
+    {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout"}
+)
+# Failures below the API: no answer, or an unreadable one.
+_NETWORK_ERRORS = (
+    botocore_errors.ConnectionError,
+    botocore_errors.HTTPClientError,
+    ResponseParserError,
+)
+
+
+def classify_error(code: str, http_status: int = 400) -> type[ProviderError]:
+    """The `ProviderError` class for an EC2 error code (old "Client."/"Server." prefixes allowed)."""
+    code = code.removeprefix("Client.").removeprefix("Server.")
+    if code in _THROTTLING_CODES:
+        return Throttled
+    if code in _SUBNET_FULL_CODES:
+        return SubnetFull
+    if code in _LIMIT_CODES:
+        return LimitExceeded
+    if code in _NOT_FOUND_CODES or code.endswith(".NotFound"):
+        return NotFound
+    if code in _TRANSIENT_CODES or http_status >= 500:
+        return Transient
+    return ProviderError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff for throttled calls (and transient failures of read-only calls)."""
+
+    max_attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+
+
+def make_ec2_client(
+    *,
+    region: str,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 20.0,
+    max_pool_connections: int = 10,
+) -> BaseClient:
+    """An EC2 client without botocore's retries (ours count every attempt against the bucket).
+
+    `endpoint_url` None or "" means real AWS; credentials None means boto3's usual chain.
+    """
+    config = Config(
+        retries={"total_max_attempts": 1},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=max_pool_connections,
+    )
+    # A session per client: creating clients from the shared default session is not thread-safe.
+    return boto3.session.Session().client(
+        "ec2",
+        region_name=region,
+        endpoint_url=endpoint_url or None,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=config,
+    )
+
+
+class AwsProvider(CloudProvider):
+    """EC2 as a `CloudProvider` for one cluster. Thread-safe: boto3 clients and the bucket are."""
+
+    def __init__(
+        self,
+        client: BaseClient,
+        *,
+        cluster: str,
+        limiter: TokenBucket,
+        retry: RetryPolicy = RetryPolicy(),
+        observer: ApiObserver | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        page_size: int = 1000,
+    ) -> None:
+        """`sleep` is used for backoff between retries, `clock` (wall time) for the created-at tag."""
+        if not cluster:
+            raise ValueError("cluster name is required: it tags the interfaces we create")
+        self.client = client
+        self.cluster = cluster
+        self.limiter = limiter
+        self._retry = retry
+        self._observer: ApiObserver = observer or NullObserver()
+        self._sleep = sleep
+        self._clock = clock
+        self._page_size = page_size
+        # Never change once known. Plain dicts: a race only costs a duplicate lookup.
+        self._limits: dict[str, InstanceLimits] = {}
+        self._subnet_cidrs: dict[str, str] = {}
+
+    # --- CloudProvider -------------------------------------------------------------------------
+
+    def instance_limits(self, instance_type: str) -> InstanceLimits:
+        cached = self._limits.get(instance_type)
+        if cached is not None:
+            return cached
+        try:
+            types = self._call("DescribeInstanceTypes", InstanceTypes=[instance_type]).get(
+                "InstanceTypes", []
+            )
+        except NotFound as exc:
+            raise NotFound(
+                f"unknown instance type {instance_type!r}: {exc.message}",
+                code=exc.code,
+                operation=exc.operation,
+            ) from exc
+        if not types:
+            raise NotFound(f"unknown instance type {instance_type!r}", operation="DescribeInstanceTypes")
+        network = types[0].get("NetworkInfo", {})
+        limits = InstanceLimits(
+            max_interfaces=int(network.get("MaximumNetworkInterfaces", 0)),
+            ipv4_per_interface=int(network.get("Ipv4AddressesPerInterface", 0)),
+            ipv6_per_interface=int(network.get("Ipv6AddressesPerInterface", 0))
+            if network.get("Ipv6Supported")
+            else 0,
+        )
+        if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
+            # Never plan with zeros (Cilium #14802: unknown types failing silently).
+            raise ProviderError(
+                f"EC2 reports no interface limits for {instance_type!r}: {network}",
+                operation="DescribeInstanceTypes",
+            )
+        self._limits[instance_type] = limits
+        return limits
+
+    def describe_instance(self, instance_id: str) -> Instance:
+        response = self._call("DescribeInstances", InstanceIds=[instance_id])
+        found = [i for r in response.get("Reservations", []) for i in r.get("Instances", [])]
+        if not found:
+            raise NotFound(f"instance {instance_id} not found", operation="DescribeInstances")
+        raw = found[0]
+        primary = next(
+            (n for n in raw.get("NetworkInterfaces", []) if n.get("Attachment", {}).get("DeviceIndex") == 0),
+            {},
+        )
+        groups = primary.get("Groups") or raw.get("SecurityGroups", [])
+        return Instance(
+            id=raw["InstanceId"],
+            instance_type=raw.get("InstanceType", ""),
+            availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
+            vpc_id=raw.get("VpcId", ""),
+            subnet_id=raw.get("SubnetId", ""),
+            security_group_ids=tuple(g["GroupId"] for g in groups),
+        )
+
+    def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
+        filters = [{"Name": "vpc-id", "Values": [vpc_id]}]
+        if availability_zone:
+            filters.append({"Name": "availability-zone", "Values": [availability_zone]})
+        raws = self._paginate("DescribeSubnets", "Subnets", Filters=filters, MaxResults=self._page_size)
+        subnets = [_parse_subnet(raw) for raw in raws]
+        self._subnet_cidrs.update((s.id, s.cidr) for s in subnets)
+        return subnets
+
+    def list_interfaces(self, instance_id: str) -> list[NetworkInterface]:
+        raws = self._paginate(
+            "DescribeNetworkInterfaces",
+            "NetworkInterfaces",
+            Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}],
+            MaxResults=self._page_size,
+        )
+        return sorted(self._parse_interfaces(raws), key=lambda i: i.device_index)
+
+    def create_interface(
+        self,
+        *,
+        instance_id: str,
+        node: str,
+        subnet_id: str,
+        security_group_ids: Sequence[str],
+        device_index: int,
+        ipv4_count: int,
+        ipv6_count: int = 0,
+        extra_tags: Mapping[str, str] | None = None,
+    ) -> NetworkInterface:
+        tags = {
+            **(extra_tags or {}),
+            MANAGED_BY_TAG: MANAGED_BY_VALUE,
+            CLUSTER_TAG: self.cluster,
+            NODE_TAG: node,
+            CREATED_AT_TAG: str(int(self._clock())),
+        }
+        params: dict[str, Any] = {
+            "SubnetId": subnet_id,
+            "Description": f"ipam ({instance_id})",
+            "TagSpecifications": [
+                {
+                    "ResourceType": "network-interface",
+                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                }
+            ],
+        }
+        if security_group_ids:  # else EC2 applies the VPC's default group
+            params["Groups"] = list(security_group_ids)
+        if ipv4_count > 0:  # requested in the same call: no second round trip
+            params["SecondaryPrivateIpAddressCount"] = ipv4_count
+        if ipv6_count > 0:
+            params["Ipv6AddressCount"] = ipv6_count
+        interface_id = self._call("CreateNetworkInterface", **params)["NetworkInterface"][
+            "NetworkInterfaceId"
+        ]
+
+        try:
+            attachment_id = self._call(
+                "AttachNetworkInterface",
+                NetworkInterfaceId=interface_id,
+                InstanceId=instance_id,
+                DeviceIndex=device_index,
+            )["AttachmentId"]
+        except ProviderError:
+            self._delete_quietly(interface_id)
+            raise
+        try:
+            self._call(
+                "ModifyNetworkInterfaceAttribute",
+                NetworkInterfaceId=interface_id,
+                Attachment={"AttachmentId": attachment_id, "DeleteOnTermination": True},
+            )
+        except ProviderError as exc:
+            # Keep it: it is attached and usable. Should the instance go away, the interface turns
+            # `available` and, being tagged, is deleted by the leaked-interface collector.
+            log.warning("could not set DeleteOnTermination on %s: %s", interface_id, exc)
+        return self._read_interface(interface_id)
+
+    def assign_addresses(self, interface_id: str, count: int, family: Family = Family.IPV4) -> AddressChange:
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        before = self._read_interface(interface_id)
+        if family is Family.IPV4:
+            self._call(
+                "AssignPrivateIpAddresses",
+                NetworkInterfaceId=interface_id,
+                SecondaryPrivateIpAddressCount=count,
+            )
+        elif family is Family.IPV6:
+            self._call("AssignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6AddressCount=count)
+        else:
+            raise ValueError(f"family must be IPV4 or IPV6, got {family!r}")
+        after = self._read_interface(interface_id)
+        # moto answers with every address of the interface, not only the new ones: diff instead.
+        old = set(_addresses(before, family))
+        return AddressChange(tuple(ip for ip in _addresses(after, family) if ip not in old), after)
+
+    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
+        if not ips:
+            raise ValueError("no addresses to unassign")
+        wanted = [str(ipaddress.ip_address(ip)) for ip in ips]
+        ipv4 = [ip for ip in wanted if ipaddress.ip_address(ip).version == 4]
+        ipv6 = [ip for ip in wanted if ipaddress.ip_address(ip).version == 6]
+        if ipv4:
+            self._call("UnassignPrivateIpAddresses", NetworkInterfaceId=interface_id, PrivateIpAddresses=ipv4)
+        if ipv6:
+            self._call("UnassignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6Addresses=ipv6)
+        after = self._read_interface(interface_id)
+        remaining = {after.primary_ip, *after.ipv4, *after.ipv6}
+        return AddressChange(tuple(ip for ip in wanted if ip not in remaining), after)
+
+    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+        raws = self._paginate(
+            "DescribeNetworkInterfaces",
+            "NetworkInterfaces",
+            Filters=[
+                {"Name": f"tag:{MANAGED_BY_TAG}", "Values": [MANAGED_BY_VALUE]},
+                {"Name": f"tag:{CLUSTER_TAG}", "Values": [self.cluster]},
+                {"Name": "status", "Values": ["available"]},
+            ],
+            MaxResults=self._page_size,
+        )
+        cutoff = self._clock() - older_than_seconds
+        leaked = []
+        for interface in self._parse_interfaces(raws):
+            created_at = _created_at(interface)
+            # No readable creation time: we cannot tell it from one being created right now; spare it.
+            if created_at is not None and created_at <= cutoff:
+                leaked.append(interface)
+        return leaked
+
+    def delete_interface(self, interface_id: str) -> bool:
+        try:
+            self._call("DeleteNetworkInterface", NetworkInterfaceId=interface_id)
+        except NotFound:
+            return False
+        return True
+
+    def vpc_cidrs(self, vpc_id: str) -> list[str]:
+        vpcs = self._call("DescribeVpcs", VpcIds=[vpc_id]).get("Vpcs", [])
+        if not vpcs:
+            raise NotFound(f"VPC {vpc_id} not found", operation="DescribeVpcs")
+        vpc = vpcs[0]
+        cidrs = [
+            a["CidrBlock"]
+            for a in vpc.get("CidrBlockAssociationSet", [])
+            if a.get("CidrBlockState", {}).get("State") == "associated"
+        ]
+        cidrs += [
+            a["Ipv6CidrBlock"]
+            for a in vpc.get("Ipv6CidrBlockAssociationSet", [])
+            if a.get("Ipv6CidrBlockState", {}).get("State") == "associated"
+        ]
+        return cidrs or ([vpc["CidrBlock"]] if vpc.get("CidrBlock") else [])
+
+    # --- one EC2 call ------------------------------------------------------------------------------
+
+    def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """One EC2 operation (e.g. "AssignPrivateIpAddresses"): rate-limited, retried, mapped, observed."""
+        method = getattr(self.client, xform_name(operation))  # the boto3 method name
+        attempt = 1
+        while True:
+            self._observer.observe_rate_limit_wait(operation, self.limiter.acquire())
+            started = time.perf_counter()
+            cause: Exception
+            try:
+                response: dict[str, Any] = method(**params)
+            except ClientError as exc:
+                cause = exc
+                error = _from_client_error(exc, operation)
+            except _NETWORK_ERRORS as exc:
+                cause = exc
+                error = Transient(f"{operation}: {exc}", code=type(exc).__name__, operation=operation)
+            else:
+                self._observer.observe_api_call(operation, "OK", time.perf_counter() - started)
+                return response
+            self._observer.observe_api_call(operation, error.code, time.perf_counter() - started)
+            if attempt >= self._retry.max_attempts or not _retryable(error, operation):
+                raise error from cause
+            delay = self._retry.delay(attempt)
+            log.info(
+                "%s failed with %s (attempt %d), retrying in %.2fs", operation, error.code, attempt, delay
+            )
+            self._sleep(delay)
+            attempt += 1
+
+    def _paginate(self, operation: str, result_key: str, **params: Any) -> list[dict[str, Any]]:
+        """Every page of a Describe call; each page is one call through the bucket."""
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self._call(operation, **params)
+            items.extend(page.get(result_key, []))
+            token = page.get("NextToken")
+            if not token:
+                return items
+            params = {**params, "NextToken": token}
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _read_interface(self, interface_id: str) -> NetworkInterface:
+        raws = self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=[interface_id]).get(
+            "NetworkInterfaces", []
+        )
+        if not raws:
+            raise NotFound(f"interface {interface_id} not found", operation="DescribeNetworkInterfaces")
+        return self._parse_interfaces(raws)[0]
+
+    def _parse_interfaces(self, raws: list[dict[str, Any]]) -> list[NetworkInterface]:
+        cidrs = self._cidrs_of({raw.get("SubnetId", "") for raw in raws} - {""})
+        return [_parse_interface(raw, cidrs.get(raw.get("SubnetId", ""), "")) for raw in raws]
+
+    def _cidrs_of(self, subnet_ids: set[str]) -> dict[str, str]:
+        """Subnet CIDRs (the Describe of an interface lacks them), looked up once per subnet."""
+        missing = sorted(subnet_ids - self._subnet_cidrs.keys())
+        if missing:
+            for raw in self._call("DescribeSubnets", SubnetIds=missing).get("Subnets", []):
+                self._subnet_cidrs[raw["SubnetId"]] = raw.get("CidrBlock", "")
+        return {s: self._subnet_cidrs.get(s, "") for s in subnet_ids}
+
+    def _delete_quietly(self, interface_id: str) -> None:
+        try:
+            self.delete_interface(interface_id)
+        except ProviderError as exc:
+            # Tagged as ours and detached: the leaked-interface collector deletes it later.
+            log.warning("could not delete interface %s after a failed attach: %s", interface_id, exc)
+
+
+def build_aws_provider(
+    *,
+    cluster: str,
+    region: str,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    qps: float = 4.0,
+    burst: int = 20,
+    observer: ApiObserver | None = None,
+) -> AwsProvider:
+    """An `AwsProvider` with its own client and token bucket (Cilium's defaults: 4 QPS, burst 20)."""
+    client = make_ec2_client(
+        region=region,
+        endpoint_url=endpoint_url,
+        access_key_id=access_key_id,
+        secret_access_key=secret_access_key,
+    )
+    return AwsProvider(client, cluster=cluster, limiter=TokenBucket(qps, burst), observer=observer)
+
+
+def _retryable(error: ProviderError, operation: str) -> bool:
+    # A transient failure may hide a change that did happen: only reads are safe to repeat.
+    return isinstance(error, Throttled) or (isinstance(error, Transient) and operation.startswith("Describe"))
+
+
+def _from_client_error(exc: ClientError, operation: str) -> ProviderError:
+    error = exc.response.get("Error", {})
+    code = error.get("Code", "") or "Unknown"
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400) or 400)
+    kind = classify_error(code, status)
+    return kind(f"{operation}: {code}: {error.get('Message', '')}", code=code, operation=operation)
+
+
+def _parse_subnet(raw: dict[str, Any]) -> Subnet:
+    return Subnet(
+        id=raw["SubnetId"],
+        vpc_id=raw.get("VpcId", ""),
+        availability_zone=raw.get("AvailabilityZone", ""),
+        cidr=raw.get("CidrBlock", ""),
+        free_addresses=int(raw.get("AvailableIpAddressCount", 0)),
+        tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+    )
+
+
+def _parse_interface(raw: dict[str, Any], subnet_cidr: str) -> NetworkInterface:
+    attachment = raw.get("Attachment") or {}
+    return NetworkInterface(
+        id=raw["NetworkInterfaceId"],
+        mac=raw.get("MacAddress", ""),
+        device_index=int(attachment.get("DeviceIndex", -1)),
+        subnet_id=raw.get("SubnetId", ""),
+        subnet_cidr=subnet_cidr,
+        primary_ip=raw.get("PrivateIpAddress", ""),
+        ipv4=tuple(a["PrivateIpAddress"] for a in raw.get("PrivateIpAddresses", []) if not a.get("Primary")),
+        ipv6=tuple(str(ipaddress.ip_address(a["Ipv6Address"])) for a in raw.get("Ipv6Addresses", [])),
+        security_group_ids=tuple(g["GroupId"] for g in raw.get("Groups", [])),
+        status=raw.get("Status", ""),
+        tags={t["Key"]: t["Value"] for t in raw.get("TagSet", [])},
+    )
+
+
+def _addresses(interface: NetworkInterface, family: Family) -> tuple[str, ...]:
+    return interface.ipv6 if family is Family.IPV6 else interface.ipv4
+
+
+def _created_at(interface: NetworkInterface) -> float | None:
+    try:
+        return float(interface.tags[CREATED_AT_TAG])
+    except (KeyError, ValueError):
+        return None

@@ -1,0 +1,71 @@
+"""The cloud-provider interface of the worker (Cilium's NodeOperations / AllocationImplementation).
+
+A provider is synchronous and blocking; the worker calls it from asyncio through
+`asyncio.to_thread`. Every method returns what the cloud holds after the call (read back), and
+raises only `providers.errors.ProviderError` subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from services.allocator.domain.model import Family
+from services.cloudworker.model import AddressChange, Instance, InstanceLimits, NetworkInterface, Subnet
+
+
+class CloudProvider(Protocol):
+    """What the worker needs from a cloud."""
+
+    def instance_limits(self, instance_type: str) -> InstanceLimits:
+        """Interfaces and addresses per interface of an instance type; raises `NotFound` if unknown."""
+        ...
+
+    def describe_instance(self, instance_id: str) -> Instance:
+        """Zone, VPC, primary subnet and security groups of an instance."""
+        ...
+
+    def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
+        """Subnets of a VPC (of one zone when given), with their free address counts."""
+        ...
+
+    def list_interfaces(self, instance_id: str) -> list[NetworkInterface]:
+        """Interfaces attached to an instance, by device index."""
+        ...
+
+    def create_interface(
+        self,
+        *,
+        instance_id: str,
+        node: str,
+        subnet_id: str,
+        security_group_ids: Sequence[str],
+        device_index: int,
+        ipv4_count: int,
+        ipv6_count: int = 0,
+        extra_tags: Mapping[str, str] | None = None,
+    ) -> NetworkInterface:
+        """Create an interface holding `ipv4_count` secondary addresses, tagged as ours, attach it
+        at `device_index` and set DeleteOnTermination. If the attach fails it is deleted again."""
+        ...
+
+    def assign_addresses(self, interface_id: str, count: int, family: Family = Family.IPV4) -> AddressChange:
+        """Assign `count` more addresses of `family`; returns the new ones and the interface."""
+        ...
+
+    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
+        """Unassign these addresses (either family); returns those really gone and the interface."""
+        ...
+
+    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+        """Interfaces we created for this cluster that are detached (`available`) and older than
+        the grace period, so not merely created and not yet attached."""
+        ...
+
+    def delete_interface(self, interface_id: str) -> bool:
+        """Delete a detached interface; False if it was already gone."""
+        ...
+
+    def vpc_cidrs(self, vpc_id: str) -> list[str]:
+        """The CIDR blocks associated with a VPC (both families)."""
+        ...

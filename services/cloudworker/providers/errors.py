@@ -1,0 +1,33 @@
+"""The errors a cloud provider raises, whatever the cloud. Each kind tells the worker what to do."""
+
+from __future__ import annotations
+
+
+class ProviderError(Exception):
+    """A cloud API call failed. `code` is the cloud's own error code, `operation` the API call."""
+
+    def __init__(self, message: str, *, code: str = "", operation: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.operation = operation
+
+
+class SubnetFull(ProviderError):
+    """The subnet has no free address (or CIDR block) left: try another subnet, or report it."""
+
+
+class LimitExceeded(ProviderError):
+    """An instance or account limit was hit: our view was stale, re-read the truth and replan."""
+
+
+class Throttled(ProviderError):
+    """The cloud rate-limited us; retried with backoff before it reaches the caller."""
+
+
+class NotFound(ProviderError):
+    """The interface, instance, subnet or instance type does not exist."""
+
+
+class Transient(ProviderError):
+    """A server-side or network failure; the same call may succeed later."""

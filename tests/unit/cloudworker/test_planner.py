@@ -1,0 +1,343 @@
+"""The planner, one scenario per row: what it should do for a node in a given state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from services.cloudworker.model import InstanceLimits, Subnet
+from services.cloudworker.planner import (
+    AT_CAPACITY,
+    MAX_ALLOCATE,
+    NOTHING_NEEDED,
+    NOTHING_RELEASABLE,
+    SUBNET_FULL,
+    Action,
+    AllocationAction,
+    InterfaceState,
+    InterfaceStats,
+    NoAction,
+    NodeSpec,
+    PoolCounts,
+    ReleaseAction,
+    Watermarks,
+    interface_stats,
+    plan,
+)
+
+M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_interface=10)
+VPC, ZONE = "vpc-1", "us-east-1a"
+
+
+def subnet(
+    id: str, free: int, *, tags: dict[str, str] | None = None, vpc: str = VPC, zone: str = ZONE
+) -> Subnet:
+    return Subnet(id, vpc, zone, "10.0.0.0/20", free, tags or {})
+
+
+def eni(
+    device: int, *, ips: int = 1, free: int = 0, subnet: str = "node", groups: tuple[str, ...] = ()
+) -> InterfaceState:
+    """Interface `eth<device>` holding `ips` IPv4 addresses (primary included), `free` of them free in the pool."""
+    return InterfaceState(f"eth{device}", device, subnet, ips, free, groups)
+
+
+NODE_SUBNET = subnet("node", 4000)
+SPEC = NodeSpec(vpc_id=VPC, availability_zone=ZONE)
+
+
+@dataclass(frozen=True)
+class Case:
+    counts: PoolCounts
+    interfaces: tuple[InterfaceState, ...]
+    expected: Action
+    spec: NodeSpec = SPEC
+    subnets: tuple[Subnet, ...] = (NODE_SUBNET,)
+    limits: InstanceLimits = M5_LARGE
+    watermarks: dict[str, int] = field(default_factory=dict)
+
+
+def allocate_on(device: int, count: int, subnet_id: str = "node") -> AllocationAction:
+    return AllocationAction(
+        count=count, subnet_id=subnet_id, device_index=device, interface_id=f"eth{device}"
+    )
+
+
+def create_at(
+    device: int, count: int, subnet_id: str = "node", groups: tuple[str, ...] = ()
+) -> AllocationAction:
+    return AllocationAction(count=count, subnet_id=subnet_id, device_index=device, security_group_ids=groups)
+
+
+CASES = {
+    # --- allocation on existing interfaces -----------------------------------------------------
+    "m5.large empty, pre_allocate 8: allocate 8 on eth0": Case(
+        PoolCounts(available=0, used=0), (eni(0),), allocate_on(0, 8)
+    ),
+    "max_above_watermark is added to the amount": Case(
+        PoolCounts(0, 0), (eni(0),), allocate_on(0, 9), watermarks={"max_above_watermark": 1}
+    ),
+    "amount bounded by the free slots of the interface": Case(
+        PoolCounts(available=4, used=4), (eni(0, ips=5),), allocate_on(0, 5)
+    ),
+    "amount bounded by the free addresses of the subnet": Case(
+        PoolCounts(0, 0), (eni(0),), allocate_on(0, 3), subnets=(subnet("node", 3),)
+    ),
+    "full eth0 is skipped, eth1 has room": Case(
+        PoolCounts(available=11, used=10), (eni(0, ips=10), eni(1, ips=3)), allocate_on(1, 7)
+    ),
+    "cooling addresses are not free headroom": Case(
+        PoolCounts(available=8, used=0, cooling=8), (eni(0, ips=9),), allocate_on(0, 1)
+    ),
+    # --- creating an interface --------------------------------------------------------------------
+    "all interfaces full: create at the lowest free device index": Case(
+        PoolCounts(available=18, used=15), (eni(0, ips=10), eni(2, ips=10)), create_at(1, 5)
+    ),
+    "a new interface holds at most ipv4_per_interface - 1 secondaries": Case(
+        PoolCounts(available=9, used=9), (eni(0, ips=10),), create_at(1, 9), watermarks={"pre_allocate": 12}
+    ),
+    "a new interface leaves a subnet address for its primary": Case(
+        PoolCounts(available=9, used=9),
+        (eni(0, ips=10),),
+        create_at(1, 3, "pods"),
+        spec=replace(SPEC, subnet_ids=("pods",)),
+        subnets=(NODE_SUBNET, subnet("pods", 4)),
+    ),
+    "first_interface_index=1: eth0 has room but is not for pods": Case(
+        PoolCounts(0, 0), (eni(0),), create_at(1, 8), spec=replace(SPEC, first_interface_index=1)
+    ),
+    "first_interface_index=1: eth1 then used": Case(
+        PoolCounts(available=2, used=2),
+        (eni(0), eni(1, ips=3)),
+        allocate_on(1, 7),
+        spec=replace(SPEC, first_interface_index=1),
+    ),
+    "security groups of the spec": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10, groups=("sg-node",)),),
+        create_at(1, 8, groups=("sg-pods",)),
+        spec=replace(SPEC, security_group_ids=("sg-pods",)),
+    ),
+    "security groups copied from the primary interface": Case(
+        PoolCounts(9, 9), (eni(0, ips=10, groups=("sg-node",)),), create_at(1, 8, groups=("sg-node",))
+    ),
+    # --- subnet choice ----------------------------------------------------------------------------
+    "subnet ids: the one with most free addresses wins": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        create_at(1, 8, "b"),
+        spec=replace(SPEC, subnet_ids=("a", "b")),
+        subnets=(NODE_SUBNET, subnet("a", 100), subnet("b", 500), subnet("not-listed", 4000)),
+    ),
+    "subnet ids: a full one is passed over for the next": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        create_at(1, 8, "b"),
+        spec=replace(SPEC, subnet_ids=("a", "b")),
+        subnets=(NODE_SUBNET, subnet("a", 0), subnet("b", 50)),
+    ),
+    "subnet ids: all full is subnet-full": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        NoAction(SUBNET_FULL),
+        spec=replace(SPEC, subnet_ids=("a", "b")),
+        subnets=(NODE_SUBNET, subnet("a", 0), subnet("b", 1)),
+    ),
+    "subnet tags: only a subnet with every tag": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        create_at(1, 8, "a"),
+        spec=replace(SPEC, subnet_tags={"pods": "true", "tier": "1"}),
+        subnets=(
+            NODE_SUBNET,
+            subnet("a", 100, tags={"pods": "true", "tier": "1", "x": "y"}),
+            subnet("half", 900, tags={"pods": "true"}),
+        ),
+    ),
+    "subnet tags matching no subnet is subnet-full": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        NoAction(SUBNET_FULL),
+        spec=replace(SPEC, subnet_tags={"pods": "true"}),
+        subnets=(NODE_SUBNET, subnet("other", 900, tags={"pods": "false"})),
+    ),
+    "neither ids nor tags: the node's own subnet, even if another is larger": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        create_at(1, 8, "node"),
+        subnets=(subnet("node", 1000), subnet("big", 4000)),
+    ),
+    "the node's subnet cannot fill an interface: largest of VPC and zone": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        create_at(1, 8, "big"),
+        subnets=(subnet("node", 5), subnet("big", 3000), subnet("other-zone", 4000, zone="us-east-1b")),
+    ),
+    "subnets of another VPC or zone are never used": Case(
+        PoolCounts(9, 9),
+        (eni(0, ips=10),),
+        NoAction(SUBNET_FULL),
+        subnets=(subnet("node", 0), subnet("b", 4000, zone="us-east-1b"), subnet("c", 4000, vpc="vpc-2")),
+    ),
+    "interface with room in a full subnet: a new interface elsewhere": Case(
+        PoolCounts(0, 0),
+        (eni(0),),
+        create_at(1, 8, "pods"),
+        spec=replace(SPEC, subnet_ids=("pods",)),
+        subnets=(subnet("node", 0), subnet("pods", 100)),
+    ),
+    "interface with room in a full subnet and no slot left: subnet-full": Case(
+        PoolCounts(available=20, used=20),
+        (eni(0, ips=10), eni(1, ips=10), eni(2, ips=1, subnet="full")),
+        NoAction(SUBNET_FULL),
+        subnets=(NODE_SUBNET, subnet("full", 0)),
+    ),
+    # --- limits -----------------------------------------------------------------------------------
+    "Cilium: m5.large after 25 allocations is at capacity with 27 usable": Case(
+        PoolCounts(available=27, used=25),
+        (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)),
+        NoAction(AT_CAPACITY),
+    ),
+    "first_interface_index=1: capacity 18": Case(
+        PoolCounts(available=18, used=18),
+        (eni(0), eni(1, ips=10), eni(2, ips=10)),
+        NoAction(AT_CAPACITY),
+        spec=replace(SPEC, first_interface_index=1),
+    ),
+    "never more interfaces than the instance takes, whatever their indexes": Case(
+        PoolCounts(available=27, used=27),
+        (eni(0, ips=10), eni(2, ips=10), eni(5, ips=10)),
+        NoAction(AT_CAPACITY),
+    ),
+    "max_allocate caps the amount": Case(
+        PoolCounts(0, 0),
+        (eni(0),),
+        allocate_on(0, 6),
+        watermarks={"max_allocate": 6, "max_above_watermark": 5},
+    ),
+    "max_allocate reached while short of pre_allocate: max-allocate": Case(
+        PoolCounts(available=10, used=8),
+        (eni(0, ips=10), eni(1, ips=2)),
+        NoAction(MAX_ALLOCATE),
+        watermarks={"max_allocate": 10},
+    ),
+    "min_allocate raises the first amount": Case(
+        PoolCounts(0, 0), (eni(0),), allocate_on(0, 9), watermarks={"min_allocate": 12}
+    ),
+    # --- nothing, and release -----------------------------------------------------------------------
+    "pre_allocate free addresses: nothing needed": Case(
+        PoolCounts(available=8, used=0), (eni(0, ips=9, free=8),), NoAction(NOTHING_NEEDED)
+    ),
+    "excess released from the interface with most free addresses": Case(
+        PoolCounts(available=20, used=2),
+        (eni(0, ips=10, free=7), eni(1, ips=10, free=9), eni(2, ips=3, free=2)),
+        ReleaseAction("eth1", "node", 9),
+        spec=replace(SPEC, release_excess=True),
+    ),
+    "release bounded by the excess": Case(
+        PoolCounts(available=12, used=1),
+        (eni(0, ips=10, free=6), eni(1, ips=4, free=3)),
+        ReleaseAction("eth0", "node", 3),
+        spec=replace(SPEC, release_excess=True),
+    ),
+    "release skips interfaces below first_interface_index": Case(
+        PoolCounts(available=12, used=0),
+        (eni(0, ips=4, free=3), eni(1, ips=10, free=9)),
+        ReleaseAction("eth1", "node", 4),
+        spec=replace(SPEC, release_excess=True, first_interface_index=1),
+    ),
+    "excess but release disabled: nothing needed": Case(
+        PoolCounts(available=20, used=2),
+        (eni(0, ips=10, free=9), eni(1, ips=10, free=9)),
+        NoAction(NOTHING_NEEDED),
+    ),
+    "excess but no interface holds a free address": Case(
+        PoolCounts(available=20, used=2),
+        (eni(0, ips=10), eni(1, ips=10)),
+        NoAction(NOTHING_RELEASABLE),
+        spec=replace(SPEC, release_excess=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_plan(case: Case) -> None:
+    spec = replace(case.spec, watermarks=replace(case.spec.watermarks, **case.watermarks))
+    action = plan(spec, case.counts, case.interfaces, case.limits, case.subnets)
+    if isinstance(case.expected, NoAction):
+        assert isinstance(action, NoAction), action
+        assert action.reason == case.expected.reason
+    else:
+        assert action == case.expected
+
+
+def test_at_capacity_detail_names_the_27_usable_addresses_of_an_m5_large() -> None:
+    assert M5_LARGE.capacity() == 27
+    action = plan(
+        SPEC, PoolCounts(27, 25), (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)), M5_LARGE, [NODE_SUBNET]
+    )
+    assert action == NoAction(AT_CAPACITY, "27 usable addresses, all attached")
+
+
+def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
+    """Cilium's scenario end to end: pods arrive one by one, the worker runs every action."""
+    interfaces = {0: eni(0)}
+    counts = PoolCounts(0, 0)
+
+    def run_worker() -> Action:
+        nonlocal counts
+        while isinstance(
+            action := plan(SPEC, counts, list(interfaces.values()), M5_LARGE, [NODE_SUBNET]), AllocationAction
+        ):
+            held = interfaces[action.device_index].ipv4_addresses if not action.creates_interface else 1
+            interfaces[action.device_index] = eni(action.device_index, ips=held + action.count)
+            counts = replace(counts, available=counts.available + action.count)
+        return action
+
+    for _ in range(25):
+        run_worker()
+        assert counts.available > counts.used, "a pod found no free address"
+        counts = replace(counts, used=counts.used + 1)
+    assert counts == PoolCounts(available=27, used=25)
+    assert [i.ipv4_addresses for i in interfaces.values()] == [10, 10, 10]
+    assert run_worker() == NoAction(AT_CAPACITY, "27 usable addresses, all attached")
+
+
+def test_unknown_limits_are_refused_not_planned_as_zero() -> None:
+    with pytest.raises(ValueError, match="limits"):
+        plan(SPEC, PoolCounts(0, 0), [eni(0)], InstanceLimits(0, 0), [NODE_SUBNET])
+
+
+@pytest.mark.parametrize(
+    ("first_index", "interfaces", "expected"),
+    [
+        (0, (eni(0),), InterfaceStats(interface_candidates=1, empty_interface_slots=2)),
+        (0, (eni(0, ips=10), eni(1, ips=10), eni(2, ips=4)), InterfaceStats(1, 0)),
+        (1, (eni(0),), InterfaceStats(0, 2)),
+        (1, (eni(0), eni(2, ips=10)), InterfaceStats(0, 1)),
+    ],
+)
+def test_interface_stats(
+    first_index: int, interfaces: tuple[InterfaceState, ...], expected: InterfaceStats
+) -> None:
+    stats = interface_stats(replace(SPEC, first_interface_index=first_index), interfaces, M5_LARGE)
+    assert stats == expected
+    assert stats.remaining_interfaces == expected.interface_candidates + expected.empty_interface_slots
+
+
+def test_watermark_defaults_are_cilium_s() -> None:
+    assert NodeSpec().watermarks == Watermarks(
+        pre_allocate=8, min_allocate=0, max_allocate=0, max_above_watermark=0
+    )
+
+
+def test_planner_imports_no_io_library() -> None:
+    code = (
+        "import sys, services.cloudworker.planner; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'redis', 'boto3', 'botocore'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
