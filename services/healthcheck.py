@@ -1,0 +1,36 @@
+"""`python -m services.healthcheck HOST:PORT`: exits 0 when the gRPC health service says SERVING.
+
+Used by docker-compose health checks and by the native cluster alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("address", help="host:port of a gRPC server with grpc.health.v1")
+    parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
+    parser.add_argument("--timeout", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}", file=sys.stderr)
+        return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    if not serving:
+        print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", file=sys.stderr)
+    return 0 if serving else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
