@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 class NodeView:
     record: NodeRecord
     stats: NodeStats
+    reservations: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +223,7 @@ class AllocatorService:
             max_interfaces=record.max_interfaces, ipv4_per_interface=record.ipv4_per_interface,
             first_interface_index=record.first_interface_index,
         )
-        return NodeView(record, stats)
+        return NodeView(record, stats, await self.store.reservations(name, pool))
 
     async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
         names = list(names) if names is not None else await self.store.node_names()

@@ -156,6 +156,7 @@ def node_settings(spec: npb.NodeSpec) -> NodeSettings:
 
 def node_message(view: NodeView) -> npb.Node:
     r, s = view.record, view.stats
+    now_ms = int(time.time() * 1000)
     spec = npb.NodeSpec.FromString(r.spec)
     if not spec.pre_allocate_set and not spec.pre_allocate:
         spec.pre_allocate = DEFAULT_PRE_ALLOCATE
@@ -170,7 +171,13 @@ def node_message(view: NodeView) -> npb.Node:
         ),
         pools=r.pools, vpc_cidrs=r.vpc_cidrs, max_interfaces=r.max_interfaces,
         ipv4_per_interface=r.ipv4_per_interface,
+        reservations=[npb.Reservation(id=rid, ips=_list(v.get("ips")), age_ms=max(now_ms - int(v.get("ms", now_ms)), 0))
+                      for rid, v in view.reservations.items()],
     )
+
+
+def _list(value: Any) -> list[str]:
+    return list(value) if isinstance(value, list) else []  # cjson writes an empty list as {}
 
 
 def _watermark_order(node: npb.Node) -> tuple[int, int, str]:

@@ -7,7 +7,7 @@ if not raw then return fail('RESERVATION_NOT_FOUND') end
 local restored = {}
 for _, ip in ipairs(cjson.decode(raw).ips) do
   local f = family_of(ip)
-  if redis.call('HDEL', K_RESERVED[f], ip) == 1 then
+  if redis.call('HDEL', K_RESERVED[f], ip) == 1 and redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then
     redis.call('ZADD', K_FREE[f], 0, ip)
     restored[#restored + 1] = ip
   end

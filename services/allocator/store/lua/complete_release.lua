@@ -19,7 +19,7 @@ for _, ip in ipairs(r.ips) do
   if gone[ip] then
     redis.call('HDEL', K_ADDRS[f], ip)
     released[#released + 1] = ip
-  else
+  elseif redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then  -- still attached: back to the pool
     redis.call('ZADD', K_FREE[f], 0, ip)
     restored[#restored + 1] = ip
   end

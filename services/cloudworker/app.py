@@ -1,0 +1,192 @@
+"""Wiring of the worker: events in, pool maintenance out, plus the periodic resync and the
+leaked-interface collector. Runs until SIGTERM/SIGINT; a node being maintained is finished."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from clients.client import AsyncIpamClient, IpamClientError
+from services.allocator.app import split_host_port
+from services.allocator.store import keys
+from services.allocator.store.redis_store import RedisClient, RedisStore
+
+from .maintainer import CLOUD_POOL, NodeMaintainer
+from .metrics import WorkerMetrics
+from .providers.aws import build_aws_provider
+from .providers.base import CloudProvider
+from .queue import Delivery, RedisStreamSource
+from .settings import WorkerSettings
+
+log = logging.getLogger("ipam.cloudworker")
+
+
+class Worker:
+    """Consumes pool events and runs the periodic jobs, one node at a time across all workers."""
+
+    def __init__(self, settings: WorkerSettings, redis: RedisClient, source: RedisStreamSource,
+                 maintainer: NodeMaintainer, provider: CloudProvider, allocator: AsyncIpamClient,
+                 metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.source = source
+        self.maintainer = maintainer
+        self.provider = provider
+        self.allocator = allocator
+        self.metrics = metrics
+        self._slots = asyncio.Semaphore(settings.parallel_nodes)
+        self._running: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+
+    async def maintain_node(self, node: str, *, settle: bool = False) -> None:
+        """Maintains `node` holding its lock, so no two workers work on one node at once."""
+        lock = self.redis.lock(f"{keys.node_prefix(node)}:worklock", timeout=self.settings.node_lock_seconds,
+                               blocking_timeout=self.settings.node_lock_seconds)
+        if not await lock.acquire():
+            raise TimeoutError(f"node {node} stayed locked by another worker")
+        try:
+            async def renew() -> None:
+                await lock.reacquire()
+
+            outcome = await self.maintainer.maintain(node, settle_reservations=settle, on_round=renew)
+            if outcome.actions:
+                log.info("node %s: %s (%s; %.0f ms, %.0f ms in the cloud)", node, "; ".join(outcome.actions),
+                         outcome.reason or "done", outcome.seconds * 1000, outcome.cloud_seconds * 1000)
+        finally:
+            with contextlib.suppress(Exception):
+                await lock.release()
+
+    async def handle(self, delivery: Delivery) -> None:
+        event = delivery.event
+        self.metrics.queue_lag.observe(max(time.time() - event.published_at_ms / 1000, 0.0))
+        if (event.pool or CLOUD_POOL) != CLOUD_POOL:
+            await self.source.ack(delivery)  # only the default pool is filled from the cloud
+            self.metrics.events.labels("ignored").inc()
+            return
+        await self.source.take(delivery)
+        try:
+            await self.maintain_node(event.node)
+        except IpamClientError as exc:
+            if exc.reason == "NODE_NOT_FOUND":
+                await self.source.ack(delivery)
+                self.metrics.events.labels("node-gone").inc()
+                return
+            log.warning("node %s: allocator call failed (%s); the event will be retried", event.node, exc)
+            self.metrics.events.labels("failed").inc()
+            return
+        except Exception as exc:  # noqa: BLE001 - left pending: claimed again, dead-lettered after N tries
+            log.warning("node %s: maintenance failed (%s: %s); the event will be retried", event.node,
+                        type(exc).__name__, exc)
+            self.metrics.events.labels("failed").inc()
+            return
+        await self.source.ack(delivery)
+        self.metrics.events.labels("done").inc()
+
+    async def consume(self) -> None:
+        await self.source.start()
+        while not self.stopping.is_set():
+            try:
+                deliveries = await self.source.fetch(self.settings.parallel_nodes, block_ms=1000)
+            except Exception as exc:  # noqa: BLE001 - Redis away: retry until it is back
+                log.warning("reading events failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for delivery in deliveries:
+                await self._slots.acquire()
+                task = asyncio.create_task(self.handle(delivery))
+                self._running.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def resync_once(self) -> None:
+        """Every node, biggest deficit first: reconciled with the cloud, deficits and excess attended."""
+        nodes = await self.allocator.list_nodes(order_by_watermark=True)
+        self.metrics.nodes.labels("total").set(len(nodes))
+        self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ips > 0))
+        self.metrics.nodes.labels("at-capacity").set(sum(1 for n in nodes if n.stats.deficit_reason == "at-capacity"))
+        for node in nodes:
+            if self.stopping.is_set():
+                return
+            async with self._slots:
+                try:
+                    await self.maintain_node(node.spec.name, settle=True)
+                except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
+                    log.warning("resync of node %s failed: %s", node.spec.name, exc)
+        self.metrics.resync_total.inc()
+
+    async def collect_leaked_interfaces(self) -> int:
+        leaked = await asyncio.to_thread(self.provider.list_leaked_interfaces,
+                                         self.settings.leaked_interface_grace_seconds)
+        for interface in leaked[:25]:
+            if await asyncio.to_thread(self.provider.delete_interface, interface.id):
+                log.info("deleted leaked interface %s (%s)", interface.id, dict(interface.tags))
+                self.metrics.leaked_interfaces_deleted.inc()
+        return len(leaked)
+
+    async def every(self, seconds: float, job: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                await getattr(self, job)()
+            except Exception as exc:  # noqa: BLE001 - periodic jobs keep going
+                log.warning("%s failed: %s", job, exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def trim_events(self) -> None:
+        await self.source.trim()
+
+    async def drain(self, timeout: float) -> None:
+        if self._running:
+            await asyncio.wait(self._running, timeout=timeout)
+
+
+async def run(settings: WorkerSettings) -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    if settings.metrics_address:
+        host, port = split_host_port(settings.metrics_address)
+        start_http_server(port, addr=host, registry=registry)
+    provider = build_aws_provider(
+        cluster=settings.cluster_name, region=settings.aws_region, endpoint_url=settings.ec2_endpoint_url or None,
+        access_key_id=settings.aws_access_key_id.get_secret_value() or None,
+        secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
+        qps=settings.ec2_qps, burst=settings.ec2_burst, observer=metrics.ec2,
+    )
+    redis = RedisStore.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
+    allocator = AsyncIpamClient(settings.grpc_address, token=settings.admin_token.get_secret_value() or None,
+                                timeout=10.0, tls=bool(settings.tls_ca_file), tls_ca=settings.tls_ca_file or None)
+    source = RedisStreamSource(redis, group=settings.consumer_group, consumer=settings.consumer_name,
+                               max_deliveries=settings.max_deliveries,
+                               claim_idle_ms=int(settings.claim_idle_seconds * 1000))
+    maintainer = NodeMaintainer(provider, allocator, metrics,
+                                stale_reservation_seconds=settings.stale_reservation_seconds)
+    worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    tasks = [
+        asyncio.create_task(worker.consume()),
+        asyncio.create_task(worker.every(settings.resync_interval_seconds, "resync_once")),
+        asyncio.create_task(worker.every(settings.gc_interval_seconds, "collect_leaked_interfaces")),
+        asyncio.create_task(worker.every(30.0, "trim_events")),
+    ]
+    log.info("worker %s consuming %s for the allocator at %s (EC2 %s, %.1f qps, burst %d)", settings.consumer_name,
+             keys.EVENTS_STREAM, settings.grpc_address, settings.ec2_endpoint_url or "AWS", settings.ec2_qps,
+             settings.ec2_burst)
+    await worker.stopping.wait()
+    log.info("worker stopping: finishing the nodes in progress")
+    await worker.drain(timeout=30.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await allocator.close()
+    await redis.aclose()

@@ -1,0 +1,281 @@
+"""Per-node pool maintenance (seed `MaintainIPPool`): make the cloud and the allocator agree, then
+plan one step at a time until the pool is at its watermark, the node is full, or nothing can be
+done. Each round reads the truth again, so a duplicate event or a crash part-way never assigns
+addresses twice: what is already attached is found and handed to the allocator first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from clients.client import AsyncIpamClient, IpamClientError
+from ipam.v1 import nodes_pb2 as npb
+from services.allocator.domain.model import Family
+from services.allocator.domain.pool_math import PoolCounts, Watermarks
+
+from . import planner
+from .metrics import WorkerMetrics
+from .model import Instance, InstanceLimits, NetworkInterface
+from .providers.base import CloudProvider
+from .providers.errors import LimitExceeded, ProviderError, SubnetFull
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_ROUNDS = 12
+CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
+
+
+@dataclass
+class Outcome:
+    """What one maintenance did."""
+
+    node: str
+    assigned: int = 0
+    released: int = 0
+    interfaces_created: int = 0
+    reason: str = ""                 # the planner's last NoAction reason
+    cloud_seconds: float = 0.0       # time spent in cloud calls
+    seconds: float = 0.0             # total time
+    actions: list[str] = field(default_factory=list)
+
+
+def _interface_message(interface: NetworkInterface) -> npb.Interface:
+    return npb.Interface(
+        id=interface.id, mac=interface.mac, device_index=interface.device_index, subnet_id=interface.subnet_id,
+        subnet_cidr=interface.subnet_cidr, gateway_ip=interface.gateway_ip, primary_ip=interface.primary_ip,
+        addresses=[*interface.ipv4, *interface.ipv6], security_group_ids=list(interface.security_group_ids),
+    )
+
+
+def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
+    return planner.NodeSpec(
+        watermarks=Watermarks(spec.pre_allocate, spec.min_allocate, spec.max_allocate, spec.max_above_watermark),
+        first_interface_index=spec.first_interface_index,
+        subnet_ids=tuple(spec.subnet_ids),
+        subnet_tags=dict(spec.subnet_tags),
+        security_group_ids=tuple(spec.security_group_ids) or instance.security_group_ids,
+        vpc_id=spec.vpc_id or instance.vpc_id,
+        availability_zone=spec.availability_zone or instance.availability_zone,
+        release_excess=spec.release_excess,
+    )
+
+
+class NodeMaintainer:
+    """Brings one node's pool to its watermark against the cloud."""
+
+    def __init__(self, provider: CloudProvider, allocator: AsyncIpamClient, metrics: WorkerMetrics, *,
+                 stale_reservation_seconds: float) -> None:
+        self.provider = provider
+        self.allocator = allocator
+        self.metrics = metrics
+        self.stale_reservation_ms = int(stale_reservation_seconds * 1000)
+        self._instances: dict[str, Instance] = {}
+        self._vpc_cidrs: dict[str, list[str]] = {}
+
+    async def _cloud(self, outcome: Outcome, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        finally:
+            outcome.cloud_seconds += time.perf_counter() - started
+
+    async def maintain(self, name: str, *, settle_reservations: bool = False,
+                       on_round: Callable[[], Any] | None = None) -> Outcome:
+        """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError."""
+        started = time.perf_counter()
+        outcome = Outcome(name)
+        node = await self.allocator.get_node(name, CLOUD_POOL)
+        spec = node.spec
+        if not spec.instance_id or not spec.instance_type:
+            outcome.reason = "no-instance"
+            return outcome
+        limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
+        instance = self._instances.get(spec.instance_id) or await self._cloud(
+            outcome, self.provider.describe_instance, spec.instance_id)
+        self._instances[spec.instance_id] = instance
+        if instance.vpc_id not in self._vpc_cidrs:
+            self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
+        cidrs = self._vpc_cidrs[instance.vpc_id]
+        pspec = planner_spec(spec, instance)
+        full_subnets: set[str] = set()
+
+        for _ in range(MAX_ROUNDS):
+            if on_round is not None:
+                await on_round()
+            interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
+            node = await self._reconcile(node, interfaces, limits, cidrs, settle_reservations)
+            settle_reservations = False
+            if spec.ipv6_enabled and node.stats.needed_ipv6 > 0 and await self._assign_ipv6(node, interfaces, outcome):
+                node = await self.allocator.get_node(name, CLOUD_POOL)
+                continue
+            action = await self._plan(node, pspec, interfaces, limits, instance, full_subnets, outcome)
+            try:
+                if isinstance(action, planner.AllocationAction):
+                    await self._allocate(node, instance, cidrs, action, outcome)
+                elif isinstance(action, planner.ReleaseAction):
+                    if not await self._release(node, action, outcome):
+                        outcome.reason = planner.NOTHING_RELEASABLE
+                        break
+                else:
+                    outcome.reason = action.reason
+                    break
+            except SubnetFull as exc:
+                subnet = getattr(action, "subnet_id", "")
+                log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
+                full_subnets.add(subnet)
+            except LimitExceeded as exc:
+                log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
+            node = await self.allocator.get_node(name, CLOUD_POOL)
+
+        await self._report_reason(node, outcome.reason)
+        outcome.seconds = time.perf_counter() - started
+        if outcome.assigned:
+            self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
+        return outcome
+
+    async def _plan(self, node: npb.Node, pspec: planner.NodeSpec, interfaces: list[NetworkInterface],
+                    limits: InstanceLimits, instance: Instance, full_subnets: set[str],
+                    outcome: Outcome) -> planner.Action:
+        counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
+        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4)
+        states = [planner.InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
+                  for i in interfaces if i.device_index >= 0]
+        subnets = await self._cloud(outcome, self.provider.list_subnets, instance.vpc_id, instance.availability_zone)
+        for subnet in subnets:
+            self.metrics.available_ips_per_subnet.labels(subnet.id, subnet.availability_zone).set(subnet.free_addresses)
+        usable = [s for s in subnets if s.id not in full_subnets]
+        return planner.plan(pspec, counts, states, limits, usable)
+
+    async def _reconcile(self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits,
+                         cidrs: list[str], settle_reservations: bool) -> npb.Node:
+        """Makes the allocator's pool match what the cloud holds; returns the node read afterwards."""
+        name, first = node.spec.name, node.spec.first_interface_index
+        known = {ip for i in node.interfaces for ip in i.addresses}
+        in_cloud: set[str] = set()
+        for interface in interfaces:
+            if interface.device_index < first:
+                continue  # interfaces below first_interface_index are not the pool's
+            held = [*interface.ipv4, *interface.ipv6]
+            in_cloud.update(held)
+            missing = [ip for ip in held if ip not in known]
+            if missing or interface.id not in {i.id for i in node.interfaces}:
+                await self.allocator.add_addresses(npb.AddAddressesRequest(
+                    node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=missing,
+                    vpc_cidrs=cidrs, max_interfaces=limits.max_interfaces, ipv4_per_interface=limits.ipv4_per_interface))
+                if missing:
+                    log.info("node %s: %d address(es) on %s found in the cloud, added to the pool", name,
+                             len(missing), interface.id)
+        reserved = {ip for r in node.reservations for ip in r.ips}
+        gone = sorted(known - in_cloud - reserved)
+        if gone:
+            reply = await self.allocator.remove_addresses(npb.RemoveAddressesRequest(node=name, pool=CLOUD_POOL, ips=gone))
+            if reply.still_allocated:
+                log.warning("node %s: %s allocated but gone from the cloud", name, ", ".join(reply.still_allocated))
+        if settle_reservations:
+            await self._settle_reservations(node, in_cloud)
+        await self.allocator.set_interfaces(npb.SetInterfacesRequest(
+            node=name, interfaces=[_interface_message(i) for i in interfaces if i.device_index >= first],
+            vpc_cidrs=cidrs, max_interfaces=limits.max_interfaces, ipv4_per_interface=limits.ipv4_per_interface,
+            deficit_reason=node.stats.deficit_reason))
+        return await self.allocator.get_node(name, CLOUD_POOL)
+
+    async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> None:
+        """A reservation left by a crashed worker: what the cloud no longer holds leaves the pool,
+        the rest returns to it."""
+        for reservation in node.reservations:
+            if reservation.age_ms < self.stale_reservation_ms:
+                continue
+            gone = [ip for ip in reservation.ips if ip not in in_cloud]
+            if gone:
+                await self.allocator.complete_release(npb.CompleteReleaseRequest(
+                    node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id, ips=gone))
+            else:
+                await self.allocator.abort_release(npb.AbortReleaseRequest(
+                    node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id))
+            log.info("node %s: settled stale reservation %s (%d unassigned)", node.spec.name, reservation.id, len(gone))
+
+    async def _allocate(self, node: npb.Node, instance: Instance, cidrs: list[str],
+                        action: planner.AllocationAction, outcome: Outcome) -> None:
+        name = node.spec.name
+        kind = "create" if action.creates_interface else "allocate"
+        started = time.perf_counter()
+        status = "error"
+        try:
+            if action.creates_interface:
+                interface = await self._cloud(
+                    outcome, self.provider.create_interface, instance_id=instance.id, node=name,
+                    subnet_id=action.subnet_id, security_group_ids=action.security_group_ids,
+                    device_index=action.device_index, ipv4_count=action.count)
+                added = list(interface.ipv4)
+                outcome.interfaces_created += 1
+            else:
+                change = await self._cloud(outcome, self.provider.assign_addresses, action.interface_id, action.count)
+                interface, added = change.interface, list(change.addresses)
+            await self.allocator.add_addresses(npb.AddAddressesRequest(
+                node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=added,
+                vpc_cidrs=cidrs))
+            status = "success"
+            outcome.assigned += len(added)
+            outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
+            self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
+        except ProviderError:
+            self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
+            raise
+        finally:
+            if action.creates_interface:
+                self.metrics.interface_creation_ops.labels(action.subnet_id, status).inc()
+            self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
+
+    async def _release(self, node: npb.Node, action: planner.ReleaseAction, outcome: Outcome) -> bool:
+        """The handshake: reserve (never handed out again) -> unassign -> complete; abort on failure."""
+        name = node.spec.name
+        reply = await self.allocator.reserve_for_release(npb.ReserveForReleaseRequest(
+            node=name, pool=CLOUD_POOL, interface_id=action.interface_id, count=action.count))
+        if not reply.ips:
+            return False
+        started = time.perf_counter()
+        try:
+            change = await self._cloud(outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips))
+        except BaseException:
+            await self.allocator.abort_release(npb.AbortReleaseRequest(
+                node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id))
+            self.metrics.release_ops.labels(action.subnet_id, "error").inc()
+            raise
+        done = await self.allocator.complete_release(npb.CompleteReleaseRequest(
+            node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id, ips=list(change.addresses)))
+        outcome.released += len(done.released_ips)
+        outcome.actions.append(f"release {len(done.released_ips)} from {action.interface_id}")
+        self.metrics.release_ops.labels(action.subnet_id, "success").inc(len(done.released_ips))
+        self.metrics.action_duration.labels("release", "success", action.subnet_id).observe(time.perf_counter() - started)
+        return bool(done.released_ips)
+
+    async def _assign_ipv6(self, node: npb.Node, interfaces: list[NetworkInterface], outcome: Outcome) -> bool:
+        usable = [i for i in interfaces if i.device_index >= node.spec.first_interface_index]
+        if not usable:
+            return False
+        change = await self._cloud(outcome, self.provider.assign_addresses, usable[0].id,
+                                   int(node.stats.needed_ipv6), Family.IPV6)
+        await self.allocator.add_addresses(npb.AddAddressesRequest(
+            node=node.spec.name, pool=CLOUD_POOL, interface=_interface_message(change.interface),
+            ips=list(change.addresses)))
+        outcome.assigned += len(change.addresses)
+        return bool(change.addresses)
+
+    async def _report_reason(self, node: npb.Node, reason: str) -> None:
+        """Tells the allocator why a deficit stays (so callers fail fast with that reason)."""
+        blocking = reason if reason in (planner.AT_CAPACITY, planner.SUBNET_FULL, planner.MAX_ALLOCATE) else ""
+        if blocking != node.stats.deficit_reason:
+            try:
+                await self.allocator.set_interfaces(npb.SetInterfacesRequest(
+                    node=node.spec.name, interfaces=list(node.interfaces), vpc_cidrs=list(node.vpc_cidrs),
+                    max_interfaces=node.max_interfaces, ipv4_per_interface=node.ipv4_per_interface,
+                    deficit_reason=blocking))
+            except IpamClientError as exc:
+                log.warning("node %s: could not record deficit reason: %s", node.spec.name, exc)
+
+

@@ -1,0 +1,137 @@
+"""The events queue, consumer side: a consumer group on the allocator's Redis Stream.
+
+XREADGROUP hands each event to one worker; it is acknowledged (XACK) only after the node was
+maintained, so a worker that dies leaves it pending and another claims it (XAUTOCLAIM) once idle.
+An event delivered `max_deliveries` times goes to a dead-letter stream instead of looping forever.
+Trimming removes only entries every consumer has acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from ipam.v1 import events_pb2
+from services.allocator.store import keys
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_STREAM = "ipam:events:dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event handed to this worker."""
+
+    entry_id: str
+    event: events_pb2.PoolEvent
+    deliveries: int = 1
+
+
+class EventSource(Protocol):
+    async def start(self) -> None: ...
+    async def fetch(self, count: int, block_ms: int) -> list[Delivery]: ...
+    async def ack(self, delivery: Delivery) -> None: ...
+    async def trim(self) -> int: ...
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisStreamSource:
+    """A consumer of `ipam:events` in a consumer group."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, group: str, consumer: str, max_deliveries: int,
+                 claim_idle_ms: int, stream: str = keys.EVENTS_STREAM) -> None:
+        self.client = client
+        self.group = group
+        self.consumer = consumer
+        self.max_deliveries = max_deliveries
+        self.claim_idle_ms = claim_idle_ms
+        self.stream = stream
+        self._backlog = True  # first read our own pending entries (a restart after a crash)
+
+    async def start(self) -> None:
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def fetch(self, count: int, block_ms: int) -> list[Delivery]:
+        """Own pending entries first, then entries idle at dead consumers, then new ones."""
+        if self._backlog:
+            entries = await self._read("0", count, None)
+            if entries:
+                return await self._deliveries(entries, redelivered=True)
+            self._backlog = False
+        claimed = await self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
+                                               start_id="0-0", count=count)
+        if claimed and claimed[1]:
+            return await self._deliveries(claimed[1], redelivered=True)
+        return await self._deliveries(await self._read(">", count, block_ms), redelivered=False)
+
+    async def _read(self, start: str, count: int, block_ms: int | None) -> list[Any]:
+        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        # [[stream, [(id, fields), ...]]]; one stream here.
+        return list(reply[0][1]) if reply else []
+
+    async def _deliveries(self, entries: list[Any], *, redelivered: bool) -> list[Delivery]:
+        out: list[Delivery] = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted meanwhile: nothing to do but acknowledge
+                await self.client.xack(self.stream, self.group, entry_id)
+                continue
+            deliveries = await self._delivery_count(entry_id) if redelivered else 1
+            event = events_pb2.PoolEvent.FromString(fields[b"event"])
+            delivery = Delivery(_text(entry_id), event, deliveries)
+            if deliveries > self.max_deliveries:
+                await self.dead_letter(delivery, fields)
+                continue
+            out.append(delivery)
+        return out
+
+    async def _delivery_count(self, entry_id: Any) -> int:
+        pending = await self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    async def dead_letter(self, delivery: Delivery, fields: dict[bytes, bytes]) -> None:
+        log.error("event %s for node %s failed %d times: moved to %s", delivery.entry_id, delivery.event.node,
+                  delivery.deliveries - 1, DEAD_LETTER_STREAM)
+        await self.client.xadd(DEAD_LETTER_STREAM, {**fields, b"entry_id": delivery.entry_id.encode(),
+                                                    b"deliveries": str(delivery.deliveries - 1).encode()},
+                               maxlen=10_000, approximate=True)
+        await self.client.xack(self.stream, self.group, delivery.entry_id)
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self.client.xack(self.stream, self.group, delivery.entry_id)
+
+    async def take(self, delivery: Delivery) -> None:
+        """Clears the allocator's coalescing marker: a change from now on publishes a new event."""
+        await self.client.delete(keys.pending_event_key(delivery.event.node, delivery.event.pool))
+
+    async def trim(self) -> int:
+        """Drops entries older than both the oldest pending one and the group's last delivered one."""
+        groups = await self.client.xinfo_groups(self.stream)
+        floor: str | None = None
+        for group in groups:
+            last = _text(group.get("last-delivered-id", "0-0"))
+            floor = last if floor is None or _stream_id(last) < _stream_id(floor) else floor
+            summary = await self.client.xpending(self.stream, _text(group["name"]))
+            if summary and summary.get("pending"):
+                oldest = _text(summary["min"])
+                floor = oldest if _stream_id(oldest) < _stream_id(floor) else floor
+        if floor is None or floor == "0-0":
+            return 0
+        return int(await self.client.xtrim(self.stream, minid=floor))
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
