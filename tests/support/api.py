@@ -63,8 +63,8 @@ class Api:
 
     def create_node(self, name: str | None = None, **spec: object) -> str:
         name = name or f"node-{uuid.uuid4().hex[:10]}"
-        self.nodes.CreateNode(npb.CreateNodeRequest(spec=npb.NodeSpec(name=name, instance_type="m5.large", **spec)),
-                              timeout=5)
+        spec.setdefault("instance_type", "m5.large")
+        self.nodes.CreateNode(npb.CreateNodeRequest(spec=npb.NodeSpec(name=name, **spec)), timeout=5)
         return name
 
     def seed(self, node: str, v4: int = 0, v6: int = 0, pool: str = "", *, base: str = "10.20.0.0",

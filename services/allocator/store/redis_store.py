@@ -15,6 +15,8 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, ResponseError
@@ -176,8 +178,12 @@ class RedisStore:
     @staticmethod
     def connect(url: str, *, cluster: bool, timeout_s: float, max_connections: int) -> RedisClient:
         """A client for one Redis or a Redis Cluster; timeouts bound every call (no hangs)."""
+        # A connection found broken (Redis restarted) is retried once on a fresh one. Timeouts are
+        # not retried: the command may still run. A script cut off after it ran is the one case a
+        # retry repeats; callers that need exactly-once use an idempotency key.
         options: dict[str, Any] = dict(
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         if cluster:
             return RedisCluster.from_url(url, max_connections=max_connections, **options)
@@ -306,27 +312,31 @@ class RedisStore:
         result = await self._run("pool_state", node, pool)
         return _pool_state(result["state"])
 
-    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str]]:
-        """Allocated addresses (ip -> owner) per family; excluded ones under "<owner> (excluded)"."""
+    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
+        """Allocated addresses (ip -> owner) per family, excluded ones under "<owner> (excluded)",
+        and the free addresses per family."""
         await self.pool_state(node, pool)  # NOT_FOUND for an unknown node or pool
 
         async def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for name in ("alloc:4", "alloc:6", "excluded", "addrs:4", "addrs:6"):
-                pipe.hgetall(keys.pool_key(node, pool, name))
+            for name in ("alloc:4", "alloc:6", "excluded", "addrs:4", "addrs:6", "free:4", "free:6"):
+                if name.startswith("free"):
+                    pipe.zrange(keys.pool_key(node, pool, name), 0, -1)
+                else:
+                    pipe.hgetall(keys.pool_key(node, pool, name))
             return await pipe.execute()
 
-        alloc4, alloc6, excluded, addrs4, addrs6 = await self._call(read)
-        result: tuple[dict[str, str], dict[str, str]] = ({}, {})
+        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6 = await self._call(read)
+        allocated: tuple[dict[str, str], dict[str, str]] = ({}, {})
         for index, (alloc, addrs) in enumerate(((alloc4, addrs4), (alloc6, addrs6))):
-            out = result[index]
+            out = allocated[index]
             for ip, value in alloc.items():
                 out[_text(ip)] = _text(value).split("\t", 1)[0]
             for ip, owner in excluded.items():
                 ip_s = _text(ip)
                 if ip in addrs and ip_s not in out:
                     out[ip_s] = f"{_text(owner)} (excluded)"
-        return result
+        return allocated[0], allocated[1], [_text(i) for i in free4], [_text(i) for i in free6]
 
     async def node_names(self) -> list[str]:
         return sorted(_text(n) for n in await self._call(lambda: self.client.smembers(keys.NODES_KEY)))

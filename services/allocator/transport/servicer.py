@@ -125,8 +125,10 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     @rpc
     async def Dump(self, request: pb.DumpRequest, context: grpc.aio.ServicerContext) -> pb.DumpResponse:
-        v4, v6 = await self.service.dump(request.node, request.pool)
-        return pb.DumpResponse(ipv4=v4, ipv6=v6, status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated")
+        v4, v6, free4, free6 = await self.service.dump(request.node, request.pool)
+        return pb.DumpResponse(ipv4=v4, ipv6=v6, free_ipv4=free4, free_ipv6=free6,
+                               status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated, "
+                                      f"{len(free4)} IPv4 and {len(free6)} IPv6 free")
 
     @rpc
     async def DebugStatus(self, request: pb.DebugStatusRequest, context: grpc.aio.ServicerContext) -> pb.DebugStatusResponse:

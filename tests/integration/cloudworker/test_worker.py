@@ -1,0 +1,270 @@
+"""The worker end to end: real Redis, the real moto server over HTTP, the real allocator."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import redis
+from botocore.client import BaseClient
+from prometheus_client import CollectorRegistry
+
+from clients.client import AsyncIpamClient
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from services.cloudworker.maintainer import NodeMaintainer
+from services.cloudworker.metrics import WorkerMetrics
+from services.cloudworker.providers.aws import (
+    CLUSTER_TAG,
+    CREATED_AT_TAG,
+    MANAGED_BY_TAG,
+    MANAGED_BY_VALUE,
+    AwsProvider,
+    RetryPolicy,
+)
+from services.cloudworker.ratelimit import TokenBucket
+from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
+from tests.support.api import Api, reason_of
+from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, record_requests, run_instance
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+
+
+def poll(condition, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@dataclass
+class Cloud:
+    api: Api
+    ec2: BaseClient
+    network: DemoNetwork
+    allocator: AllocatorProcess
+    moto: MotoServer
+
+    def node(self, instance_type: str = "m5.large", **spec: object) -> tuple[str, str]:
+        instance_id = run_instance(self.ec2, self.network, instance_type)
+        name = self.api.create_node(instance_id=instance_id, instance_type=instance_type, **spec)
+        return name, instance_id
+
+
+def secondaries(ec2: BaseClient, instance_id: str) -> list[str]:
+    """Every secondary IPv4 address attached to the instance, as EC2 holds it."""
+    reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+    return [a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"]]
+
+
+def interfaces_of(ec2: BaseClient, instance_id: str) -> list[dict]:  # type: ignore[type-arg]
+    reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+    return sorted(reply["NetworkInterfaces"], key=lambda i: i["Attachment"]["DeviceIndex"])
+
+
+def pool_addresses(api: Api, node: str) -> set[str]:
+    """Every IPv4 address of the node's pool: allocated, excluded or free."""
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+    return set(dump.ipv4) | set(dump.free_ipv4)
+
+
+def pool_matches_ec2(api: Api, ec2: BaseClient, node: str, instance_id: str, count: int) -> bool:
+    in_ec2 = secondaries(ec2, instance_id)
+    return len(in_ec2) == count and set(in_ec2) == pool_addresses(api, node)
+
+
+@pytest.fixture(scope="module")
+def cloud(redis_server: RedisServer, moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
+    allocator = AllocatorProcess(redis_server.url).start()
+    worker = WorkerProcess(redis_server.url, allocator.address, moto_server.endpoint_url,
+                           gc_interval_seconds=1, leaked_interface_grace_seconds=60).start()
+    api = Api(allocator.address)
+    yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
+    api.close()
+    assert worker.stop() == 0, worker.log_text()[-3000:]
+    allocator.stop()
+
+
+def test_deficit_fills_to_the_watermark_then_to_the_instance_limit(cloud: Cloud) -> None:
+    api = cloud.api
+    node, instance_id = cloud.node()
+    poll(lambda: api.stats(node).available_ips == 8)
+    assert len(secondaries(cloud.ec2, instance_id)) == 8
+
+    held = []
+    for i in range(27):
+        reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"pod-{i}",
+                                                              wait_for_refill=True), timeout=30)
+        held.append(reply.ipv4.ip)
+    with pytest.raises(grpc.RpcError) as info:
+        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="one-too-many",
+                                                      wait_for_refill=True), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(info.value) == "NODE_AT_CAPACITY"
+
+    # m5.large: 3 interfaces x 10 IPv4, one primary each: 27 usable, all held, EC2 agrees exactly.
+    in_ec2 = secondaries(cloud.ec2, instance_id)
+    assert len(in_ec2) == len(set(in_ec2)) == 27
+    assert set(in_ec2) == set(held) == set(api.dump(node)[0]) == pool_addresses(api, node)
+    attached = interfaces_of(cloud.ec2, instance_id)
+    assert [i["Attachment"]["DeviceIndex"] for i in attached] == [0, 1, 2]
+    stats = api.stats(node)
+    assert (stats.used_ips, stats.available_ips, stats.deficit_reason) == (27, 27, "at-capacity")
+
+
+def test_excess_is_released_down_to_the_watermark_never_an_allocated_address(cloud: Cloud) -> None:
+    api = cloud.api
+    node, instance_id = cloud.node(release_excess=True)
+    poll(lambda: api.stats(node).available_ips == 8)
+    owners = [f"batch-{i}" for i in range(16)]
+    for owner in owners:
+        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner,
+                                                      wait_for_refill=True), timeout=30)
+    poll(lambda: api.stats(node).available_ips >= 24)
+
+    stop = threading.Event()
+    violations: list[str] = []
+
+    def churn() -> None:
+        serial = 0
+        while not stop.is_set():
+            owner = f"churn-{serial}"
+            serial += 1
+            try:
+                api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=5)
+                api.alloc.Release(pb.ReleaseRequest(node=node, owner=owner), timeout=5)
+            except grpc.RpcError:
+                pass
+
+    def check() -> None:
+        while not stop.is_set():
+            allocated = set(api.dump(node)[0])
+            attached = set(secondaries(cloud.ec2, instance_id))
+            violations.extend(sorted(allocated - attached))
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=check)]
+    for t in threads:
+        t.start()
+    for owner in owners:
+        api.alloc.Release(pb.ReleaseRequest(node=node, owner=owner), timeout=5)
+    try:
+        poll(lambda: len(secondaries(cloud.ec2, instance_id)) <= 9)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert violations == []
+    poll(lambda: pool_matches_ec2(api, cloud.ec2, node, instance_id, 8))
+    assert api.stats(node).available_ips == 8
+
+
+def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> None:
+    subnet = cloud.network.subnet_ids[1]
+
+    def create(tags: dict[str, str]) -> str:
+        spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        return cloud.ec2.create_network_interface(SubnetId=subnet, TagSpecifications=spec)["NetworkInterface"][
+            "NetworkInterfaceId"]
+
+    ours = {MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: "ipam"}
+    leaked = create({**ours, CREATED_AT_TAG: str(int(time.time()) - 3600)})
+    young = create({**ours, CREATED_AT_TAG: str(int(time.time()))})
+    foreign = create({"team": "someone-else", CREATED_AT_TAG: str(int(time.time()) - 3600)})
+    other_cluster = create({MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: "another",
+                            CREATED_AT_TAG: str(int(time.time()) - 3600)})
+
+    def exists(interface_id: str) -> bool:
+        found = cloud.ec2.describe_network_interfaces(Filters=[{"Name": "network-interface-id",
+                                                                "Values": [interface_id]}])
+        return bool(found["NetworkInterfaces"])
+
+    poll(lambda: not exists(leaked))
+    assert exists(young) and exists(foreign) and exists(other_cluster)
+
+
+def _maintainer(cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient) -> NodeMaintainer:
+    provider = AwsProvider(client, cluster="ipam", limiter=TokenBucket(100, 100),
+                           retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05))
+    return NodeMaintainer(provider, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=60)
+
+
+@pytest.fixture(scope="module")
+def quiet_cloud(moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
+    """An allocator with no worker consuming its events: the test drives the maintainer itself."""
+    with RedisServer() as own_redis, AllocatorProcess(own_redis.url) as allocator:
+        api = Api(allocator.address)
+        yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
+        api.close()
+
+
+def test_throttling_is_retried_and_a_full_subnet_is_skipped(quiet_cloud: Cloud) -> None:
+    """Faults injected at the real boundary: botocore hooks answer in EC2's place."""
+    cloud = quiet_cloud
+    subnet_a, subnet_b = cloud.network.subnet_ids[1], cloud.network.subnet_ids[2]
+    # pre_allocate 12 > the 9 free slots of eth0: the worker must also create an interface.
+    node, instance_id = cloud.node(pre_allocate=12, subnet_ids=[subnet_a, subnet_b])
+    client = ec2_client(cloud.moto.endpoint_url)
+    creations = record_requests(client, "CreateNetworkInterface")
+    throttled = Ec2Fault(client, "AssignPrivateIpAddresses", "RequestLimitExceeded", times=2, status=503)
+    full = Ec2Fault(client, "CreateNetworkInterface", "InsufficientFreeAddressesInSubnet", times=1)
+
+    async def run() -> None:
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            await _maintainer(cloud, client, allocator).maintain(node)
+
+    asyncio.run(run())
+    assert (throttled.injected, full.injected) == (2, 1)
+    assert cloud.api.stats(node).available_ips == 12
+    attached = interfaces_of(cloud.ec2, instance_id)
+    assert len(attached) == 2
+    refused_subnet = creations[0]["SubnetId"]
+    assert {refused_subnet, attached[1]["SubnetId"]} == {subnet_a, subnet_b}  # the other subnet was used
+    assert set(secondaries(cloud.ec2, instance_id)) == pool_addresses(cloud.api, node)
+
+
+def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
+        moto_server: MotoServer, demo_network: DemoNetwork) -> None:
+    ec2 = ec2_client(moto_server.endpoint_url)
+    with RedisServer() as own_redis, AllocatorProcess(own_redis.url) as allocator:
+        api = Api(allocator.address)
+        # A slow worker (an EC2 call every 2 s): it is killed right after EC2 assigned the addresses
+        # and before it told the allocator, the most dangerous moment.
+        slow = WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url,
+                             ec2_qps=0.5, ec2_burst=1).start()
+        instance_id = run_instance(ec2, demo_network, "m5.large")
+        node = api.create_node(instance_id=instance_id, instance_type="m5.large")
+        poll(lambda: secondaries(ec2, instance_id))
+        slow.kill()
+        assert api.stats(node).available_ips == 0  # the allocator never heard of them
+        with WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url) as other:
+            poll(lambda: api.stats(node).available_ips >= 8)
+            in_ec2 = secondaries(ec2, instance_id)
+            assert len(in_ec2) == 8 and set(in_ec2) == pool_addresses(api, node)
+            assert "found in the cloud, added to the pool" in other.log_text()
+        api.close()
+
+
+def test_events_pending_across_a_redis_restart_are_not_lost(moto_server: MotoServer,
+                                                            demo_network: DemoNetwork) -> None:
+    ec2 = ec2_client(moto_server.endpoint_url)
+    with RedisServer(aof=True) as own_redis:
+        allocator = AllocatorProcess(own_redis.url).start()
+        api = Api(allocator.address)
+        nodes = {api.create_node(instance_id=i, instance_type="m5.large"): i
+                 for i in (run_instance(ec2, demo_network, "m5.large") for _ in range(2))}
+        own_redis.kill()
+        own_redis.restart()
+        with WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url):
+            for node, instance_id in nodes.items():
+                poll(lambda: api.stats(node).available_ips == 8)  # noqa: B023 - polled right here
+                assert len(secondaries(ec2, instance_id)) == 8
+        api.close()
+        allocator.stop()
