@@ -1,5 +1,10 @@
-"""`python -m services.demo_seed`: registers a demo node and gives its pool addresses through the
-admin API (as the cloud worker would after attaching them). Idempotent: re-running changes nothing."""
+"""`python -m services.demo_seed`: the demo cluster's cloud and nodes.
+
+In the local EC2 (the moto server) it creates a dual-stack VPC with /20 subnets (large, since
+moto may hand out colliding addresses in small ones), a security group and instances of real
+instance types, then registers each instance as a node through the admin API. The worker fills
+their pools from the cloud. Re-running finds the demo VPC by its tag and changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +12,164 @@ import argparse
 import ipaddress
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+from botocore.client import BaseClient
 
 from clients.client import IpamClient, IpamClientError, node_spec
-from ipam.v1 import nodes_pb2
+
+DEMO_TAG = {"Key": "ipam.io/demo", "Value": "true"}
+REGION = "us-east-1"
+AVAILABILITY_ZONE = "us-east-1a"
+POD_SUBNET_TAGS = {"ipam.io/pods": "true"}
+DEMO_IMAGE_ID = "ami-12c6146b"
 
 
-def seed(client: IpamClient, node: str, addresses: int, subnet: str) -> None:
-    network = ipaddress.ip_network(subnet)
-    try:
-        client.create_node(node_spec(node, instance_id=f"i-{node}", instance_type="m5.large", pre_allocate=8))
-        print(f"created node {node}")
-    except IpamClientError as exc:
-        if exc.reason != "NODE_ALREADY_EXISTS":
-            raise
-        print(f"node {node} exists")
-    hosts = network.hosts()
-    gateway = str(next(hosts))
-    ips = [str(next(hosts)) for _ in range(addresses)]
-    interface = nodes_pb2.Interface(id=f"eni-{node}-0", mac="02:00:00:00:00:01", device_index=0,
-                                    subnet_id="subnet-demo", subnet_cidr=str(network), gateway_ip=gateway)
-    reply = client.add_addresses(nodes_pb2.AddAddressesRequest(
-        node=node, interface=interface, ips=ips, vpc_cidrs=[str(network.supernet(new_prefix=16))]))
-    print(f"node {node}: {len(reply.added_ips)} new addresses in {network}")
+@dataclass(frozen=True)
+class DemoNetwork:
+    """A VPC with /20 subnets in one zone, a security group, and running instances.
+
+    `subnet_ids[0]` is the node subnet (the instances' primary interfaces live there); the others
+    carry `POD_SUBNET_TAGS`.
+    """
+
+    vpc_id: str
+    cidr: str
+    ipv6_cidr: str
+    availability_zone: str
+    subnet_ids: tuple[str, ...]
+    security_group_id: str
+    instances: dict[str, str] = field(default_factory=dict)  # instance id -> instance type
+
+
+def create_demo_network(
+    client: BaseClient,
+    *,
+    cidr: str = "10.0.0.0/16",
+    availability_zone: str = AVAILABILITY_ZONE,
+    subnet_count: int = 3,
+    instance_types: Sequence[str] = ("m5.large", "c5.xlarge"),
+) -> DemoNetwork:
+    """Create the demo VPC (dual-stack), its /20 subnets, a security group and one instance per type."""
+    vpc = client.create_vpc(CidrBlock=cidr, AmazonProvidedIpv6CidrBlock=True)["Vpc"]
+    vpc_id = vpc["VpcId"]
+    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0][
+        "Ipv6CidrBlock"
+    ]
+    v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=20)
+    v6_blocks = ipaddress.ip_network(ipv6_cidr).subnets(new_prefix=64)
+    subnet_ids = []
+    for index in range(subnet_count):
+        tags = [{"Key": "Name", "Value": f"demo-{index}"}]
+        if index > 0:
+            tags += [{"Key": k, "Value": v} for k, v in POD_SUBNET_TAGS.items()]
+        subnet = client.create_subnet(
+            VpcId=vpc_id,
+            CidrBlock=str(next(v4_blocks)),
+            Ipv6CidrBlock=str(next(v6_blocks)),
+            AvailabilityZone=availability_zone,
+            TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
+        )["Subnet"]
+        subnet_ids.append(subnet["SubnetId"])
+    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)[
+        "GroupId"
+    ]
+    network = DemoNetwork(
+        vpc_id=vpc_id,
+        cidr=cidr,
+        ipv6_cidr=ipv6_cidr,
+        availability_zone=availability_zone,
+        subnet_ids=tuple(subnet_ids),
+        security_group_id=group_id,
+    )
+    for instance_type in instance_types:
+        instance_id = run_instance(client, network, instance_type)
+        network.instances[instance_id] = instance_type
+    return network
+
+
+def run_instance(client: BaseClient, network: DemoNetwork, instance_type: str) -> str:
+    """Run one instance of `instance_type` in the node subnet; returns its id."""
+    response: dict[str, Any] = client.run_instances(
+        ImageId=DEMO_IMAGE_ID,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType=instance_type,
+        SubnetId=network.subnet_ids[0],
+        SecurityGroupIds=[network.security_group_id],
+        Placement={"AvailabilityZone": network.availability_zone},
+    )
+    return str(response["Instances"][0]["InstanceId"])
+
+
+
+
+def find_demo_network(client: BaseClient) -> DemoNetwork | None:
+    """The demo VPC made by an earlier run, with its subnets, group and instances."""
+    vpcs = client.describe_vpcs(Filters=[{"Name": f"tag:{DEMO_TAG['Key']}", "Values": [DEMO_TAG["Value"]]}])["Vpcs"]
+    if not vpcs:
+        return None
+    vpc = vpcs[0]
+    vpc_filter = [{"Name": "vpc-id", "Values": [vpc["VpcId"]]}]
+    subnets = sorted(client.describe_subnets(Filters=vpc_filter)["Subnets"], key=lambda s: s["CidrBlock"])
+    groups = [g for g in client.describe_security_groups(Filters=vpc_filter)["SecurityGroups"]
+              if g["GroupName"] != "default"]
+    network = DemoNetwork(
+        vpc_id=vpc["VpcId"], cidr=vpc["CidrBlock"],
+        ipv6_cidr=(vpc.get("Ipv6CidrBlockAssociationSet") or [{}])[0].get("Ipv6CidrBlock", ""),
+        availability_zone=subnets[0]["AvailabilityZone"], subnet_ids=tuple(s["SubnetId"] for s in subnets),
+        security_group_id=groups[0]["GroupId"] if groups else "",
+    )
+    reservations = client.describe_instances(Filters=[*vpc_filter, {"Name": "instance-state-name",
+                                                                    "Values": ["running"]}])["Reservations"]
+    for reservation in reservations:
+        for instance in reservation["Instances"]:
+            network.instances[instance["InstanceId"]] = instance["InstanceType"]
+    return network
+
+
+def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) -> list[str]:
+    """One node per instance, named after it; existing nodes are left as they are."""
+    names = []
+    for instance_id, instance_type in sorted(network.instances.items()):
+        name = f"node-{instance_id.removeprefix('i-')[:12]}"
+        spec = node_spec(name, instance_id=instance_id, instance_type=instance_type,
+                         availability_zone=network.availability_zone, vpc_id=network.vpc_id,
+                         subnet_tags=POD_SUBNET_TAGS, pre_allocate=pre_allocate, release_excess=True)
+        try:
+            client.create_node(spec)
+            print(f"registered {name} ({instance_type}, {instance_id})")
+        except IpamClientError as exc:
+            if exc.reason != "NODE_ALREADY_EXISTS":
+                raise
+            print(f"{name} already registered")
+        names.append(name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--address", default=os.environ.get("IPAM_GRPC_ADDRESS", "127.0.0.1:50051"))
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--addresses", type=int, default=32, help="addresses per node")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", default=os.environ.get("IPAM_GRPC_ADDRESS", "127.0.0.1:50051"),
+                        help="the allocator")
+    parser.add_argument("--ec2-endpoint-url", default=os.environ.get("IPAM_EC2_ENDPOINT_URL", "http://127.0.0.1:5000"))
+    parser.add_argument("--instance-types", default="m5.large,c5.xlarge,m5.large",
+                        help="comma-separated instance types of the demo nodes")
+    parser.add_argument("--pre-allocate", type=int, default=8)
     args = parser.parse_args(argv)
-    token = os.environ.get("IPAM_ADMIN_TOKEN") or None
-    with IpamClient(args.address, token=token, timeout=10) as client:
-        for index in range(args.nodes):
-            seed(client, f"demo-node-{index + 1}", args.addresses, f"10.0.{index * 16}.0/20")
+    ec2 = boto3.session.Session().client(
+        "ec2", region_name=os.environ.get("IPAM_AWS_REGION", REGION), endpoint_url=args.ec2_endpoint_url,
+        aws_access_key_id=os.environ.get("IPAM_AWS_ACCESS_KEY_ID", "testing"),
+        aws_secret_access_key=os.environ.get("IPAM_AWS_SECRET_ACCESS_KEY", "testing"))
+    network = find_demo_network(ec2)
+    if network is None:
+        network = create_demo_network(ec2, instance_types=args.instance_types.split(","))
+        ec2.create_tags(Resources=[network.vpc_id], Tags=[DEMO_TAG])
+        print(f"created demo VPC {network.vpc_id} ({network.cidr}) with {len(network.subnet_ids)} subnets")
+    with IpamClient(args.address, token=os.environ.get("IPAM_ADMIN_TOKEN") or None, timeout=10) as client:
+        register_nodes(client, network, args.pre_allocate)
     return 0
 
 

@@ -61,6 +61,7 @@ class NativeService:
     one_shot: bool = False
     depends_on: dict[str, str] = field(default_factory=dict)
     replica_env: list[dict[str, str]] = field(default_factory=list)
+    listens: list[str] = field(default_factory=list)  # what the service serves, for the start-up summary
 
 
 class Rewriter:
@@ -137,6 +138,7 @@ def native_services(compose: dict[str, Any], *, env_file: Path, data_dir: Path,
             one_shot=str(spec.get("restart", "")) == "no", depends_on=depends,
         )
         service.replica_env = [_replica_env(env, index) for index in range(replicas)]
+        service.listens = _listens(spec, rewrite)
         result.append(service)
     return _start_order(result)
 
@@ -147,6 +149,17 @@ def read_env_file_list(entries: Any, default: Path) -> dict[str, str]:
         path = default if Path(entry).name == ".env" else ROOT / entry
         env.update(read_env_file(path))
     return env
+
+
+def _listens(spec: dict[str, Any], rewrite: Rewriter) -> list[str]:
+    """Addresses a service binds: compose's 0.0.0.0 settings and the command's port flag."""
+    out = [f"{key.removeprefix('IPAM_').removesuffix('_ADDRESS').lower()} {rewrite.text(str(value))}"
+           for key, value in (spec.get("environment") or {}).items() if str(value).startswith("0.0.0.0:")]
+    command = [str(c) for c in spec.get("command") or []]
+    for flag in _PORT_FLAGS:
+        if flag in command:
+            out.append(f"port 127.0.0.1:{rewrite.port(int(command[command.index(flag) + 1]))}")
+    return out
 
 
 def _replica_env(env: dict[str, str], index: int) -> dict[str, str]:
@@ -249,15 +262,9 @@ class NativeCluster:
         for service in self.services:
             if service.one_shot:
                 continue
-            where = []
-            for env in service.replica_env:
-                for key in ("IPAM_GRPC_ADDRESS", "IPAM_METRICS_ADDRESS", "IPAM_LISTEN_ADDRESS"):
-                    if env.get(key):
-                        where.append(f"{key.removeprefix('IPAM_').lower().replace('_address', '')} {env[key]}")
-            if "--port" in service.command:
-                where.append(f"127.0.0.1:{service.command[service.command.index('--port') + 1]}")
             pids = ",".join(str(p.pid) for p in self.processes.get(service.name, []))
-            yield f"  {service.name:<12} x{service.replicas}  {', '.join(dict.fromkeys(where))}  (pid {pids})"
+            extra = " (metrics port +10 per replica)" if service.replicas > 1 else ""
+            yield f"  {service.name:<10} x{service.replicas}  {', '.join(service.listens)}{extra}  pid {pids}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""`python -m services.healthcheck HOST:PORT`: exits 0 when the gRPC health service says SERVING.
+"""`python -m services.healthcheck HOST:PORT`: exits 0 when the gRPC health service says SERVING;
+`--http URL`: exits 0 when the URL answers 2xx (the local EC2, metrics endpoints).
 
 Used by docker-compose health checks and by the native cluster alike.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,10 +16,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("address", help="host:port of a gRPC server with grpc.health.v1")
+    parser.add_argument("address", nargs="?", help="host:port of a gRPC server with grpc.health.v1")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
+    parser.add_argument("--http", default="", help="check this URL instead")
     parser.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)
+    if args.http:
+        try:
+            with urllib.request.urlopen(args.http, timeout=args.timeout):
+                return 0
+        except OSError as exc:
+            print(f"{args.http}: {exc}", file=sys.stderr)
+            return 1
+    if not args.address:
+        parser.error("an address or --http URL is required")
     try:
         with grpc.insecure_channel(args.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(

@@ -80,6 +80,8 @@ class Api:
         return list(reply.added_ips)
 
     def node_with_pool(self, v4: int = 16, v6: int = 0, **spec: object) -> str:
+        if v6:
+            spec.setdefault("ipv6_enabled", True)
         node = self.create_node(**spec)
         self.seed(node, v4, v6)
         return node

@@ -10,7 +10,6 @@ capacity, loose answers to some calls — hence the large /20 subnets here.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import subprocess
@@ -19,8 +18,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, Self
 
@@ -29,13 +26,19 @@ from botocore.awsrequest import AWSResponse
 from botocore.client import BaseClient
 from botocore.config import Config
 
-REGION = "us-east-1"
-AVAILABILITY_ZONE = "us-east-1a"
+from services.demo_seed import (  # noqa: F401 - re-exported for the tests
+    AVAILABILITY_ZONE,
+    DEMO_IMAGE_ID,
+    POD_SUBNET_TAGS,
+    REGION,
+    DemoNetwork,
+    create_demo_network,
+    run_instance,
+)
+
 DUMMY_KEY = "testing"  # moto accepts any credentials
-POD_SUBNET_TAGS = {"ipam.io/pods": "true"}
 # moto does not check image ids unless MOTO_ENABLE_AMI_VALIDATION is set (we unset it for our
 # server); describing its catalogue of real images would cost a second.
-DEMO_IMAGE_ID = "ami-12c6146b"
 
 
 class MotoServer:
@@ -130,83 +133,6 @@ def ec2_client(endpoint_url: str, region: str = REGION) -> BaseClient:
         aws_secret_access_key=DUMMY_KEY,
         config=Config(retries={"total_max_attempts": 1}),
     )
-
-
-@dataclass(frozen=True)
-class DemoNetwork:
-    """A VPC with /20 subnets in one zone, a security group, and running instances.
-
-    `subnet_ids[0]` is the node subnet (the instances' primary interfaces live there); the others
-    carry `POD_SUBNET_TAGS`.
-    """
-
-    vpc_id: str
-    cidr: str
-    ipv6_cidr: str
-    availability_zone: str
-    subnet_ids: tuple[str, ...]
-    security_group_id: str
-    instances: dict[str, str] = field(default_factory=dict)  # instance id -> instance type
-
-
-def create_demo_network(
-    client: BaseClient,
-    *,
-    cidr: str = "10.0.0.0/16",
-    availability_zone: str = AVAILABILITY_ZONE,
-    subnet_count: int = 3,
-    instance_types: Sequence[str] = ("m5.large", "c5.xlarge"),
-) -> DemoNetwork:
-    """Create the demo VPC (dual-stack), its /20 subnets, a security group and one instance per type."""
-    vpc = client.create_vpc(CidrBlock=cidr, AmazonProvidedIpv6CidrBlock=True)["Vpc"]
-    vpc_id = vpc["VpcId"]
-    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0][
-        "Ipv6CidrBlock"
-    ]
-    v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=20)
-    v6_blocks = ipaddress.ip_network(ipv6_cidr).subnets(new_prefix=64)
-    subnet_ids = []
-    for index in range(subnet_count):
-        tags = [{"Key": "Name", "Value": f"demo-{index}"}]
-        if index > 0:
-            tags += [{"Key": k, "Value": v} for k, v in POD_SUBNET_TAGS.items()]
-        subnet = client.create_subnet(
-            VpcId=vpc_id,
-            CidrBlock=str(next(v4_blocks)),
-            Ipv6CidrBlock=str(next(v6_blocks)),
-            AvailabilityZone=availability_zone,
-            TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
-        )["Subnet"]
-        subnet_ids.append(subnet["SubnetId"])
-    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)[
-        "GroupId"
-    ]
-    network = DemoNetwork(
-        vpc_id=vpc_id,
-        cidr=cidr,
-        ipv6_cidr=ipv6_cidr,
-        availability_zone=availability_zone,
-        subnet_ids=tuple(subnet_ids),
-        security_group_id=group_id,
-    )
-    for instance_type in instance_types:
-        instance_id = run_instance(client, network, instance_type)
-        network.instances[instance_id] = instance_type
-    return network
-
-
-def run_instance(client: BaseClient, network: DemoNetwork, instance_type: str) -> str:
-    """Run one instance of `instance_type` in the node subnet; returns its id."""
-    response: dict[str, Any] = client.run_instances(
-        ImageId=DEMO_IMAGE_ID,
-        MinCount=1,
-        MaxCount=1,
-        InstanceType=instance_type,
-        SubnetId=network.subnet_ids[0],
-        SecurityGroupIds=[network.security_group_id],
-        Placement={"AvailabilityZone": network.availability_zone},
-    )
-    return str(response["Instances"][0]["InstanceId"])
 
 
 class Ec2Fault:

@@ -56,7 +56,7 @@ def test_allocate_next_dual_stack_takes_both_families(api: Api) -> None:
 
 
 def test_dual_stack_takes_nothing_when_one_family_is_empty(api: Api) -> None:
-    node = api.node_with_pool(2, 0)
+    node = api.node_with_pool(2, 0, ipv6_enabled=True)
     expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, owner="pod-c"),
                  grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
     assert api.dump(node) == ({}, {})
@@ -99,6 +99,12 @@ def test_skip_sync_upstream_publishes_nothing(api: Api, backend) -> None:  # typ
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5)
     events = _events_for(backend, node)
     assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 2)]
+
+
+def test_unspecified_family_on_an_ipv4_node_is_ipv4_only(api: Api) -> None:
+    node = api.node_with_pool(2, 2, ipv6_enabled=False)
+    reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="pod-v4"), timeout=5)
+    assert reply.ipv4.ip and not reply.HasField("ipv6")
 
 
 def test_idempotency_key_returns_the_same_addresses(api: Api) -> None:

@@ -22,10 +22,14 @@ if idem ~= '' then
   end
 end
 
+-- Dual-stack ("64") means the families enabled on the allocator and on the node.
+local families = ARGV[3]
+if string.len(families) > 1 and redis.call('HGET', K_NODE, 'v6') ~= '1' then families = '4' end
+
 -- Pick every family first, so a dual-stack call takes both addresses or none.
 local cutoff = now - COOLDOWN_MS
 local picks = {}
-for f in string.gmatch(ARGV[3], '%d') do
+for f in string.gmatch(families, '%d') do
   local r = redis.call('ZRANGEBYSCORE', K_FREE[f], '-inf', cutoff, 'LIMIT', 0, 1)
   if #r == 0 then
     local st = pool_state(now)

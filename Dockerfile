@@ -1,0 +1,14 @@
+# One image for every Python service of ipam (allocator, worker, seed, and the local EC2).
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+RUN pip install --no-cache-dir 'grpcio-tools>=1.66' \
+ && mkdir -p gen \
+ && python -m grpc_tools.protoc -Iproto --python_out=gen --pyi_out=gen --grpc_python_out=gen proto/ipam/v1/*.proto \
+ && touch gen/ipam/__init__.py gen/ipam/v1/__init__.py
+COPY services ./services
+COPY clients ./clients
+RUN pip install --no-cache-dir -e '.[dev]'
+USER nobody
+CMD ["ipam-allocator"]
