@@ -70,11 +70,7 @@ class IpamClientError(Exception):
 
     def __str__(self) -> str:
         """`RESOURCE_EXHAUSTED POOL_EMPTY: pool default of node n1 has no free IPv4 address`, on one line."""
-        head = (
-            self.code.name
-            if not self.reason or self.reason == self.code.name
-            else f"{self.code.name} {self.reason}"
-        )
+        head = self.code.name if not self.reason or self.reason == self.code.name else f"{self.code.name} {self.reason}"
         message = " ".join(self.message.split())
         return f"{head}: {message}" if message else head
 
@@ -336,9 +332,7 @@ class IpamClient(_ClientBase):
         timeout: float | None = None,
     ) -> pb.AllocationResult:
         """Allocate one specific address."""
-        request = pb.AllocateRequest(
-            node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream
-        )
+        request = pb.AllocateRequest(node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream)
         return self._call(self._allocator.Allocate, request, timeout).result
 
     def release(
@@ -355,13 +349,9 @@ class IpamClient(_ClientBase):
         request = _release_request(node, pool, ip, owner, skip_sync_upstream)
         return list(self._call(self._allocator.Release, request, timeout).released_ips)
 
-    def exclude_ip(
-        self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None
-    ) -> None:
+    def exclude_ip(self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None) -> None:
         """Take an address out of circulation."""
-        self._call(
-            self._allocator.ExcludeIP, pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner), timeout
-        )
+        self._call(self._allocator.ExcludeIP, pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner), timeout)
 
     def start_expiration_timer(
         self, node: str, ip: str, timeout_seconds: int, pool: str = "", *, timeout: float | None = None
@@ -411,9 +401,7 @@ class IpamClient(_ClientBase):
         """A node with its spec, interfaces and the stats of `pool`."""
         return self._call(self._nodes.GetNode, nodes_pb.GetNodeRequest(name=name, pool=pool), timeout)
 
-    def list_nodes(
-        self, order_by_watermark: bool = False, *, timeout: float | None = None
-    ) -> list[nodes_pb.Node]:
+    def list_nodes(self, order_by_watermark: bool = False, *, timeout: float | None = None) -> list[nodes_pb.Node]:
         """Every node; with `order_by_watermark`, biggest deficit first."""
         request = nodes_pb.ListNodesRequest(order_by_watermark=order_by_watermark)
         return list(self._call(self._nodes.ListNodes, request, timeout).nodes)
@@ -531,9 +519,7 @@ class AsyncIpamClient(_ClientBase):
         timeout: float | None = None,
     ) -> pb.AllocationResult:
         """Allocate one specific address."""
-        request = pb.AllocateRequest(
-            node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream
-        )
+        request = pb.AllocateRequest(node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream)
         return (await self._call(self._allocator.Allocate, request, timeout)).result
 
     async def release(
@@ -550,9 +536,7 @@ class AsyncIpamClient(_ClientBase):
         request = _release_request(node, pool, ip, owner, skip_sync_upstream)
         return list((await self._call(self._allocator.Release, request, timeout)).released_ips)
 
-    async def exclude_ip(
-        self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None
-    ) -> None:
+    async def exclude_ip(self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None) -> None:
         """Take an address out of circulation."""
         request = pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner)
         await self._call(self._allocator.ExcludeIP, request, timeout)

@@ -52,10 +52,7 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> st
     numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
     lines = []
     for line in cells:
-        padded = [
-            cell.rjust(w) if num else cell.ljust(w)
-            for cell, w, num in zip(line, widths, numeric, strict=True)
-        ]
+        padded = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(line, widths, numeric, strict=True)]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
 
@@ -357,13 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--pool", default="")
     allocate.add_argument("--family", choices=FAMILIES, help="default: dual (every family enabled)")
     allocate.add_argument("--ip", help="allocate this address")
-    allocate.add_argument(
-        "--expiration", type=_non_negative, metavar="SECONDS", help="start an expiration timer"
-    )
+    allocate.add_argument("--expiration", type=_non_negative, metavar="SECONDS", help="start an expiration timer")
     allocate.add_argument("--idempotency-key", help="a retry with the same key returns the same addresses")
-    allocate.add_argument(
-        "--wait", action="store_true", help="wait (within --timeout) for a refill under way"
-    )
+    allocate.add_argument("--wait", action="store_true", help="wait (within --timeout) for a refill under way")
 
     release = command(commands, "release", _release, "release an address, or every address of an owner")
     release.add_argument("node")
@@ -406,18 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--subnet-id", action="append", default=[], help="repeatable")
     create.add_argument("--subnet-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
     create.add_argument("--security-group-id", action="append", default=[], help="repeatable")
-    create.add_argument(
-        "--security-group-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE"
-    )
+    create.add_argument("--security-group-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
     create.add_argument("--first-interface-index", type=_non_negative, default=0, metavar="N")
     create.add_argument("--pre-allocate", type=_non_negative, metavar="N", help="default: the server's (8)")
     create.add_argument("--min-allocate", type=_non_negative, default=0, metavar="N")
     create.add_argument("--max-allocate", type=_non_negative, default=0, metavar="N")
     create.add_argument("--max-above-watermark", type=_non_negative, default=0, metavar="N")
     create.add_argument("--ipv6", action="store_true", help="also assign IPv6 addresses")
-    create.add_argument(
-        "--release-excess", action="store_true", help="give excess addresses back to the cloud"
-    )
+    create.add_argument("--release-excess", action="store_true", help="give excess addresses back to the cloud")
 
     delete = command(node, "delete", _node_delete, "forget a node and its pools")
     delete.add_argument("name")

@@ -1,6 +1,6 @@
 """`python -m services.demo_seed`: the demo cluster's cloud and nodes.
 
-In the local EC2 (the moto server) it creates a dual-stack VPC with /20 subnets (large, since
+In the local EC2 (the moto server) it creates a dual-stack VPC with /18 subnets (large, since
 moto may hand out colliding addresses in small ones), a security group and instances of real
 instance types, then registers each instance as a node through the admin API. The worker fills
 their pools from the cloud. Re-running finds the demo VPC by its tag and changes nothing.
@@ -30,7 +30,7 @@ DEMO_IMAGE_ID = "ami-12c6146b"
 
 @dataclass(frozen=True)
 class DemoNetwork:
-    """A VPC with /20 subnets in one zone, a security group, and running instances.
+    """A VPC with /18 subnets in one zone, a security group, and running instances.
 
     `subnet_ids[0]` is the node subnet (the instances' primary interfaces live there); the others
     carry `POD_SUBNET_TAGS`.
@@ -53,13 +53,11 @@ def create_demo_network(
     subnet_count: int = 3,
     instance_types: Sequence[str] = ("m5.large", "c5.xlarge"),
 ) -> DemoNetwork:
-    """Create the demo VPC (dual-stack), its /20 subnets, a security group and one instance per type."""
+    """Create the demo VPC (dual-stack), its /18 subnets, a security group and one instance per type."""
     vpc = client.create_vpc(CidrBlock=cidr, AmazonProvidedIpv6CidrBlock=True)["Vpc"]
     vpc_id = vpc["VpcId"]
-    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0][
-        "Ipv6CidrBlock"
-    ]
-    v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=20)
+    ipv6_cidr = client.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]
+    v4_blocks = ipaddress.ip_network(cidr).subnets(new_prefix=18)
     v6_blocks = ipaddress.ip_network(ipv6_cidr).subnets(new_prefix=64)
     subnet_ids = []
     for index in range(subnet_count):
@@ -74,9 +72,7 @@ def create_demo_network(
             TagSpecifications=[{"ResourceType": "subnet", "Tags": tags}],
         )["Subnet"]
         subnet_ids.append(subnet["SubnetId"])
-    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)[
-        "GroupId"
-    ]
+    group_id = client.create_security_group(GroupName=f"demo-{vpc_id}", Description="demo", VpcId=vpc_id)["GroupId"]
     network = DemoNetwork(
         vpc_id=vpc_id,
         cidr=cidr,
@@ -105,8 +101,6 @@ def run_instance(client: BaseClient, network: DemoNetwork, instance_type: str) -
     return str(response["Instances"][0]["InstanceId"])
 
 
-
-
 def find_demo_network(client: BaseClient) -> DemoNetwork | None:
     """The demo VPC made by an earlier run, with its subnets, group and instances."""
     vpcs = client.describe_vpcs(Filters=[{"Name": f"tag:{DEMO_TAG['Key']}", "Values": [DEMO_TAG["Value"]]}])["Vpcs"]
@@ -115,16 +109,20 @@ def find_demo_network(client: BaseClient) -> DemoNetwork | None:
     vpc = vpcs[0]
     vpc_filter = [{"Name": "vpc-id", "Values": [vpc["VpcId"]]}]
     subnets = sorted(client.describe_subnets(Filters=vpc_filter)["Subnets"], key=lambda s: s["CidrBlock"])
-    groups = [g for g in client.describe_security_groups(Filters=vpc_filter)["SecurityGroups"]
-              if g["GroupName"] != "default"]
+    groups = [
+        g for g in client.describe_security_groups(Filters=vpc_filter)["SecurityGroups"] if g["GroupName"] != "default"
+    ]
     network = DemoNetwork(
-        vpc_id=vpc["VpcId"], cidr=vpc["CidrBlock"],
+        vpc_id=vpc["VpcId"],
+        cidr=vpc["CidrBlock"],
         ipv6_cidr=(vpc.get("Ipv6CidrBlockAssociationSet") or [{}])[0].get("Ipv6CidrBlock", ""),
-        availability_zone=subnets[0]["AvailabilityZone"], subnet_ids=tuple(s["SubnetId"] for s in subnets),
+        availability_zone=subnets[0]["AvailabilityZone"],
+        subnet_ids=tuple(s["SubnetId"] for s in subnets),
         security_group_id=groups[0]["GroupId"] if groups else "",
     )
-    reservations = client.describe_instances(Filters=[*vpc_filter, {"Name": "instance-state-name",
-                                                                    "Values": ["running"]}])["Reservations"]
+    reservations = client.describe_instances(
+        Filters=[*vpc_filter, {"Name": "instance-state-name", "Values": ["running"]}]
+    )["Reservations"]
     for reservation in reservations:
         for instance in reservation["Instances"]:
             network.instances[instance["InstanceId"]] = instance["InstanceType"]
@@ -136,9 +134,16 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
     names = []
     for instance_id, instance_type in sorted(network.instances.items()):
         name = f"node-{instance_id.removeprefix('i-')[:12]}"
-        spec = node_spec(name, instance_id=instance_id, instance_type=instance_type,
-                         availability_zone=network.availability_zone, vpc_id=network.vpc_id,
-                         subnet_tags=POD_SUBNET_TAGS, pre_allocate=pre_allocate, release_excess=True)
+        spec = node_spec(
+            name,
+            instance_id=instance_id,
+            instance_type=instance_type,
+            availability_zone=network.availability_zone,
+            vpc_id=network.vpc_id,
+            subnet_tags=POD_SUBNET_TAGS,
+            pre_allocate=pre_allocate,
+            release_excess=True,
+        )
         try:
             client.create_node(spec)
             print(f"registered {name} ({instance_type}, {instance_id})")
@@ -152,17 +157,24 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", default=os.environ.get("IPAM_GRPC_ADDRESS", "127.0.0.1:50051"),
-                        help="the allocator")
+    parser.add_argument(
+        "--address", default=os.environ.get("IPAM_GRPC_ADDRESS", "127.0.0.1:50051"), help="the allocator"
+    )
     parser.add_argument("--ec2-endpoint-url", default=os.environ.get("IPAM_EC2_ENDPOINT_URL", "http://127.0.0.1:5000"))
-    parser.add_argument("--instance-types", default="m5.large,c5.xlarge,m5.large",
-                        help="comma-separated instance types of the demo nodes")
+    parser.add_argument(
+        "--instance-types",
+        default="m5.large,c5.xlarge,m5.large",
+        help="comma-separated instance types of the demo nodes",
+    )
     parser.add_argument("--pre-allocate", type=int, default=8)
     args = parser.parse_args(argv)
     ec2 = boto3.session.Session().client(
-        "ec2", region_name=os.environ.get("IPAM_AWS_REGION", REGION), endpoint_url=args.ec2_endpoint_url,
+        "ec2",
+        region_name=os.environ.get("IPAM_AWS_REGION", REGION),
+        endpoint_url=args.ec2_endpoint_url,
         aws_access_key_id=os.environ.get("IPAM_AWS_ACCESS_KEY_ID", "testing"),
-        aws_secret_access_key=os.environ.get("IPAM_AWS_SECRET_ACCESS_KEY", "testing"))
+        aws_secret_access_key=os.environ.get("IPAM_AWS_SECRET_ACCESS_KEY", "testing"),
+    )
     network = find_demo_network(ec2)
     if network is None:
         network = create_demo_network(ec2, instance_types=args.instance_types.split(","))

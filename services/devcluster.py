@@ -108,8 +108,9 @@ def _seconds(value: str | int | float | None, default: float) -> float:
     return float(text[:-1]) if text.endswith("s") else float(text)
 
 
-def native_services(compose: dict[str, Any], *, env_file: Path, data_dir: Path,
-                    port_map: Mapping[int, int] | None = None) -> list[NativeService]:
+def native_services(
+    compose: dict[str, Any], *, env_file: Path, data_dir: Path, port_map: Mapping[int, int] | None = None
+) -> list[NativeService]:
     """The compose services, rewritten for one host, in start order."""
     services: dict[str, Any] = compose["services"]
     rewrite = Rewriter(set(services), port_map or {})
@@ -127,15 +128,25 @@ def native_services(compose: dict[str, Any], *, env_file: Path, data_dir: Path,
         if health:
             health = rewrite.argv(health[1:] if health[0] in ("CMD", "CMD-SHELL") else health)
             health[0] = _bin(health[0])
-        depends = {dep: (cond or {}).get("condition", "service_started")
-                   for dep, cond in (spec.get("depends_on") or {}).items()} if isinstance(spec.get("depends_on"), dict) \
+        depends = (
+            {
+                dep: (cond or {}).get("condition", "service_started")
+                for dep, cond in (spec.get("depends_on") or {}).items()
+            }
+            if isinstance(spec.get("depends_on"), dict)
             else {dep: "service_started" for dep in spec.get("depends_on") or []}
+        )
         replicas = int((spec.get("deploy") or {}).get("replicas", 1))
         service = NativeService(
-            name=name, command=command, env=env, replicas=replicas, health=health or None,
+            name=name,
+            command=command,
+            env=env,
+            replicas=replicas,
+            health=health or None,
             health_interval=_seconds(spec.get("healthcheck", {}).get("interval"), 1.0),
             health_retries=int(spec.get("healthcheck", {}).get("retries", 30)),
-            one_shot=str(spec.get("restart", "")) == "no", depends_on=depends,
+            one_shot=str(spec.get("restart", "")) == "no",
+            depends_on=depends,
         )
         service.replica_env = [_replica_env(env, index) for index in range(replicas)]
         service.listens = _listens(spec, rewrite)
@@ -153,8 +164,11 @@ def read_env_file_list(entries: Any, default: Path) -> dict[str, str]:
 
 def _listens(spec: dict[str, Any], rewrite: Rewriter) -> list[str]:
     """Addresses a service binds: compose's 0.0.0.0 settings and the command's port flag."""
-    out = [f"{key.removeprefix('IPAM_').removesuffix('_ADDRESS').lower()} {rewrite.text(str(value))}"
-           for key, value in (spec.get("environment") or {}).items() if str(value).startswith("0.0.0.0:")]
+    out = [
+        f"{key.removeprefix('IPAM_').removesuffix('_ADDRESS').lower()} {rewrite.text(str(value))}"
+        for key, value in (spec.get("environment") or {}).items()
+        if str(value).startswith("0.0.0.0:")
+    ]
     command = [str(c) for c in spec.get("command") or []]
     for flag in _PORT_FLAGS:
         if flag in command:
@@ -193,7 +207,9 @@ def _start_order(services: list[NativeService]) -> list[NativeService]:
 class NativeCluster:
     """Starts, watches and stops the native services."""
 
-    def __init__(self, services: list[NativeService], log_dir: Path, *, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, services: list[NativeService], log_dir: Path, *, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.services = services
         self.log_dir = log_dir
         self.extra_env = dict(extra_env or {})
@@ -203,15 +219,26 @@ class NativeCluster:
     def _spawn(self, service: NativeService, index: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, **service.replica_env[index], **self.extra_env}
         log = (self.log_dir / f"{service.name}-{index + 1}.log").open("ab")
-        return subprocess.Popen(service.command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+        return subprocess.Popen(
+            service.command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
     def healthy(self, service: NativeService) -> bool:
         if service.health is None:
             return all(p.poll() is None for p in self.processes.get(service.name, []))
         env = {**os.environ, **service.env, **self.extra_env}
-        return subprocess.run(service.health, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+        return (
+            subprocess.run(
+                service.health, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30
+            ).returncode
+            == 0
+        )
 
     def start(self) -> None:
         for service in self.services:

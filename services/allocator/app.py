@@ -11,9 +11,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
-
 from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from prometheus_client import start_http_server
 
 from .events import RedisStreamQueue
 from .metrics import AllocatorMetrics
@@ -45,8 +44,9 @@ def server_credentials(settings: AllocatorSettings) -> grpc.ServerCredentials | 
     key = Path(settings.tls_key_file).read_bytes()
     cert = Path(settings.tls_cert_file).read_bytes()
     client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
@@ -56,17 +56,24 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         host, port = split_host_port(settings.metrics_address)
         start_http_server(port + worker_index, addr=host, registry=metrics.registry)
 
-    client = RedisStore.connect(settings.redis_url, cluster=settings.redis_cluster,
-                                timeout_s=settings.redis_timeout_seconds, max_connections=settings.redis_max_connections)
+    client = RedisStore.connect(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout_s=settings.redis_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+    )
     store = RedisStore(client, reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000))
     queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
     refills = RefillWatcher(store)
-    service = AllocatorService(store, queue, refills, ipv4_enabled=settings.ipv4_enabled,
-                               ipv6_enabled=settings.ipv6_enabled, metrics=metrics)
+    service = AllocatorService(
+        store, queue, refills, ipv4_enabled=settings.ipv4_enabled, ipv6_enabled=settings.ipv6_enabled, metrics=metrics
+    )
 
     auth = TokenAuthInterceptor(settings.client_token_set, settings.admin_token_set)
     if not auth.enabled:
-        log.warning("no tokens configured: every caller may use every call (set IPAM_CLIENT_TOKENS and IPAM_ADMIN_TOKENS)")
+        log.warning(
+            "no tokens configured: every caller may use every call (set IPAM_CLIENT_TOKENS and IPAM_ADMIN_TOKENS)"
+        )
     server = grpc.aio.server(
         interceptors=[auth],
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
@@ -85,11 +92,20 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         server.add_insecure_port(settings.grpc_address)
     await server.start()
 
-    sweeper = TimerSweeper(service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds)
+    sweeper = TimerSweeper(
+        service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds
+    )
     tasks = [asyncio.create_task(sweeper.run()), asyncio.create_task(_watch_health(store, health_servicer))]
+    if settings.pool_metrics_seconds > 0:
+        tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds)))
     refills.start()
-    log.info("allocator %d listening on %s (%s), metrics on %s", worker_index, settings.grpc_address,
-             "TLS" if credentials else "plaintext", settings.metrics_address or "-")
+    log.info(
+        "allocator %d listening on %s (%s), metrics on %s",
+        worker_index,
+        settings.grpc_address,
+        "TLS" if credentials else "plaintext",
+        settings.metrics_address or "-",
+    )
     if ready is not None:
         ready.set()
 
@@ -108,6 +124,34 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     await refills.stop()
     with contextlib.suppress(Exception):
         await store.close()
+
+
+async def _sample_pools(service: AllocatorService, metrics: AllocatorMetrics, interval: float) -> None:
+    """Per-node pool levels of the default pool as gauges (Cilium's available/used/needed per node)."""
+    while True:
+        try:
+            views = await service.node_views()
+            metrics.pool_ips.clear()
+            for view in views:
+                s, node = view.stats, view.record.name
+                for family, levels in (
+                    (
+                        "ipv4",
+                        {
+                            "available": s.available_ips,
+                            "used": s.used_ips,
+                            "needed": s.needed_ips,
+                            "excess": s.excess_ips,
+                            "cooling": s.cooling_ips,
+                        },
+                    ),
+                    ("ipv6", {"available": s.available_ipv6, "used": s.used_ipv6, "needed": s.needed_ipv6}),
+                ):
+                    for state, value in levels.items():
+                        metrics.pool_ips.labels(node, "default", family, state).set(value)
+        except Exception as exc:  # noqa: BLE001 - metrics are best effort
+            log.debug("sampling pools failed: %s", exc)
+        await asyncio.sleep(interval)
 
 
 async def _watch_health(store: RedisStore, servicer: health.aio.HealthServicer) -> None:

@@ -54,8 +54,14 @@ class AllocatorService:
     """Allocation and node management over the Redis store."""
 
     def __init__(
-        self, store: RedisStore, queue: EventQueue, refills: RefillWatcher | None, *,
-        ipv4_enabled: bool, ipv6_enabled: bool, metrics: Any = None,
+        self,
+        store: RedisStore,
+        queue: EventQueue,
+        refills: RefillWatcher | None,
+        *,
+        ipv4_enabled: bool,
+        ipv6_enabled: bool,
+        metrics: Any = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -104,8 +110,16 @@ class AllocatorService:
     # --- Allocator --------------------------------------------------------------------------
 
     async def allocate_next(
-        self, node: str, pool: str, family: Family, owner: str, *, expiration_seconds: int = 0,
-        skip_sync_upstream: bool = False, idempotency_key: str = "", wait_for_refill: bool = False,
+        self,
+        node: str,
+        pool: str,
+        family: Family,
+        owner: str,
+        *,
+        expiration_seconds: int = 0,
+        skip_sync_upstream: bool = False,
+        idempotency_key: str = "",
+        wait_for_refill: bool = False,
         deadline: float | None = None,
     ) -> list[Allocation]:
         node, pool = self._target(node, pool)
@@ -132,7 +146,9 @@ class AllocatorService:
                 await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
             return outcome.allocations
 
-    async def allocate(self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False) -> Allocation:
+    async def allocate(
+        self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False
+    ) -> Allocation:
         node, pool = self._target(node, pool)
         owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
         ip, family = parse_ip(ip)
@@ -142,7 +158,12 @@ class AllocatorService:
         return outcome.allocations[0]
 
     async def release(
-        self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None,
+        self,
+        node: str,
+        pool: str,
+        *,
+        ip: str | None = None,
+        owner: str | None = None,
         skip_sync_upstream: bool = False,
     ) -> list[str]:
         node, pool = self._target(node, pool)
@@ -185,8 +206,10 @@ class AllocatorService:
 
     async def debug_status(self) -> str:
         names = await self.store.node_names()
-        lines = [f"nodes: {len(names)}", f"ipv4: {'on' if self.ipv4_enabled else 'off'}, "
-                 f"ipv6: {'on' if self.ipv6_enabled else 'off'}"]
+        lines = [
+            f"nodes: {len(names)}",
+            f"ipv4: {'on' if self.ipv4_enabled else 'off'}, ipv6: {'on' if self.ipv6_enabled else 'off'}",
+        ]
         for name in names[:50]:
             view = await self.node_view(name, "")
             s = view.stats
@@ -198,14 +221,24 @@ class AllocatorService:
     async def put_node(self, name: str, spec: bytes, settings: NodeSettings, *, create: bool) -> NodeView:
         name = validate_name(name, "node")
         w = settings.watermarks
-        for label, value in (("pre_allocate", w.pre_allocate), ("min_allocate", w.min_allocate),
-                             ("max_allocate", w.max_allocate), ("max_above_watermark", w.max_above_watermark),
-                             ("first_interface_index", settings.first_interface_index)):
+        for label, value in (
+            ("pre_allocate", w.pre_allocate),
+            ("min_allocate", w.min_allocate),
+            ("max_allocate", w.max_allocate),
+            ("max_above_watermark", w.max_above_watermark),
+            ("first_interface_index", settings.first_interface_index),
+        ):
             if value < 0 or value > 100_000:
                 raise InvalidArgument(f"{label} must be between 0 and 100000", reason="INVALID_SPEC")
-        await self.store.put_node(name, create=create, spec=spec, watermarks=w,
-                                  release_excess=settings.release_excess, ipv6_enabled=settings.ipv6_enabled,
-                                  first_interface_index=settings.first_interface_index)
+        await self.store.put_node(
+            name,
+            create=create,
+            spec=spec,
+            watermarks=w,
+            release_excess=settings.release_excess,
+            ipv6_enabled=settings.ipv6_enabled,
+            first_interface_index=settings.first_interface_index,
+        )
         state = await self.store.pool_state(name, "default")
         await self.after_change(name, "default", state)
         return await self.node_view(name, "")
@@ -218,9 +251,13 @@ class AllocatorService:
         record = await self.store.node_record(name)
         state = await self.store.pool_state(name, pool)
         stats = node_stats(
-            state.counts[Family.IPV4], state.counts[Family.IPV6], state.watermarks,
-            ipv6_enabled=state.ipv6_enabled, interfaces=record.interfaces,
-            max_interfaces=record.max_interfaces, ipv4_per_interface=record.ipv4_per_interface,
+            state.counts[Family.IPV4],
+            state.counts[Family.IPV6],
+            state.watermarks,
+            ipv6_enabled=state.ipv6_enabled,
+            interfaces=record.interfaces,
+            max_interfaces=record.max_interfaces,
+            ipv4_per_interface=record.ipv4_per_interface,
             first_interface_index=record.first_interface_index,
         )
         return NodeView(record, stats, await self.store.reservations(name, pool))
@@ -243,9 +280,13 @@ class AllocatorService:
                 state = await self.store.pool_state(name, pool)
                 before = state.event_pending
                 await self.after_change(name, pool, state)
-                published += int(not before and (
-                    pool_needed_ips(state.counts[Family.IPV4], state.watermarks) > 0
-                    or (state.release_excess and pool_excess_ips(state.counts[Family.IPV4], state.watermarks) > 0)))
+                published += int(
+                    not before
+                    and (
+                        pool_needed_ips(state.counts[Family.IPV4], state.watermarks) > 0
+                        or (state.release_excess and pool_excess_ips(state.counts[Family.IPV4], state.watermarks) > 0)
+                    )
+                )
         return len(names), published
 
     # --- worker-facing ----------------------------------------------------------------------
@@ -254,8 +295,14 @@ class AllocatorService:
         return [parse_ip(ip)[0] for ip in ips]
 
     async def add_addresses(
-        self, node: str, pool: str, interface: dict[str, Any], ips: Sequence[str], vpc_cidrs: Sequence[str],
-        max_interfaces: int, ipv4_per_interface: int,
+        self,
+        node: str,
+        pool: str,
+        interface: dict[str, Any],
+        ips: Sequence[str],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
     ) -> list[str]:
         node, pool = self._target(node, pool)
         outcome = await self.store.add_addresses(
@@ -266,15 +313,22 @@ class AllocatorService:
         return outcome.ips
 
     async def set_interfaces(
-        self, node: str, interfaces: Sequence[dict[str, Any]], vpc_cidrs: Sequence[str], max_interfaces: int,
-        ipv4_per_interface: int, deficit_reason: str,
+        self,
+        node: str,
+        interfaces: Sequence[dict[str, Any]],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
+        deficit_reason: str,
     ) -> None:
         node = validate_name(node, "node")
         await self.store.set_interfaces(node, interfaces, vpc_cidrs, max_interfaces, ipv4_per_interface, deficit_reason)
         if deficit_reason and self.refills:
             await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
 
-    async def reserve_for_release(self, node: str, pool: str, family: Family, interface_id: str, count: int) -> tuple[str, list[str]]:
+    async def reserve_for_release(
+        self, node: str, pool: str, family: Family, interface_id: str, count: int
+    ) -> tuple[str, list[str]]:
         node, pool = self._target(node, pool)
         if count < 0:
             raise InvalidArgument("count must not be negative", reason="INVALID_COUNT")

@@ -9,33 +9,50 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class AllocatorSettings(BaseSettings):
     """Every setting of `ipam-allocator` (flag `--redis-url` = variable `IPAM_REDIS_URL`)."""
 
-    model_config = SettingsConfigDict(env_prefix="IPAM_", cli_kebab_case=True, cli_prog_name="ipam-allocator",
-                                      cli_implicit_flags=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="IPAM_", cli_kebab_case=True, cli_prog_name="ipam-allocator", cli_implicit_flags=True, extra="ignore"
+    )
 
     grpc_address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on")
-    metrics_address: str = Field("127.0.0.1:9100", description="host:port of the Prometheus endpoint "
-                                 "(worker process i of --workers listens on port+i); empty disables it")
+    metrics_address: str = Field(
+        "127.0.0.1:9100",
+        description="host:port of the Prometheus endpoint "
+        "(worker process i of --workers listens on port+i); empty disables it",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (a seed node for a cluster)")
     redis_cluster: bool = Field(False, description="talk to a Redis Cluster")
-    redis_timeout_seconds: float = Field(1.0, description="bound on every Redis call; past it the call fails "
-                                         "with UNAVAILABLE")
+    redis_timeout_seconds: float = Field(
+        1.0, description="bound on every Redis call; past it the call fails with UNAVAILABLE"
+    )
     redis_max_connections: int = Field(64, description="connections per process (callers wait for a free one)")
     workers: int = Field(1, description="server processes sharing the port (SO_REUSEPORT)")
     client_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens of the client role")
-    admin_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens of the admin role "
-                                    "(node management and worker calls; admin may also call the Allocator)")
+    admin_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="comma-separated bearer tokens of the admin role "
+        "(node management and worker calls; admin may also call the Allocator)",
+    )
     tls_cert_file: str = Field("", description="server certificate (PEM); set with tls_key_file to serve TLS")
     tls_key_file: str = Field("", description="server private key (PEM)")
     tls_client_ca_file: str = Field("", description="CA that client certificates must chain to (mutual TLS)")
     ipv4_enabled: bool = Field(True, description="hand out IPv4 addresses")
     ipv6_enabled: bool = Field(True, description="hand out IPv6 addresses")
-    reuse_cooldown_seconds: float = Field(30.0, description="a released address is not handed out again for "
-                                          "this long (conntrack lag); cooling addresses do not count as free "
-                                          "headroom, so the pool refills instead of starving")
-    event_coalesce_seconds: int = Field(10, description="at most one pending event per node and pool; the "
-                                        "marker expires after this long if the worker never took the event")
+    reuse_cooldown_seconds: float = Field(
+        30.0,
+        description="a released address is not handed out again for "
+        "this long (conntrack lag); cooling addresses do not count as free "
+        "headroom, so the pool refills instead of starving",
+    )
+    event_coalesce_seconds: int = Field(
+        10,
+        description="at most one pending event per node and pool; the "
+        "marker expires after this long if the worker never took the event",
+    )
     timer_sweep_seconds: float = Field(0.5, description="how often expiration timers are checked")
     timer_full_scan_seconds: float = Field(30.0, description="how often every pool's timers are re-indexed")
+    pool_metrics_seconds: float = Field(
+        5.0, description="how often per-node pool levels are sampled into the metrics (0 = never)"
+    )
     max_concurrent_rpcs: int = Field(0, description="shed load past this many calls in flight (0 = no limit)")
     shutdown_grace_seconds: float = Field(10.0, description="on SIGTERM, in-flight calls get this long to finish")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

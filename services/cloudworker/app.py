@@ -29,9 +29,16 @@ log = logging.getLogger("ipam.cloudworker")
 class Worker:
     """Consumes pool events and runs the periodic jobs, one node at a time across all workers."""
 
-    def __init__(self, settings: WorkerSettings, redis: RedisClient, source: RedisStreamSource,
-                 maintainer: NodeMaintainer, provider: CloudProvider, allocator: AsyncIpamClient,
-                 metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis: RedisClient,
+        source: RedisStreamSource,
+        maintainer: NodeMaintainer,
+        provider: CloudProvider,
+        allocator: AsyncIpamClient,
+        metrics: WorkerMetrics,
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.source = source
@@ -43,21 +50,39 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
-    async def maintain_node(self, node: str, *, settle: bool = False) -> None:
-        """Maintains `node` holding its lock, so no two workers work on one node at once."""
-        lock = self.redis.lock(f"{keys.node_prefix(node)}:worklock", timeout=self.settings.node_lock_seconds,
-                               blocking_timeout=self.settings.node_lock_seconds)
+    async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 1.0) -> bool:
+        """Maintains `node` holding its lock, so no two workers work on one node at once.
+        Returns False when another worker holds the node: it is on it already."""
+        lock = self.redis.lock(
+            f"{keys.node_prefix(node)}:worklock",
+            timeout=self.settings.node_lock_seconds,
+            blocking_timeout=wait_for_lock,
+        )
         if not await lock.acquire():
-            raise TimeoutError(f"node {node} stayed locked by another worker")
+            return False
+        work = asyncio.create_task(self.maintainer.maintain(node, settle_reservations=settle))
         try:
-            async def renew() -> None:
-                await lock.reacquire()
-
-            outcome = await self.maintainer.maintain(node, settle_reservations=settle, on_round=renew)
+            # Renew the lease well before it runs out; if it is lost, stop: another worker may start.
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=self.settings.node_lock_seconds / 3)
+                if done:
+                    break
+                if not await lock.reacquire():
+                    raise TimeoutError(f"lost the lock of node {node}")
+            outcome = work.result()
             if outcome.actions:
-                log.info("node %s: %s (%s; %.0f ms, %.0f ms in the cloud)", node, "; ".join(outcome.actions),
-                         outcome.reason or "done", outcome.seconds * 1000, outcome.cloud_seconds * 1000)
+                log.info(
+                    "node %s: %s (%s; %.0f ms, %.0f ms in the cloud)",
+                    node,
+                    "; ".join(outcome.actions),
+                    outcome.reason or "done",
+                    outcome.seconds * 1000,
+                    outcome.cloud_seconds * 1000,
+                )
+            return True
         finally:
+            if not work.done():
+                work.cancel()
             with contextlib.suppress(Exception):
                 await lock.release()
 
@@ -68,9 +93,14 @@ class Worker:
             await self.source.ack(delivery)  # only the default pool is filled from the cloud
             self.metrics.events.labels("ignored").inc()
             return
+        # Cleared before the work: a change from now on publishes a new event. If another worker
+        # holds the node, it loops until the pool is right; callers still waiting re-publish.
         await self.source.take(delivery)
         try:
-            await self.maintain_node(event.node)
+            if not await self.maintain_node(event.node):
+                await self.source.ack(delivery)
+                self.metrics.events.labels("node-busy").inc()
+                return
         except IpamClientError as exc:
             if exc.reason == "NODE_NOT_FOUND":
                 await self.source.ack(delivery)
@@ -80,8 +110,9 @@ class Worker:
             self.metrics.events.labels("failed").inc()
             return
         except Exception as exc:  # noqa: BLE001 - left pending: claimed again, dead-lettered after N tries
-            log.warning("node %s: maintenance failed (%s: %s); the event will be retried", event.node,
-                        type(exc).__name__, exc)
+            log.warning(
+                "node %s: maintenance failed (%s: %s); the event will be retried", event.node, type(exc).__name__, exc
+            )
             self.metrics.events.labels("failed").inc()
             return
         await self.source.ack(delivery)
@@ -117,14 +148,15 @@ class Worker:
                 return
             async with self._slots:
                 try:
-                    await self.maintain_node(node.spec.name, settle=True)
+                    await self.maintain_node(node.spec.name, settle=True, wait_for_lock=self.settings.node_lock_seconds)
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
                     log.warning("resync of node %s failed: %s", node.spec.name, exc)
         self.metrics.resync_total.inc()
 
     async def collect_leaked_interfaces(self) -> int:
-        leaked = await asyncio.to_thread(self.provider.list_leaked_interfaces,
-                                         self.settings.leaked_interface_grace_seconds)
+        leaked = await asyncio.to_thread(
+            self.provider.list_leaked_interfaces, self.settings.leaked_interface_grace_seconds
+        )
         for interface in leaked[:25]:
             if await asyncio.to_thread(self.provider.delete_interface, interface.id):
                 log.info("deleted leaked interface %s (%s)", interface.id, dict(interface.tags))
@@ -155,19 +187,37 @@ async def run(settings: WorkerSettings) -> None:
         host, port = split_host_port(settings.metrics_address)
         start_http_server(port, addr=host, registry=registry)
     provider = build_aws_provider(
-        cluster=settings.cluster_name, region=settings.aws_region, endpoint_url=settings.ec2_endpoint_url or None,
+        cluster=settings.cluster_name,
+        region=settings.aws_region,
+        endpoint_url=settings.ec2_endpoint_url or None,
         access_key_id=settings.aws_access_key_id.get_secret_value() or None,
         secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
-        qps=settings.ec2_qps, burst=settings.ec2_burst, observer=metrics.ec2,
+        qps=settings.ec2_qps,
+        burst=settings.ec2_burst,
+        observer=metrics.ec2,
     )
     redis = RedisStore.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
-    allocator = AsyncIpamClient(settings.grpc_address, token=settings.admin_token.get_secret_value() or None,
-                                timeout=10.0, tls=bool(settings.tls_ca_file), tls_ca=settings.tls_ca_file or None)
-    source = RedisStreamSource(redis, group=settings.consumer_group, consumer=settings.consumer_name,
-                               max_deliveries=settings.max_deliveries,
-                               claim_idle_ms=int(settings.claim_idle_seconds * 1000))
-    maintainer = NodeMaintainer(provider, allocator, metrics,
-                                stale_reservation_seconds=settings.stale_reservation_seconds)
+    allocator = AsyncIpamClient(
+        settings.grpc_address,
+        token=settings.admin_token.get_secret_value() or None,
+        timeout=10.0,
+        tls=bool(settings.tls_ca_file),
+        tls_ca=settings.tls_ca_file or None,
+    )
+    source = RedisStreamSource(
+        redis,
+        group=settings.consumer_group,
+        consumer=settings.consumer_name,
+        max_deliveries=settings.max_deliveries,
+        claim_idle_ms=int(settings.claim_idle_seconds * 1000),
+    )
+    maintainer = NodeMaintainer(
+        provider,
+        allocator,
+        metrics,
+        stale_reservation_seconds=settings.stale_reservation_seconds,
+        check_conflicts=settings.check_address_conflicts,
+    )
     worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
 
     loop = asyncio.get_running_loop()
@@ -179,9 +229,15 @@ async def run(settings: WorkerSettings) -> None:
         asyncio.create_task(worker.every(settings.gc_interval_seconds, "collect_leaked_interfaces")),
         asyncio.create_task(worker.every(30.0, "trim_events")),
     ]
-    log.info("worker %s consuming %s for the allocator at %s (EC2 %s, %.1f qps, burst %d)", settings.consumer_name,
-             keys.EVENTS_STREAM, settings.grpc_address, settings.ec2_endpoint_url or "AWS", settings.ec2_qps,
-             settings.ec2_burst)
+    log.info(
+        "worker %s consuming %s for the allocator at %s (EC2 %s, %.1f qps, burst %d)",
+        settings.consumer_name,
+        keys.EVENTS_STREAM,
+        settings.grpc_address,
+        settings.ec2_endpoint_url or "AWS",
+        settings.ec2_qps,
+        settings.ec2_burst,
+    )
     await worker.stopping.wait()
     log.info("worker stopping: finishing the nodes in progress")
     await worker.drain(timeout=30.0)

@@ -9,17 +9,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from clients.client import AsyncIpamClient, IpamClientError
 from ipam.v1 import nodes_pb2 as npb
+
+from clients.client import AsyncIpamClient, IpamClientError
 from services.allocator.domain.model import Family
 from services.allocator.domain.pool_math import PoolCounts, Watermarks
 
 from . import planner
 from .metrics import WorkerMetrics
-from .model import Instance, InstanceLimits, NetworkInterface
+from .model import Instance, InstanceLimits, NetworkInterface, Subnet
 from .providers.base import CloudProvider
 from .providers.errors import LimitExceeded, ProviderError, SubnetFull
 
@@ -38,17 +39,23 @@ class Outcome:
     assigned: int = 0
     released: int = 0
     interfaces_created: int = 0
-    reason: str = ""                 # the planner's last NoAction reason
-    cloud_seconds: float = 0.0       # time spent in cloud calls
-    seconds: float = 0.0             # total time
+    reason: str = ""  # the planner's last NoAction reason
+    cloud_seconds: float = 0.0  # time spent in cloud calls
+    seconds: float = 0.0  # total time
     actions: list[str] = field(default_factory=list)
 
 
 def _interface_message(interface: NetworkInterface) -> npb.Interface:
     return npb.Interface(
-        id=interface.id, mac=interface.mac, device_index=interface.device_index, subnet_id=interface.subnet_id,
-        subnet_cidr=interface.subnet_cidr, gateway_ip=interface.gateway_ip, primary_ip=interface.primary_ip,
-        addresses=[*interface.ipv4, *interface.ipv6], security_group_ids=list(interface.security_group_ids),
+        id=interface.id,
+        mac=interface.mac,
+        device_index=interface.device_index,
+        subnet_id=interface.subnet_id,
+        subnet_cidr=interface.subnet_cidr,
+        gateway_ip=interface.gateway_ip,
+        primary_ip=interface.primary_ip,
+        addresses=[*interface.ipv4, *interface.ipv6],
+        security_group_ids=list(interface.security_group_ids),
     )
 
 
@@ -68,9 +75,17 @@ def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
 class NodeMaintainer:
     """Brings one node's pool to its watermark against the cloud."""
 
-    def __init__(self, provider: CloudProvider, allocator: AsyncIpamClient, metrics: WorkerMetrics, *,
-                 stale_reservation_seconds: float) -> None:
+    def __init__(
+        self,
+        provider: CloudProvider,
+        allocator: AsyncIpamClient,
+        metrics: WorkerMetrics,
+        *,
+        stale_reservation_seconds: float,
+        check_conflicts: bool = True,
+    ) -> None:
         self.provider = provider
+        self.check_conflicts = check_conflicts
         self.allocator = allocator
         self.metrics = metrics
         self.stale_reservation_ms = int(stale_reservation_seconds * 1000)
@@ -84,8 +99,7 @@ class NodeMaintainer:
         finally:
             outcome.cloud_seconds += time.perf_counter() - started
 
-    async def maintain(self, name: str, *, settle_reservations: bool = False,
-                       on_round: Callable[[], Any] | None = None) -> Outcome:
+    async def maintain(self, name: str, *, settle_reservations: bool = False) -> Outcome:
         """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError."""
         started = time.perf_counter()
         outcome = Outcome(name)
@@ -96,7 +110,8 @@ class NodeMaintainer:
             return outcome
         limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
         instance = self._instances.get(spec.instance_id) or await self._cloud(
-            outcome, self.provider.describe_instance, spec.instance_id)
+            outcome, self.provider.describe_instance, spec.instance_id
+        )
         self._instances[spec.instance_id] = instance
         if instance.vpc_id not in self._vpc_cidrs:
             self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
@@ -104,85 +119,165 @@ class NodeMaintainer:
         pspec = planner_spec(spec, instance)
         full_subnets: set[str] = set()
 
+        # The cloud is read at the start (and again after a refusal); in between, each action's
+        # read-back keeps the local view current, so a step costs one mutating call, not three.
+        interfaces: list[NetworkInterface] | None = None
+        subnets: list[Subnet] | None = None
+        changed = False
         for _ in range(MAX_ROUNDS):
-            if on_round is not None:
-                await on_round()
-            interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
-            node = await self._reconcile(node, interfaces, limits, cidrs, settle_reservations)
-            settle_reservations = False
-            if spec.ipv6_enabled and node.stats.needed_ipv6 > 0 and await self._assign_ipv6(node, interfaces, outcome):
-                node = await self.allocator.get_node(name, CLOUD_POOL)
-                continue
-            action = await self._plan(node, pspec, interfaces, limits, instance, full_subnets, outcome)
+            if interfaces is None:
+                interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
+                node, interfaces = await self._reconcile(node, interfaces, limits, cidrs, settle_reservations, outcome)
+                settle_reservations = False
+            if subnets is None:
+                subnets = await self._subnets(instance, outcome)
+            if spec.ipv6_enabled and node.stats.needed_ipv6 > 0:
+                updated = await self._assign_ipv6(node, interfaces, outcome)
+                if updated is not None:
+                    interfaces, changed = _with(interfaces, updated), True
+                    node = await self.allocator.get_node(name, CLOUD_POOL)
+                    continue
+            usable = [s for s in subnets if s.id not in full_subnets]
+            action = await self._plan(node, pspec, interfaces, limits, usable)
             try:
                 if isinstance(action, planner.AllocationAction):
-                    await self._allocate(node, instance, cidrs, action, outcome)
+                    updated = await self._allocate(node, instance, cidrs, action, outcome)
+                    spent = action.count + (1 if action.creates_interface else 0)  # a new interface's primary too
+                    subnets = [
+                        replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
+                        for s in subnets
+                    ]
                 elif isinstance(action, planner.ReleaseAction):
-                    if not await self._release(node, action, outcome):
+                    released = await self._release(node, action, outcome)
+                    if released is None:
                         outcome.reason = planner.NOTHING_RELEASABLE
                         break
+                    updated = released
                 else:
                     outcome.reason = action.reason
                     break
+                interfaces, changed = _with(interfaces, updated), True
             except SubnetFull as exc:
                 subnet = getattr(action, "subnet_id", "")
                 log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
                 full_subnets.add(subnet)
+                subnets = None
             except LimitExceeded as exc:
                 log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
+                interfaces = subnets = None
             node = await self.allocator.get_node(name, CLOUD_POOL)
 
-        await self._report_reason(node, outcome.reason)
+        await self._report(node, interfaces if changed else None, outcome.reason)
         outcome.seconds = time.perf_counter() - started
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
         return outcome
 
-    async def _plan(self, node: npb.Node, pspec: planner.NodeSpec, interfaces: list[NetworkInterface],
-                    limits: InstanceLimits, instance: Instance, full_subnets: set[str],
-                    outcome: Outcome) -> planner.Action:
-        counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
-        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4)
-        states = [planner.InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
-                  for i in interfaces if i.device_index >= 0]
+    async def _subnets(self, instance: Instance, outcome: Outcome) -> list[Subnet]:
         subnets = await self._cloud(outcome, self.provider.list_subnets, instance.vpc_id, instance.availability_zone)
         for subnet in subnets:
             self.metrics.available_ips_per_subnet.labels(subnet.id, subnet.availability_zone).set(subnet.free_addresses)
-        usable = [s for s in subnets if s.id not in full_subnets]
-        return planner.plan(pspec, counts, states, limits, usable)
+        return subnets
 
-    async def _reconcile(self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits,
-                         cidrs: list[str], settle_reservations: bool) -> npb.Node:
-        """Makes the allocator's pool match what the cloud holds; returns the node read afterwards."""
+    async def _plan(
+        self,
+        node: npb.Node,
+        pspec: planner.NodeSpec,
+        interfaces: list[NetworkInterface],
+        limits: InstanceLimits,
+        subnets: list[Subnet],
+    ) -> planner.Action:
+        counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
+        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4)
+        states = [
+            planner.InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
+            for i in interfaces
+            if i.device_index >= 0
+        ]
+        return planner.plan(pspec, counts, states, limits, subnets)
+
+    async def _reconcile(
+        self,
+        node: npb.Node,
+        interfaces: list[NetworkInterface],
+        limits: InstanceLimits,
+        cidrs: list[str],
+        settle_reservations: bool,
+        outcome: Outcome,
+    ) -> tuple[npb.Node, list[NetworkInterface]]:
+        """Makes the allocator's pool match what the cloud holds; returns the node read afterwards
+        and the interfaces as they are now."""
         name, first = node.spec.name, node.spec.first_interface_index
+        current: list[NetworkInterface] = []
         known = {ip for i in node.interfaces for ip in i.addresses}
         in_cloud: set[str] = set()
         for interface in interfaces:
             if interface.device_index < first:
+                current.append(interface)
                 continue  # interfaces below first_interface_index are not the pool's
             held = [*interface.ipv4, *interface.ipv6]
-            in_cloud.update(held)
             missing = [ip for ip in held if ip not in known]
+            if missing and self.check_conflicts:  # e.g. left by a worker that died before its own check
+                interface, missing = await self._give_back_conflicts(name, interface, missing, outcome)
+                held = [*interface.ipv4, *interface.ipv6]
+            current.append(interface)
+            in_cloud.update(held)
             if missing or interface.id not in {i.id for i in node.interfaces}:
-                await self.allocator.add_addresses(npb.AddAddressesRequest(
-                    node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=missing,
-                    vpc_cidrs=cidrs, max_interfaces=limits.max_interfaces, ipv4_per_interface=limits.ipv4_per_interface))
+                await self.allocator.add_addresses(
+                    npb.AddAddressesRequest(
+                        node=name,
+                        pool=CLOUD_POOL,
+                        interface=_interface_message(interface),
+                        ips=missing,
+                        vpc_cidrs=cidrs,
+                        max_interfaces=limits.max_interfaces,
+                        ipv4_per_interface=limits.ipv4_per_interface,
+                    )
+                )
                 if missing:
-                    log.info("node %s: %d address(es) on %s found in the cloud, added to the pool", name,
-                             len(missing), interface.id)
+                    log.info(
+                        "node %s: %d address(es) on %s found in the cloud, added to the pool",
+                        name,
+                        len(missing),
+                        interface.id,
+                    )
         reserved = {ip for r in node.reservations for ip in r.ips}
         gone = sorted(known - in_cloud - reserved)
         if gone:
-            reply = await self.allocator.remove_addresses(npb.RemoveAddressesRequest(node=name, pool=CLOUD_POOL, ips=gone))
+            reply = await self.allocator.remove_addresses(
+                npb.RemoveAddressesRequest(node=name, pool=CLOUD_POOL, ips=gone)
+            )
             if reply.still_allocated:
                 log.warning("node %s: %s allocated but gone from the cloud", name, ", ".join(reply.still_allocated))
         if settle_reservations:
             await self._settle_reservations(node, in_cloud)
-        await self.allocator.set_interfaces(npb.SetInterfacesRequest(
-            node=name, interfaces=[_interface_message(i) for i in interfaces if i.device_index >= first],
-            vpc_cidrs=cidrs, max_interfaces=limits.max_interfaces, ipv4_per_interface=limits.ipv4_per_interface,
-            deficit_reason=node.stats.deficit_reason))
-        return await self.allocator.get_node(name, CLOUD_POOL)
+        await self.allocator.set_interfaces(
+            npb.SetInterfacesRequest(
+                node=name,
+                interfaces=[_interface_message(i) for i in current if i.device_index >= first],
+                vpc_cidrs=cidrs,
+                max_interfaces=limits.max_interfaces,
+                ipv4_per_interface=limits.ipv4_per_interface,
+                deficit_reason=node.stats.deficit_reason,
+            )
+        )
+        return await self.allocator.get_node(name, CLOUD_POOL), current
+
+    async def _give_back_conflicts(
+        self, name: str, interface: NetworkInterface, ips: list[str], outcome: Outcome
+    ) -> tuple[NetworkInterface, list[str]]:
+        """Unassigns what the cloud handed out twice or reserved; returns the interface and the rest."""
+        conflicts = await self._cloud(outcome, self.provider.conflicting_addresses, interface, ips)
+        if not conflicts:
+            return interface, ips
+        log.warning(
+            "node %s: the cloud gave %d address(es) already in use or reserved (%s): given back",
+            name,
+            len(conflicts),
+            ", ".join(sorted(conflicts)),
+        )
+        given_back = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, sorted(conflicts))
+        return given_back.interface, [ip for ip in ips if ip not in conflicts]
 
     async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> None:
         """A reservation left by a crashed worker: what the cloud no longer holds leaves the pool,
@@ -192,15 +287,21 @@ class NodeMaintainer:
                 continue
             gone = [ip for ip in reservation.ips if ip not in in_cloud]
             if gone:
-                await self.allocator.complete_release(npb.CompleteReleaseRequest(
-                    node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id, ips=gone))
+                await self.allocator.complete_release(
+                    npb.CompleteReleaseRequest(
+                        node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id, ips=gone
+                    )
+                )
             else:
-                await self.allocator.abort_release(npb.AbortReleaseRequest(
-                    node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id))
+                await self.allocator.abort_release(
+                    npb.AbortReleaseRequest(node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id)
+                )
             log.info("node %s: settled stale reservation %s (%d unassigned)", node.spec.name, reservation.id, len(gone))
 
-    async def _allocate(self, node: npb.Node, instance: Instance, cidrs: list[str],
-                        action: planner.AllocationAction, outcome: Outcome) -> None:
+    async def _allocate(
+        self, node: npb.Node, instance: Instance, cidrs: list[str], action: planner.AllocationAction, outcome: Outcome
+    ) -> NetworkInterface:
+        """Assigns on an interface or creates one; returns the interface as the cloud holds it now."""
         name = node.spec.name
         kind = "create" if action.creates_interface else "allocate"
         started = time.perf_counter()
@@ -208,21 +309,32 @@ class NodeMaintainer:
         try:
             if action.creates_interface:
                 interface = await self._cloud(
-                    outcome, self.provider.create_interface, instance_id=instance.id, node=name,
-                    subnet_id=action.subnet_id, security_group_ids=action.security_group_ids,
-                    device_index=action.device_index, ipv4_count=action.count)
+                    outcome,
+                    self.provider.create_interface,
+                    instance_id=instance.id,
+                    node=name,
+                    subnet_id=action.subnet_id,
+                    security_group_ids=action.security_group_ids,
+                    device_index=action.device_index,
+                    ipv4_count=action.count,
+                )
                 added = list(interface.ipv4)
                 outcome.interfaces_created += 1
             else:
                 change = await self._cloud(outcome, self.provider.assign_addresses, action.interface_id, action.count)
                 interface, added = change.interface, list(change.addresses)
-            await self.allocator.add_addresses(npb.AddAddressesRequest(
-                node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=added,
-                vpc_cidrs=cidrs))
+            if self.check_conflicts and added:
+                interface, added = await self._give_back_conflicts(name, interface, added, outcome)
+            await self.allocator.add_addresses(
+                npb.AddAddressesRequest(
+                    node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=added, vpc_cidrs=cidrs
+                )
+            )
             status = "success"
             outcome.assigned += len(added)
             outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
+            return interface
         except ProviderError:
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
             raise
@@ -231,51 +343,89 @@ class NodeMaintainer:
                 self.metrics.interface_creation_ops.labels(action.subnet_id, status).inc()
             self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
 
-    async def _release(self, node: npb.Node, action: planner.ReleaseAction, outcome: Outcome) -> bool:
-        """The handshake: reserve (never handed out again) -> unassign -> complete; abort on failure."""
+    async def _release(
+        self, node: npb.Node, action: planner.ReleaseAction, outcome: Outcome
+    ) -> NetworkInterface | None:
+        """The handshake: reserve (never handed out again) -> unassign -> complete; abort on failure.
+        Returns the interface as the cloud holds it now, None when nothing could be released."""
         name = node.spec.name
-        reply = await self.allocator.reserve_for_release(npb.ReserveForReleaseRequest(
-            node=name, pool=CLOUD_POOL, interface_id=action.interface_id, count=action.count))
+        reply = await self.allocator.reserve_for_release(
+            npb.ReserveForReleaseRequest(
+                node=name, pool=CLOUD_POOL, interface_id=action.interface_id, count=action.count
+            )
+        )
         if not reply.ips:
-            return False
+            return None
         started = time.perf_counter()
         try:
             change = await self._cloud(outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips))
         except BaseException:
-            await self.allocator.abort_release(npb.AbortReleaseRequest(
-                node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id))
+            await self.allocator.abort_release(
+                npb.AbortReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id)
+            )
             self.metrics.release_ops.labels(action.subnet_id, "error").inc()
             raise
-        done = await self.allocator.complete_release(npb.CompleteReleaseRequest(
-            node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id, ips=list(change.addresses)))
+        done = await self.allocator.complete_release(
+            npb.CompleteReleaseRequest(
+                node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id, ips=list(change.addresses)
+            )
+        )
         outcome.released += len(done.released_ips)
         outcome.actions.append(f"release {len(done.released_ips)} from {action.interface_id}")
         self.metrics.release_ops.labels(action.subnet_id, "success").inc(len(done.released_ips))
-        self.metrics.action_duration.labels("release", "success", action.subnet_id).observe(time.perf_counter() - started)
-        return bool(done.released_ips)
+        self.metrics.action_duration.labels("release", "success", action.subnet_id).observe(
+            time.perf_counter() - started
+        )
+        return change.interface if done.released_ips else None
 
-    async def _assign_ipv6(self, node: npb.Node, interfaces: list[NetworkInterface], outcome: Outcome) -> bool:
+    async def _assign_ipv6(
+        self, node: npb.Node, interfaces: list[NetworkInterface], outcome: Outcome
+    ) -> NetworkInterface | None:
+        """Assigns the IPv6 addresses the pool needs on the first usable interface."""
         usable = [i for i in interfaces if i.device_index >= node.spec.first_interface_index]
         if not usable:
-            return False
-        change = await self._cloud(outcome, self.provider.assign_addresses, usable[0].id,
-                                   int(node.stats.needed_ipv6), Family.IPV6)
-        await self.allocator.add_addresses(npb.AddAddressesRequest(
-            node=node.spec.name, pool=CLOUD_POOL, interface=_interface_message(change.interface),
-            ips=list(change.addresses)))
+            return None
+        change = await self._cloud(
+            outcome, self.provider.assign_addresses, usable[0].id, int(node.stats.needed_ipv6), Family.IPV6
+        )
+        await self.allocator.add_addresses(
+            npb.AddAddressesRequest(
+                node=node.spec.name,
+                pool=CLOUD_POOL,
+                interface=_interface_message(change.interface),
+                ips=list(change.addresses),
+            )
+        )
         outcome.assigned += len(change.addresses)
-        return bool(change.addresses)
+        return change.interface if change.addresses else None
 
-    async def _report_reason(self, node: npb.Node, reason: str) -> None:
-        """Tells the allocator why a deficit stays (so callers fail fast with that reason)."""
+    async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, reason: str) -> None:
+        """Tells the allocator the interfaces as they are now (when they changed) and why a deficit
+        stays, if it does (so callers fail fast with that reason)."""
         blocking = reason if reason in (planner.AT_CAPACITY, planner.SUBNET_FULL, planner.MAX_ALLOCATE) else ""
-        if blocking != node.stats.deficit_reason:
-            try:
-                await self.allocator.set_interfaces(npb.SetInterfacesRequest(
-                    node=node.spec.name, interfaces=list(node.interfaces), vpc_cidrs=list(node.vpc_cidrs),
-                    max_interfaces=node.max_interfaces, ipv4_per_interface=node.ipv4_per_interface,
-                    deficit_reason=blocking))
-            except IpamClientError as exc:
-                log.warning("node %s: could not record deficit reason: %s", node.spec.name, exc)
+        if interfaces is None and blocking == node.stats.deficit_reason:
+            return
+        first = node.spec.first_interface_index
+        table = (
+            [_interface_message(i) for i in interfaces if i.device_index >= first]
+            if interfaces is not None
+            else list(node.interfaces)
+        )
+        try:
+            await self.allocator.set_interfaces(
+                npb.SetInterfacesRequest(
+                    node=node.spec.name,
+                    interfaces=table,
+                    vpc_cidrs=list(node.vpc_cidrs),
+                    max_interfaces=node.max_interfaces,
+                    ipv4_per_interface=node.ipv4_per_interface,
+                    deficit_reason=blocking,
+                )
+            )
+        except IpamClientError as exc:
+            log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
 
 
+def _with(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:
+    """The interface list with `updated` replacing its old self (or added, when new)."""
+    return sorted([i for i in interfaces if i.id != updated.id] + [updated], key=lambda i: i.device_index)

@@ -64,30 +64,53 @@ class WorkerMetrics:
         self.registry = registry
         self.ec2 = Ec2Metrics(registry)
         self.allocation_ops = Counter(
-            "ipam_worker_ip_allocation_ops_total", "Addresses assigned, by subnet and status", ["subnet_id", "status"],
-            registry=registry)
+            "ipam_worker_ip_allocation_ops_total",
+            "Addresses assigned, by subnet and status",
+            ["subnet_id", "status"],
+            registry=registry,
+        )
         self.release_ops = Counter(
-            "ipam_worker_ip_release_ops_total", "Addresses unassigned, by subnet and status", ["subnet_id", "status"],
-            registry=registry)
+            "ipam_worker_ip_release_ops_total",
+            "Addresses unassigned, by subnet and status",
+            ["subnet_id", "status"],
+            registry=registry,
+        )
         self.interface_creation_ops = Counter(
-            "ipam_worker_interface_creation_ops_total", "Interfaces created, by subnet and status",
-            ["subnet_id", "status"], registry=registry)
+            "ipam_worker_interface_creation_ops_total",
+            "Interfaces created, by subnet and status",
+            ["subnet_id", "status"],
+            registry=registry,
+        )
         self.action_duration = Histogram(
-            "ipam_worker_action_duration_seconds", "Duration of one allocation, creation or release",
-            ["type", "status", "subnet_id"], buckets=_API_BUCKETS, registry=registry)
+            "ipam_worker_action_duration_seconds",
+            "Duration of one allocation, creation or release",
+            ["type", "status", "subnet_id"],
+            buckets=_API_BUCKETS,
+            registry=registry,
+        )
         self.own_overhead = Histogram(
             "ipam_worker_maintenance_overhead_seconds",
             "Time from taking an event to the refilled pool, minus time spent in cloud calls",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=registry)
-        self.nodes = Gauge("ipam_worker_nodes", "Nodes by category (total, in-deficit, at-capacity)", ["category"],
-                           registry=registry)
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry,
+        )
+        self.nodes = Gauge(
+            "ipam_worker_nodes", "Nodes by category (total, in-deficit, at-capacity)", ["category"], registry=registry
+        )
         self.available_ips_per_subnet = Gauge(
-            "ipam_worker_available_ips_per_subnet", "Free addresses of each subnet", ["subnet_id", "availability_zone"],
-            registry=registry)
+            "ipam_worker_available_ips_per_subnet",
+            "Free addresses of each subnet",
+            ["subnet_id", "availability_zone"],
+            registry=registry,
+        )
         self.resync_total = Counter("ipam_worker_resync_total", "Full resyncs run", registry=registry)
         self.queue_lag = Histogram(
-            "ipam_worker_queue_lag_seconds", "From an event's publication to the worker taking it",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120), registry=registry)
+            "ipam_worker_queue_lag_seconds",
+            "From an event's publication to the worker taking it",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=registry,
+        )
         self.events = Counter("ipam_worker_events_total", "Events handled, by outcome", ["outcome"], registry=registry)
         self.leaked_interfaces_deleted = Counter(
-            "ipam_worker_leaked_interfaces_deleted_total", "Leaked interfaces deleted", registry=registry)
+            "ipam_worker_leaked_interfaces_deleted_total", "Leaked interfaces deleted", registry=registry
+        )

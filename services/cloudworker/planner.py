@@ -166,9 +166,7 @@ def plan(
     return NoAction(NOTHING_NEEDED)
 
 
-def interface_stats(
-    spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits
-) -> InterfaceStats:
+def interface_stats(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> InterfaceStats:
     """How many interfaces have room, and how many more could be attached."""
     candidates = sum(
         1
@@ -245,9 +243,7 @@ def _plan_release(spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: 
     return ReleaseAction(best.id, best.subnet_id, min(best.free_ipv4, excess))
 
 
-def _free_device_indexes(
-    spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits
-) -> list[int]:
+def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> list[int]:
     """Device indexes in [first_interface_index, max_interfaces) without an interface."""
     slots_left = limits.max_interfaces - len(interfaces)
     if slots_left <= 0:

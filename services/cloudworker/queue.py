@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from ipam.v1 import events_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from ipam.v1 import events_pb2
 from services.allocator.store import keys
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,16 @@ def _text(value: Any) -> str:
 class RedisStreamSource:
     """A consumer of `ipam:events` in a consumer group."""
 
-    def __init__(self, client: aioredis.Redis | RedisCluster, *, group: str, consumer: str, max_deliveries: int,
-                 claim_idle_ms: int, stream: str = keys.EVENTS_STREAM) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        group: str,
+        consumer: str,
+        max_deliveries: int,
+        claim_idle_ms: int,
+        stream: str = keys.EVENTS_STREAM,
+    ) -> None:
         self.client = client
         self.group = group
         self.consumer = consumer
@@ -71,14 +79,17 @@ class RedisStreamSource:
             if entries:
                 return await self._deliveries(entries, redelivered=True)
             self._backlog = False
-        claimed = await self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
-                                               start_id="0-0", count=count)
+        claimed = await self.client.xautoclaim(
+            self.stream, self.group, self.consumer, self.claim_idle_ms, start_id="0-0", count=count
+        )
         if claimed and claimed[1]:
             return await self._deliveries(claimed[1], redelivered=True)
         return await self._deliveries(await self._read(">", count, block_ms), redelivered=False)
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[Any]:
-        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        reply = await self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms
+        )
         # [[stream, [(id, fields), ...]]]; one stream here.
         return list(reply[0][1]) if reply else []
 
@@ -102,11 +113,19 @@ class RedisStreamSource:
         return int(pending[0]["times_delivered"]) if pending else 1
 
     async def dead_letter(self, delivery: Delivery, fields: dict[bytes, bytes]) -> None:
-        log.error("event %s for node %s failed %d times: moved to %s", delivery.entry_id, delivery.event.node,
-                  delivery.deliveries - 1, DEAD_LETTER_STREAM)
-        await self.client.xadd(DEAD_LETTER_STREAM, {**fields, b"entry_id": delivery.entry_id.encode(),
-                                                    b"deliveries": str(delivery.deliveries - 1).encode()},
-                               maxlen=10_000, approximate=True)
+        log.error(
+            "event %s for node %s failed %d times: moved to %s",
+            delivery.entry_id,
+            delivery.event.node,
+            delivery.deliveries - 1,
+            DEAD_LETTER_STREAM,
+        )
+        await self.client.xadd(
+            DEAD_LETTER_STREAM,
+            {**fields, b"entry_id": delivery.entry_id.encode(), b"deliveries": str(delivery.deliveries - 1).encode()},
+            maxlen=10_000,
+            approximate=True,
+        )
         await self.client.xack(self.stream, self.group, delivery.entry_id)
 
     async def ack(self, delivery: Delivery) -> None:

@@ -12,15 +12,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class WorkerSettings(BaseSettings):
     """Every setting of `ipam-cloudworker` (flag `--ec2-qps` = variable `IPAM_EC2_QPS`)."""
 
-    model_config = SettingsConfigDict(env_prefix="IPAM_", cli_kebab_case=True, cli_prog_name="ipam-cloudworker",
-                                      cli_implicit_flags=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="IPAM_",
+        cli_kebab_case=True,
+        cli_prog_name="ipam-cloudworker",
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
 
     grpc_address: str = Field("127.0.0.1:50051", description="the allocator (host:port, or several comma-separated)")
     admin_token: SecretStr = Field(SecretStr(""), description="bearer token of the admin role for the allocator")
     tls_ca_file: str = Field("", description="CA of the allocator's certificate: set to talk TLS")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the events stream")
     redis_cluster: bool = Field(False, description="talk to a Redis Cluster")
-    metrics_address: str = Field("127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it")
+    metrics_address: str = Field(
+        "127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it"
+    )
     ec2_endpoint_url: str = Field("", description="EC2 endpoint (the moto server locally); empty = real AWS")
     aws_region: str = Field("us-east-1", description="AWS region")
     aws_access_key_id: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
@@ -31,12 +38,26 @@ class WorkerSettings(BaseSettings):
     consumer_group: str = Field("ipam-workers", description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")
-    claim_idle_seconds: float = Field(30.0, description="events pending this long with a dead worker are claimed")
+    claim_idle_seconds: float = Field(15.0, description="events pending this long with a dead worker are claimed")
     parallel_nodes: int = Field(8, description="nodes maintained at once by this worker")
-    node_lock_seconds: float = Field(60.0, description="lease of the per-node lock (renewed while working)")
+    node_lock_seconds: float = Field(
+        20.0,
+        description="lease of the per-node lock, renewed every step; a dead worker's lock frees itself after this long",
+    )
     resync_interval_seconds: float = Field(60.0, description="full resync of every node against the cloud")
-    stale_reservation_seconds: float = Field(120.0, description="a release reservation older than this was "
-                                             "left by a crashed worker and is settled against the cloud")
-    leaked_interface_grace_seconds: float = Field(300.0, description="our detached interfaces older than this are deleted")
+    stale_reservation_seconds: float = Field(
+        120.0,
+        description="a release reservation older than this was "
+        "left by a crashed worker and is settled against the cloud",
+    )
+    leaked_interface_grace_seconds: float = Field(
+        300.0, description="our detached interfaces older than this are deleted"
+    )
     gc_interval_seconds: float = Field(300.0, description="how often leaked interfaces are looked for")
+    check_address_conflicts: bool = Field(
+        True,
+        description="after each assignment, read the subnet's interfaces "
+        "and give back addresses the cloud handed out twice or reserved (the "
+        "local EC2 does; AWS does not, so it may be turned off there)",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

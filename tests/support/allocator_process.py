@@ -22,8 +22,9 @@ CLIENT_TOKEN = "test-client-token"
 class AllocatorProcess:
     """`python -m services.allocator` with settings from `IPAM_*` variables."""
 
-    def __init__(self, redis_url: str, *, cluster: bool = False, workers: int = 1, port: int | None = None,
-                 **settings: object) -> None:
+    def __init__(
+        self, redis_url: str, *, cluster: bool = False, workers: int = 1, port: int | None = None, **settings: object
+    ) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -48,8 +49,12 @@ class AllocatorProcess:
     def start(self, timeout: float = 20.0) -> AllocatorProcess:
         with self._log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.allocator"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, "-m", "services.allocator"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.wait_serving(timeout)
         return self

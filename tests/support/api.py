@@ -6,13 +6,11 @@ import ipaddress
 import uuid
 
 import grpc
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
-
+from grpc_status import rpc_status
 from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import allocator_pb2_grpc
+from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
-from ipam.v1 import nodes_pb2_grpc
 
 from .allocator_process import ADMIN_TOKEN, CLIENT_TOKEN
 
@@ -67,16 +65,32 @@ class Api:
         self.nodes.CreateNode(npb.CreateNodeRequest(spec=npb.NodeSpec(name=name, **spec)), timeout=5)
         return name
 
-    def seed(self, node: str, v4: int = 0, v6: int = 0, pool: str = "", *, base: str = "10.20.0.0",
-             interface_id: str = "eni-test0") -> list[str]:
+    def seed(
+        self,
+        node: str,
+        v4: int = 0,
+        v6: int = 0,
+        pool: str = "",
+        *,
+        base: str = "10.20.0.0",
+        interface_id: str = "eni-test0",
+    ) -> list[str]:
         """Adds addresses to a pool as the worker would (AddAddresses, admin)."""
         start4 = ipaddress.ip_address(base)
         ips = [str(start4 + 10 + i) for i in range(v4)]
         ips += [str(ipaddress.ip_address("2001:db8::") + 0x100 + i) for i in range(v6)]
-        interface = npb.Interface(id=interface_id, mac="02:42:ac:11:00:02", device_index=0,
-                                  subnet_id="subnet-test", subnet_cidr=f"{base}/16", gateway_ip=str(start4 + 1))
-        reply = self.nodes.AddAddresses(npb.AddAddressesRequest(
-            node=node, pool=pool, interface=interface, ips=ips, vpc_cidrs=["10.20.0.0/16"]), timeout=5)
+        interface = npb.Interface(
+            id=interface_id,
+            mac="02:42:ac:11:00:02",
+            device_index=0,
+            subnet_id="subnet-test",
+            subnet_cidr=f"{base}/16",
+            gateway_ip=str(start4 + 1),
+        )
+        reply = self.nodes.AddAddresses(
+            npb.AddAddressesRequest(node=node, pool=pool, interface=interface, ips=ips, vpc_cidrs=["10.20.0.0/16"]),
+            timeout=5,
+        )
         return list(reply.added_ips)
 
     def node_with_pool(self, v4: int = 16, v6: int = 0, **spec: object) -> str:

@@ -142,9 +142,7 @@ class Ec2Fault:
     `ClientError` it would raise for a real EC2 error; later calls reach the server again.
     """
 
-    def __init__(
-        self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400
-    ) -> None:
+    def __init__(self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400) -> None:
         self.code = code
         self.status = status
         self.remaining = times

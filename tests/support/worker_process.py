@@ -43,8 +43,14 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         with self._log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "services.cloudworker"], env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.cloudworker"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     def log_text(self) -> str:

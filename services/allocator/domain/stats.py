@@ -44,7 +44,8 @@ def node_stats(
     candidates = 0
     if ipv4_per_interface > 0:
         candidates = sum(
-            1 for i in interfaces
+            1
+            for i in interfaces
             if int(i.get("device_index", 0)) >= first_interface_index
             and len([a for a in i.get("addresses", []) if ":" not in a]) < ipv4_per_interface - 1
         )

@@ -3,10 +3,10 @@ one cluster slot and the design runs unchanged on Redis Cluster."""
 
 from __future__ import annotations
 
-NODES_KEY = "ipam:nodes"            # set of node names (its own slot; written outside pool scripts)
-TIMERS_KEY = "ipam:timers"          # zset "node\x00pool" -> next expiration deadline (ms), an index
-EVENTS_STREAM = "ipam:events"       # the stream the worker consumes
-REFILL_CHANNEL = "ipam:refill"      # pub/sub: "node\x00pool" when addresses were added
+NODES_KEY = "ipam:nodes"  # set of node names (its own slot; written outside pool scripts)
+TIMERS_KEY = "ipam:timers"  # zset "node\x00pool" -> next expiration deadline (ms), an index
+EVENTS_STREAM = "ipam:events"  # the stream the worker consumes
+REFILL_CHANNEL = "ipam:refill"  # pub/sub: "node\x00pool" when addresses were added
 
 
 def node_prefix(node: str) -> str:
@@ -34,13 +34,23 @@ def pool_keys(node: str, pool: str) -> list[str]:
     """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them."""
     p = f"{node_prefix(node)}:{pool}"
     return [
-        node_key(node), pools_key(node), interfaces_key(node),
-        f"{p}:free:4", f"{p}:free:6",
-        f"{p}:addrs:4", f"{p}:addrs:6",
-        f"{p}:alloc:4", f"{p}:alloc:6",
-        f"{p}:owners", f"{p}:idem", f"{p}:excluded",
-        f"{p}:reserved:4", f"{p}:reserved:6",
-        f"{p}:resv", f"{p}:exp", pending_event_key(node, pool),
+        node_key(node),
+        pools_key(node),
+        interfaces_key(node),
+        f"{p}:free:4",
+        f"{p}:free:6",
+        f"{p}:addrs:4",
+        f"{p}:addrs:6",
+        f"{p}:alloc:4",
+        f"{p}:alloc:6",
+        f"{p}:owners",
+        f"{p}:idem",
+        f"{p}:excluded",
+        f"{p}:reserved:4",
+        f"{p}:reserved:6",
+        f"{p}:resv",
+        f"{p}:exp",
+        pending_event_key(node, pool),
     ]
 
 

@@ -15,9 +15,9 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -38,9 +38,20 @@ T = TypeVar("T")
 RedisClient = aioredis.Redis | RedisCluster
 
 SCRIPTS = (
-    "allocate_next", "allocate", "release", "exclude", "start_timer", "stop_timer", "expire",
-    "add_addresses", "reserve_for_release", "complete_release", "abort_release", "remove_addresses",
-    "put_node", "pool_state",
+    "allocate_next",
+    "allocate",
+    "release",
+    "exclude",
+    "start_timer",
+    "stop_timer",
+    "expire",
+    "add_addresses",
+    "reserve_for_release",
+    "complete_release",
+    "abort_release",
+    "remove_addresses",
+    "put_node",
+    "pool_state",
 )
 
 # Lua failure reason -> (domain exception, message template).
@@ -182,7 +193,9 @@ class RedisStore:
         # not retried: the command may still run. A script cut off after it ran is the one case a
         # retry repeats; callers that need exactly-once use an idempotency key.
         options: dict[str, Any] = dict(
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=False,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         if cluster:
@@ -242,14 +255,17 @@ class RedisStore:
     # --- allocation -------------------------------------------------------------------------
 
     async def allocate_next(
-        self, node: str, pool: str, families: Sequence[Family], owner: str, idempotency_key: str,
+        self,
+        node: str,
+        pool: str,
+        families: Sequence[Family],
+        owner: str,
+        idempotency_key: str,
         expiration_s: int,
     ) -> AllocateOutcome:
         tags = "".join(f.tag for f in families)
         uuids = (str(uuid.uuid4()), str(uuid.uuid4())) if expiration_s else ("", "")
-        result = await self._run(
-            "allocate_next", node, pool, tags, owner, idempotency_key, expiration_s * 1000, *uuids
-        )
+        result = await self._run("allocate_next", node, pool, tags, owner, idempotency_key, expiration_s * 1000, *uuids)
         vpc = _text(result.get("vpc"))
         allocations = [_allocation(a, pool, vpc) for a in _as_list(result["allocations"])]
         if expiration_s and not result.get("replayed"):
@@ -259,8 +275,7 @@ class RedisStore:
     async def allocate(self, node: str, pool: str, ip: str, owner: str) -> AllocateOutcome:
         result = await self._run("allocate", node, pool, ip, owner, ip=ip)
         vpc = _text(result.get("vpc"))
-        return AllocateOutcome([_allocation(a, pool, vpc) for a in result["allocations"]],
-                               _pool_state(result["state"]))
+        return AllocateOutcome([_allocation(a, pool, vpc) for a in result["allocations"]], _pool_state(result["state"]))
 
     async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
         mode, value = ("ip", ip) if ip is not None else ("owner", owner)
@@ -282,13 +297,14 @@ class RedisStore:
     async def expire_due(self, node: str, pool: str, batch: int = 500) -> ChangeOutcome:
         """Releases the addresses whose timer is due; `next_ms` is the next deadline (0 = none)."""
         result = await self._run("expire", node, pool, batch)
-        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]),
-                             next_ms=int(result["next_ms"]))
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]), next_ms=int(result["next_ms"]))
 
     async def _index_timer(self, node: str, pool: str, deadline_ms: int) -> None:
         # The index lives in its own slot, so it is written after the script; a crash in between
         # is repaired by the sweeper's periodic full scan (`timer_deadlines`).
-        await self._call(lambda: self.client.zadd(keys.TIMERS_KEY, {keys.timer_member(node, pool): deadline_ms}, lt=True))
+        await self._call(
+            lambda: self.client.zadd(keys.TIMERS_KEY, {keys.timer_member(node, pool): deadline_ms}, lt=True)
+        )
 
     async def due_timers(self, now_ms: int, limit: int = 100) -> list[tuple[str, str]]:
         members = await self._call(lambda: self.client.zrangebyscore(keys.TIMERS_KEY, "-inf", now_ms, 0, limit))
@@ -370,14 +386,30 @@ class RedisStore:
     # --- nodes -------------------------------------------------------------------------------
 
     async def put_node(
-        self, node: str, *, create: bool, spec: bytes, watermarks: Watermarks, release_excess: bool,
-        ipv6_enabled: bool, first_interface_index: int,
+        self,
+        node: str,
+        *,
+        create: bool,
+        spec: bytes,
+        watermarks: Watermarks,
+        release_excess: bool,
+        ipv6_enabled: bool,
+        first_interface_index: int,
     ) -> None:
         w = watermarks
         await self._run(
-            "put_node", node, "default", "create" if create else "update", spec,
-            w.pre_allocate, w.min_allocate, w.max_allocate, w.max_above_watermark,
-            int(release_excess), int(ipv6_enabled), first_interface_index,
+            "put_node",
+            node,
+            "default",
+            "create" if create else "update",
+            spec,
+            w.pre_allocate,
+            w.min_allocate,
+            w.max_allocate,
+            w.max_above_watermark,
+            int(release_excess),
+            int(ipv6_enabled),
+            first_interface_index,
         )
         # The registry is its own slot: written after the node, so a listed node always exists.
         await self._call(lambda: self.client.sadd(keys.NODES_KEY, node))
@@ -394,18 +426,36 @@ class RedisStore:
     # --- worker-facing -----------------------------------------------------------------------
 
     async def add_addresses(
-        self, node: str, pool: str, interface: dict[str, Any], ips: Sequence[str], vpc_cidrs: Sequence[str],
-        max_interfaces: int, ipv4_per_interface: int,
+        self,
+        node: str,
+        pool: str,
+        interface: dict[str, Any],
+        ips: Sequence[str],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
     ) -> ChangeOutcome:
         result = await self._run(
-            "add_addresses", node, pool, interface.get("id", ""), json.dumps(interface, sort_keys=True),
-            " ".join(vpc_cidrs), max_interfaces, ipv4_per_interface, *ips,
+            "add_addresses",
+            node,
+            pool,
+            interface.get("id", ""),
+            json.dumps(interface, sort_keys=True),
+            " ".join(vpc_cidrs),
+            max_interfaces,
+            ipv4_per_interface,
+            *ips,
         )
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["added"]))
 
     async def set_interfaces(
-        self, node: str, interfaces: Sequence[dict[str, Any]], vpc_cidrs: Sequence[str], max_interfaces: int,
-        ipv4_per_interface: int, deficit_reason: str,
+        self,
+        node: str,
+        interfaces: Sequence[dict[str, Any]],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
+        deficit_reason: str,
     ) -> None:
         await self.node_record(node)  # NOT_FOUND for an unknown node
 
@@ -413,7 +463,9 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(keys.interfaces_key(node))
             if interfaces:
-                pipe.hset(keys.interfaces_key(node), mapping={i["id"]: json.dumps(i, sort_keys=True) for i in interfaces})
+                pipe.hset(
+                    keys.interfaces_key(node), mapping={i["id"]: json.dumps(i, sort_keys=True) for i in interfaces}
+                )
             fields: dict[str, Any] = {"deficit_reason": deficit_reason}
             if vpc_cidrs:
                 fields["vpc_cidrs"] = " ".join(vpc_cidrs)
@@ -426,7 +478,9 @@ class RedisStore:
 
         await self._call(write)
 
-    async def reserve_for_release(self, node: str, pool: str, family: Family, interface_id: str, count: int) -> ChangeOutcome:
+    async def reserve_for_release(
+        self, node: str, pool: str, family: Family, interface_id: str, count: int
+    ) -> ChangeOutcome:
         reservation_id = uuid.uuid4().hex
         result = await self._run("reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id)
         ips = _as_list(result["ips"])
@@ -442,8 +496,9 @@ class RedisStore:
 
     async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> ChangeOutcome:
         result = await self._run("remove_addresses", node, pool, *ips)
-        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["removed"]),
-                             _as_list(result["still_allocated"]))
+        return ChangeOutcome(
+            _pool_state(result["state"]), _as_list(result["removed"]), _as_list(result["still_allocated"])
+        )
 
     async def reservations(self, node: str, pool: str) -> dict[str, dict[str, Any]]:
         raw = await self._call(lambda: self.client.hgetall(keys.pool_key(node, pool, "resv")))

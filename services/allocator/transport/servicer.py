@@ -10,11 +10,9 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
-
 from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import allocator_pb2_grpc
+from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
-from ipam.v1 import nodes_pb2_grpc
 
 from ..domain.errors import IpamError, Unavailable
 from ..domain.model import Allocation, Family
@@ -48,8 +46,10 @@ def rpc(handler: Handler) -> Handler:
                 return await handler(self, request, context)
             try:
                 return await asyncio.wait_for(handler(self, request, context), max(remaining - _DEADLINE_MARGIN, 0.001))
-            except asyncio.TimeoutError:
-                raise Unavailable("the store did not answer within the call's deadline", reason="DEADLINE_TOO_SHORT") from None
+            except TimeoutError:
+                raise Unavailable(
+                    "the store did not answer within the call's deadline", reason="DEADLINE_TOO_SHORT"
+                ) from None
         except IpamError as error:
             code = status_code_of(error)
             await context.abort_with_status(to_status(error))
@@ -69,9 +69,15 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def allocation_result(a: Allocation) -> pb.AllocationResult:
     return pb.AllocationResult(
-        ip=a.ip, cidrs=list(a.vpc_cidrs), primary_mac=a.interface.mac, gateway_ip=a.interface.gateway_ip,
-        expiration_uuid=a.expiration_uuid, interface_number=str(a.interface.device_index),
-        interface_id=a.interface.id, pool=a.pool, owner=a.owner,
+        ip=a.ip,
+        cidrs=list(a.vpc_cidrs),
+        primary_mac=a.interface.mac,
+        gateway_ip=a.interface.gateway_ip,
+        expiration_uuid=a.expiration_uuid,
+        interface_number=str(a.interface.device_index),
+        interface_id=a.interface.id,
+        pool=a.pool,
+        owner=a.owner,
     )
 
 
@@ -81,11 +87,18 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         self.metrics = metrics
 
     @rpc
-    async def AllocateNext(self, request: pb.AllocateNextRequest, context: grpc.aio.ServicerContext) -> pb.AllocateNextResponse:
+    async def AllocateNext(
+        self, request: pb.AllocateNextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AllocateNextResponse:
         allocations = await self.service.allocate_next(
-            request.node, request.pool, Family.parse(request.family), request.owner,
-            expiration_seconds=request.expiration_seconds, skip_sync_upstream=request.skip_sync_upstream,
-            idempotency_key=request.idempotency_key, wait_for_refill=request.wait_for_refill,
+            request.node,
+            request.pool,
+            Family.parse(request.family),
+            request.owner,
+            expiration_seconds=request.expiration_seconds,
+            skip_sync_upstream=request.skip_sync_upstream,
+            idempotency_key=request.idempotency_key,
+            wait_for_refill=request.wait_for_refill,
             deadline=_deadline(context),
         )
         response = pb.AllocateNextResponse()
@@ -95,16 +108,20 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     @rpc
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
-        a = await self.service.allocate(request.node, request.pool, request.ip, request.owner,
-                                        skip_sync_upstream=request.skip_sync_upstream)
+        a = await self.service.allocate(
+            request.node, request.pool, request.ip, request.owner, skip_sync_upstream=request.skip_sync_upstream
+        )
         return pb.AllocateResponse(result=allocation_result(a))
 
     @rpc
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         target = request.WhichOneof("target")
         released = await self.service.release(
-            request.node, request.pool, ip=request.ip if target == "ip" else None,
-            owner=request.owner if target == "owner" else None, skip_sync_upstream=request.skip_sync_upstream,
+            request.node,
+            request.pool,
+            ip=request.ip if target == "ip" else None,
+            owner=request.owner if target == "owner" else None,
+            skip_sync_upstream=request.skip_sync_upstream,
         )
         return pb.ReleaseResponse(released_ips=released)
 
@@ -114,28 +131,41 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return pb.ExcludeIPResponse()
 
     @rpc
-    async def StartExpirationTimer(self, request: pb.StartExpirationTimerRequest, context: grpc.aio.ServicerContext) -> pb.StartExpirationTimerResponse:
+    async def StartExpirationTimer(
+        self, request: pb.StartExpirationTimerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartExpirationTimerResponse:
         uuid = await self.service.start_timer(request.node, request.pool, request.ip, request.timeout_seconds)
         return pb.StartExpirationTimerResponse(expiration_uuid=uuid)
 
     @rpc
-    async def StopExpirationTimer(self, request: pb.StopExpirationTimerRequest, context: grpc.aio.ServicerContext) -> pb.StopExpirationTimerResponse:
+    async def StopExpirationTimer(
+        self, request: pb.StopExpirationTimerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopExpirationTimerResponse:
         await self.service.stop_timer(request.node, request.pool, request.ip, request.expiration_uuid)
         return pb.StopExpirationTimerResponse()
 
     @rpc
     async def Dump(self, request: pb.DumpRequest, context: grpc.aio.ServicerContext) -> pb.DumpResponse:
         v4, v6, free4, free6 = await self.service.dump(request.node, request.pool)
-        return pb.DumpResponse(ipv4=v4, ipv6=v6, free_ipv4=free4, free_ipv6=free6,
-                               status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated, "
-                                      f"{len(free4)} IPv4 and {len(free6)} IPv6 free")
+        return pb.DumpResponse(
+            ipv4=v4,
+            ipv6=v6,
+            free_ipv4=free4,
+            free_ipv6=free6,
+            status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated, "
+            f"{len(free4)} IPv4 and {len(free6)} IPv6 free",
+        )
 
     @rpc
-    async def DebugStatus(self, request: pb.DebugStatusRequest, context: grpc.aio.ServicerContext) -> pb.DebugStatusResponse:
+    async def DebugStatus(
+        self, request: pb.DebugStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DebugStatusResponse:
         return pb.DebugStatusResponse(status=await self.service.debug_status())
 
     @rpc
-    async def GetVpcCIDRs(self, request: pb.GetVpcCIDRsRequest, context: grpc.aio.ServicerContext) -> pb.GetVpcCIDRsResponse:
+    async def GetVpcCIDRs(
+        self, request: pb.GetVpcCIDRsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetVpcCIDRsResponse:
         return pb.GetVpcCIDRsResponse(cidrs=await self.service.vpc_cidrs(request.node))
 
     async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingResponse:
@@ -143,7 +173,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
 
 def _interface_dict(interface: npb.Interface) -> dict[str, Any]:
-    return json_format.MessageToDict(interface, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        interface, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def node_settings(spec: npb.NodeSpec) -> NodeSettings:
@@ -166,15 +198,27 @@ def node_message(view: NodeView) -> npb.Node:
         spec=spec,
         interfaces=[json_format.ParseDict(i, npb.Interface(), ignore_unknown_fields=True) for i in r.interfaces],
         stats=npb.NodeStats(
-            used_ips=s.used_ips, available_ips=s.available_ips, needed_ips=s.needed_ips, excess_ips=s.excess_ips,
-            remaining_interfaces=s.remaining_interfaces, interface_candidates=s.interface_candidates,
-            empty_interface_slots=s.empty_interface_slots, cooling_ips=s.cooling_ips, used_ipv6=s.used_ipv6,
-            available_ipv6=s.available_ipv6, needed_ipv6=s.needed_ipv6, deficit_reason=r.deficit_reason,
+            used_ips=s.used_ips,
+            available_ips=s.available_ips,
+            needed_ips=s.needed_ips,
+            excess_ips=s.excess_ips,
+            remaining_interfaces=s.remaining_interfaces,
+            interface_candidates=s.interface_candidates,
+            empty_interface_slots=s.empty_interface_slots,
+            cooling_ips=s.cooling_ips,
+            used_ipv6=s.used_ipv6,
+            available_ipv6=s.available_ipv6,
+            needed_ipv6=s.needed_ipv6,
+            deficit_reason=r.deficit_reason,
         ),
-        pools=r.pools, vpc_cidrs=r.vpc_cidrs, max_interfaces=r.max_interfaces,
+        pools=r.pools,
+        vpc_cidrs=r.vpc_cidrs,
+        max_interfaces=r.max_interfaces,
         ipv4_per_interface=r.ipv4_per_interface,
-        reservations=[npb.Reservation(id=rid, ips=_list(v.get("ips")), age_ms=max(now_ms - int(v.get("ms", now_ms)), 0))
-                      for rid, v in view.reservations.items()],
+        reservations=[
+            npb.Reservation(id=rid, ips=_list(v.get("ips")), age_ms=max(now_ms - int(v.get("ms", now_ms)), 0))
+            for rid, v in view.reservations.items()
+        ],
     )
 
 
@@ -205,7 +249,9 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         return await self._put(request.spec, False)
 
     @rpc
-    async def DeleteNode(self, request: npb.DeleteNodeRequest, context: grpc.aio.ServicerContext) -> npb.DeleteNodeResponse:
+    async def DeleteNode(
+        self, request: npb.DeleteNodeRequest, context: grpc.aio.ServicerContext
+    ) -> npb.DeleteNodeResponse:
         await self.service.delete_node(request.name)
         return npb.DeleteNodeResponse()
 
@@ -214,7 +260,9 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         return node_message(await self.service.node_view(request.name, request.pool))
 
     @rpc
-    async def ListNodes(self, request: npb.ListNodesRequest, context: grpc.aio.ServicerContext) -> npb.ListNodesResponse:
+    async def ListNodes(
+        self, request: npb.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> npb.ListNodesResponse:
         nodes = [node_message(v) for v in await self.service.node_views()]
         nodes.sort(key=_watermark_order if request.order_by_watermark else (lambda n: n.spec.name))
         return npb.ListNodesResponse(nodes=nodes)
@@ -225,39 +273,62 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         return npb.ResyncResponse(nodes=nodes, events_published=published)
 
     @rpc
-    async def AddAddresses(self, request: npb.AddAddressesRequest, context: grpc.aio.ServicerContext) -> npb.AddAddressesResponse:
+    async def AddAddresses(
+        self, request: npb.AddAddressesRequest, context: grpc.aio.ServicerContext
+    ) -> npb.AddAddressesResponse:
         added = await self.service.add_addresses(
-            request.node, request.pool, _interface_dict(request.interface), list(request.ips), list(request.vpc_cidrs),
-            request.max_interfaces, request.ipv4_per_interface,
+            request.node,
+            request.pool,
+            _interface_dict(request.interface),
+            list(request.ips),
+            list(request.vpc_cidrs),
+            request.max_interfaces,
+            request.ipv4_per_interface,
         )
         return npb.AddAddressesResponse(added_ips=added)
 
     @rpc
-    async def SetInterfaces(self, request: npb.SetInterfacesRequest, context: grpc.aio.ServicerContext) -> npb.SetInterfacesResponse:
+    async def SetInterfaces(
+        self, request: npb.SetInterfacesRequest, context: grpc.aio.ServicerContext
+    ) -> npb.SetInterfacesResponse:
         await self.service.set_interfaces(
-            request.node, [_interface_dict(i) for i in request.interfaces], list(request.vpc_cidrs),
-            request.max_interfaces, request.ipv4_per_interface, request.deficit_reason,
+            request.node,
+            [_interface_dict(i) for i in request.interfaces],
+            list(request.vpc_cidrs),
+            request.max_interfaces,
+            request.ipv4_per_interface,
+            request.deficit_reason,
         )
         return npb.SetInterfacesResponse()
 
     @rpc
-    async def ReserveForRelease(self, request: npb.ReserveForReleaseRequest, context: grpc.aio.ServicerContext) -> npb.ReserveForReleaseResponse:
+    async def ReserveForRelease(
+        self, request: npb.ReserveForReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> npb.ReserveForReleaseResponse:
         rid, ips = await self.service.reserve_for_release(
             request.node, request.pool, Family.parse(request.family), request.interface_id, request.count
         )
         return npb.ReserveForReleaseResponse(reservation_id=rid, ips=ips)
 
     @rpc
-    async def CompleteRelease(self, request: npb.CompleteReleaseRequest, context: grpc.aio.ServicerContext) -> npb.CompleteReleaseResponse:
-        released = await self.service.complete_release(request.node, request.pool, request.reservation_id, list(request.ips))
+    async def CompleteRelease(
+        self, request: npb.CompleteReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> npb.CompleteReleaseResponse:
+        released = await self.service.complete_release(
+            request.node, request.pool, request.reservation_id, list(request.ips)
+        )
         return npb.CompleteReleaseResponse(released_ips=released)
 
     @rpc
-    async def AbortRelease(self, request: npb.AbortReleaseRequest, context: grpc.aio.ServicerContext) -> npb.AbortReleaseResponse:
+    async def AbortRelease(
+        self, request: npb.AbortReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> npb.AbortReleaseResponse:
         restored = await self.service.abort_release(request.node, request.pool, request.reservation_id)
         return npb.AbortReleaseResponse(restored_ips=restored)
 
     @rpc
-    async def RemoveAddresses(self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext) -> npb.RemoveAddressesResponse:
+    async def RemoveAddresses(
+        self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext
+    ) -> npb.RemoveAddressesResponse:
         removed, still = await self.service.remove_addresses(request.node, request.pool, list(request.ips))
         return npb.RemoveAddressesResponse(removed_ips=removed, still_allocated=still)

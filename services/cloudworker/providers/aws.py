@@ -178,9 +178,7 @@ class AwsProvider(CloudProvider):
         if cached is not None:
             return cached
         try:
-            types = self._call("DescribeInstanceTypes", InstanceTypes=[instance_type]).get(
-                "InstanceTypes", []
-            )
+            types = self._call("DescribeInstanceTypes", InstanceTypes=[instance_type]).get("InstanceTypes", [])
         except NotFound as exc:
             raise NotFound(
                 f"unknown instance type {instance_type!r}: {exc.message}",
@@ -193,9 +191,7 @@ class AwsProvider(CloudProvider):
         limits = InstanceLimits(
             max_interfaces=int(network.get("MaximumNetworkInterfaces", 0)),
             ipv4_per_interface=int(network.get("Ipv4AddressesPerInterface", 0)),
-            ipv6_per_interface=int(network.get("Ipv6AddressesPerInterface", 0))
-            if network.get("Ipv6Supported")
-            else 0,
+            ipv6_per_interface=int(network.get("Ipv6AddressesPerInterface", 0)) if network.get("Ipv6Supported") else 0,
         )
         if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
             # Never plan with zeros (Cilium #14802: unknown types failing silently).
@@ -279,9 +275,7 @@ class AwsProvider(CloudProvider):
             params["SecondaryPrivateIpAddressCount"] = ipv4_count
         if ipv6_count > 0:
             params["Ipv6AddressCount"] = ipv6_count
-        interface_id = self._call("CreateNetworkInterface", **params)["NetworkInterface"][
-            "NetworkInterfaceId"
-        ]
+        interface_id = self._call("CreateNetworkInterface", **params)["NetworkInterface"]["NetworkInterfaceId"]
 
         try:
             attachment_id = self._call(
@@ -337,6 +331,29 @@ class AwsProvider(CloudProvider):
         after = self._read_interface(interface_id)
         remaining = {after.primary_ip, *after.ipv4, *after.ipv6}
         return AddressChange(tuple(ip for ip in wanted if ip not in remaining), after)
+
+    def conflicting_addresses(self, interface: NetworkInterface, ips: Sequence[str]) -> set[str]:
+        reserved = reserved_addresses(interface.subnet_cidr)
+        held_twice = {ip for ip in interface.ipv4 if interface.ipv4.count(ip) > 1}
+        conflicts = {ip for ip in ips if ip in reserved or ip in held_twice}
+        wanted = {ip for ip in ips if ipaddress.ip_address(ip).version == 4} - conflicts
+        if wanted:
+            # By subnet, not by the `addresses.private-ip-address` filter: the local EC2 matches that
+            # filter against primary addresses only.
+            neighbours = self._paginate(
+                "DescribeNetworkInterfaces",
+                "NetworkInterfaces",
+                Filters=[{"Name": "subnet-id", "Values": [interface.subnet_id]}],
+                MaxResults=self._page_size,
+            )
+            for raw in neighbours:
+                if raw["NetworkInterfaceId"] != interface.id:
+                    conflicts.update(
+                        a["PrivateIpAddress"]
+                        for a in raw.get("PrivateIpAddresses", [])
+                        if a["PrivateIpAddress"] in wanted
+                    )
+        return conflicts
 
     def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
         raws = self._paginate(
@@ -407,9 +424,7 @@ class AwsProvider(CloudProvider):
             if attempt >= self._retry.max_attempts or not _retryable(error, operation):
                 raise error from cause
             delay = self._retry.delay(attempt)
-            log.info(
-                "%s failed with %s (attempt %d), retrying in %.2fs", operation, error.code, attempt, delay
-            )
+            log.info("%s failed with %s (attempt %d), retrying in %.2fs", operation, error.code, attempt, delay)
             self._sleep(delay)
             attempt += 1
 
@@ -427,9 +442,7 @@ class AwsProvider(CloudProvider):
     # --- helpers ------------------------------------------------------------------------------------
 
     def _read_interface(self, interface_id: str) -> NetworkInterface:
-        raws = self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=[interface_id]).get(
-            "NetworkInterfaces", []
-        )
+        raws = self._call("DescribeNetworkInterfaces", NetworkInterfaceIds=[interface_id]).get("NetworkInterfaces", [])
         if not raws:
             raise NotFound(f"interface {interface_id} not found", operation="DescribeNetworkInterfaces")
         return self._parse_interfaces(raws)[0]
@@ -514,6 +527,16 @@ def _parse_interface(raw: dict[str, Any], subnet_cidr: str) -> NetworkInterface:
         status=raw.get("Status", ""),
         tags={t["Key"]: t["Value"] for t in raw.get("TagSet", [])},
     )
+
+
+def reserved_addresses(cidr: str) -> set[str]:
+    """What a VPC subnet never hands out: its network address, the next three and its broadcast."""
+    if not cidr:
+        return set()
+    network = ipaddress.ip_network(cidr, strict=False)
+    if network.version != 4 or network.num_addresses < 8:
+        return set()
+    return {str(network.network_address + i) for i in range(4)} | {str(network.broadcast_address)}
 
 
 def _addresses(interface: NetworkInterface, family: Family) -> tuple[str, ...]:

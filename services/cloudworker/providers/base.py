@@ -57,6 +57,12 @@ class CloudProvider(Protocol):
         """Unassign these addresses (either family); returns those really gone and the interface."""
         ...
 
+    def conflicting_addresses(self, interface: NetworkInterface, ips: Sequence[str]) -> set[str]:
+        """Of `ips`, just given to `interface`, those the subnet reserves or another interface holds.
+        A real VPC never hands these out; checking costs one read and guards the pools' uniqueness
+        against a cloud that does (the local EC2 picks addresses at random)."""
+        ...
+
     def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
         """Interfaces we created for this cluster that are detached (`available`) and older than
         the grace period, so not merely created and not yet attached."""

@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 import redis
-
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
+
 from tests.support.api import Api, reason_of
 
 
@@ -41,7 +41,13 @@ def test_allocate_next_ipv4_carries_the_interface(api: Api) -> None:
     r = reply.ipv4
     assert ipaddress.ip_address(r.ip) in ipaddress.ip_network("10.20.0.0/16")
     assert (r.owner, r.pool, r.interface_id, r.primary_mac, r.gateway_ip, r.interface_number) == (
-        "pod-a", "default", "eni-test0", "02:42:ac:11:00:02", "10.20.0.1", "0")
+        "pod-a",
+        "default",
+        "eni-test0",
+        "02:42:ac:11:00:02",
+        "10.20.0.1",
+        "0",
+    )
     assert list(r.cidrs) == ["10.20.0.0/16"]
     assert not reply.HasField("ipv6")
     assert api.dump(node)[0] == {r.ip: "pod-a"}
@@ -57,8 +63,12 @@ def test_allocate_next_dual_stack_takes_both_families(api: Api) -> None:
 
 def test_dual_stack_takes_nothing_when_one_family_is_empty(api: Api) -> None:
     node = api.node_with_pool(2, 0, ipv6_enabled=True)
-    expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, owner="pod-c"),
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, owner="pod-c"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
     assert api.dump(node) == ({}, {})
 
 
@@ -66,8 +76,12 @@ def test_empty_pool_is_resource_exhausted_and_publishes_one_event(api: Api, back
     node = api.node_with_pool(1)
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="o1"), timeout=5)
     for _ in range(3):
-        expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="o2"),
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
+        expect_error(
+            api.alloc.AllocateNext,
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="o2"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "POOL_EMPTY",
+        )
     events = _events_for(backend, node)
     # CreateNode (empty pool, needs 8) published one; every later call found it still pending.
     assert len(events) == 1
@@ -92,8 +106,9 @@ def test_skip_sync_upstream_publishes_nothing(api: Api, backend) -> None:  # typ
     api.seed(node, 3)
     api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=node, pre_allocate=3)), timeout=5)
     assert _events_for(backend, node) == []  # 3 free, watermark 3: nothing needed yet
-    api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a",
-                                                  skip_sync_upstream=True), timeout=5)
+    api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a", skip_sync_upstream=True), timeout=5
+    )
     assert api.stats(node).needed_ips == 1
     assert _events_for(backend, node) == []
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5)
@@ -123,13 +138,25 @@ def test_allocate_specific_and_its_errors(api: Api) -> None:
     ip = "10.20.0.11"
     reply = api.alloc.Allocate(pb.AllocateRequest(node=node, ip=ip, owner="pod-e"), timeout=5)
     assert reply.result.ip == ip and reply.result.interface_id == "eni-test0"
-    expect_error(api.alloc.Allocate, pb.AllocateRequest(node=node, ip=ip, owner="pod-f"),
-                 grpc.StatusCode.ALREADY_EXISTS, "IP_ALREADY_ALLOCATED")
-    expect_error(api.alloc.Allocate, pb.AllocateRequest(node=node, ip="10.99.0.1", owner="pod-f"),
-                 grpc.StatusCode.FAILED_PRECONDITION, "IP_NOT_IN_POOL")
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=node, ip=ip, owner="pod-f"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IP_ALREADY_ALLOCATED",
+    )
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=node, ip="10.99.0.1", owner="pod-f"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IP_NOT_IN_POOL",
+    )
     api.alloc.ExcludeIP(pb.ExcludeIPRequest(node=node, ip="10.20.0.12", owner="ops"), timeout=5)
-    expect_error(api.alloc.Allocate, pb.AllocateRequest(node=node, ip="10.20.0.12", owner="pod-f"),
-                 grpc.StatusCode.FAILED_PRECONDITION, "IP_EXCLUDED")
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=node, ip="10.20.0.12", owner="pod-f"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IP_EXCLUDED",
+    )
     assert api.dump(node)[0] == {ip: "pod-e", "10.20.0.12": "ops (excluded)"}
 
 
@@ -143,24 +170,38 @@ def test_release_by_ip_and_by_owner(api: Api) -> None:
     released = api.alloc.Release(pb.ReleaseRequest(node=node, owner="pod-g"), timeout=5).released_ips
     assert sorted(released) == sorted([a.ipv4.ip, a.ipv6.ip, b.ipv4.ip])
     assert api.dump(node) == ({}, {})
-    expect_error(api.alloc.Release, pb.ReleaseRequest(node=node, ip=c.ipv4.ip),
-                 grpc.StatusCode.NOT_FOUND, "IP_NOT_ALLOCATED")
-    expect_error(api.alloc.Release, pb.ReleaseRequest(node=node, owner="pod-g"),
-                 grpc.StatusCode.NOT_FOUND, "OWNER_NOT_FOUND")
+    expect_error(
+        api.alloc.Release, pb.ReleaseRequest(node=node, ip=c.ipv4.ip), grpc.StatusCode.NOT_FOUND, "IP_NOT_ALLOCATED"
+    )
+    expect_error(
+        api.alloc.Release, pb.ReleaseRequest(node=node, owner="pod-g"), grpc.StatusCode.NOT_FOUND, "OWNER_NOT_FOUND"
+    )
     # A released address is handed out again (cooldown 0 in this suite).
-    again = {api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"p{i}"),
-                                    timeout=5).ipv4.ip for i in range(6)}
+    again = {
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"p{i}"), timeout=5
+        ).ipv4.ip
+        for i in range(6)
+    }
     assert c.ipv4.ip in again
 
 
 def test_excluded_address_is_never_handed_out(api: Api) -> None:
     node = api.node_with_pool(3)
     api.alloc.ExcludeIP(pb.ExcludeIPRequest(node=node, ip="10.20.0.10", owner="ops"), timeout=5)
-    got = {api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"p{i}"),
-                                  timeout=5).ipv4.ip for i in range(2)}
+    got = {
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"p{i}"), timeout=5
+        ).ipv4.ip
+        for i in range(2)
+    }
     assert got == {"10.20.0.11", "10.20.0.12"}
-    expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="p9"),
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="p9"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
     assert api.stats(node).used_ips == 3  # the excluded address counts as used, as in Cilium
 
 
@@ -176,34 +217,49 @@ def test_excluding_an_allocated_address_keeps_it_aside_after_release(api: Api) -
 
 def test_expiration_timer_fires_and_stop_needs_the_uuid(api: Api) -> None:
     node = api.node_with_pool(4)
-    doomed = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a",
-                                                           expiration_seconds=1), timeout=5).ipv4
-    kept = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b",
-                                                         expiration_seconds=1), timeout=5).ipv4
+    doomed = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a", expiration_seconds=1), timeout=5
+    ).ipv4
+    kept = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b", expiration_seconds=1), timeout=5
+    ).ipv4
     assert doomed.expiration_uuid and kept.expiration_uuid and doomed.expiration_uuid != kept.expiration_uuid
-    expect_error(api.alloc.StopExpirationTimer,
-                 pb.StopExpirationTimerRequest(node=node, ip=kept.ip, expiration_uuid=doomed.expiration_uuid),
-                 grpc.StatusCode.FAILED_PRECONDITION, "EXPIRATION_UUID_MISMATCH")
-    api.alloc.StopExpirationTimer(pb.StopExpirationTimerRequest(node=node, ip=kept.ip,
-                                                                expiration_uuid=kept.expiration_uuid), timeout=5)
+    expect_error(
+        api.alloc.StopExpirationTimer,
+        pb.StopExpirationTimerRequest(node=node, ip=kept.ip, expiration_uuid=doomed.expiration_uuid),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "EXPIRATION_UUID_MISMATCH",
+    )
+    api.alloc.StopExpirationTimer(
+        pb.StopExpirationTimerRequest(node=node, ip=kept.ip, expiration_uuid=kept.expiration_uuid), timeout=5
+    )
     poll(lambda: doomed.ip not in api.dump(node)[0])
     assert api.dump(node)[0] == {kept.ip: "b"}
-    expect_error(api.alloc.StopExpirationTimer,
-                 pb.StopExpirationTimerRequest(node=node, ip=kept.ip, expiration_uuid=kept.expiration_uuid),
-                 grpc.StatusCode.FAILED_PRECONDITION, "NO_TIMER_RUNNING")
+    expect_error(
+        api.alloc.StopExpirationTimer,
+        pb.StopExpirationTimerRequest(node=node, ip=kept.ip, expiration_uuid=kept.expiration_uuid),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NO_TIMER_RUNNING",
+    )
 
 
 def test_start_expiration_timer_replaces_the_uuid(api: Api) -> None:
     node = api.node_with_pool(2)
     ip = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a"), timeout=5).ipv4.ip
-    first = api.alloc.StartExpirationTimer(pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=600),
-                                           timeout=5).expiration_uuid
-    second = api.alloc.StartExpirationTimer(pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=1),
-                                            timeout=5).expiration_uuid
+    first = api.alloc.StartExpirationTimer(
+        pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=600), timeout=5
+    ).expiration_uuid
+    second = api.alloc.StartExpirationTimer(
+        pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=1), timeout=5
+    ).expiration_uuid
     assert first != second
     poll(lambda: ip not in api.dump(node)[0])
-    expect_error(api.alloc.StartExpirationTimer, pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=5),
-                 grpc.StatusCode.NOT_FOUND, "IP_NOT_ALLOCATED")
+    expect_error(
+        api.alloc.StartExpirationTimer,
+        pb.StartExpirationTimerRequest(node=node, ip=ip, timeout_seconds=5),
+        grpc.StatusCode.NOT_FOUND,
+        "IP_NOT_ALLOCATED",
+    )
 
 
 def test_release_clears_the_timer(api: Api) -> None:
@@ -215,8 +271,9 @@ def test_release_clears_the_timer(api: Api) -> None:
     assert again.expiration_uuid == ""
     # The old timer is gone: a second pool's timer, due at the same time, fires and ours does not.
     other = api.node_with_pool(1)
-    other_ip = api.alloc.AllocateNext(pb.AllocateNextRequest(node=other, family=pb.FAMILY_IPV4, owner="c",
-                                                             expiration_seconds=1), timeout=5).ipv4.ip
+    other_ip = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=other, family=pb.FAMILY_IPV4, owner="c", expiration_seconds=1), timeout=5
+    ).ipv4.ip
     poll(lambda: other_ip not in api.dump(other)[0])
     assert api.dump(node)[0] == {ip: "b"}
 
@@ -224,20 +281,26 @@ def test_release_clears_the_timer(api: Api) -> None:
 def test_pools_are_separate(api: Api) -> None:
     node = api.node_with_pool(2)
     api.seed(node, 2, pool="blue", base="10.21.0.0")
-    blue = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, pool="blue", family=pb.FAMILY_IPV4,
-                                                         owner="p"), timeout=5).ipv4
+    blue = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, pool="blue", family=pb.FAMILY_IPV4, owner="p"), timeout=5
+    ).ipv4
     assert blue.pool == "blue" and blue.ip.startswith("10.21.")
     assert api.dump(node) == ({}, {}) and api.dump(node, "blue")[0] == {blue.ip: "p"}
-    expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, pool="green", owner="p"),
-                 grpc.StatusCode.NOT_FOUND, "POOL_NOT_FOUND")
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, pool="green", owner="p"),
+        grpc.StatusCode.NOT_FOUND,
+        "POOL_NOT_FOUND",
+    )
 
 
 def test_dump_debug_status_and_vpc_cidrs(api: Api) -> None:
     node = api.node_with_pool(2)
     assert "nodes:" in api.alloc.DebugStatus(pb.DebugStatusRequest(), timeout=5).status
     assert list(api.alloc.GetVpcCIDRs(pb.GetVpcCIDRsRequest(node=node), timeout=5).cidrs) == ["10.20.0.0/16"]
-    expect_error(api.alloc.GetVpcCIDRs, pb.GetVpcCIDRsRequest(node="no-such-node"),
-                 grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
+    expect_error(
+        api.alloc.GetVpcCIDRs, pb.GetVpcCIDRsRequest(node="no-such-node"), grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND"
+    )
     expect_error(api.alloc.Dump, pb.DumpRequest(node="no-such-node"), grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
 
 
@@ -248,7 +311,8 @@ def test_wait_for_refill_returns_when_the_worker_adds_addresses(api: Api) -> Non
     def caller() -> None:
         try:
             result["reply"] = api.alloc.AllocateNext(
-                pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True), timeout=10)
+                pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True), timeout=10
+            )
         except grpc.RpcError as exc:
             result["error"] = exc
 
@@ -266,8 +330,9 @@ def test_wait_for_refill_fails_within_the_deadline(api: Api) -> None:
     node = api.node_with_pool(0)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w",
-                                                      wait_for_refill=True), timeout=1.0)
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True), timeout=1.0
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert reason_of(info.value) == "POOL_EMPTY"
     assert time.monotonic() - started < 1.5
@@ -276,6 +341,9 @@ def test_wait_for_refill_fails_within_the_deadline(api: Api) -> None:
 def test_node_at_capacity_fails_at_once_with_its_reason(api: Api) -> None:
     node = api.node_with_pool(0)
     api.nodes.SetInterfaces(npb.SetInterfacesRequest(node=node, deficit_reason="at-capacity"), timeout=5)
-    expect_error(api.alloc.AllocateNext,
-                 pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True),
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, "NODE_AT_CAPACITY")
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "NODE_AT_CAPACITY",
+    )

@@ -7,46 +7,245 @@ from typing import Any
 
 import grpc
 import pytest
-
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
+
 from tests.support.api import Api, reason_of
 
 LONG = "x" * 300
-INVALID, NOT_FOUND, FAILED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                              grpc.StatusCode.FAILED_PRECONDITION)
+INVALID, NOT_FOUND, FAILED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 # (case id, stub attribute on Api, method, request factory given the node name, code, reason)
 CASES: list[tuple[str, str, str, Callable[[str], Any], grpc.StatusCode, str]] = [
-    ("malformed ip", "alloc", "Allocate", lambda n: pb.AllocateRequest(node=n, ip="10.20.0.999", owner="o"), INVALID, "INVALID_IP"),
-    ("cidr as ip", "alloc", "Allocate", lambda n: pb.AllocateRequest(node=n, ip="10.20.0.0/24", owner="o"), INVALID, "INVALID_IP"),
-    ("empty owner", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner=""), INVALID, "OWNER_REQUIRED"),
-    ("oversized owner", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner=LONG), INVALID, "TEXT_TOO_LONG"),
-    ("owner with control characters", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner="a\tb"), INVALID, "INVALID_TEXT"),
-    ("oversized idempotency key", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner="o", idempotency_key=LONG), INVALID, "TEXT_TOO_LONG"),
-    ("oversized node", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node="n" * 300, owner="o"), INVALID, "NAME_TOO_LONG"),
-    ("node with a brace", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node="a}b", owner="o"), INVALID, "INVALID_NAME"),
-    ("empty node", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node="", owner="o"), INVALID, "NODE_REQUIRED"),
-    ("unknown family", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner="o", family=7), INVALID, "INVALID_FAMILY"),
-    ("expiration too long", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner="o", expiration_seconds=10**8), INVALID, "INVALID_TIMEOUT"),
-    ("unknown node", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node="nobody", owner="o"), NOT_FOUND, "NODE_NOT_FOUND"),
-    ("unknown pool", "alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, pool="nopool", owner="o"), NOT_FOUND, "POOL_NOT_FOUND"),
-    ("ip not in pool", "alloc", "Allocate", lambda n: pb.AllocateRequest(node=n, ip="10.99.0.1", owner="o"), FAILED, "IP_NOT_IN_POOL"),
-    ("release with neither ip nor owner", "alloc", "Release", lambda n: pb.ReleaseRequest(node=n), INVALID, "IP_OR_OWNER_REQUIRED"),
+    (
+        "malformed ip",
+        "alloc",
+        "Allocate",
+        lambda n: pb.AllocateRequest(node=n, ip="10.20.0.999", owner="o"),
+        INVALID,
+        "INVALID_IP",
+    ),
+    (
+        "cidr as ip",
+        "alloc",
+        "Allocate",
+        lambda n: pb.AllocateRequest(node=n, ip="10.20.0.0/24", owner="o"),
+        INVALID,
+        "INVALID_IP",
+    ),
+    (
+        "empty owner",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner=""),
+        INVALID,
+        "OWNER_REQUIRED",
+    ),
+    (
+        "oversized owner",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner=LONG),
+        INVALID,
+        "TEXT_TOO_LONG",
+    ),
+    (
+        "owner with control characters",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner="a\tb"),
+        INVALID,
+        "INVALID_TEXT",
+    ),
+    (
+        "oversized idempotency key",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner="o", idempotency_key=LONG),
+        INVALID,
+        "TEXT_TOO_LONG",
+    ),
+    (
+        "oversized node",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node="n" * 300, owner="o"),
+        INVALID,
+        "NAME_TOO_LONG",
+    ),
+    (
+        "node with a brace",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node="a}b", owner="o"),
+        INVALID,
+        "INVALID_NAME",
+    ),
+    (
+        "empty node",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node="", owner="o"),
+        INVALID,
+        "NODE_REQUIRED",
+    ),
+    (
+        "unknown family",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner="o", family=7),
+        INVALID,
+        "INVALID_FAMILY",
+    ),
+    (
+        "expiration too long",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner="o", expiration_seconds=10**8),
+        INVALID,
+        "INVALID_TIMEOUT",
+    ),
+    (
+        "unknown node",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node="nobody", owner="o"),
+        NOT_FOUND,
+        "NODE_NOT_FOUND",
+    ),
+    (
+        "unknown pool",
+        "alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, pool="nopool", owner="o"),
+        NOT_FOUND,
+        "POOL_NOT_FOUND",
+    ),
+    (
+        "ip not in pool",
+        "alloc",
+        "Allocate",
+        lambda n: pb.AllocateRequest(node=n, ip="10.99.0.1", owner="o"),
+        FAILED,
+        "IP_NOT_IN_POOL",
+    ),
+    (
+        "release with neither ip nor owner",
+        "alloc",
+        "Release",
+        lambda n: pb.ReleaseRequest(node=n),
+        INVALID,
+        "IP_OR_OWNER_REQUIRED",
+    ),
     ("release malformed ip", "alloc", "Release", lambda n: pb.ReleaseRequest(node=n, ip="nope"), INVALID, "INVALID_IP"),
-    ("release unknown ip", "alloc", "Release", lambda n: pb.ReleaseRequest(node=n, ip="10.20.0.13"), NOT_FOUND, "IP_NOT_ALLOCATED"),
-    ("exclude without owner", "alloc", "ExcludeIP", lambda n: pb.ExcludeIPRequest(node=n, ip="10.20.0.10"), INVALID, "OWNER_REQUIRED"),
-    ("exclude malformed ip", "alloc", "ExcludeIP", lambda n: pb.ExcludeIPRequest(node=n, ip="10.20.0", owner="o"), INVALID, "INVALID_IP"),
-    ("zero timer", "alloc", "StartExpirationTimer", lambda n: pb.StartExpirationTimerRequest(node=n, ip="10.20.0.10", timeout_seconds=0), INVALID, "INVALID_TIMEOUT"),
-    ("timer on a free address", "alloc", "StartExpirationTimer", lambda n: pb.StartExpirationTimerRequest(node=n, ip="10.20.0.13", timeout_seconds=5), NOT_FOUND, "IP_NOT_ALLOCATED"),
-    ("stop timer without uuid", "alloc", "StopExpirationTimer", lambda n: pb.StopExpirationTimerRequest(node=n, ip="10.20.0.10"), INVALID, "EXPIRATION_UUID_REQUIRED"),
-    ("negative pre_allocate", "nodes", "UpdateNode", lambda n: npb.UpdateNodeRequest(spec=npb.NodeSpec(name=n, pre_allocate=-1)), INVALID, "INVALID_SPEC"),
-    ("node name with a space", "nodes", "CreateNode", lambda n: npb.CreateNodeRequest(spec=npb.NodeSpec(name="a b")), INVALID, "INVALID_NAME"),
-    ("add a malformed address", "nodes", "AddAddresses", lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50", "bad"]), INVALID, "INVALID_IP"),
-    ("missing token", "anon_alloc", "AllocateNext", lambda n: pb.AllocateNextRequest(node=n, owner="o"), grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS"),
-    ("missing token on admin call", "anon_nodes", "AddAddresses", lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50"]), grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS"),
-    ("client token on admin call", "client_nodes", "AddAddresses", lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50"]), grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ROLE_REQUIRED"),
-    ("client token deletes a node", "client_nodes", "DeleteNode", lambda n: npb.DeleteNodeRequest(name=n), grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ROLE_REQUIRED"),
+    (
+        "release unknown ip",
+        "alloc",
+        "Release",
+        lambda n: pb.ReleaseRequest(node=n, ip="10.20.0.13"),
+        NOT_FOUND,
+        "IP_NOT_ALLOCATED",
+    ),
+    (
+        "exclude without owner",
+        "alloc",
+        "ExcludeIP",
+        lambda n: pb.ExcludeIPRequest(node=n, ip="10.20.0.10"),
+        INVALID,
+        "OWNER_REQUIRED",
+    ),
+    (
+        "exclude malformed ip",
+        "alloc",
+        "ExcludeIP",
+        lambda n: pb.ExcludeIPRequest(node=n, ip="10.20.0", owner="o"),
+        INVALID,
+        "INVALID_IP",
+    ),
+    (
+        "zero timer",
+        "alloc",
+        "StartExpirationTimer",
+        lambda n: pb.StartExpirationTimerRequest(node=n, ip="10.20.0.10", timeout_seconds=0),
+        INVALID,
+        "INVALID_TIMEOUT",
+    ),
+    (
+        "timer on a free address",
+        "alloc",
+        "StartExpirationTimer",
+        lambda n: pb.StartExpirationTimerRequest(node=n, ip="10.20.0.13", timeout_seconds=5),
+        NOT_FOUND,
+        "IP_NOT_ALLOCATED",
+    ),
+    (
+        "stop timer without uuid",
+        "alloc",
+        "StopExpirationTimer",
+        lambda n: pb.StopExpirationTimerRequest(node=n, ip="10.20.0.10"),
+        INVALID,
+        "EXPIRATION_UUID_REQUIRED",
+    ),
+    (
+        "negative pre_allocate",
+        "nodes",
+        "UpdateNode",
+        lambda n: npb.UpdateNodeRequest(spec=npb.NodeSpec(name=n, pre_allocate=-1)),
+        INVALID,
+        "INVALID_SPEC",
+    ),
+    (
+        "node name with a space",
+        "nodes",
+        "CreateNode",
+        lambda n: npb.CreateNodeRequest(spec=npb.NodeSpec(name="a b")),
+        INVALID,
+        "INVALID_NAME",
+    ),
+    (
+        "add a malformed address",
+        "nodes",
+        "AddAddresses",
+        lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50", "bad"]),
+        INVALID,
+        "INVALID_IP",
+    ),
+    (
+        "missing token",
+        "anon_alloc",
+        "AllocateNext",
+        lambda n: pb.AllocateNextRequest(node=n, owner="o"),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "MISSING_CREDENTIALS",
+    ),
+    (
+        "missing token on admin call",
+        "anon_nodes",
+        "AddAddresses",
+        lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50"]),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "MISSING_CREDENTIALS",
+    ),
+    (
+        "client token on admin call",
+        "client_nodes",
+        "AddAddresses",
+        lambda n: npb.AddAddressesRequest(node=n, ips=["10.20.0.50"]),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADMIN_ROLE_REQUIRED",
+    ),
+    (
+        "client token deletes a node",
+        "client_nodes",
+        "DeleteNode",
+        lambda n: npb.DeleteNodeRequest(name=n),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ADMIN_ROLE_REQUIRED",
+    ),
 ]
 
 
@@ -56,8 +255,9 @@ def _snapshot(api: Api, node: str) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize("stub,method,make,code,reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_refused_and_unchanged(api: Api, stub: str, method: str, make: Callable[[str], Any],
-                               code: grpc.StatusCode, reason: str) -> None:
+def test_refused_and_unchanged(
+    api: Api, stub: str, method: str, make: Callable[[str], Any], code: grpc.StatusCode, reason: str
+) -> None:
     node = api.node_with_pool(4, 1)
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="holder"), timeout=5)
     before = _snapshot(api, node)
@@ -69,12 +269,12 @@ def test_refused_and_unchanged(api: Api, stub: str, method: str, make: Callable[
 
 
 def test_wrong_token_is_unauthenticated(allocator) -> None:  # type: ignore[no-untyped-def]
-    from tests.support.api import channel
     from ipam.v1 import allocator_pb2_grpc
 
-    with channel(allocator.address, "not-a-token") as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            allocator_pb2_grpc.AllocatorStub(ch).Ping(pb.PingRequest(), timeout=5)
+    from tests.support.api import channel
+
+    with channel(allocator.address, "not-a-token") as ch, pytest.raises(grpc.RpcError) as info:
+        allocator_pb2_grpc.AllocatorStub(ch).Ping(pb.PingRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert reason_of(info.value) == "INVALID_CREDENTIALS"
 
@@ -85,5 +285,7 @@ def test_admin_token_may_call_the_allocator_and_health_is_open(api: Api, allocat
     api.admin_alloc.Ping(pb.PingRequest(), timeout=5)
     api.alloc.Ping(pb.PingRequest(), timeout=5)
     with grpc.insecure_channel(allocator.address) as ch:
-        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="ipam.v1.Allocator"), timeout=5)
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="ipam.v1.Allocator"), timeout=5
+        )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING

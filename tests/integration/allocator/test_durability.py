@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-
 from ipam.v1 import allocator_pb2 as pb
+
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.redis_server import RedisServer
@@ -23,8 +23,9 @@ def test_acknowledged_allocations_and_timers_survive_kill_9() -> None:
     try:
         api = Api(allocator.address)
         node = api.node_with_pool(400)
-        timed = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="timed",
-                                                              expiration_seconds=6), timeout=5).ipv4.ip
+        timed = api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="timed", expiration_seconds=6), timeout=5
+        ).ipv4.ip
         timer_set_at = time.monotonic()
         acknowledged: dict[str, str] = {timed: "timed"}
         stop = threading.Event()
@@ -36,7 +37,8 @@ def test_acknowledged_allocations_and_timers_survive_kill_9() -> None:
                 serial += 1
                 try:
                     reply = api.alloc.AllocateNext(
-                        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=1)
+                        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=1
+                    )
                 except grpc.RpcError:
                     continue
                 acknowledged[reply.ipv4.ip] = owner

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
+
 from tests.support.api import Api
 
 from .test_allocator_api import expect_error
@@ -19,15 +19,24 @@ def test_create_get_update_delete(api: Api) -> None:
     assert node.spec.pre_allocate == 8  # the default
     assert (node.stats.available_ips, node.stats.used_ips, node.stats.needed_ips) == (0, 0, 8)
     assert list(node.pools) == ["default"]
-    expect_error(api.nodes.CreateNode, npb.CreateNodeRequest(spec=npb.NodeSpec(name=name)),
-                 grpc.StatusCode.ALREADY_EXISTS, "NODE_ALREADY_EXISTS")
-    updated = api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name, pre_allocate=4,
-                                                                          min_allocate=10)), timeout=5)
+    expect_error(
+        api.nodes.CreateNode,
+        npb.CreateNodeRequest(spec=npb.NodeSpec(name=name)),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "NODE_ALREADY_EXISTS",
+    )
+    updated = api.nodes.UpdateNode(
+        npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name, pre_allocate=4, min_allocate=10)), timeout=5
+    )
     assert updated.stats.needed_ips == 10
     api.nodes.DeleteNode(npb.DeleteNodeRequest(name=name), timeout=5)
     expect_error(api.nodes.GetNode, npb.GetNodeRequest(name=name), grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
-    expect_error(api.nodes.UpdateNode, npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name)),
-                 grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
+    expect_error(
+        api.nodes.UpdateNode,
+        npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name)),
+        grpc.StatusCode.NOT_FOUND,
+        "NODE_NOT_FOUND",
+    )
     names = {n.spec.name for n in api.nodes.ListNodes(npb.ListNodesRequest(), timeout=5).nodes}
     assert name not in names
 
@@ -42,21 +51,28 @@ def test_stats_follow_allocations(api: Api) -> None:
 
 def test_interface_statistics_from_the_reported_limits(api: Api) -> None:
     name = api.create_node(first_interface_index=0)
-    interfaces = [npb.Interface(id="eni-0", device_index=0, addresses=[f"10.1.0.{i}" for i in range(10, 19)]),
-                  npb.Interface(id="eni-1", device_index=1, addresses=["10.1.1.10"])]
-    api.nodes.SetInterfaces(npb.SetInterfacesRequest(node=name, interfaces=interfaces, max_interfaces=3,
-                                                     ipv4_per_interface=10), timeout=5)
+    interfaces = [
+        npb.Interface(id="eni-0", device_index=0, addresses=[f"10.1.0.{i}" for i in range(10, 19)]),
+        npb.Interface(id="eni-1", device_index=1, addresses=["10.1.1.10"]),
+    ]
+    api.nodes.SetInterfaces(
+        npb.SetInterfacesRequest(node=name, interfaces=interfaces, max_interfaces=3, ipv4_per_interface=10), timeout=5
+    )
     node = api.nodes.GetNode(npb.GetNodeRequest(name=name), timeout=5)
     assert [i.id for i in node.interfaces] == ["eni-0", "eni-1"]
     # eth0 is full (9 secondaries), eth1 has room; one device slot (2) is empty.
-    assert (node.stats.remaining_interfaces, node.stats.interface_candidates, node.stats.empty_interface_slots) == (1, 1, 1)
+    assert (node.stats.remaining_interfaces, node.stats.interface_candidates, node.stats.empty_interface_slots) == (
+        1,
+        1,
+        1,
+    )
     assert (node.max_interfaces, node.ipv4_per_interface) == (3, 10)
 
 
 def test_list_nodes_by_watermark_puts_the_biggest_deficit_first(api: Api) -> None:
-    small = api.node_with_pool(6)          # needs 2
-    big = api.create_node()                # needs 8
-    none = api.node_with_pool(20)          # needs 0
+    small = api.node_with_pool(6)  # needs 2
+    big = api.create_node()  # needs 8
+    none = api.node_with_pool(20)  # needs 0
     nodes = api.nodes.ListNodes(npb.ListNodesRequest(order_by_watermark=True), timeout=5).nodes
     order = [n.spec.name for n in nodes if n.spec.name in (small, big, none)]
     assert order == [big, small, none]
@@ -78,48 +94,77 @@ def test_add_addresses_is_idempotent(api: Api) -> None:
     api.seed(name, 4)
     interfaces = api.nodes.GetNode(npb.GetNodeRequest(name=name), timeout=5).interfaces
     assert [list(i.addresses) for i in interfaces] == [["10.20.0.10", "10.20.0.11", "10.20.0.12", "10.20.0.13"]]
-    expect_error(api.nodes.AddAddresses, npb.AddAddressesRequest(node="no-such-node", ips=["10.0.0.1"]),
-                 grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
-    expect_error(api.nodes.AddAddresses, npb.AddAddressesRequest(node=name, ips=["10.0.0.300"]),
-                 grpc.StatusCode.INVALID_ARGUMENT, "INVALID_IP")
+    expect_error(
+        api.nodes.AddAddresses,
+        npb.AddAddressesRequest(node="no-such-node", ips=["10.0.0.1"]),
+        grpc.StatusCode.NOT_FOUND,
+        "NODE_NOT_FOUND",
+    )
+    expect_error(
+        api.nodes.AddAddresses,
+        npb.AddAddressesRequest(node=name, ips=["10.0.0.300"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_IP",
+    )
 
 
 def test_reserved_addresses_are_never_handed_out_then_complete(api: Api) -> None:
     name = api.node_with_pool(4)
-    held = api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5).ipv4.ip
+    held = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5
+    ).ipv4.ip
     reply = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=10), timeout=5)
     assert len(reply.ips) == 3 and held not in reply.ips and reply.reservation_id
-    expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="q"),
-                 grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
-    expect_error(api.alloc.Allocate, pb.AllocateRequest(node=name, ip=reply.ips[0], owner="q"),
-                 grpc.StatusCode.FAILED_PRECONDITION, "IP_RESERVED_FOR_RELEASE")
-    done = api.nodes.CompleteRelease(npb.CompleteReleaseRequest(node=name, reservation_id=reply.reservation_id,
-                                                                ips=reply.ips[:2]), timeout=5)
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="q"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=name, ip=reply.ips[0], owner="q"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IP_RESERVED_FOR_RELEASE",
+    )
+    done = api.nodes.CompleteRelease(
+        npb.CompleteReleaseRequest(node=name, reservation_id=reply.reservation_id, ips=reply.ips[:2]), timeout=5
+    )
     assert sorted(done.released_ips) == sorted(reply.ips[:2])
     # The one not unassigned went back to the pool.
     assert api.stats(name).available_ips == 2
     back = api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="q"), timeout=5)
     assert back.ipv4.ip == reply.ips[2]
-    expect_error(api.nodes.CompleteRelease, npb.CompleteReleaseRequest(node=name, reservation_id=reply.reservation_id),
-                 grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND")
+    expect_error(
+        api.nodes.CompleteRelease,
+        npb.CompleteReleaseRequest(node=name, reservation_id=reply.reservation_id),
+        grpc.StatusCode.NOT_FOUND,
+        "RESERVATION_NOT_FOUND",
+    )
 
 
 def test_abort_release_restores_the_addresses(api: Api) -> None:
     name = api.node_with_pool(3)
-    reply = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=2, interface_id="eni-test0"),
-                                        timeout=5)
+    reply = api.nodes.ReserveForRelease(
+        npb.ReserveForReleaseRequest(node=name, count=2, interface_id="eni-test0"), timeout=5
+    )
     assert len(reply.ips) == 2
-    restored = api.nodes.AbortRelease(npb.AbortReleaseRequest(node=name, reservation_id=reply.reservation_id), timeout=5)
+    restored = api.nodes.AbortRelease(
+        npb.AbortReleaseRequest(node=name, reservation_id=reply.reservation_id), timeout=5
+    )
     assert sorted(restored.restored_ips) == sorted(reply.ips)
     assert api.stats(name).available_ips == 3
-    none = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=2, interface_id="eni-other"),
-                                       timeout=5)
+    none = api.nodes.ReserveForRelease(
+        npb.ReserveForReleaseRequest(node=name, count=2, interface_id="eni-other"), timeout=5
+    )
     assert list(none.ips) == [] and none.reservation_id == ""
 
 
 def test_remove_addresses_never_drops_an_allocated_one(api: Api) -> None:
     name = api.node_with_pool(3)
-    held = api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5).ipv4.ip
+    held = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5
+    ).ipv4.ip
     free = [ip for ip in ("10.20.0.10", "10.20.0.11", "10.20.0.12") if ip != held]
     reply = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=name, ips=[held, *free]), timeout=5)
     assert sorted(reply.removed_ips) == sorted(free) and list(reply.still_allocated) == [held]
@@ -130,5 +175,9 @@ def test_remove_addresses_never_drops_an_allocated_one(api: Api) -> None:
 @pytest.mark.parametrize("count", [-1])
 def test_reserve_refuses_a_negative_count(api: Api, count: int) -> None:
     name = api.node_with_pool(1)
-    expect_error(api.nodes.ReserveForRelease, npb.ReserveForReleaseRequest(node=name, count=count),
-                 grpc.StatusCode.INVALID_ARGUMENT, "INVALID_COUNT")
+    expect_error(
+        api.nodes.ReserveForRelease,
+        npb.ReserveForReleaseRequest(node=name, count=count),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_COUNT",
+    )

@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-
 from ipam.v1 import allocator_pb2 as pb
+
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.redis_server import RedisServer
@@ -21,15 +21,23 @@ def test_reuse_cooldown_keeps_released_addresses_out_and_asks_for_a_refill(redis
         api = Api(process.address)
         node = api.create_node(pre_allocate=1, pre_allocate_set=True)
         api.seed(node, 2)
-        first = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a"), timeout=5).ipv4.ip
+        first = api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a"), timeout=5
+        ).ipv4.ip
         api.alloc.Release(pb.ReleaseRequest(node=node, ip=first), timeout=5)
-        second = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5).ipv4.ip
+        second = api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5
+        ).ipv4.ip
         assert second != first
         stats = api.stats(node)
         # One free address, but cooling: it is no headroom, so the pool asks for one more.
         assert (stats.cooling_ips, stats.needed_ips) == (1, 1)
-        expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="c"),
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_COOLING_DOWN")
+        expect_error(
+            api.alloc.AllocateNext,
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="c"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "POOL_COOLING_DOWN",
+        )
         # Once cooled, it is handed out again.
         reply = poll(lambda: _try_allocate(api, node, "c"), timeout=10)
         assert reply.ipv4.ip == first
@@ -48,10 +56,18 @@ def test_disabled_family_is_failed_precondition(redis_server: RedisServer) -> No
     with AllocatorProcess(redis_server.url, ipv6_enabled=False) as process:
         api = Api(process.address)
         node = api.node_with_pool(2, 2)
-        expect_error(api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner="a"),
-                     grpc.StatusCode.FAILED_PRECONDITION, "IPV6_DISABLED")
-        expect_error(api.alloc.Allocate, pb.AllocateRequest(node=node, ip="2001:db8::100", owner="a"),
-                     grpc.StatusCode.FAILED_PRECONDITION, "IPV6_DISABLED")
+        expect_error(
+            api.alloc.AllocateNext,
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner="a"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IPV6_DISABLED",
+        )
+        expect_error(
+            api.alloc.Allocate,
+            pb.AllocateRequest(node=node, ip="2001:db8::100", owner="a"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IPV6_DISABLED",
+        )
         # Unspecified family = every enabled family: IPv4 only here.
         reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="a"), timeout=5)
         assert reply.ipv4.ip and not reply.HasField("ipv6")
@@ -95,8 +111,9 @@ def test_sigterm_lets_in_flight_calls_finish(redis_server: RedisServer) -> None:
 
     def waiting_caller() -> None:
         try:
-            api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w",
-                                                          wait_for_refill=True), timeout=2.0)
+            api.alloc.AllocateNext(
+                pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True), timeout=2.0
+            )
         except grpc.RpcError as exc:
             outcome["code"], outcome["reason"] = exc.code(), reason_of(exc)
 
@@ -115,6 +132,9 @@ def _requests_in_flight(process: AllocatorProcess) -> float:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=2).read().decode()
-    started = sum(float(line.split()[-1]) for line in text.splitlines()
-                  if line.startswith('ipam_allocator_in_flight{method="AllocateNext"}'))
+    started = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('ipam_allocator_in_flight{method="AllocateNext"}')
+    )
     return started

@@ -76,9 +76,7 @@ class Harness:
         )
         return int(value or 0)
 
-    def create(
-        self, instance_id: str, *, ipv4: int = 0, ipv6: int = 0, device_index: int = 1
-    ) -> NetworkInterface:
+    def create(self, instance_id: str, *, ipv4: int = 0, ipv6: int = 0, device_index: int = 1) -> NetworkInterface:
         return self.provider.create_interface(
             instance_id=instance_id,
             node="node-a",
@@ -90,9 +88,7 @@ class Harness:
         )
 
     def raw_interface(self, interface_id: str) -> dict:
-        return self.ec2.describe_network_interfaces(NetworkInterfaceIds=[interface_id])["NetworkInterfaces"][
-            0
-        ]
+        return self.ec2.describe_network_interfaces(NetworkInterfaceIds=[interface_id])["NetworkInterfaces"][0]
 
 
 @pytest.fixture
@@ -150,7 +146,7 @@ def test_describe_instance_subnets_and_vpc_cidrs(harness: Harness, instance: str
 
     subnets = {s.id: s for s in harness.provider.list_subnets(network.vpc_id, network.availability_zone)}
     assert set(subnets) == set(network.subnet_ids)
-    assert all(s.free_addresses > 3000 and s.cidr.endswith("/20") for s in subnets.values())
+    assert all(s.free_addresses > 15000 and s.cidr.endswith("/18") for s in subnets.values())
     assert subnets[network.subnet_ids[1]].tags.items() >= POD_SUBNET_TAGS.items()
     assert not subnets[network.subnet_ids[0]].tags.items() >= POD_SUBNET_TAGS.items()
 
@@ -241,17 +237,13 @@ def test_assign_and_unassign_ipv4_return_what_the_cloud_holds(harness: Harness, 
     assert len(added.addresses) == 3
     assert set(added.addresses) == set(added.interface.ipv4)
     raw = harness.raw_interface(interface.id)
-    assert {a["PrivateIpAddress"] for a in raw["PrivateIpAddresses"] if not a["Primary"]} == set(
-        added.addresses
-    )
+    assert {a["PrivateIpAddress"] for a in raw["PrivateIpAddresses"] if not a["Primary"]} == set(added.addresses)
 
     removed = harness.provider.unassign_addresses(interface.id, added.addresses[:2])
     assert removed.addresses == added.addresses[:2]
     assert removed.interface.ipv4 == added.addresses[2:]
     raw = harness.raw_interface(interface.id)
-    assert [a["PrivateIpAddress"] for a in raw["PrivateIpAddresses"] if not a["Primary"]] == [
-        added.addresses[2]
-    ]
+    assert [a["PrivateIpAddress"] for a in raw["PrivateIpAddresses"] if not a["Primary"]] == [added.addresses[2]]
 
 
 def test_assign_ipv6_returns_only_the_new_addresses(harness: Harness, instance: str) -> None:
@@ -279,9 +271,7 @@ def test_unknown_interface_is_not_found(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize("code", ["RequestLimitExceeded", "Client.RequestLimitExceeded", "Throttling"])
-def test_throttling_twice_then_success_backs_off_through_the_bucket(
-    harness: Harness, instance: str, code: str
-) -> None:
+def test_throttling_twice_then_success_backs_off_through_the_bucket(harness: Harness, instance: str, code: str) -> None:
     interface = harness.create(instance)
     fault = Ec2Fault(harness.ec2, "AssignPrivateIpAddresses", code, times=2, status=503)
     taken = harness.limiter.taken
@@ -394,9 +384,7 @@ def test_rate_limiter_waits_are_observed_per_operation(moto_server: MotoServer) 
 # --- leaked interfaces --------------------------------------------------------------------------
 
 
-def test_leaked_interfaces_are_ours_detached_and_older_than_the_grace(
-    harness: Harness, instance: str
-) -> None:
+def test_leaked_interfaces_are_ours_detached_and_older_than_the_grace(harness: Harness, instance: str) -> None:
     ec2, now, cluster = harness.ec2, harness.clock.now, harness.provider.cluster
 
     def detached(tags: dict[str, str]) -> str:

@@ -10,13 +10,11 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-import redis
 from botocore.client import BaseClient
+from ipam.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from clients.client import AsyncIpamClient
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import (
@@ -62,7 +60,9 @@ class Cloud:
 def secondaries(ec2: BaseClient, instance_id: str) -> list[str]:
     """Every secondary IPv4 address attached to the instance, as EC2 holds it."""
     reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
-    return [a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"]]
+    return [
+        a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"]
+    ]
 
 
 def interfaces_of(ec2: BaseClient, instance_id: str) -> list[dict]:  # type: ignore[type-arg]
@@ -84,8 +84,13 @@ def pool_matches_ec2(api: Api, ec2: BaseClient, node: str, instance_id: str, cou
 @pytest.fixture(scope="module")
 def cloud(redis_server: RedisServer, moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
     allocator = AllocatorProcess(redis_server.url).start()
-    worker = WorkerProcess(redis_server.url, allocator.address, moto_server.endpoint_url,
-                           gc_interval_seconds=1, leaked_interface_grace_seconds=60).start()
+    worker = WorkerProcess(
+        redis_server.url,
+        allocator.address,
+        moto_server.endpoint_url,
+        gc_interval_seconds=1,
+        leaked_interface_grace_seconds=60,
+    ).start()
     api = Api(allocator.address)
     yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
     api.close()
@@ -101,12 +106,15 @@ def test_deficit_fills_to_the_watermark_then_to_the_instance_limit(cloud: Cloud)
 
     held = []
     for i in range(27):
-        reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"pod-{i}",
-                                                              wait_for_refill=True), timeout=30)
+        reply = api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"pod-{i}", wait_for_refill=True), timeout=30
+        )
         held.append(reply.ipv4.ip)
     with pytest.raises(grpc.RpcError) as info:
-        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="one-too-many",
-                                                      wait_for_refill=True), timeout=30)
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="one-too-many", wait_for_refill=True),
+            timeout=30,
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert reason_of(info.value) == "NODE_AT_CAPACITY"
 
@@ -126,8 +134,9 @@ def test_excess_is_released_down_to_the_watermark_never_an_allocated_address(clo
     poll(lambda: api.stats(node).available_ips == 8)
     owners = [f"batch-{i}" for i in range(16)]
     for owner in owners:
-        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner,
-                                                      wait_for_refill=True), timeout=30)
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner, wait_for_refill=True), timeout=30
+        )
     poll(lambda: api.stats(node).available_ips >= 24)
 
     stop = threading.Event()
@@ -172,18 +181,21 @@ def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> Non
     def create(tags: dict[str, str]) -> str:
         spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
         return cloud.ec2.create_network_interface(SubnetId=subnet, TagSpecifications=spec)["NetworkInterface"][
-            "NetworkInterfaceId"]
+            "NetworkInterfaceId"
+        ]
 
     ours = {MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: "ipam"}
     leaked = create({**ours, CREATED_AT_TAG: str(int(time.time()) - 3600)})
     young = create({**ours, CREATED_AT_TAG: str(int(time.time()))})
     foreign = create({"team": "someone-else", CREATED_AT_TAG: str(int(time.time()) - 3600)})
-    other_cluster = create({MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: "another",
-                            CREATED_AT_TAG: str(int(time.time()) - 3600)})
+    other_cluster = create(
+        {MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: "another", CREATED_AT_TAG: str(int(time.time()) - 3600)}
+    )
 
     def exists(interface_id: str) -> bool:
-        found = cloud.ec2.describe_network_interfaces(Filters=[{"Name": "network-interface-id",
-                                                                "Values": [interface_id]}])
+        found = cloud.ec2.describe_network_interfaces(
+            Filters=[{"Name": "network-interface-id", "Values": [interface_id]}]
+        )
         return bool(found["NetworkInterfaces"])
 
     poll(lambda: not exists(leaked))
@@ -191,8 +203,12 @@ def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> Non
 
 
 def _maintainer(cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient) -> NodeMaintainer:
-    provider = AwsProvider(client, cluster="ipam", limiter=TokenBucket(100, 100),
-                           retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05))
+    provider = AwsProvider(
+        client,
+        cluster="ipam",
+        limiter=TokenBucket(100, 100),
+        retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05),
+    )
     return NodeMaintainer(provider, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=60)
 
 
@@ -231,14 +247,16 @@ def test_throttling_is_retried_and_a_full_subnet_is_skipped(quiet_cloud: Cloud) 
 
 
 def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
-        moto_server: MotoServer, demo_network: DemoNetwork) -> None:
+    moto_server: MotoServer, demo_network: DemoNetwork
+) -> None:
     ec2 = ec2_client(moto_server.endpoint_url)
     with RedisServer() as own_redis, AllocatorProcess(own_redis.url) as allocator:
         api = Api(allocator.address)
         # A slow worker (an EC2 call every 2 s): it is killed right after EC2 assigned the addresses
         # and before it told the allocator, the most dangerous moment.
-        slow = WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url,
-                             ec2_qps=0.5, ec2_burst=1).start()
+        slow = WorkerProcess(
+            own_redis.url, allocator.address, moto_server.endpoint_url, ec2_qps=0.5, ec2_burst=1
+        ).start()
         instance_id = run_instance(ec2, demo_network, "m5.large")
         node = api.create_node(instance_id=instance_id, instance_type="m5.large")
         poll(lambda: secondaries(ec2, instance_id))
@@ -252,14 +270,15 @@ def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
         api.close()
 
 
-def test_events_pending_across_a_redis_restart_are_not_lost(moto_server: MotoServer,
-                                                            demo_network: DemoNetwork) -> None:
+def test_events_pending_across_a_redis_restart_are_not_lost(moto_server: MotoServer, demo_network: DemoNetwork) -> None:
     ec2 = ec2_client(moto_server.endpoint_url)
     with RedisServer(aof=True) as own_redis:
         allocator = AllocatorProcess(own_redis.url).start()
         api = Api(allocator.address)
-        nodes = {api.create_node(instance_id=i, instance_type="m5.large"): i
-                 for i in (run_instance(ec2, demo_network, "m5.large") for _ in range(2))}
+        nodes = {
+            api.create_node(instance_id=i, instance_type="m5.large"): i
+            for i in (run_instance(ec2, demo_network, "m5.large") for _ in range(2))
+        }
         own_redis.kill()
         own_redis.restart()
         with WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url):

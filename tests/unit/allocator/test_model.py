@@ -8,36 +8,45 @@ from services.allocator.domain.errors import InvalidArgument
 from services.allocator.domain.model import Family, parse_ip, validate_name, validate_text, validate_timeout
 
 
-@pytest.mark.parametrize("value,family,expected", [
-    ("10.0.0.1", None, ("10.0.0.1", Family.IPV4)),
-    ("2001:DB8::0:1", None, ("2001:db8::1", Family.IPV6)),
-    ("10.0.0.1", Family.IPV4, ("10.0.0.1", Family.IPV4)),
-    ("10.0.0.1", Family.UNSPECIFIED, ("10.0.0.1", Family.IPV4)),
-])
+@pytest.mark.parametrize(
+    "value,family,expected",
+    [
+        ("10.0.0.1", None, ("10.0.0.1", Family.IPV4)),
+        ("2001:DB8::0:1", None, ("2001:db8::1", Family.IPV6)),
+        ("10.0.0.1", Family.IPV4, ("10.0.0.1", Family.IPV4)),
+        ("10.0.0.1", Family.UNSPECIFIED, ("10.0.0.1", Family.IPV4)),
+    ],
+)
 def test_parse_ip_normalises(value: str, family: Family | None, expected: tuple[str, Family]) -> None:
     assert parse_ip(value, family) == expected
 
 
-@pytest.mark.parametrize("value,family,reason", [
-    ("10.0.0.256", None, "INVALID_IP"),
-    ("", None, "INVALID_IP"),
-    ("10.0.0.1/24", None, "INVALID_IP"),
-    ("10.0.0.1", Family.IPV6, "WRONG_FAMILY"),
-    ("::1", Family.IPV4, "WRONG_FAMILY"),
-])
+@pytest.mark.parametrize(
+    "value,family,reason",
+    [
+        ("10.0.0.256", None, "INVALID_IP"),
+        ("", None, "INVALID_IP"),
+        ("10.0.0.1/24", None, "INVALID_IP"),
+        ("10.0.0.1", Family.IPV6, "WRONG_FAMILY"),
+        ("::1", Family.IPV4, "WRONG_FAMILY"),
+    ],
+)
 def test_parse_ip_refuses(value: str, family: Family | None, reason: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_ip(value, family)
     assert info.value.reason == reason
 
 
-@pytest.mark.parametrize("value,reason", [
-    ("", "NODE_REQUIRED"),
-    ("a" * 254, "NAME_TOO_LONG"),
-    ("bad name", "INVALID_NAME"),
-    ("-leading", "INVALID_NAME"),
-    ("n{1}", "INVALID_NAME"),
-])
+@pytest.mark.parametrize(
+    "value,reason",
+    [
+        ("", "NODE_REQUIRED"),
+        ("a" * 254, "NAME_TOO_LONG"),
+        ("bad name", "INVALID_NAME"),
+        ("-leading", "INVALID_NAME"),
+        ("n{1}", "INVALID_NAME"),
+    ],
+)
 def test_validate_name_refuses(value: str, reason: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         validate_name(value, "node")
@@ -48,11 +57,14 @@ def test_validate_name_accepts_dns_like_names() -> None:
     assert validate_name("ip-10-0-1-17.ec2.internal", "node") == "ip-10-0-1-17.ec2.internal"
 
 
-@pytest.mark.parametrize("value,required,reason", [
-    ("", True, "OWNER_REQUIRED"),
-    ("x" * 257, True, "TEXT_TOO_LONG"),
-    ("pod\tname", True, "INVALID_TEXT"),
-])
+@pytest.mark.parametrize(
+    "value,required,reason",
+    [
+        ("", True, "OWNER_REQUIRED"),
+        ("x" * 257, True, "TEXT_TOO_LONG"),
+        ("pod\tname", True, "INVALID_TEXT"),
+    ],
+)
 def test_validate_text_refuses(value: str, required: bool, reason: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         validate_text(value, "owner", 256, required=required)

@@ -28,12 +28,12 @@ NEEDED = [
     (8, 4, 8, 0, 8, 0),
     (4, 4, 8, 0, 8, 4),
     # ours
-    (0, 0, 8, 0, 0, 8),        # a new node fills to its watermark
-    (8, 8, 8, 0, 0, 8),        # every address used: a whole watermark again
-    (20, 2, 8, 0, 0, 0),       # plenty free
-    (10, 9, 8, 0, 12, 2),      # max_allocate caps the refill
-    (12, 12, 8, 0, 12, 0),     # at max_allocate: nothing more
-    (0, 0, 0, 0, 0, 0),        # pre_allocate 0 and nothing in use
+    (0, 0, 8, 0, 0, 8),  # a new node fills to its watermark
+    (8, 8, 8, 0, 0, 8),  # every address used: a whole watermark again
+    (20, 2, 8, 0, 0, 0),  # plenty free
+    (10, 9, 8, 0, 12, 2),  # max_allocate caps the refill
+    (12, 12, 8, 0, 12, 0),  # at max_allocate: nothing more
+    (0, 0, 0, 0, 0, 0),  # pre_allocate 0 and nothing in use
 ]
 
 # available, used, pre_allocate, min_allocate, max_above_watermark, expected excess
@@ -50,8 +50,8 @@ EXCESS = [
     (20, 4, 8, 0, 0, 8),
     (20, 4, 8, 0, 8, 0),
     # ours
-    (27, 27, 8, 0, 0, 0),      # everything in use
-    (27, 0, 8, 0, 0, 19),      # everything released: back down to the watermark
+    (27, 27, 8, 0, 0, 0),  # everything in use
+    (27, 0, 8, 0, 0, 19),  # everything released: back down to the watermark
 ]
 
 
@@ -68,15 +68,17 @@ def test_excess_ips(available: int, used: int, pre: int, min_a: int, maw: int, e
 # counts (available, used, cooling), expected needed, expected excess; pre_allocate 8
 COOLING = [
     ((16, 8, 0), 0, 0),
-    ((16, 8, 8), 8, 0),        # 8 free but all cooling: a refill is needed (VPC CNI #2896)
+    ((16, 8, 8), 8, 0),  # 8 free but all cooling: a refill is needed (VPC CNI #2896)
     ((16, 8, 4), 4, 0),
-    ((30, 0, 20), 0, 10),      # cooling addresses are not released before they cool
+    ((30, 0, 20), 0, 10),  # cooling addresses are not released before they cool
     ((30, 0, 0), 0, 22),
 ]
 
 
 @pytest.mark.parametrize("counts,expected_needed,expected_excess", COOLING)
-def test_cooling_addresses_are_not_headroom(counts: tuple[int, int, int], expected_needed: int, expected_excess: int) -> None:
+def test_cooling_addresses_are_not_headroom(
+    counts: tuple[int, int, int], expected_needed: int, expected_excess: int
+) -> None:
     pool = PoolCounts(*counts)
     assert pool_needed_ips(pool, Watermarks()) == expected_needed
     assert pool_excess_ips(pool, Watermarks()) == expected_excess
@@ -84,11 +86,11 @@ def test_cooling_addresses_are_not_headroom(counts: tuple[int, int, int], expect
 
 # max interfaces, IPv4 per interface, first interface index, usable addresses
 CAPACITY = [
-    (3, 10, 0, 27),            # m5.large
-    (4, 15, 0, 56),            # c5.xlarge
-    (2, 4, 0, 6),              # a1.medium
-    (3, 10, 1, 18),            # m5.large, eth0 kept for the host
-    (0, 10, 0, 0),             # limits unknown
+    (3, 10, 0, 27),  # m5.large
+    (4, 15, 0, 56),  # c5.xlarge
+    (2, 4, 0, 6),  # a1.medium
+    (3, 10, 1, 18),  # m5.large, eth0 kept for the host
+    (0, 10, 0, 0),  # limits unknown
 ]
 
 

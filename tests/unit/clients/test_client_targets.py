@@ -67,9 +67,7 @@ def test_channel_options_without_retries() -> None:
 class _FailedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     """What a stub raises: an RpcError that is also a Call (only the parts the client reads)."""
 
-    def __init__(
-        self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, bytes], ...] = ()
-    ) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, bytes], ...] = ()) -> None:
         self._code, self._details, self._trailers = code, details, trailers
 
     def code(self) -> grpc.StatusCode:
@@ -106,9 +104,7 @@ def _with_error_info(code: grpc.StatusCode, rpc_code: int, message: str, reason:
 
 def test_error_carries_the_error_info_reason() -> None:
     message = "pool default of node n1 has no free IPv4 address"
-    call = _with_error_info(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED, message, "POOL_EMPTY"
-    )
+    call = _with_error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED, message, "POOL_EMPTY")
     error = IpamClientError.from_rpc_error(call)
     assert (error.code, error.reason, error.message) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -120,9 +116,7 @@ def test_error_carries_the_error_info_reason() -> None:
 
 
 def test_error_without_details_has_an_empty_reason() -> None:
-    error = IpamClientError.from_rpc_error(
-        _FailedCall(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-    )
+    error = IpamClientError.from_rpc_error(_FailedCall(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
     assert (error.code, error.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "")
     assert str(error) == "DEADLINE_EXCEEDED: Deadline Exceeded"
 

@@ -31,14 +31,10 @@ def test_format_table_without_rows_is_the_header() -> None:
     assert format_table(["NAME", "USED"], []) == "NAME  USED"
 
 
-def _node(
-    name: str, instance_type: str, used: int, available: int, needed: int, excess: int
-) -> nodes_pb.Node:
+def _node(name: str, instance_type: str, used: int, available: int, needed: int, excess: int) -> nodes_pb.Node:
     return nodes_pb.Node(
         spec=nodes_pb.NodeSpec(name=name, instance_type=instance_type),
-        stats=nodes_pb.NodeStats(
-            used_ips=used, available_ips=available, needed_ips=needed, excess_ips=excess
-        ),
+        stats=nodes_pb.NodeStats(used_ips=used, available_ips=available, needed_ips=needed, excess_ips=excess),
     )
 
 

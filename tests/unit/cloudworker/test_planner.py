@@ -32,9 +32,7 @@ M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_inte
 VPC, ZONE = "vpc-1", "us-east-1a"
 
 
-def subnet(
-    id: str, free: int, *, tags: dict[str, str] | None = None, vpc: str = VPC, zone: str = ZONE
-) -> Subnet:
+def subnet(id: str, free: int, *, tags: dict[str, str] | None = None, vpc: str = VPC, zone: str = ZONE) -> Subnet:
     return Subnet(id, vpc, zone, "10.0.0.0/20", free, tags or {})
 
 
@@ -61,14 +59,10 @@ class Case:
 
 
 def allocate_on(device: int, count: int, subnet_id: str = "node") -> AllocationAction:
-    return AllocationAction(
-        count=count, subnet_id=subnet_id, device_index=device, interface_id=f"eth{device}"
-    )
+    return AllocationAction(count=count, subnet_id=subnet_id, device_index=device, interface_id=f"eth{device}")
 
 
-def create_at(
-    device: int, count: int, subnet_id: str = "node", groups: tuple[str, ...] = ()
-) -> AllocationAction:
+def create_at(device: int, count: int, subnet_id: str = "node", groups: tuple[str, ...] = ()) -> AllocationAction:
     return AllocationAction(count=count, subnet_id=subnet_id, device_index=device, security_group_ids=groups)
 
 
@@ -276,9 +270,7 @@ def test_plan(case: Case) -> None:
 
 def test_at_capacity_detail_names_the_27_usable_addresses_of_an_m5_large() -> None:
     assert M5_LARGE.capacity() == 27
-    action = plan(
-        SPEC, PoolCounts(27, 25), (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)), M5_LARGE, [NODE_SUBNET]
-    )
+    action = plan(SPEC, PoolCounts(27, 25), (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)), M5_LARGE, [NODE_SUBNET])
     assert action == NoAction(AT_CAPACITY, "27 usable addresses, all attached")
 
 
@@ -320,18 +312,14 @@ def test_unknown_limits_are_refused_not_planned_as_zero() -> None:
         (1, (eni(0), eni(2, ips=10)), InterfaceStats(0, 1)),
     ],
 )
-def test_interface_stats(
-    first_index: int, interfaces: tuple[InterfaceState, ...], expected: InterfaceStats
-) -> None:
+def test_interface_stats(first_index: int, interfaces: tuple[InterfaceState, ...], expected: InterfaceStats) -> None:
     stats = interface_stats(replace(SPEC, first_interface_index=first_index), interfaces, M5_LARGE)
     assert stats == expected
     assert stats.remaining_interfaces == expected.interface_candidates + expected.empty_interface_slots
 
 
 def test_watermark_defaults_are_cilium_s() -> None:
-    assert NodeSpec().watermarks == Watermarks(
-        pre_allocate=8, min_allocate=0, max_allocate=0, max_above_watermark=0
-    )
+    assert NodeSpec().watermarks == Watermarks(pre_allocate=8, min_allocate=0, max_allocate=0, max_above_watermark=0)
 
 
 def test_planner_imports_no_io_library() -> None:
