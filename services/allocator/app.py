@@ -22,6 +22,7 @@ from .settings import AllocatorSettings
 from .store.redis_store import RedisStore
 from .timers import TimerSweeper
 from .transport.auth import TokenAuthInterceptor
+from .transport.reflection import enable_reflection
 from .transport.servicer import AllocatorServicer, NodeManagerServicer
 
 log = logging.getLogger("ipam.allocator")
@@ -83,7 +84,7 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     nodes_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(service, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     credentials = server_credentials(settings)
     if credentials:

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class MethodMetrics:
+    """The metric children of one gRPC method, looked up once (labels() costs on a hot path)."""
+
+    in_flight: Any
+    duration: Any
+    requests: Counter
+    method: str
+    _by_code: dict[str, Any] = field(default_factory=dict)
+
+    def done(self, code: str, seconds: float) -> None:
+        self.in_flight.dec()
+        self.duration.observe(seconds)
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self.requests.labels(method=self.method, code=code)
+        counter.inc()
 
 
 class AllocatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._methods: dict[str, MethodMetrics] = {}
         self.requests = Counter(
             "ipam_allocator_requests_total",
             "gRPC calls by method and status code",
@@ -44,3 +67,11 @@ class AllocatorMetrics:
             ["node", "pool", "family", "state"],
             registry=self.registry,
         )
+
+    def method(self, name: str) -> MethodMetrics:
+        found = self._methods.get(name)
+        if found is None:
+            found = self._methods[name] = MethodMetrics(
+                self.in_flight.labels(method=name), self.duration.labels(method=name), self.requests, name
+            )
+        return found

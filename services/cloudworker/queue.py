@@ -148,7 +148,7 @@ class RedisStreamSource:
                 floor = oldest if _stream_id(oldest) < _stream_id(floor) else floor
         if floor is None or floor == "0-0":
             return 0
-        return int(await self.client.xtrim(self.stream, minid=floor))
+        return int(await self.client.xtrim(self.stream, minid=floor, approximate=False))
 
 
 def _stream_id(value: str) -> tuple[int, int]:

@@ -25,6 +25,11 @@ def interfaces_key(node: str) -> str:
     return f"{node_prefix(node)}:ifaces"
 
 
+def interface_info_key(node: str) -> str:
+    """interface id -> "mac\tdevice index\tgateway": what an allocation result needs, kept small."""
+    return f"{node_prefix(node)}:ifinfo"
+
+
 def pending_event_key(node: str, pool: str) -> str:
     """Coalescing marker: set while an event for (node, pool) waits in the stream."""
     return f"{node_prefix(node)}:{pool}:evpending"
@@ -51,6 +56,7 @@ def pool_keys(node: str, pool: str) -> list[str]:
         f"{p}:resv",
         f"{p}:exp",
         pending_event_key(node, pool),
+        interface_info_key(node),
     ]
 
 

@@ -156,19 +156,19 @@ def _interface(raw: bytes) -> dict[str, Any]:
     return info
 
 
+def interface_info(interface: dict[str, Any]) -> str:
+    """The compact form allocation results read (see `keys.interface_info_key`)."""
+    return f"{interface.get('mac', '')}\t{int(interface.get('device_index', 0))}\t{interface.get('gateway_ip', '')}"
+
+
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
-    info = json.loads(item["info"]) if item.get("info") else {}
+    mac, device_index, gateway = (item.get("info") or "\t0\t").split("\t")
     return Allocation(
         ip=item["ip"],
         family=Family.IPV4 if item["family"] == "4" else Family.IPV6,
         pool=pool,
         owner=item["owner"],
-        interface=InterfaceInfo(
-            id=item.get("iface", ""),
-            mac=info.get("mac", ""),
-            device_index=int(info.get("device_index", 0)),
-            gateway_ip=info.get("gateway_ip", ""),
-        ),
+        interface=InterfaceInfo(id=item.get("iface", ""), mac=mac, device_index=int(device_index), gateway_ip=gateway),
         expiration_uuid=item.get("uuid", ""),
         vpc_cidrs=tuple(vpc.split()),
     )
@@ -461,11 +461,12 @@ class RedisStore:
 
         async def write() -> list[Any]:
             pipe = self.client.pipeline(transaction=True)
-            pipe.delete(keys.interfaces_key(node))
+            pipe.delete(keys.interfaces_key(node), keys.interface_info_key(node))
             if interfaces:
                 pipe.hset(
                     keys.interfaces_key(node), mapping={i["id"]: json.dumps(i, sort_keys=True) for i in interfaces}
                 )
+                pipe.hset(keys.interface_info_key(node), mapping={i["id"]: interface_info(i) for i in interfaces})
             fields: dict[str, Any] = {"deficit_reason": deficit_reason}
             if vpc_cidrs:
                 fields["vpc_cidrs"] = " ".join(vpc_cidrs)

@@ -37,15 +37,14 @@ def rpc(handler: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
-        metrics: AllocatorMetrics | None = self.metrics
+        metrics = self.metrics.method(method) if self.metrics is not None else None
         if metrics is not None:
-            metrics.in_flight.labels(method=method).inc()
+            metrics.in_flight.inc()
         try:
             remaining = context.time_remaining()
-            if remaining is None:
-                return await handler(self, request, context)
             try:
-                return await asyncio.wait_for(handler(self, request, context), max(remaining - _DEADLINE_MARGIN, 0.001))
+                async with asyncio.timeout(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)):
+                    return await handler(self, request, context)
             except TimeoutError:
                 raise Unavailable(
                     "the store did not answer within the call's deadline", reason="DEADLINE_TOO_SHORT"
@@ -55,9 +54,7 @@ def rpc(handler: Handler) -> Handler:
             await context.abort_with_status(to_status(error))
         finally:
             if metrics is not None:
-                metrics.in_flight.labels(method=method).dec()
-                metrics.requests.labels(method=method, code=code.name).inc()
-                metrics.duration.labels(method=method).observe(time.perf_counter() - started)
+                metrics.done(code.name, time.perf_counter() - started)
 
     return wrapper
 

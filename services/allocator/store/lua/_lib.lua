@@ -7,6 +7,7 @@ local K_ALLOC = {['4'] = KEYS[8], ['6'] = KEYS[9]}         -- hash ip -> "owner\
 local K_OWNERS, K_IDEM, K_EXCLUDED = KEYS[10], KEYS[11], KEYS[12]
 local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reservation id
 local K_RESV, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]
+local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway"
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
 local POOL = ARGV[1]
 local COOLDOWN_MS = tonumber(ARGV[2])
@@ -96,10 +97,10 @@ local function release_ip(ip, now)
   return true
 end
 
--- What an allocation result needs: the interface holding the address.
+-- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
 local function describe(ip, f, owner, uuid)
   local iface = redis.call('HGET', K_ADDRS[f], ip) or ''
   local info = ''
-  if iface ~= '' then info = redis.call('HGET', K_IFACES, iface) or '' end
+  if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
   return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}
 end

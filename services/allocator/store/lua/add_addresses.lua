@@ -35,5 +35,7 @@ if iface ~= '' then
   end
   info.addresses = held
   redis.call('HSET', K_IFACES, iface, cjson.encode(info))
+  redis.call('HSET', K_IFINFO, iface, (info.mac or '') .. '\t' .. tostring(info.device_index or 0) .. '\t' ..
+             (info.gateway_ip or ''))
 end
 return ok({added = added}, now)
