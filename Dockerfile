@@ -1,4 +1,10 @@
-# One image for every Python service of ipam (allocator, worker, seed, and the local EC2).
+# One image for every Python service of ipam (allocator, worker, seed, the local EC2, load).
+
+# ghz for the load profiles; keep in step with the Makefile's GHZ_VERSION.
+FROM golang:1.23 AS ghz
+ARG GHZ_VERSION=v0.121.0
+RUN CGO_ENABLED=0 GOBIN=/out go install github.com/bojand/ghz/cmd/ghz@${GHZ_VERSION}
+
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -10,5 +16,7 @@ RUN pip install --no-cache-dir 'grpcio-tools>=1.66' \
 COPY services ./services
 COPY clients ./clients
 RUN pip install --no-cache-dir -e '.[dev]'
+COPY --from=ghz /out/ghz /usr/local/bin/ghz
+COPY bench ./bench
 USER nobody
 CMD ["ipam-allocator"]

@@ -7,7 +7,7 @@ GHZ_VERSION := v0.121.0
 GOBIN ?= $(CURDIR)/.bin
 GHZ := $(GOBIN)/ghz
 
-.PHONY: setup proto run test lint bench clean redis-server
+.PHONY: setup proto run test lint bench load ghz clean redis-server
 
 # Debian's redis-server, installed only when missing (apt-get update once, then install).
 redis-server:
@@ -42,8 +42,15 @@ lint: setup
 $(GHZ):
 	GOBIN=$(GOBIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
+ghz: $(GHZ)
+
+# Allocator throughput against a no-op ceiling, memory, and the worker's burst scenario.
 bench: setup $(GHZ)
 	$(PY) bench/run_bench.py --ghz $(GHZ)
+
+# Load profiles (bench/ghz/) against the running cluster (`make run` elsewhere); report in bench/out/load-<time>/.
+load: setup $(GHZ)
+	$(PY) -m bench.load --ghz $(GHZ)
 
 clean:
 	rm -rf gen/ipam $(VENV) .bin

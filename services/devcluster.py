@@ -117,6 +117,8 @@ def native_services(
     base_env = read_env_file(env_file)
     result: list[NativeService] = []
     for name, spec in services.items():
+        if spec.get("profiles"):
+            continue  # opt-in services (the load profile) run by their own command (`make load`)
         env = {**base_env, **read_env_file_list(spec.get("env_file"), env_file)}
         env.update({k: rewrite.text(str(v)) for k, v in (spec.get("environment") or {}).items()})
         command = rewrite.argv(list(spec.get("command") or []))
@@ -196,7 +198,8 @@ def _start_order(services: list[NativeService]) -> list[NativeService]:
             return
         seen.add(service.name)
         for dep in service.depends_on:
-            visit(by_name[dep])
+            if dep in by_name:
+                visit(by_name[dep])
         ordered.append(service)
 
     for service in services:

@@ -132,7 +132,7 @@ class NodeMaintainer:
             if subnets is None:
                 subnets = await self._subnets(instance, outcome)
             if spec.ipv6_enabled and node.stats.needed_ipv6 > 0:
-                updated = await self._assign_ipv6(node, interfaces, outcome)
+                updated = await self._assign_ipv6(node, interfaces, limits, outcome)
                 if updated is not None:
                     interfaces, changed = _with(interfaces, updated), True
                     node = await self.allocator.get_node(name, CLOUD_POOL)
@@ -379,14 +379,24 @@ class NodeMaintainer:
         return change.interface if done.released_ips else None
 
     async def _assign_ipv6(
-        self, node: npb.Node, interfaces: list[NetworkInterface], outcome: Outcome
+        self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits, outcome: Outcome
     ) -> NetworkInterface | None:
-        """Assigns the IPv6 addresses the pool needs on the first usable interface."""
-        usable = [i for i in interfaces if i.device_index >= node.spec.first_interface_index]
+        """Assigns the IPv6 addresses the pool needs on the first usable interface with room
+        (within the instance type's IPv6 addresses per interface)."""
+        usable = [
+            i
+            for i in interfaces
+            if i.device_index >= node.spec.first_interface_index and len(i.ipv6) < limits.ipv6_per_interface
+        ]
         if not usable:
             return None
+        room = limits.ipv6_per_interface - len(usable[0].ipv6)
         change = await self._cloud(
-            outcome, self.provider.assign_addresses, usable[0].id, int(node.stats.needed_ipv6), Family.IPV6
+            outcome,
+            self.provider.assign_addresses,
+            usable[0].id,
+            min(int(node.stats.needed_ipv6), room),
+            Family.IPV6,
         )
         await self.allocator.add_addresses(
             npb.AddAddressesRequest(

@@ -63,8 +63,10 @@ def pool_needed_ips(counts: PoolCounts, w: Watermarks) -> int:
 
 
 def pool_excess_ips(counts: PoolCounts, w: Watermarks) -> int:
-    """`excess_ips` where cooling addresses are not releasable yet."""
-    return min(excess_ips(counts.available, counts.used, w), counts.available - counts.used - counts.cooling)
+    """`excess_ips` where cooling addresses count neither as headroom nor as excess: counting
+    them as excess would release usable addresses while the cooling ones make a deficit, and the
+    worker would give back and take again the same addresses until the cooldown ends."""
+    return excess_ips(counts.available - counts.cooling, counts.used, w)
 
 
 def interface_capacity(max_interfaces: int, ipv4_per_interface: int, first_interface_index: int) -> int:

@@ -70,7 +70,8 @@ COOLING = [
     ((16, 8, 0), 0, 0),
     ((16, 8, 8), 8, 0),  # 8 free but all cooling: a refill is needed (VPC CNI #2896)
     ((16, 8, 4), 4, 0),
-    ((30, 0, 20), 0, 10),  # cooling addresses are not released before they cool
+    ((30, 0, 20), 0, 2),  # cooling addresses are neither headroom nor excess
+    ((16, 0, 8), 0, 0),  # 8 usable free = the watermark: no churn while 8 cool
     ((30, 0, 0), 0, 22),
 ]
 

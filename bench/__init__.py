@@ -1,0 +1,1 @@
+"""Benchmarks and load profiles of ipam (`make bench`, `make load`)."""

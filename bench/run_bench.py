@@ -1,0 +1,638 @@
+#!/usr/bin/env python3
+"""Benchmark of the ipam allocator: throughput and latency under ghz, Redis memory, allocator RSS.
+
+One run starts its own redis-server (AOF, appendfsync `everysec` or `always`) and `ipam-allocator
+--workers N` on free 127.0.0.1 ports, seeds address pools through the real API, then drives the
+server with ghz:
+
+  1. Ping                      the ceiling: the same server stack (interceptors) doing nothing
+  2. AllocateNext              IPv4, one owner per call ("bench-<n>"), spread over the nodes
+  3. Release                   by owner, the same owners: every address of phase 2 goes back
+  4. AllocateNext @ half rate  `--rps` = half the peak of phase 2: the p99 of a busy, unsaturated server
+
+then FLUSHALL and 1,000 nodes x 100 addresses through AddAddresses, for Redis bytes per pooled
+address, and the resident memory of each allocator worker. Prints a table, writes every figure to
+bench/out/bench-<UTC time>.json, and exits 1 when any call failed.
+
+    .venv/bin/python bench/run_bench.py --ghz .bin/ghz [--quick] [--workers 2] [--fsync always]
+
+Every process it starts is stopped when it ends, on failure and on SIGINT/SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import operator
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+# tests.support (real redis-server and allocator processes) is not installed: import it from the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc
+from ipam.v1 import nodes_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.client import AsyncIpamClient, IpamClient, node_spec
+from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
+from tests.support.redis_server import REDIS_SERVER, RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The issue's targets.
+MIN_RATIO = 0.8  # AllocateNext requests/s over Ping requests/s
+MAX_HALF_P99_MS = 5.0  # p99 of AllocateNext at half its peak rate
+MAX_BYTES_PER_ADDRESS = 300  # Redis used_memory per pooled address
+MAX_WORKER_RSS_MB = 120.0  # VmRSS of each allocator worker process
+
+SERVICE = "ipam.v1.Allocator"
+VPC_CIDR = "10.0.0.0/8"
+BENCH_PREFIX, MEMORY_PREFIX = "bench", "mem"  # node names: <prefix>-<i>
+PHASE_TIMEOUT_S = 90  # a ghz run taking longer is killed (ghz -x would make it ignore -n)
+FILL_CONCURRENCY = 32  # seeding calls in flight
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Config:
+    ghz: Path
+    workers: int
+    concurrency: int
+    connections: int
+    requests: int  # tallied calls per full-speed phase
+    skip_first: int  # warm-up calls per phase, left out of the tally
+    nodes: int  # nodes the ghz phases spread their calls over
+    ips_per_interface: int  # addresses per interface (one AddAddresses call each)
+    half_seconds: float  # length of the half-rate phase
+    fsync: str  # appendfsync policy of the Redis AOF
+    memory_nodes: int
+    memory_ips: int  # addresses per node of the memory fill
+    out_dir: Path
+
+    @property
+    def ips_per_node(self) -> int:
+        """Pool of each bench node: 3 x the calls of a phase in all, so AllocateNext never runs dry."""
+        return 3 * (self.requests + self.skip_first) // self.nodes
+
+
+@dataclass
+class Phase:
+    """One ghz run, as read from its JSON report (latencies in ms)."""
+
+    name: str
+    method: str
+    requested: int  # tallied calls asked for
+    count: int  # tallied calls made (after --skipFirst), failed ones included
+    ok: int
+    errors: dict[str, int]  # status code -> calls
+    error_messages: dict[str, int]
+    rps: float  # ghz's own figure: failed calls count, and so does the warm-up's time
+    ok_rps: float  # successful calls per second over `window_s`
+    avg_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    window_s: float  # from the first tallied call's start to the last one's end
+    rate_limit: int = 0  # --rps, 0 = none
+    calls_per_worker: list[int] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors) or self.ok < self.requested
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets and the measured value."""
+
+    name: str
+    value: float
+    op: str  # "<", "<=" or ">="
+    limit: float
+    unit: str
+    note: str = ""
+
+    @property
+    def met(self) -> bool:
+        return {"<": operator.lt, "<=": operator.le, ">=": operator.ge}[self.op](self.value, self.limit)
+
+    def line(self) -> str:
+        limit = f"{self.op} {self.limit:g} {self.unit}".strip()
+        return (
+            f"{self.name:<32}{self.value:9.2f} {self.unit:<5} target {limit:<10} "
+            f"{'ok' if self.met else 'MISSED':<7}{self.note}"
+        )
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def start_redis(fsync: str) -> RedisServer:
+    """A redis-server in a temporary directory: no RDB snapshots, AOF with the given fsync policy."""
+    return RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", fsync]).start()
+
+
+def start_allocator(redis_url: str, workers: int) -> AllocatorProcess:
+    """`python -m services.allocator` with client and admin tokens, no reuse cooldown, quiet logs."""
+    allocator = AllocatorProcess(redis_url, workers=workers, log_level="WARNING", timer_sweep_seconds=0.5)
+    allocator.start()  # health answers SERVING once one worker is up: wait for the others' metrics too
+    deadline = time.monotonic() + 20
+    for index in range(workers):
+        while True:
+            try:
+                scrape(allocator, index)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"allocator worker {index} is not up:\n{allocator.log_tail()}") from None
+                time.sleep(0.05)
+    return allocator
+
+
+def print_log_on_error(allocator: AllocatorProcess) -> Any:
+    """An ExitStack exit callback: the allocator's log tail when the run fails."""
+
+    def on_exit(exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None) -> bool:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            print(f"allocator log:\n{allocator.log_tail()}", file=sys.stderr)
+        return False
+
+    return on_exit
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (the `--workers` children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def allocator_memory(allocator: AllocatorProcess) -> dict[str, Any]:
+    """VmRSS of the `--workers` parent and of each worker process, in MiB."""
+    assert allocator.process is not None
+    parent = allocator.process.pid
+    return {
+        "parent_rss_mb": round(rss_mb(parent), 1),
+        "worker_rss_mb": [round(rss_mb(pid), 1) for pid in worker_pids(parent)],
+    }
+
+
+def scrape(allocator: AllocatorProcess, index: int) -> str:
+    """The Prometheus text of worker `index` (its metrics port is the base port + index)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{allocator.metrics_port + index}/metrics", timeout=2) as reply:
+        return reply.read().decode()
+
+
+def calls_per_worker(allocator: AllocatorProcess, workers: int, method: str) -> list[int]:
+    """How many `method` calls each worker has served so far (Ping is not counted by the server)."""
+    counts = []
+    for index in range(workers):
+        total = 0.0
+        for family in text_string_to_metric_families(scrape(allocator, index)):
+            if family.name == "ipam_allocator_requests":
+                total += sum(
+                    s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("method") == method
+                )
+        counts.append(int(total))
+    return counts
+
+
+# --- seeding through the API --------------------------------------------------------------------
+
+
+def interfaces(node_index: int, count: int, per_interface: int) -> list[nodes_pb2.Interface]:
+    """`count` addresses of node `node_index` (in 10.<i>.0.0/16), on interfaces of `per_interface` each."""
+    subnet = ipaddress.ip_network(VPC_CIDR).network_address + node_index * 65536
+    result = []
+    for number, start in enumerate(range(0, count, per_interface)):
+        result.append(
+            nodes_pb2.Interface(
+                id=f"eni-{node_index:04x}-{number:03x}",
+                mac=f"02:00:00:{node_index >> 8 & 0xFF:02x}:{node_index & 0xFF:02x}:{number & 0xFF:02x}",
+                device_index=number,
+                subnet_id=f"subnet-{node_index}",
+                subnet_cidr=f"{subnet}/16",
+                gateway_ip=str(subnet + 1),
+                addresses=[str(subnet + 10 + i) for i in range(start, min(start + per_interface, count))],
+            )
+        )
+    return result
+
+
+async def fill(address: str, prefix: str, nodes: int, ips_per_node: int, per_interface: int) -> None:
+    """Creates nodes `<prefix>-<i>` and gives each `ips_per_node` addresses (AddAddresses, admin token)."""
+    async with AsyncIpamClient(address, ADMIN_TOKEN, timeout=30) as client:
+        gate = asyncio.Semaphore(FILL_CONCURRENCY)
+
+        async def bounded(call: Awaitable[_T]) -> _T:
+            async with gate:
+                return await call
+
+        names = [f"{prefix}-{i}" for i in range(nodes)]
+        await asyncio.gather(*(bounded(client.create_node(node_spec(n, instance_type="m5.large"))) for n in names))
+        replies = await asyncio.gather(
+            *(
+                bounded(
+                    client.add_addresses(
+                        nodes_pb2.AddAddressesRequest(
+                            node=name, interface=interface, ips=list(interface.addresses), vpc_cidrs=[VPC_CIDR]
+                        )
+                    )
+                )
+                for index, name in enumerate(names)
+                for interface in interfaces(index, ips_per_node, per_interface)
+            )
+        )
+    added = sum(len(reply.added_ips) for reply in replies)
+    if added != nodes * ips_per_node:
+        raise RuntimeError(f"AddAddresses added {added} addresses, expected {nodes * ips_per_node}")
+
+
+def allocated(address: str, prefix: str, nodes: int) -> int:
+    """Addresses allocated on nodes `<prefix>-<i>` (Dump)."""
+    with IpamClient(address, ADMIN_TOKEN) as client:
+        return sum(len(client.dump(f"{prefix}-{i}").ipv4) for i in range(nodes))
+
+
+# --- ghz ----------------------------------------------------------------------------------------
+
+
+def call_data(cfg: Config, method: str, owner_prefix: str) -> dict[str, Any]:
+    """Call template: owner `<owner_prefix>-<request number>` on node `bench-<request number mod nodes>`,
+    so a Release with the same template finds every owner of the AllocateNext before it."""
+    if method == "Ping":
+        return {}
+    target = {
+        "node": f"{BENCH_PREFIX}-{{{{mod .RequestNumber {cfg.nodes}}}}}",
+        "owner": f"{owner_prefix}-{{{{.RequestNumber}}}}",
+    }
+    return {**target, "family": "FAMILY_IPV4"} if method == "AllocateNext" else target
+
+
+def run_ghz(
+    cfg: Config,
+    address: str,
+    name: str,
+    method: str,
+    data: dict[str, Any],
+    *,
+    total: int,
+    skip_first: int,
+    rate_limit: int = 0,
+) -> Phase:
+    """One ghz run against `address` (plaintext, client token); its JSON report parsed."""
+    with tempfile.TemporaryDirectory(prefix="ipam-ghz-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        command = [
+            str(cfg.ghz),
+            "--insecure",  # no --proto: the server's reflection describes the methods
+            "--call",
+            f"{SERVICE}.{method}",
+            "--data",
+            json.dumps(data),
+            "--metadata",
+            json.dumps({"authorization": f"Bearer {CLIENT_TOKEN}"}),
+            "--total",
+            str(total),
+            "--skipFirst",
+            str(skip_first),
+            "--concurrency",
+            str(cfg.concurrency),
+            "--connections",
+            str(cfg.connections),
+            "--format",
+            "json",
+            "--output",
+            str(report_path),
+            *(["--rps", str(rate_limit)] if rate_limit else []),
+            address,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S, check=False)
+        if done.returncode != 0 or not report_path.exists():
+            raise RuntimeError(f"ghz {method} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        report = json.loads(report_path.read_text())
+    return parse_report(name, method, report, requested=total - skip_first, rate_limit=rate_limit)
+
+
+def parse_report(name: str, method: str, report: dict[str, Any], *, requested: int, rate_limit: int) -> Phase:
+    """Figures of a ghz JSON report (durations in ns; latency percentiles of successful calls only)."""
+    codes: dict[str, int] = report.get("statusCodeDistribution") or {}
+    ok = codes.get("OK", 0)
+    percentiles = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    # ghz's rps divides the tallied calls by the whole run, warm-up included: use the tallied calls' window.
+    details = report.get("details") or []
+    ends = [_epoch_ns(d["timestamp"]) for d in details]  # a detail's timestamp is the call's end
+    window_s = (max(ends) - min(e - d["latency"] for e, d in zip(ends, details, strict=True))) / 1e9 if ends else 0
+    return Phase(
+        name=name,
+        method=method,
+        requested=requested,
+        count=report["count"],
+        ok=ok,
+        errors={code: n for code, n in codes.items() if code != "OK"},
+        error_messages=report.get("errorDistribution") or {},
+        rps=report["rps"],
+        ok_rps=ok / window_s if window_s else 0.0,
+        avg_ms=report["average"] / 1e6,
+        p50_ms=percentiles.get(50, float("nan")),
+        p90_ms=percentiles.get(90, float("nan")),
+        p99_ms=percentiles.get(99, float("nan")),
+        window_s=window_s,
+        rate_limit=rate_limit,
+    )
+
+
+def _epoch_ns(timestamp: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 UTC time with up to 9 fractional digits."""
+    whole, _, fraction = timestamp.removesuffix("Z").partition(".")
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
+    return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, "0")[:9])
+
+
+def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], int]:
+    """Ping, AllocateNext, Release at full speed, then AllocateNext at half the measured peak rate.
+    Also returns how many addresses the Release phase left allocated (0 when every owner was found)."""
+
+    def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0) -> Phase:
+        print(f"  {name} ...", flush=True)
+        before = calls_per_worker(allocator, cfg.workers, method)
+        result = run_ghz(
+            cfg,
+            allocator.address,
+            name,
+            method,
+            call_data(cfg, method, owners),
+            total=total,
+            skip_first=skip,
+            rate_limit=rate,
+        )
+        after = calls_per_worker(allocator, cfg.workers, method)
+        result.calls_per_worker = [a - b for a, b in zip(after, before, strict=True)]
+        return result
+
+    total, skip = cfg.requests + cfg.skip_first, cfg.skip_first
+    phases = [phase(method, method, "bench", total, skip) for method in ("Ping", "AllocateNext", "Release")]
+    left = allocated(allocator.address, BENCH_PREFIX, cfg.nodes)
+    half_rate = max(1, int(phases[1].ok_rps / 2))
+    # Bounded by the pool, less a margin so that no node falls below its watermark (no refill events).
+    half_total = min(int(half_rate * cfg.half_seconds), int(cfg.ips_per_node * cfg.nodes * 0.9))
+    phases.append(
+        phase("AllocateNext @ half rate", "AllocateNext", "half", half_total, min(skip, half_total // 10), half_rate)
+    )
+    return phases, left
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def memory_phase(cfg: Config, redis_server: RedisServer, allocator: AllocatorProcess) -> dict[str, Any]:
+    """FLUSHALL, then `memory_nodes` x `memory_ips` addresses through the API: Redis bytes per address."""
+    with redis_server.client() as redis:
+        redis.flushall()
+        before = redis.info("memory")
+        started = time.perf_counter()
+        asyncio.run(fill(allocator.address, MEMORY_PREFIX, cfg.memory_nodes, cfg.memory_ips, cfg.ips_per_interface))
+        seconds = time.perf_counter() - started
+        after = redis.info("memory")
+    addresses = cfg.memory_nodes * cfg.memory_ips
+    return {
+        "nodes": cfg.memory_nodes,
+        "addresses_per_node": cfg.memory_ips,
+        "addresses": addresses,
+        "fill_seconds": round(seconds, 2),
+        "used_memory_delta": after["used_memory"] - before["used_memory"],
+        "bytes_per_address": (after["used_memory"] - before["used_memory"]) / addresses,
+        "dataset_bytes_per_address": (after["used_memory_dataset"] - before["used_memory_dataset"]) / addresses,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    redis_version = (
+        subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True, check=True)
+        .stdout.split()[2]
+        .removeprefix("v=")
+    )
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "redis_server": redis_version,
+        "kernel": platform.release(),
+    }
+
+
+def targets(phases: list[Phase], memory: dict[str, Any], rss: dict[str, Any]) -> list[Target]:
+    ping, alloc, _, half = phases
+    workers = rss["worker_rss_mb"]
+    return [
+        Target(
+            "AllocateNext / Ping requests/s", alloc.ok_rps / ping.ok_rps if ping.ok_rps else 0.0, ">=", MIN_RATIO, ""
+        ),
+        Target("p99 at half rate", half.p99_ms, "<", MAX_HALF_P99_MS, "ms", f"({half.rate_limit} AllocateNext/s)"),
+        Target(
+            "Redis used_memory per address",
+            memory["bytes_per_address"],
+            "<=",
+            MAX_BYTES_PER_ADDRESS,
+            "B",
+            f"({memory['nodes']} nodes x {memory['addresses_per_node']} addresses via AddAddresses in "
+            f"{memory['fill_seconds']} s; dataset alone {memory['dataset_bytes_per_address']:.1f} B)",
+        ),
+        Target(
+            "allocator RSS, largest worker",
+            max(workers, default=0.0),
+            "<=",
+            MAX_WORKER_RSS_MB,
+            "MiB",
+            f"(workers {' / '.join(f'{m:.1f}' for m in workers)}, parent {rss['parent_rss_mb']:.1f})",
+        ),
+    ]
+
+
+def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[Target]) -> str:
+    lines = [
+        (
+            f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, grpcio {info['grpcio']}, "
+            f"redis-server {info['redis_server']}; ghz runs on the same CPUs"
+        ),
+        (
+            f"setup: {cfg.workers} allocator workers, Redis AOF appendfsync {cfg.fsync}, ghz -c {cfg.concurrency} "
+            f"--connections {cfg.connections}, {cfg.requests} calls per phase after {cfg.skip_first} warm-up, "
+            f"{cfg.nodes} nodes x {cfg.ips_per_node} addresses"
+        ),
+        "",
+        f"{'phase':<34}{'requests/s':>10}{'ok':>8}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}  calls per worker",
+    ]
+    for p in phases:
+        name = f"{p.name} ({p.rate_limit}/s)" if p.rate_limit else p.name
+        split = " / ".join(map(str, p.calls_per_worker)) if any(p.calls_per_worker) else "-"
+        lines.append(
+            f"{name:<34}{p.ok_rps:>10.0f}{p.ok:>8}{sum(p.errors.values()):>8}{p.p50_ms:>9.2f}{p.p99_ms:>9.2f}  {split}"
+        )
+    return "\n".join([*lines, "", *(check.line() for check in checks)])
+
+
+def write_results(cfg: Config, document: dict[str, Any]) -> Path:
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.out_dir / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    return path
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--ghz", type=Path, default=ROOT / ".bin" / "ghz", help="the ghz binary")
+    parser.add_argument("--workers", type=int, default=2, help="allocator processes (--workers)")
+    parser.add_argument("-c", "--concurrency", type=int, default=50, help="ghz concurrent calls")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="ghz connections (default 4 per worker: SO_REUSEPORT spreads connections over the workers, not calls)",
+    )
+    parser.add_argument("-n", "--requests", type=int, default=20_000, help="tallied calls per phase")
+    parser.add_argument("--skip-first", type=int, default=None, help="warm-up calls per phase (default n/10)")
+    parser.add_argument("--nodes", type=int, default=16, help="nodes the calls are spread over")
+    parser.add_argument("--ips-per-interface", type=int, default=50, help="addresses per interface")
+    parser.add_argument("--half-seconds", type=float, default=10.0, help="length of the half-rate phase")
+    parser.add_argument("--fsync", choices=("everysec", "always"), default="everysec", help="Redis appendfsync")
+    parser.add_argument("--memory-nodes", type=int, default=1000, help="nodes of the memory fill")
+    parser.add_argument("--memory-ips", type=int, default=100, help="addresses per node of the memory fill")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (small counts)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.nodes, args.half_seconds, args.memory_nodes = 2000, 4, 2.0, 100
+    if not args.ghz.is_file():
+        parser.error(
+            f"no ghz at {args.ghz}: `make bench` installs it (GOBIN=.bin go install "
+            "github.com/bojand/ghz/cmd/ghz@v0.121.0)"
+        )
+    return Config(
+        ghz=args.ghz.resolve(),
+        workers=args.workers,
+        concurrency=args.concurrency,
+        connections=args.connections or 4 * args.workers,
+        requests=args.requests,
+        skip_first=args.requests // 10 if args.skip_first is None else args.skip_first,
+        nodes=args.nodes,
+        ips_per_interface=args.ips_per_interface,
+        half_seconds=args.half_seconds,
+        fsync=args.fsync,
+        memory_nodes=args.memory_nodes,
+        memory_ips=args.memory_ips,
+        out_dir=args.out_dir,
+    )
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the ExitStack: every process is stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.perf_counter()
+    info = machine()
+    with ExitStack() as stack:
+        print(f"redis-server (appendfsync {cfg.fsync}), allocator (--workers {cfg.workers}) ...", flush=True)
+        redis_server = start_redis(cfg.fsync)
+        stack.callback(redis_server.close)
+        allocator = start_allocator(redis_server.url, cfg.workers)
+        stack.callback(allocator.kill)
+        stack.callback(allocator.stop)
+        stack.push(print_log_on_error(allocator))
+
+        print(f"seeding {cfg.nodes} nodes x {cfg.ips_per_node} addresses ...", flush=True)
+        seeding = time.perf_counter()
+        asyncio.run(fill(allocator.address, BENCH_PREFIX, cfg.nodes, cfg.ips_per_node, cfg.ips_per_interface))
+        seed_seconds = time.perf_counter() - seeding
+
+        print("ghz:", flush=True)
+        phases, left_allocated = load_phases(cfg, allocator)
+        rss_after_load = allocator_memory(allocator)
+        print(f"memory: FLUSHALL, {cfg.memory_nodes} nodes x {cfg.memory_ips} addresses ...", flush=True)
+        memory = memory_phase(cfg, redis_server, allocator)
+        rss = allocator_memory(allocator)
+
+    checks = targets(phases, memory, rss)
+    path = write_results(
+        cfg,
+        {
+            "time": datetime.now(UTC).isoformat(),
+            "machine": info,
+            "config": {**asdict(cfg), "ips_per_node": cfg.ips_per_node, "seed_seconds": round(seed_seconds, 2)},
+            "phases": [asdict(p) for p in phases],
+            "left_allocated_after_release": left_allocated,
+            "redis_memory": memory,
+            "allocator_rss_after_load": rss_after_load,
+            "allocator_rss": rss,
+            "targets": [{**asdict(c), "met": c.met} for c in checks],
+            "run_seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    print(
+        f"\n{table(cfg, info, phases, checks)}\n\nwritten to {os.path.relpath(path)} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    failures = [
+        f"{p.name}: {p.ok} of {p.requested} calls succeeded {p.errors} {p.error_messages}" for p in phases if p.failed
+    ]
+    if left_allocated:
+        failures.append(f"Release left {left_allocated} addresses allocated")
+    if failures:
+        print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
