@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar, cast
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as nodes_pb

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as nodes_pb
 
 from clients.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Family, IpamClient, IpamClientError, node_spec
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as nodes_pb
 
 PROG = "ipamctl"
 FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6, "dual": Family.UNSPECIFIED}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.request
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     parser.add_argument("--http", default="", help="check this URL instead")
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--tls-ca", default="", help="CA of the server's certificate: check over TLS")
+    parser.add_argument("--tls-cert", default="", help="client certificate, for a mutual-TLS server")
+    parser.add_argument("--tls-key", default="", help="client key, for a mutual-TLS server")
     args = parser.parse_args(argv)
     if args.http:
         try:
@@ -31,7 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.address:
         parser.error("an address or --http URL is required")
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        if args.tls_ca:
+
+            def read(path: str) -> bytes | None:
+                return Path(path).read_bytes() if path else None
+
+            credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+            channel = grpc.secure_channel(args.address, credentials)
+        else:
+            channel = grpc.insecure_channel(args.address)
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )

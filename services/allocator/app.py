@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from prometheus_client import start_http_server
+
+from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
 from .events import RedisStreamQueue
 from .metrics import AllocatorMetrics

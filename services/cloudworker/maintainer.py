@@ -12,9 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ipam.v1 import nodes_pb2 as npb
-
 from clients.client import AsyncIpamClient, IpamClientError
+from ipam.v1 import nodes_pb2 as npb
 from services.allocator.domain.model import Family
 from services.allocator.domain.pool_math import PoolCounts, Watermarks
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from ipam.v1 import events_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from ipam.v1 import events_pb2
 from services.allocator.store import keys
 
 log = logging.getLogger(__name__)

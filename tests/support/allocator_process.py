@@ -23,8 +23,17 @@ class AllocatorProcess:
     """`python -m services.allocator` with settings from `IPAM_*` variables."""
 
     def __init__(
-        self, redis_url: str, *, cluster: bool = False, workers: int = 1, port: int | None = None, **settings: object
+        self,
+        redis_url: str,
+        *,
+        cluster: bool = False,
+        workers: int = 1,
+        port: int | None = None,
+        health_credentials: grpc.ChannelCredentials | None = None,
+        **settings: object,
     ) -> None:
+        """`health_credentials`: how to reach a TLS server's health service."""
+        self.health_credentials = health_credentials
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
@@ -62,7 +71,12 @@ class AllocatorProcess:
     def wait_serving(self, timeout: float = 20.0) -> None:
         """Polls the health service until it says SERVING."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (
+            grpc.secure_channel(self.address, self.health_credentials)
+            if self.health_credentials
+            else grpc.insecure_channel(self.address)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb

@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 import redis
+
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
-
 from tests.support.api import Api, reason_of
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
+
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-
 from tests.support.api import Api, reason_of
 
 LONG = "x" * 300
@@ -270,7 +270,6 @@ def test_refused_and_unchanged(
 
 def test_wrong_token_is_unauthenticated(allocator) -> None:  # type: ignore[no-untyped-def]
     from ipam.v1 import allocator_pb2_grpc
-
     from tests.support.api import channel
 
     with channel(allocator.address, "not-a-token") as ch, pytest.raises(grpc.RpcError) as info:

@@ -8,10 +8,10 @@ from collections import Counter
 
 import grpc
 import pytest
+
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
-
 from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.redis_server import RedisServer

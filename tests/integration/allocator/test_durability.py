@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-from ipam.v1 import allocator_pb2 as pb
 
+from ipam.v1 import allocator_pb2 as pb
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.redis_server import RedisServer

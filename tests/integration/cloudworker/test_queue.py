@@ -20,9 +20,14 @@ def stream(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterato
 
 
 def _source(client: aioredis.Redis, stream: str, consumer: str, **options: int) -> RedisStreamSource:
-    return RedisStreamSource(client, group="workers", consumer=consumer, stream=stream,
-                             max_deliveries=options.get("max_deliveries", 3),
-                             claim_idle_ms=options.get("claim_idle_ms", 50))
+    return RedisStreamSource(
+        client,
+        group="workers",
+        consumer=consumer,
+        stream=stream,
+        max_deliveries=options.get("max_deliveries", 3),
+        claim_idle_ms=options.get("claim_idle_ms", 50),
+    )
 
 
 async def _publish(client: aioredis.Redis, stream: str, node: str) -> None:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from botocore.client import BaseClient
-from ipam.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from clients.client import AsyncIpamClient
+from ipam.v1 import allocator_pb2 as pb
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as nodes_pb
 
 from clients.client import IpamClientError
 from clients.ipamctl import (
@@ -16,6 +14,8 @@ from clients.ipamctl import (
     format_table,
     main,
 )
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as nodes_pb
 
 
 def test_format_table_aligns_numbers_right_and_text_left() -> None:
