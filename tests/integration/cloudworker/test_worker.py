@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import (
@@ -202,14 +203,18 @@ def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> Non
     assert exists(young) and exists(foreign) and exists(other_cluster)
 
 
-def _maintainer(cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient) -> NodeMaintainer:
+def _maintainer(
+    cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient, *, stale_reservation_seconds: float = 60
+) -> NodeMaintainer:
     provider = AwsProvider(
         client,
         cluster="ipam",
         limiter=TokenBucket(100, 100),
         retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05),
     )
-    return NodeMaintainer(provider, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=60)
+    return NodeMaintainer(
+        provider, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=stale_reservation_seconds
+    )
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +292,30 @@ def test_events_pending_across_a_redis_restart_are_not_lost(moto_server: MotoSer
                 assert len(secondaries(ec2, instance_id)) == 8
         api.close()
         allocator.stop()
+
+
+def test_a_reservation_left_by_a_crashed_worker_is_settled_against_the_cloud(quiet_cloud: Cloud) -> None:
+    cloud = quiet_cloud
+    node, instance_id = cloud.node()
+    client = ec2_client(cloud.moto.endpoint_url)
+
+    async def maintain(settle: bool) -> None:
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            maintainer = _maintainer(cloud, client, allocator, stale_reservation_seconds=0)
+            await maintainer.maintain(node, settle_reservations=settle)
+
+    asyncio.run(maintain(False))
+    assert cloud.api.stats(node).available_ips == 8
+    # A worker reserved four addresses, unassigned two of them in EC2, and died.
+    reserved = cloud.api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=node, count=4), timeout=5)
+    interface = interfaces_of(cloud.ec2, instance_id)[0]["NetworkInterfaceId"]
+    gone, kept = list(reserved.ips[:2]), list(reserved.ips[2:])
+    cloud.ec2.unassign_private_ip_addresses(NetworkInterfaceId=interface, PrivateIpAddresses=gone)
+
+    asyncio.run(maintain(True))
+    node_now = cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
+    assert list(node_now.reservations) == []
+    pool = pool_addresses(cloud.api, node)
+    assert not set(gone) & pool and set(kept) <= pool  # settled: gone ones left, the others came back
+    assert node_now.stats.available_ips == 8  # and the two lost were replaced
+    assert set(secondaries(cloud.ec2, instance_id)) == pool
