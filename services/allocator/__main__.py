@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -14,6 +15,10 @@ from .settings import AllocatorSettings
 
 
 def _run_one(settings: AllocatorSettings, index: int) -> None:
+    # Objects alive at start-up (modules, descriptors) never become garbage: keep them out of every
+    # collection, and collect the young generation less often; both shorten the pauses in p99.
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     uvloop.run(serve(settings, worker_index=index))
 
 

@@ -64,7 +64,11 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         timeout_s=settings.redis_timeout_seconds,
         max_connections=settings.redis_max_connections,
     )
-    store = RedisStore(client, reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000))
+    store = RedisStore(
+        client,
+        reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000),
+        batch_scripts=settings.redis_batch_scripts,
+    )
     queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
     refills = RefillWatcher(store)
     service = AllocatorService(

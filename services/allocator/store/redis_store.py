@@ -33,6 +33,7 @@ from ..domain.errors import (
 from ..domain.model import Allocation, Family, InterfaceInfo
 from ..domain.pool_math import PoolCounts, Watermarks
 from . import keys
+from .batching import ScriptBatcher
 
 T = TypeVar("T")
 RedisClient = aioredis.Redis | RedisCluster
@@ -177,8 +178,10 @@ def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
 class RedisStore:
     """Pools, allocations, owners, timers and node records in Redis."""
 
-    def __init__(self, client: RedisClient, *, reuse_cooldown_ms: int) -> None:
+    def __init__(self, client: RedisClient, *, reuse_cooldown_ms: int, batch_scripts: bool = True) -> None:
         self.client = client
+        # One pipeline per loop turn on a single Redis; a cluster client routes each script itself.
+        self._batcher = ScriptBatcher(client) if batch_scripts and isinstance(client, aioredis.Redis) else None
         self.reuse_cooldown_ms = reuse_cooldown_ms
         lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
         self._scripts = {
@@ -225,7 +228,12 @@ class RedisStore:
 
     async def _run(self, script: str, node: str, pool: str, *args: Any, ip: str = "") -> dict[str, Any]:
         argv = [pool, self.reuse_cooldown_ms, *args]
-        raw = await self._call(lambda: self._scripts[script](keys=keys.pool_keys(node, pool), args=argv))
+        runner = self._scripts[script]
+        pool_keys = keys.pool_keys(node, pool)
+        if self._batcher is not None:
+            raw = await self._call(lambda: self._batcher.run(runner, pool_keys, argv))
+        else:
+            raw = await self._call(lambda: runner(keys=pool_keys, args=argv))
         result = json.loads(raw)
         failure = result.get("err")
         if failure:

@@ -14,6 +14,7 @@ from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
 from tests.support.api import Api, reason_of
+from tests.support.polling import poll
 
 
 def expect_error(call, request, code: grpc.StatusCode, reason: str) -> grpc.RpcError:  # type: ignore[no-untyped-def]
@@ -22,17 +23,6 @@ def expect_error(call, request, code: grpc.StatusCode, reason: str) -> grpc.RpcE
     assert info.value.code() == code, info.value.details()
     assert reason_of(info.value) == reason
     return info.value
-
-
-def poll(condition, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    """Polls until `condition()` is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_allocate_next_ipv4_carries_the_interface(api: Api) -> None:

@@ -11,9 +11,8 @@ import pytest
 from ipam.v1 import allocator_pb2 as pb
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
+from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
-
-from .test_allocator_api import poll
 
 
 @pytest.mark.timeout(120)

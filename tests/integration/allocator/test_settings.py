@@ -11,9 +11,10 @@ import pytest
 from ipam.v1 import allocator_pb2 as pb
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api, reason_of
+from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 
-from .test_allocator_api import expect_error, poll
+from .test_allocator_api import expect_error
 
 
 def test_reuse_cooldown_keeps_released_addresses_out_and_asks_for_a_refill(redis_server: RedisServer) -> None:

@@ -30,18 +30,9 @@ from services.cloudworker.ratelimit import TokenBucket
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, record_requests, run_instance
+from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-
-
-def poll(condition, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @dataclass

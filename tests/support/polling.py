@@ -1,0 +1,21 @@
+"""Waiting for a condition by polling it (never a sleep standing in for synchronisation)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def poll(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Calls `condition` until it returns something truthy, and returns that; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
