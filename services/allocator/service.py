@@ -92,20 +92,22 @@ class AllocatorService:
         self._check_family_enabled(family)
         return [family]
 
-    async def after_change(self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False) -> None:
-        """Publishes one (coalesced) event when the pool is below or above its watermark."""
+    async def after_change(self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False) -> bool:
+        """Publishes one (coalesced) event when the pool is below or above its watermark; True if it did."""
         if skip_sync_upstream or state.event_pending:
-            return
+            return False
         needed = pool_needed_ips(state.counts[Family.IPV4], state.watermarks)
         if state.ipv6_enabled:
             needed = max(needed, pool_needed_ips(state.counts[Family.IPV6], state.watermarks))
         excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks) if state.release_excess else 0
         if needed <= 0 and excess <= 0:
-            return
+            return False
         kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
         event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind, needed_ips=needed, excess_ips=excess)
-        if await self.queue.publish_once(event) and self.metrics is not None:
+        published = await self.queue.publish_once(event)
+        if published and self.metrics is not None:
             self.metrics.events_published.labels(kind=events_pb2.PoolEvent.Kind.Name(kind)).inc()
+        return published
 
     # --- Allocator --------------------------------------------------------------------------
 
@@ -278,15 +280,7 @@ class AllocatorService:
                 continue
             for pool in record.pools:
                 state = await self.store.pool_state(name, pool)
-                before = state.event_pending
-                await self.after_change(name, pool, state)
-                published += int(
-                    not before
-                    and (
-                        pool_needed_ips(state.counts[Family.IPV4], state.watermarks) > 0
-                        or (state.release_excess and pool_excess_ips(state.counts[Family.IPV4], state.watermarks) > 0)
-                    )
-                )
+                published += await self.after_change(name, pool, state)
         return len(names), published
 
     # --- worker-facing ----------------------------------------------------------------------

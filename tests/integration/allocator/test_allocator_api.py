@@ -72,17 +72,21 @@ def test_empty_pool_is_resource_exhausted_and_publishes_one_event(api: Api, back
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "POOL_EMPTY",
         )
-    events = _events_for(backend, node)
+    events = events_for(backend, node)
     # CreateNode (empty pool, needs 8) published one; every later call found it still pending.
     assert len(events) == 1
     assert events[0].kind == events_pb2.PoolEvent.KIND_DEFICIT and events[0].needed_ips == 8
 
 
-def _events_for(backend, node: str) -> list[events_pb2.PoolEvent]:  # type: ignore[no-untyped-def]
+def redis_client(backend) -> redis.Redis | redis.RedisCluster:  # type: ignore[no-untyped-def]
+    """A direct client of the suite's Redis, for what only Redis shows (the events stream)."""
     if backend.cluster:
-        client = redis.RedisCluster(host="127.0.0.1", port=backend.server.startup_nodes[0][1])
-    else:
-        client = redis.Redis.from_url(backend.url)
+        return redis.RedisCluster(host="127.0.0.1", port=backend.server.startup_nodes[0][1])
+    return redis.Redis.from_url(backend.url)
+
+
+def events_for(backend, node: str) -> list[events_pb2.PoolEvent]:  # type: ignore[no-untyped-def]
+    client = redis_client(backend)
     try:
         entries = client.xrange("ipam:events")
     finally:
@@ -95,14 +99,14 @@ def test_skip_sync_upstream_publishes_nothing(api: Api, backend) -> None:  # typ
     node = api.create_node(pre_allocate=0, pre_allocate_set=True)
     api.seed(node, 3)
     api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=node, pre_allocate=3)), timeout=5)
-    assert _events_for(backend, node) == []  # 3 free, watermark 3: nothing needed yet
+    assert events_for(backend, node) == []  # 3 free, watermark 3: nothing needed yet
     api.alloc.AllocateNext(
         pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a", skip_sync_upstream=True), timeout=5
     )
     assert api.stats(node).needed_ips == 1
-    assert _events_for(backend, node) == []
+    assert events_for(backend, node) == []
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5)
-    events = _events_for(backend, node)
+    events = events_for(backend, node)
     assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 2)]
 
 

@@ -9,7 +9,7 @@ from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from tests.support.api import Api
 
-from .test_allocator_api import expect_error
+from .test_allocator_api import events_for, expect_error, redis_client
 
 
 def test_create_get_update_delete(api: Api) -> None:
@@ -80,10 +80,16 @@ def test_list_nodes_by_watermark_puts_the_biggest_deficit_first(api: Api) -> Non
     assert needed == sorted(needed, reverse=True)
 
 
-def test_resync_counts_nodes(api: Api) -> None:
-    api.node_with_pool(1)
+def test_resync_republishes_a_lost_event(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
+    node = api.node_with_pool(1)  # needs 7: CreateNode published one event
+    assert len(events_for(backend, node)) == 1
+    client = redis_client(backend)
+    client.delete(f"ipam:{{{node}}}:default:evpending")  # as if its event was lost with its marker
+    client.close()
     reply = api.nodes.Resync(npb.ResyncRequest(), timeout=10)
-    assert reply.nodes >= 1
+    assert reply.nodes >= 1 and reply.events_published >= 1
+    events = events_for(backend, node)
+    assert len(events) == 2 and events[-1].needed_ips == 7
 
 
 def test_add_addresses_is_idempotent(api: Api) -> None:
