@@ -14,7 +14,11 @@ then FLUSHALL and 1,000 nodes x 100 addresses through AddAddresses, for Redis by
 address, and the resident memory of each allocator worker. Prints a table, writes every figure to
 bench/out/bench-<UTC time>.json, and exits 1 when any call failed.
 
-    .venv/bin/python bench/run_bench.py --ghz .bin/ghz [--quick] [--workers 2] [--fsync always]
+Then the cloud worker's burst scenario (bench/burst.py, its own processes: Redis, the moto server,
+an allocator and a worker): 20 nodes at their watermark, 1,000 AllocateNext with wait_for_refill at
+once; its table follows and bench/out/burst-<UTC time>.json is written. `--skip-burst` skips it.
+
+    .venv/bin/python bench/run_bench.py --ghz .bin/ghz [--quick] [--workers 2] [--fsync always] [--skip-burst]
 
 Every process it starts is stopped when it ends, on failure and on SIGINT/SIGTERM too.
 """
@@ -46,10 +50,10 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
-from ipam.v1 import nodes_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import AsyncIpamClient, IpamClient, node_spec
+from ipam.v1 import nodes_pb2
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.redis_server import REDIS_SERVER, RedisServer
 
@@ -85,6 +89,8 @@ class Config:
     memory_nodes: int
     memory_ips: int  # addresses per node of the memory fill
     out_dir: Path
+    skip_burst: bool = False  # the cloud worker's burst scenario (bench/burst.py) runs after the rest
+    quick: bool = False
 
     @property
     def ips_per_node(self) -> int:
@@ -548,6 +554,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--memory-ips", type=int, default=100, help="addresses per node of the memory fill")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (small counts)")
+    parser.add_argument("--skip-burst", action="store_true", help="skip the cloud worker's burst (bench/burst.py)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.nodes, args.half_seconds, args.memory_nodes = 2000, 4, 2.0, 100
@@ -570,7 +577,22 @@ def parse_args(argv: list[str] | None) -> Config:
         memory_nodes=args.memory_nodes,
         memory_ips=args.memory_ips,
         out_dir=args.out_dir,
+        skip_burst=args.skip_burst,
+        quick=args.quick,
     )
+
+
+def run_burst(cfg: Config) -> int:
+    """bench/burst.py with its defaults (`--quick`: 4 nodes, 200 allocations); its exit code."""
+    from bench import burst  # here, not at the top: bench.burst imports this module
+
+    print("\ncloud worker burst (bench/burst.py):", flush=True)
+    args = ["--out-dir", str(cfg.out_dir), *(["--nodes", "4", "--allocations", "200"] if cfg.quick else [])]
+    try:
+        return burst.main(args)
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of the run, after the other figures
+        print(f"burst failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -628,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if left_allocated:
         failures.append(f"Release left {left_allocated} addresses allocated")
+    if not cfg.skip_burst and run_burst(cfg) != 0:
+        failures.append("the burst scenario failed (see above)")
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
