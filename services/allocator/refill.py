@@ -1,7 +1,9 @@
 """Lets AllocateNext with `wait_for_refill` wake as soon as the worker adds addresses.
 
-One pub/sub subscription per process fans out to local waiters; a waiter also re-checks on its
-own every `wait` call, so a notification missed while reconnecting costs at most that long.
+One pub/sub subscription per process fans out to local waiters, oldest first and only as many as
+addresses arrived (a refill of 6 wakes 6 callers, not 40 that would mostly find the pool empty
+again). A waiter also re-checks on its own after its `wait` timeout, so a notification missed while
+reconnecting costs at most that long.
 """
 
 from __future__ import annotations
@@ -21,23 +23,36 @@ class RefillWatcher:
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
-        self._waiters: dict[tuple[str, str], asyncio.Event] = {}
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def notify(self, node: str, pool: str) -> None:
-        """Tells every allocator process that (node, pool) changed ("" pool = every pool of the node)."""
-        await self._store._call(lambda: self._store.client.publish(keys.REFILL_CHANNEL, keys.timer_member(node, pool)))
+    async def notify(self, node: str, pool: str, added: int = 0) -> None:
+        """Tells every allocator process that `added` addresses arrived in (node, pool); 0 wakes every
+        waiter ("" pool = every pool of the node: its deficit reason changed)."""
+        message = f"{keys.timer_member(node, pool)}\x00{added}"
+        await self._store._call(lambda: self._store.client.publish(keys.REFILL_CHANNEL, message))
 
     async def wait(self, node: str, pool: str, timeout: float) -> None:
-        """Returns when (node, pool) was refilled or after `timeout` seconds, whichever comes first."""
-        event = self._waiters.setdefault((node, pool), asyncio.Event())
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        """Returns when (node, pool) was refilled for this caller, or after `timeout` seconds."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault((node, pool), [])
+        queue.append(future)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(future, timeout)
+        finally:
+            if future in queue:
+                queue.remove(future)
+            if not queue:
+                self._waiters.pop((node, pool), None)
 
-    def _wake(self, node: str, pool: str) -> None:
-        targets = [k for k in self._waiters if k[0] == node and (not pool or k[1] == pool)]
-        for key in targets:
-            self._waiters.pop(key).set()
+    def _wake(self, node: str, pool: str, added: int) -> None:
+        for key in [k for k in self._waiters if k[0] == node and (not pool or k[1] == pool)]:
+            queue = self._waiters[key]
+            woken = queue if added <= 0 else queue[:added]
+            for future in woken:
+                if not future.done():
+                    future.set_result(None)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -56,8 +71,10 @@ class RefillWatcher:
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         data = message["data"]
-                        node, pool = keys.split_timer_member(data.decode() if isinstance(data, bytes) else data)
-                        self._wake(node, pool)
+                        text = data.decode() if isinstance(data, bytes) else data
+                        member, _, added = text.rpartition("\x00")
+                        node, pool = keys.split_timer_member(member)
+                        self._wake(node, pool, int(added or 0))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: waiters fall back to their own re-checks

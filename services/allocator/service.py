@@ -4,15 +4,17 @@ needs work. Speaks domain types only; the gRPC servicer translates to and from p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ipam.v1 import events_pb2
 
-from .domain.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, ResourceExhausted
 from .domain.model import (
     MAX_KEY_LENGTH,
     MAX_OWNER_LENGTH,
@@ -100,8 +102,11 @@ class AllocatorService:
         if state.ipv6_enabled:
             needed = max(needed, pool_needed_ips(state.counts[Family.IPV6], state.watermarks))
         excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks) if state.release_excess else 0
+        if state.deficit_reason == "at-capacity":
+            needed = 0  # nothing more can be attached: only a release helps, and it needs no worker
         if needed <= 0 and excess <= 0:
             return False
+        needed += state.waiting
         kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
         event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind, needed_ips=needed, excess_ips=excess)
         published = await self.queue.publish_once(event)
@@ -129,24 +134,36 @@ class AllocatorService:
         idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=False)
         expiration_seconds = validate_timeout(expiration_seconds, "expiration_seconds")
         families = self._families(family)
-        while True:
-            try:
-                outcome = await self.store.allocate_next(
-                    node, pool, families, owner, idempotency_key, expiration_seconds
-                )
-            except ResourceExhausted as exc:
-                state: PoolState = exc.state  # type: ignore[attr-defined]
-                await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
-                if not (wait_for_refill and self.refills and exc.reason in ("POOL_EMPTY", "POOL_COOLING_DOWN")):
-                    raise
-                remaining = (deadline - time.monotonic()) if deadline else 30.0
-                if remaining <= 0.01:
-                    raise
-                await self.refills.wait(node, pool, min(remaining, 1.0))
-                continue
-            if not outcome.replayed:
-                await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
-            return outcome.allocations
+        waiter = ""  # set while this call is counted among the callers waiting for a refill
+        try:
+            while True:
+                try:
+                    outcome = await self.store.allocate_next(
+                        node, pool, families, owner, idempotency_key, expiration_seconds
+                    )
+                except ResourceExhausted as exc:
+                    state: PoolState = exc.state  # type: ignore[attr-defined]
+                    remaining = (deadline - time.monotonic()) if deadline else 30.0
+                    waits = wait_for_refill and self.refills is not None and remaining > 0.01
+                    if not (waits and exc.reason in ("POOL_EMPTY", "POOL_COOLING_DOWN")):
+                        await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
+                        raise
+                    if not waiter:
+                        # Counted before the event goes out, so the worker sizes its step for us too.
+                        waiter = uuid.uuid4().hex
+                        await self.store.add_waiter(node, pool, waiter, int((time.time() + remaining) * 1000))
+                        state = replace(state, waiting=state.waiting + 1)
+                    await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
+                    # Woken by the refill itself; the timeout only covers a notification lost on the way.
+                    await self.refills.wait(node, pool, min(remaining, 5.0))  # type: ignore[union-attr]
+                    continue
+                if not outcome.replayed:
+                    await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+                return outcome.allocations
+        finally:
+            if waiter:
+                with contextlib.suppress(IpamError):  # the entry expires at its deadline anyway
+                    await self.store.remove_waiter(node, pool, waiter)
 
     async def allocate(
         self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False
@@ -248,10 +265,13 @@ class AllocatorService:
     async def delete_node(self, name: str) -> None:
         await self.store.delete_node(validate_name(name, "node"))
 
-    async def node_view(self, name: str, pool: str) -> NodeView:
+    async def node_view(self, name: str, pool: str, state: PoolState | None = None) -> NodeView:
+        """The node with the statistics of `pool` (`state`: as a script just left it, to spare a read)."""
         name, pool = self._target(name, pool)
-        record = await self.store.node_record(name)
-        state = await self.store.pool_state(name, pool)
+        if state is None:
+            record, state = await asyncio.gather(self.store.node_record(name, pool), self.store.pool_state(name, pool))
+        else:
+            record = await self.store.node_record(name, pool)
         stats = node_stats(
             state.counts[Family.IPV4],
             state.counts[Family.IPV6],
@@ -261,8 +281,9 @@ class AllocatorService:
             max_interfaces=record.max_interfaces,
             ipv4_per_interface=record.ipv4_per_interface,
             first_interface_index=record.first_interface_index,
+            waiting=state.waiting,
         )
-        return NodeView(record, stats, await self.store.reservations(name, pool))
+        return NodeView(record, stats, record.reservations)
 
     async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
         names = list(names) if names is not None else await self.store.node_names()
@@ -297,14 +318,15 @@ class AllocatorService:
         vpc_cidrs: Sequence[str],
         max_interfaces: int,
         ipv4_per_interface: int,
-    ) -> list[str]:
+    ) -> tuple[list[str], NodeView]:
+        """Adds what the worker attached; returns the new addresses and the node afterwards."""
         node, pool = self._target(node, pool)
         outcome = await self.store.add_addresses(
             node, pool, interface, self._worker_ips(ips), list(vpc_cidrs), max_interfaces, ipv4_per_interface
         )
         if outcome.ips and self.refills:
-            await self.refills.notify(node, pool)
-        return outcome.ips
+            await self.refills.notify(node, pool, len(outcome.ips))
+        return outcome.ips, await self.node_view(node, pool, outcome.state)
 
     async def set_interfaces(
         self,

@@ -50,7 +50,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
-    async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 1.0) -> bool:
+    async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 0.1) -> bool:
         """Maintains `node` holding its lock, so no two workers work on one node at once.
         Returns False when another worker holds the node: it is on it already."""
         lock = self.redis.lock(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -122,7 +122,7 @@ class NodeMaintainer:
         # read-back keeps the local view current, so a step costs one mutating call, not three.
         interfaces: list[NetworkInterface] | None = None
         subnets: list[Subnet] | None = None
-        changed = False
+        released_some = False  # AddAddresses keeps the allocator's interface table; a release does not
         for _ in range(MAX_ROUNDS):
             if interfaces is None:
                 interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
@@ -133,14 +133,16 @@ class NodeMaintainer:
             if spec.ipv6_enabled and node.stats.needed_ipv6 > 0:
                 updated = await self._assign_ipv6(node, interfaces, limits, outcome)
                 if updated is not None:
-                    interfaces, changed = _with(interfaces, updated), True
+                    interfaces = _with(interfaces, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
             usable = [s for s in subnets if s.id not in full_subnets]
             action = await self._plan(node, pspec, interfaces, limits, usable)
             try:
+                after: npb.Node | None = None
                 if isinstance(action, planner.AllocationAction):
-                    updated = await self._allocate(node, instance, cidrs, action, outcome)
+                    known = next((i for i in interfaces if i.id == action.interface_id), None)
+                    updated, after = await self._allocate(node, instance, cidrs, action, outcome, known)
                     spent = action.count + (1 if action.creates_interface else 0)  # a new interface's primary too
                     subnets = [
                         replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
@@ -151,11 +153,11 @@ class NodeMaintainer:
                     if released is None:
                         outcome.reason = planner.NOTHING_RELEASABLE
                         break
-                    updated = released
+                    updated, released_some = released, True
                 else:
                     outcome.reason = action.reason
                     break
-                interfaces, changed = _with(interfaces, updated), True
+                interfaces = _with(interfaces, updated)
             except SubnetFull as exc:
                 subnet = getattr(action, "subnet_id", "")
                 log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
@@ -164,9 +166,10 @@ class NodeMaintainer:
             except LimitExceeded as exc:
                 log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
                 interfaces = subnets = None
-            node = await self.allocator.get_node(name, CLOUD_POOL)
+                after = None
+            node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
 
-        await self._report(node, interfaces if changed else None, outcome.reason)
+        await self._report(node, interfaces if released_some else None, outcome.reason)
         outcome.seconds = time.perf_counter() - started
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
@@ -187,13 +190,15 @@ class NodeMaintainer:
         subnets: list[Subnet],
     ) -> planner.Action:
         counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
-        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4)
+        releasing = pspec.release_excess and node.stats.excess_ips > 0 and node.stats.needed_ips <= 0
+        # Which addresses of an interface are free matters only to a release: read them only then.
+        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4) if releasing else set()
         states = [
             planner.InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
             for i in interfaces
             if i.device_index >= 0
         ]
-        return planner.plan(pspec, counts, states, limits, subnets)
+        return planner.plan(pspec, counts, states, limits, subnets, surge=int(node.stats.waiting_ips))
 
     async def _reconcile(
         self,
@@ -210,6 +215,7 @@ class NodeMaintainer:
         current: list[NetworkInterface] = []
         known = {ip for i in node.interfaces for ip in i.addresses}
         in_cloud: set[str] = set()
+        added = False
         for interface in interfaces:
             if interface.device_index < first:
                 current.append(interface)
@@ -222,6 +228,7 @@ class NodeMaintainer:
             current.append(interface)
             in_cloud.update(held)
             if missing or interface.id not in {i.id for i in node.interfaces}:
+                added = True
                 await self.allocator.add_addresses(
                     npb.AddAddressesRequest(
                         node=name,
@@ -248,18 +255,25 @@ class NodeMaintainer:
             )
             if reply.still_allocated:
                 log.warning("node %s: %s allocated but gone from the cloud", name, ", ".join(reply.still_allocated))
-        if settle_reservations:
-            await self._settle_reservations(node, in_cloud)
-        await self.allocator.set_interfaces(
-            npb.SetInterfacesRequest(
-                node=name,
-                interfaces=[_interface_message(i) for i in current if i.device_index >= first],
-                vpc_cidrs=cidrs,
-                max_interfaces=limits.max_interfaces,
-                ipv4_per_interface=limits.ipv4_per_interface,
-                deficit_reason=node.stats.deficit_reason,
-            )
+        settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
+        table = [_interface_message(i) for i in current if i.device_index >= first]
+        same_table = _table(table) == _table(node.interfaces) and (node.max_interfaces, node.ipv4_per_interface) == (
+            limits.max_interfaces,
+            limits.ipv4_per_interface,
         )
+        if same_table and not (added or gone or settled):
+            return node, current  # the allocator already agrees with the cloud
+        if not same_table:
+            await self.allocator.set_interfaces(
+                npb.SetInterfacesRequest(
+                    node=name,
+                    interfaces=table,
+                    vpc_cidrs=cidrs,
+                    max_interfaces=limits.max_interfaces,
+                    ipv4_per_interface=limits.ipv4_per_interface,
+                    deficit_reason=node.stats.deficit_reason,
+                )
+            )
         return await self.allocator.get_node(name, CLOUD_POOL), current
 
     async def _give_back_conflicts(
@@ -278,12 +292,14 @@ class NodeMaintainer:
         given_back = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, sorted(conflicts))
         return given_back.interface, [ip for ip in ips if ip not in conflicts]
 
-    async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> None:
+    async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> bool:
         """A reservation left by a crashed worker: what the cloud no longer holds leaves the pool,
-        the rest returns to it."""
+        the rest returns to it. True when any was settled."""
+        settled = False
         for reservation in node.reservations:
             if reservation.age_ms < self.stale_reservation_ms:
                 continue
+            settled = True
             gone = [ip for ip in reservation.ips if ip not in in_cloud]
             if gone:
                 await self.allocator.complete_release(
@@ -296,11 +312,19 @@ class NodeMaintainer:
                     npb.AbortReleaseRequest(node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id)
                 )
             log.info("node %s: settled stale reservation %s (%d unassigned)", node.spec.name, reservation.id, len(gone))
+        return settled
 
     async def _allocate(
-        self, node: npb.Node, instance: Instance, cidrs: list[str], action: planner.AllocationAction, outcome: Outcome
-    ) -> NetworkInterface:
-        """Assigns on an interface or creates one; returns the interface as the cloud holds it now."""
+        self,
+        node: npb.Node,
+        instance: Instance,
+        cidrs: list[str],
+        action: planner.AllocationAction,
+        outcome: Outcome,
+        known: NetworkInterface | None,
+    ) -> tuple[NetworkInterface, npb.Node]:
+        """Assigns on an interface (`known`: as last read) or creates one; returns the interface as the
+        cloud holds it now and the node as the allocator holds it afterwards."""
         name = node.spec.name
         kind = "create" if action.creates_interface else "allocate"
         started = time.perf_counter()
@@ -320,11 +344,13 @@ class NodeMaintainer:
                 added = list(interface.ipv4)
                 outcome.interfaces_created += 1
             else:
-                change = await self._cloud(outcome, self.provider.assign_addresses, action.interface_id, action.count)
+                change = await self._cloud(
+                    outcome, self.provider.assign_addresses, action.interface_id, action.count, known=known
+                )
                 interface, added = change.interface, list(change.addresses)
             if self.check_conflicts and added:
                 interface, added = await self._give_back_conflicts(name, interface, added, outcome)
-            await self.allocator.add_addresses(
+            reply = await self.allocator.add_addresses(
                 npb.AddAddressesRequest(
                     node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=added, vpc_cidrs=cidrs
                 )
@@ -333,7 +359,7 @@ class NodeMaintainer:
             outcome.assigned += len(added)
             outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
-            return interface
+            return interface, reply.node
         except ProviderError:
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
             raise
@@ -433,6 +459,11 @@ class NodeMaintainer:
             )
         except IpamClientError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
+
+
+def _table(interfaces: Iterable[npb.Interface]) -> dict[str, tuple[int, frozenset[str]]]:
+    """What the allocator's interface table says, in a form to compare."""
+    return {i.id: (i.device_index, frozenset(i.addresses)) for i in interfaces}
 
 
 def _with(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:

@@ -142,9 +142,12 @@ def plan(
     interfaces: Sequence[InterfaceState],
     limits: InstanceLimits,
     subnets: Sequence[Subnet],
+    surge: int = 0,
 ) -> Action:
     """The one next step for the node's IPv4 pool.
 
+    `surge` counts callers waiting for a refill (Cilium's pending pods): they are added to the
+    deficit, so one step serves them and still leaves the watermark free.
     Release wins only when there is excess, no deficit, and `spec.release_excess` is set.
     `subnets` should hold the subnets of the node's VPC and zone; an existing interface whose
     subnet is missing from it is not used (its free addresses are unknown).
@@ -152,7 +155,7 @@ def plan(
     if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
         raise ValueError(f"instance limits unknown or invalid: {limits}")
     w = spec.watermarks
-    needed = pool_needed_ips(counts, w)
+    needed = pool_needed_ips(counts, w) + max(surge, 0)
     if needed > 0:
         return _plan_allocation(spec, counts, needed, interfaces, limits, subnets)
 
@@ -188,6 +191,8 @@ def _plan_allocation(
     wanted = needed + w.max_above_watermark
     if w.max_allocate > 0:
         wanted = min(wanted, w.max_allocate - counts.available)
+        if wanted <= 0:
+            return NoAction(MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
 
     # An existing interface with a free slot, in a subnet with free addresses, lowest device first.
     subnets_by_id = {s.id: s for s in subnets}

@@ -21,6 +21,7 @@ class NodeStats:
     used_ipv6: int
     available_ipv6: int
     needed_ipv6: int
+    waiting_ips: int = 0
 
 
 def node_stats(
@@ -33,6 +34,7 @@ def node_stats(
     max_interfaces: int,
     ipv4_per_interface: int,
     first_interface_index: int,
+    waiting: int = 0,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
     used_devices = {int(i.get("device_index", 0)) for i in interfaces}
@@ -61,4 +63,5 @@ def node_stats(
         used_ipv6=v6.used,
         available_ipv6=v6.available,
         needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
+        waiting_ips=waiting,
     )

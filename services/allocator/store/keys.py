@@ -57,6 +57,7 @@ def pool_keys(node: str, pool: str) -> list[str]:
         f"{p}:exp",
         pending_event_key(node, pool),
         interface_info_key(node),
+        f"{p}:waiting",
     ]
 
 

@@ -81,6 +81,8 @@ class PoolState:
     release_excess: bool
     ipv6_enabled: bool
     event_pending: bool
+    waiting: int = 0  # callers waiting for a refill
+    deficit_reason: str = ""  # why the worker could not meet the last deficit
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class NodeRecord:
     deficit_reason: str
     created_ms: int
     first_interface_index: int
+    reservations: dict[str, dict[str, Any]] = field(default_factory=dict)  # of the pool asked for
 
 
 @dataclass(slots=True)
@@ -147,6 +150,8 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         release_excess=rel == "1",
         ipv6_enabled=v6 == "1",
         event_pending=bool(raw["pending"]),
+        waiting=int(raw.get("waiting", 0)),
+        deficit_reason=_text(raw.get("reason") or ""),
     )
 
 
@@ -325,6 +330,21 @@ class RedisStore:
         else:
             await self._call(lambda: self.client.zrem(keys.TIMERS_KEY, member))
 
+    async def add_waiter(self, node: str, pool: str, call_id: str, deadline_ms: int) -> None:
+        """Counts a caller waiting for a refill until its deadline (or until `remove_waiter`)."""
+        await self._call(lambda: self.client.zadd(keys.pool_key(node, pool, "waiting"), {call_id: deadline_ms}))
+
+    async def remove_waiter(self, node: str, pool: str, call_id: str) -> None:
+        waiting = keys.pool_key(node, pool, "waiting")
+
+        async def remove() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(waiting, call_id)
+            pipe.zremrangebyscore(waiting, "-inf", int(time.time() * 1000))  # and callers long gone
+            await pipe.execute()
+
+        await self._call(remove)
+
     async def next_timer_deadline(self, node: str, pool: str) -> int:
         """The earliest deadline kept in the pool itself (the truth the index mirrors)."""
         first = await self._call(lambda: self.client.zrange(keys.pool_key(node, pool, "exp"), 0, 0, withscores=True))
@@ -365,15 +385,18 @@ class RedisStore:
     async def node_names(self) -> list[str]:
         return sorted(_text(n) for n in await self._call(lambda: self.client.smembers(keys.NODES_KEY)))
 
-    async def node_record(self, node: str) -> NodeRecord:
+    async def node_record(self, node: str, pool: str = "default") -> NodeRecord:
+        """The node's record, with the open release reservations of `pool`."""
+
         async def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(keys.node_key(node))
             pipe.hgetall(keys.interfaces_key(node))
             pipe.smembers(keys.pools_key(node))
+            pipe.hgetall(keys.pool_key(node, pool, "resv"))
             return await pipe.execute()
 
-        fields, ifaces, pools = await self._call(read)
+        fields, ifaces, pools, reservations = await self._call(read)
         if not fields:
             raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
         f = {_text(k): v for k, v in fields.items()}
@@ -389,6 +412,7 @@ class RedisStore:
             deficit_reason=_text(f.get("deficit_reason")),
             created_ms=_int(_text(f.get("created_ms"))),
             first_interface_index=_int(_text(f.get("fii"))),
+            reservations={_text(k): json.loads(v) for k, v in reservations.items()},
         )
 
     # --- nodes -------------------------------------------------------------------------------
@@ -508,10 +532,6 @@ class RedisStore:
         return ChangeOutcome(
             _pool_state(result["state"]), _as_list(result["removed"]), _as_list(result["still_allocated"])
         )
-
-    async def reservations(self, node: str, pool: str) -> dict[str, dict[str, Any]]:
-        raw = await self._call(lambda: self.client.hgetall(keys.pool_key(node, pool, "resv")))
-        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     async def set_deficit_reason(self, node: str, reason: str) -> None:
         await self._call(lambda: self.client.hset(keys.node_key(node), "deficit_reason", reason))

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format
 
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
@@ -170,10 +169,20 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return pb.PingResponse()
 
 
+_INTERFACE_FIELDS = tuple(f.name for f in npb.Interface.DESCRIPTOR.fields)
+
+
 def _interface_dict(interface: npb.Interface) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        interface, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """The interface as the store keeps it (field by field: json_format is slow on this hot path)."""
+    return {name: _plain(getattr(interface, name)) for name in _INTERFACE_FIELDS}
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int) else list(value)
+
+
+def _interface_message(stored: dict[str, Any]) -> npb.Interface:
+    return npb.Interface(**{name: stored[name] for name in _INTERFACE_FIELDS if name in stored})
 
 
 def node_settings(spec: npb.NodeSpec) -> NodeSettings:
@@ -194,7 +203,7 @@ def node_message(view: NodeView) -> npb.Node:
         spec.pre_allocate = DEFAULT_PRE_ALLOCATE
     return npb.Node(
         spec=spec,
-        interfaces=[json_format.ParseDict(i, npb.Interface(), ignore_unknown_fields=True) for i in r.interfaces],
+        interfaces=[_interface_message(i) for i in r.interfaces],
         stats=npb.NodeStats(
             used_ips=s.used_ips,
             available_ips=s.available_ips,
@@ -207,6 +216,7 @@ def node_message(view: NodeView) -> npb.Node:
             used_ipv6=s.used_ipv6,
             available_ipv6=s.available_ipv6,
             needed_ipv6=s.needed_ipv6,
+            waiting_ips=s.waiting_ips,
             deficit_reason=r.deficit_reason,
         ),
         pools=r.pools,
@@ -274,7 +284,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     async def AddAddresses(
         self, request: npb.AddAddressesRequest, context: grpc.aio.ServicerContext
     ) -> npb.AddAddressesResponse:
-        added = await self.service.add_addresses(
+        added, view = await self.service.add_addresses(
             request.node,
             request.pool,
             _interface_dict(request.interface),
@@ -283,7 +293,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             request.max_interfaces,
             request.ipv4_per_interface,
         )
-        return npb.AddAddressesResponse(added_ips=added)
+        return npb.AddAddressesResponse(added_ips=added, node=node_message(view))
 
     @rpc
     async def SetInterfaces(

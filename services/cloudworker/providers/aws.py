@@ -299,10 +299,12 @@ class AwsProvider(CloudProvider):
             log.warning("could not set DeleteOnTermination on %s: %s", interface_id, exc)
         return self._read_interface(interface_id)
 
-    def assign_addresses(self, interface_id: str, count: int, family: Family = Family.IPV4) -> AddressChange:
+    def assign_addresses(
+        self, interface_id: str, count: int, family: Family = Family.IPV4, *, known: NetworkInterface | None = None
+    ) -> AddressChange:
         if count <= 0:
             raise ValueError(f"count must be positive, got {count}")
-        before = self._read_interface(interface_id)
+        before = known if known is not None and known.id == interface_id else self._read_interface(interface_id)
         if family is Family.IPV4:
             self._call(
                 "AssignPrivateIpAddresses",

@@ -49,8 +49,11 @@ class CloudProvider(Protocol):
         at `device_index` and set DeleteOnTermination. If the attach fails it is deleted again."""
         ...
 
-    def assign_addresses(self, interface_id: str, count: int, family: Family = Family.IPV4) -> AddressChange:
-        """Assign `count` more addresses of `family`; returns the new ones and the interface."""
+    def assign_addresses(
+        self, interface_id: str, count: int, family: Family = Family.IPV4, *, known: NetworkInterface | None = None
+    ) -> AddressChange:
+        """Assign `count` more addresses of `family`; returns the new ones and the interface.
+        `known`: the interface as last read, when the caller holds it (spares a read)."""
         ...
 
     def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:

@@ -329,3 +329,22 @@ def test_planner_imports_no_io_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("surge,available,used,expected", [(0, 0, 0, 8), (5, 0, 0, 9), (20, 0, 0, 9)])
+def test_waiting_callers_are_added_to_the_deficit(surge: int, available: int, used: int, expected: int) -> None:
+    limits = InstanceLimits(max_interfaces=3, ipv4_per_interface=10)
+    eth0 = InterfaceState(id="eni-0", device_index=0, subnet_id="subnet-a", ipv4_addresses=1)
+    subnet = Subnet(id="subnet-a", vpc_id="vpc", availability_zone="az", cidr="10.0.0.0/18", free_addresses=10_000)
+    action = plan(NodeSpec(), PoolCounts(available, used), [eth0], limits, [subnet], surge=surge)
+    assert isinstance(action, AllocationAction) and action.interface_id == "eni-0"
+    assert action.count == expected
+
+
+def test_surge_never_passes_max_allocate() -> None:
+    limits = InstanceLimits(max_interfaces=3, ipv4_per_interface=10)
+    eth0 = InterfaceState(id="eni-0", device_index=0, subnet_id="subnet-a", ipv4_addresses=1)
+    subnet = Subnet(id="subnet-a", vpc_id="vpc", availability_zone="az", cidr="10.0.0.0/18", free_addresses=10_000)
+    spec = NodeSpec(watermarks=Watermarks(pre_allocate=0, max_allocate=4))
+    action = plan(spec, PoolCounts(4, 4), [eth0], limits, [subnet], surge=3)
+    assert isinstance(action, NoAction) and action.reason == MAX_ALLOCATE
