@@ -89,6 +89,7 @@ class NodeMaintainer:
         self.metrics = metrics
         self.stale_reservation_ms = int(stale_reservation_seconds * 1000)
         self._instances: dict[str, Instance] = {}
+        self._node_instances: dict[str, str] = {}  # node name -> instance id, as last seen
         self._vpc_cidrs: dict[str, list[str]] = {}
 
     async def _cloud(self, outcome: Outcome, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -102,11 +103,23 @@ class NodeMaintainer:
         """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError."""
         started = time.perf_counter()
         outcome = Outcome(name)
-        node = await self.allocator.get_node(name, CLOUD_POOL)
+        # A node seen before: its interfaces are read while the allocator answers, not after.
+        known_instance = self._node_instances.get(name)
+        first_read: list[NetworkInterface] | None = None
+        if known_instance:
+            node, first_read = await asyncio.gather(
+                self.allocator.get_node(name, CLOUD_POOL),
+                self._cloud(outcome, self.provider.list_interfaces, known_instance),
+            )
+        else:
+            node = await self.allocator.get_node(name, CLOUD_POOL)
         spec = node.spec
         if not spec.instance_id or not spec.instance_type:
             outcome.reason = "no-instance"
             return outcome
+        if spec.instance_id != known_instance:
+            first_read = None
+        self._node_instances[name] = spec.instance_id
         limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
         instance = self._instances.get(spec.instance_id) or await self._cloud(
             outcome, self.provider.describe_instance, spec.instance_id
@@ -125,7 +138,8 @@ class NodeMaintainer:
         released_some = False  # AddAddresses keeps the allocator's interface table; a release does not
         for _ in range(MAX_ROUNDS):
             if interfaces is None:
-                interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
+                interfaces = first_read or await self._cloud(outcome, self.provider.list_interfaces, instance.id)
+                first_read = None
                 node, interfaces = await self._reconcile(node, interfaces, limits, cidrs, settle_reservations, outcome)
                 settle_reservations = False
             if subnets is None:
