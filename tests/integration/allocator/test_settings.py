@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from ipam.v1 import allocator_pb2 as pb
-from tests.support.allocator_process import AllocatorProcess
-from tests.support.api import Api, reason_of
+from ipam.v1 import allocator_pb2_grpc
+from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
+from tests.support.api import Api, channel, reason_of
 from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 
@@ -130,7 +132,6 @@ def test_sigterm_lets_in_flight_calls_finish(redis_server: RedisServer) -> None:
 
 def _requests_in_flight(process: AllocatorProcess) -> float:
     """AllocateNext calls started minus finished, read from the Prometheus endpoint."""
-    import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=2).read().decode()
     started = sum(
@@ -139,3 +140,25 @@ def _requests_in_flight(process: AllocatorProcess) -> float:
         if line.startswith('ipam_allocator_in_flight{method="AllocateNext"}')
     )
     return started
+
+
+def test_workers_share_one_port_and_stop_together(redis_server: RedisServer) -> None:
+    process = AllocatorProcess(redis_server.url, workers=2).start()
+    api = Api(process.address)
+    node = api.node_with_pool(4)
+    api.close()
+    for _ in range(20):  # a channel each: the kernel spreads connections, not calls, over the processes
+        with channel(process.address, CLIENT_TOKEN) as connection:
+            allocator_pb2_grpc.AllocatorStub(connection).Dump(pb.DumpRequest(node=node), timeout=5)
+
+    def dumps_served(port: int) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("ipam_allocator_requests_total{") and 'method="Dump"' in line
+        )
+
+    served = [dumps_served(process.metrics_port), dumps_served(process.metrics_port + 1)]
+    assert sum(served) == 20 and min(served) > 0, served
+    assert process.stop() == 0
