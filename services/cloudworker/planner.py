@@ -26,13 +26,11 @@ __all__ = [
     "Action",
     "AllocationAction",
     "InterfaceState",
-    "InterfaceStats",
     "NoAction",
     "NodeSpec",
     "PoolCounts",
     "ReleaseAction",
     "Watermarks",
-    "interface_stats",
     "plan",
 ]
 
@@ -123,19 +121,6 @@ class NoAction:
 Action = AllocationAction | ReleaseAction | NoAction
 
 
-@dataclass(frozen=True, slots=True)
-class InterfaceStats:
-    """Cilium's node statistics about interfaces."""
-
-    interface_candidates: int  # usable interfaces with a free address slot
-    empty_interface_slots: int  # device indexes where an interface could still be attached
-
-    @property
-    def remaining_interfaces(self) -> int:
-        """Interfaces that could still take addresses."""
-        return self.interface_candidates + self.empty_interface_slots
-
-
 def plan(
     spec: NodeSpec,
     counts: PoolCounts,
@@ -167,16 +152,6 @@ def plan(
     if w.max_allocate > 0 and pool_needed_ips(counts, replace(w, max_allocate=0)) > 0:
         return NoAction(MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
     return NoAction(NOTHING_NEEDED)
-
-
-def interface_stats(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> InterfaceStats:
-    """How many interfaces have room, and how many more could be attached."""
-    candidates = sum(
-        1
-        for i in interfaces
-        if i.device_index >= spec.first_interface_index and i.ipv4_addresses < limits.ipv4_per_interface
-    )
-    return InterfaceStats(candidates, len(_free_device_indexes(spec, interfaces, limits)))
 
 
 def _plan_allocation(

@@ -38,11 +38,7 @@ def node_stats(
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
     used_devices = {int(i.get("device_index", 0)) for i in interfaces}
-    if max_interfaces > 0:
-        remaining = max(max_interfaces - len(interfaces), 0)
-        empty_slots = sum(1 for d in range(first_interface_index, max_interfaces) if d not in used_devices)
-    else:
-        remaining = empty_slots = 0
+    empty_slots = sum(1 for d in range(first_interface_index, max(max_interfaces, 0)) if d not in used_devices)
     candidates = 0
     if ipv4_per_interface > 0:
         candidates = sum(
@@ -56,7 +52,8 @@ def node_stats(
         available_ips=v4.available,
         needed_ips=pool_needed_ips(v4, watermarks),
         excess_ips=pool_excess_ips(v4, watermarks),
-        remaining_interfaces=remaining,
+        # Cilium's definition: interfaces that can still take addresses, attached or not yet.
+        remaining_interfaces=candidates + empty_slots,
         interface_candidates=candidates,
         empty_interface_slots=empty_slots,
         cooling_ips=v4.cooling,

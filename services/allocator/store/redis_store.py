@@ -532,6 +532,3 @@ class RedisStore:
         return ChangeOutcome(
             _pool_state(result["state"]), _as_list(result["removed"]), _as_list(result["still_allocated"])
         )
-
-    async def set_deficit_reason(self, node: str, reason: str) -> None:
-        await self._call(lambda: self.client.hset(keys.node_key(node), "deficit_reason", reason))

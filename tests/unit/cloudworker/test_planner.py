@@ -18,13 +18,11 @@ from services.cloudworker.planner import (
     Action,
     AllocationAction,
     InterfaceState,
-    InterfaceStats,
     NoAction,
     NodeSpec,
     PoolCounts,
     ReleaseAction,
     Watermarks,
-    interface_stats,
     plan,
 )
 
@@ -301,21 +299,6 @@ def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
 def test_unknown_limits_are_refused_not_planned_as_zero() -> None:
     with pytest.raises(ValueError, match="limits"):
         plan(SPEC, PoolCounts(0, 0), [eni(0)], InstanceLimits(0, 0), [NODE_SUBNET])
-
-
-@pytest.mark.parametrize(
-    ("first_index", "interfaces", "expected"),
-    [
-        (0, (eni(0),), InterfaceStats(interface_candidates=1, empty_interface_slots=2)),
-        (0, (eni(0, ips=10), eni(1, ips=10), eni(2, ips=4)), InterfaceStats(1, 0)),
-        (1, (eni(0),), InterfaceStats(0, 2)),
-        (1, (eni(0), eni(2, ips=10)), InterfaceStats(0, 1)),
-    ],
-)
-def test_interface_stats(first_index: int, interfaces: tuple[InterfaceState, ...], expected: InterfaceStats) -> None:
-    stats = interface_stats(replace(SPEC, first_interface_index=first_index), interfaces, M5_LARGE)
-    assert stats == expected
-    assert stats.remaining_interfaces == expected.interface_candidates + expected.empty_interface_slots
 
 
 def test_watermark_defaults_are_cilium_s() -> None:

@@ -1,0 +1,58 @@
+"""Node statistics about interfaces (Cilium's definitions), table-driven on an m5.large (3 x 10 IPv4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.allocator.domain.pool_math import PoolCounts, Watermarks
+from services.allocator.domain.stats import node_stats
+
+
+def interface(device: int, secondaries: int) -> dict[str, object]:
+    return {
+        "id": f"eni-{device}",
+        "device_index": device,
+        "addresses": [f"10.0.{device}.{i}" for i in range(secondaries)],
+    }
+
+
+# first interface index, interfaces as (device, secondary addresses), (candidates, empty slots, remaining)
+CASES = [
+    (0, [(0, 0)], (1, 2, 3)),  # eth0 with room, two slots free
+    (0, [(0, 9), (1, 9), (2, 3)], (1, 0, 1)),  # two full, one with room, no slot left
+    (1, [(0, 0)], (0, 2, 2)),  # eth0 is not the pool's
+    (1, [(0, 0), (2, 9)], (0, 1, 1)),  # device 2 full, device 1 free
+    (0, [(0, 9), (1, 9), (2, 9)], (0, 0, 0)),  # at capacity
+]
+
+
+@pytest.mark.parametrize("first_index,interfaces,expected", CASES)
+def test_interface_statistics(
+    first_index: int, interfaces: list[tuple[int, int]], expected: tuple[int, int, int]
+) -> None:
+    stats = node_stats(
+        PoolCounts(0, 0),
+        PoolCounts(0, 0),
+        Watermarks(),
+        ipv6_enabled=False,
+        interfaces=[interface(d, n) for d, n in interfaces],
+        max_interfaces=3,
+        ipv4_per_interface=10,
+        first_interface_index=first_index,
+    )
+    assert (stats.interface_candidates, stats.empty_interface_slots, stats.remaining_interfaces) == expected
+
+
+def test_unknown_limits_give_no_interface_figures() -> None:
+    stats = node_stats(
+        PoolCounts(8, 0),
+        PoolCounts(0, 0),
+        Watermarks(),
+        ipv6_enabled=False,
+        interfaces=[interface(0, 8)],
+        max_interfaces=0,
+        ipv4_per_interface=0,
+        first_interface_index=0,
+    )
+    assert (stats.interface_candidates, stats.empty_interface_slots, stats.remaining_interfaces) == (0, 0, 0)
+    assert (stats.available_ips, stats.needed_ips) == (8, 0)
