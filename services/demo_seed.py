@@ -155,6 +155,21 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
     return names
 
 
+def forget_vanished_nodes(client: IpamClient, ec2: BaseClient) -> list[str]:
+    """Nodes of an earlier demo whose instances this (in-memory) local EC2 no longer has are deleted:
+    Redis keeps its data across `make run`s, the local EC2 does not."""
+    running = {
+        instance["InstanceId"]
+        for reservation in ec2.describe_instances()["Reservations"]
+        for instance in reservation["Instances"]
+    }
+    gone = [n.spec.name for n in client.list_nodes() if n.spec.instance_id and n.spec.instance_id not in running]
+    for name in gone:
+        client.delete_node(name)
+        print(f"deleted {name}: its instance is gone")
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -181,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ec2.create_tags(Resources=[network.vpc_id], Tags=[DEMO_TAG])
         print(f"created demo VPC {network.vpc_id} ({network.cidr}) with {len(network.subnet_ids)} subnets")
     with IpamClient(args.address, token=os.environ.get("IPAM_ADMIN_TOKEN") or None, timeout=10) as client:
+        forget_vanished_nodes(client, ec2)
         register_nodes(client, network, args.pre_allocate)
     return 0
 
