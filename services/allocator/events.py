@@ -36,10 +36,10 @@ class RedisStreamQueue:
 
     async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
         marker = keys.pending_event_key(event.node, event.pool)
-        fresh = await self._store._call(lambda: self._client.set(marker, b"1", nx=True, ex=self._coalesce_seconds))
+        fresh = await self._store.call(lambda: self._client.set(marker, b"1", nx=True, ex=self._coalesce_seconds))
         if not fresh:
             return False
         event.published_at_ms = int(time.time() * 1000)
         fields = {b"node": event.node.encode(), b"pool": event.pool.encode(), b"event": event.SerializeToString()}
-        await self._store._call(lambda: self._client.xadd(self.stream, fields))
+        await self._store.call(lambda: self._client.xadd(self.stream, fields))
         return True

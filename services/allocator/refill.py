@@ -29,8 +29,8 @@ class RefillWatcher:
     async def notify(self, node: str, pool: str, added: int = 0) -> None:
         """Tells every allocator process that `added` addresses arrived in (node, pool); 0 wakes every
         waiter ("" pool = every pool of the node: its deficit reason changed)."""
-        message = f"{keys.timer_member(node, pool)}\x00{added}"
-        await self._store._call(lambda: self._store.client.publish(keys.REFILL_CHANNEL, message))
+        message = f"{keys.node_pool(node, pool)}\x00{added}"
+        await self._store.call(lambda: self._store.client.publish(keys.REFILL_CHANNEL, message))
 
     async def wait(self, node: str, pool: str, timeout: float) -> None:
         """Returns when (node, pool) was refilled for this caller, or after `timeout` seconds."""
@@ -73,7 +73,7 @@ class RefillWatcher:
                         data = message["data"]
                         text = data.decode() if isinstance(data, bytes) else data
                         member, _, added = text.rpartition("\x00")
-                        node, pool = keys.split_timer_member(member)
+                        node, pool = keys.split_node_pool(member)
                         self._wake(node, pool, int(added or 0))
             except asyncio.CancelledError:
                 raise

@@ -20,7 +20,7 @@ from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
 from .providers.aws import build_aws_provider
 from .providers.base import CloudProvider
-from .queue import Delivery, RedisStreamSource
+from .queue import Delivery, EventSource, RedisStreamSource
 from .settings import WorkerSettings
 
 log = logging.getLogger("ipam.cloudworker")
@@ -33,7 +33,7 @@ class Worker:
         self,
         settings: WorkerSettings,
         redis: RedisClient,
-        source: RedisStreamSource,
+        source: EventSource,
         maintainer: NodeMaintainer,
         provider: CloudProvider,
         allocator: AsyncIpamClient,

@@ -270,7 +270,7 @@ class NodeMaintainer:
             if reply.still_allocated:
                 log.warning("node %s: %s allocated but gone from the cloud", name, ", ".join(reply.still_allocated))
         settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
-        table = [_interface_message(i) for i in current if i.device_index >= first]
+        table = _pool_table(current, first)
         same_table = _table(table) == _table(node.interfaces) and (node.max_interfaces, node.ipv4_per_interface) == (
             limits.max_interfaces,
             limits.ipv4_per_interface,
@@ -455,11 +455,7 @@ class NodeMaintainer:
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
         first = node.spec.first_interface_index
-        table = (
-            [_interface_message(i) for i in interfaces if i.device_index >= first]
-            if interfaces is not None
-            else list(node.interfaces)
-        )
+        table = _pool_table(interfaces, first) if interfaces is not None else list(node.interfaces)
         try:
             await self.allocator.set_interfaces(
                 npb.SetInterfacesRequest(
@@ -473,6 +469,11 @@ class NodeMaintainer:
             )
         except IpamClientError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
+
+
+def _pool_table(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:
+    """The allocator's interface table: the interfaces that hold the pool's addresses."""
+    return [_interface_message(i) for i in interfaces if i.device_index >= first_interface_index]
 
 
 def _table(interfaces: Iterable[npb.Interface]) -> dict[str, tuple[int, frozenset[str]]]:

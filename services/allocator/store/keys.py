@@ -66,10 +66,11 @@ def pool_key(node: str, pool: str, name: str) -> str:
     return f"{node_prefix(node)}:{pool}:{name}"
 
 
-def timer_member(node: str, pool: str) -> str:
+def node_pool(node: str, pool: str) -> str:
+    """(node, pool) as one string: a member of the timer index, a message on the refill channel."""
     return f"{node}\x00{pool}"
 
 
-def split_timer_member(member: str) -> tuple[str, str]:
+def split_node_pool(member: str) -> tuple[str, str]:
     node, _, pool = member.partition("\x00")
     return node, pool

@@ -217,11 +217,12 @@ class RedisStore:
         await self.client.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self._call(lambda: self.client.ping()))
+        return bool(await self.call(lambda: self.client.ping()))
 
     # --- plumbing -------------------------------------------------------------------------
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Runs one Redis operation; an unreachable or not-ready Redis becomes `Unavailable`."""
         try:
             return await op()
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
@@ -236,9 +237,9 @@ class RedisStore:
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
         if self._batcher is not None:
-            raw = await self._call(lambda: self._batcher.run(runner, pool_keys, argv))
+            raw = await self.call(lambda: self._batcher.run(runner, pool_keys, argv))
         else:
-            raw = await self._call(lambda: runner(keys=pool_keys, args=argv))
+            raw = await self.call(lambda: runner(keys=pool_keys, args=argv))
         result = json.loads(raw)
         failure = result.get("err")
         if failure:
@@ -315,24 +316,22 @@ class RedisStore:
     async def _index_timer(self, node: str, pool: str, deadline_ms: int) -> None:
         # The index lives in its own slot, so it is written after the script; a crash in between
         # is repaired by the sweeper's periodic full scan (`timer_deadlines`).
-        await self._call(
-            lambda: self.client.zadd(keys.TIMERS_KEY, {keys.timer_member(node, pool): deadline_ms}, lt=True)
-        )
+        await self.call(lambda: self.client.zadd(keys.TIMERS_KEY, {keys.node_pool(node, pool): deadline_ms}, lt=True))
 
     async def due_timers(self, now_ms: int, limit: int = 100) -> list[tuple[str, str]]:
-        members = await self._call(lambda: self.client.zrangebyscore(keys.TIMERS_KEY, "-inf", now_ms, 0, limit))
-        return [keys.split_timer_member(_text(m)) for m in members]
+        members = await self.call(lambda: self.client.zrangebyscore(keys.TIMERS_KEY, "-inf", now_ms, 0, limit))
+        return [keys.split_node_pool(_text(m)) for m in members]
 
     async def reindex_timer(self, node: str, pool: str, next_ms: int) -> None:
-        member = keys.timer_member(node, pool)
+        member = keys.node_pool(node, pool)
         if next_ms:
-            await self._call(lambda: self.client.zadd(keys.TIMERS_KEY, {member: next_ms}))
+            await self.call(lambda: self.client.zadd(keys.TIMERS_KEY, {member: next_ms}))
         else:
-            await self._call(lambda: self.client.zrem(keys.TIMERS_KEY, member))
+            await self.call(lambda: self.client.zrem(keys.TIMERS_KEY, member))
 
     async def add_waiter(self, node: str, pool: str, call_id: str, deadline_ms: int) -> None:
         """Counts a caller waiting for a refill until its deadline (or until `remove_waiter`)."""
-        await self._call(lambda: self.client.zadd(keys.pool_key(node, pool, "waiting"), {call_id: deadline_ms}))
+        await self.call(lambda: self.client.zadd(keys.pool_key(node, pool, "waiting"), {call_id: deadline_ms}))
 
     async def remove_waiter(self, node: str, pool: str, call_id: str) -> None:
         waiting = keys.pool_key(node, pool, "waiting")
@@ -343,11 +342,11 @@ class RedisStore:
             pipe.zremrangebyscore(waiting, "-inf", int(time.time() * 1000))  # and callers long gone
             await pipe.execute()
 
-        await self._call(remove)
+        await self.call(remove)
 
     async def next_timer_deadline(self, node: str, pool: str) -> int:
         """The earliest deadline kept in the pool itself (the truth the index mirrors)."""
-        first = await self._call(lambda: self.client.zrange(keys.pool_key(node, pool, "exp"), 0, 0, withscores=True))
+        first = await self.call(lambda: self.client.zrange(keys.pool_key(node, pool, "exp"), 0, 0, withscores=True))
         return int(first[0][1]) if first else 0
 
     # --- reads -------------------------------------------------------------------------------
@@ -370,7 +369,7 @@ class RedisStore:
                     pipe.hgetall(keys.pool_key(node, pool, name))
             return await pipe.execute()
 
-        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6 = await self._call(read)
+        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6 = await self.call(read)
         allocated: tuple[dict[str, str], dict[str, str]] = ({}, {})
         for index, (alloc, addrs) in enumerate(((alloc4, addrs4), (alloc6, addrs6))):
             out = allocated[index]
@@ -383,7 +382,7 @@ class RedisStore:
         return allocated[0], allocated[1], [_text(i) for i in free4], [_text(i) for i in free6]
 
     async def node_names(self) -> list[str]:
-        return sorted(_text(n) for n in await self._call(lambda: self.client.smembers(keys.NODES_KEY)))
+        return sorted(_text(n) for n in await self.call(lambda: self.client.smembers(keys.NODES_KEY)))
 
     async def node_record(self, node: str, pool: str = "default") -> NodeRecord:
         """The node's record, with the open release reservations of `pool`."""
@@ -396,7 +395,7 @@ class RedisStore:
             pipe.hgetall(keys.pool_key(node, pool, "resv"))
             return await pipe.execute()
 
-        fields, ifaces, pools, reservations = await self._call(read)
+        fields, ifaces, pools, reservations = await self.call(read)
         if not fields:
             raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
         f = {_text(k): v for k, v in fields.items()}
@@ -444,16 +443,16 @@ class RedisStore:
             first_interface_index,
         )
         # The registry is its own slot: written after the node, so a listed node always exists.
-        await self._call(lambda: self.client.sadd(keys.NODES_KEY, node))
+        await self.call(lambda: self.client.sadd(keys.NODES_KEY, node))
 
     async def delete_node(self, node: str) -> None:
         record = await self.node_record(node)
-        await self._call(lambda: self.client.srem(keys.NODES_KEY, node))
+        await self.call(lambda: self.client.srem(keys.NODES_KEY, node))
         doomed = [keys.node_key(node), keys.pools_key(node), keys.interfaces_key(node)]
         for pool in record.pools:
             doomed += keys.pool_keys(node, pool)[3:]
             await self.reindex_timer(node, pool, 0)
-        await self._call(lambda: self.client.delete(*doomed))
+        await self.call(lambda: self.client.delete(*doomed))
 
     # --- worker-facing -----------------------------------------------------------------------
 
@@ -509,7 +508,7 @@ class RedisStore:
             pipe.hset(keys.node_key(node), mapping=fields)
             return await pipe.execute()
 
-        await self._call(write)
+        await self.call(write)
 
     async def reserve_for_release(
         self, node: str, pool: str, family: Family, interface_id: str, count: int
