@@ -227,7 +227,11 @@ class NodeMaintainer:
         and the interfaces as they are now."""
         name, first = node.spec.name, node.spec.first_interface_index
         current: list[NetworkInterface] = []
-        known = {ip for i in node.interfaces for ip in i.addresses}
+        # What the pool holds, not the allocator's interface table: the table lists every address an
+        # interface held when it was last reported, also those a crashed worker never added.
+        dump = await self.allocator.dump(name, CLOUD_POOL)
+        reserved = {ip for r in node.reservations for ip in r.ips}
+        known = {*dump.ipv4, *dump.ipv6, *dump.free_ipv4, *dump.free_ipv6} | reserved
         in_cloud: set[str] = set()
         added = False
         for interface in interfaces:
@@ -261,7 +265,6 @@ class NodeMaintainer:
                         len(missing),
                         interface.id,
                     )
-        reserved = {ip for r in node.reservations for ip in r.ips}
         gone = sorted(known - in_cloud - reserved)
         if gone:
             reply = await self.allocator.remove_addresses(

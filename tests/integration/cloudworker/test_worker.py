@@ -310,3 +310,28 @@ def test_a_reservation_left_by_a_crashed_worker_is_settled_against_the_cloud(qui
     assert not set(gone) & pool and set(kept) <= pool  # settled: gone ones left, the others came back
     assert node_now.stats.available_ips == 8  # and the two lost were replaced
     assert set(secondaries(cloud.ec2, instance_id)) == pool
+
+
+def test_addresses_the_table_lists_but_the_pool_lacks_are_added(quiet_cloud: Cloud) -> None:
+    """A worker died between assigning and AddAddresses, and a later report of the same interface
+    put the addresses into the allocator's interface table: reconciling goes by the pool itself."""
+    cloud = quiet_cloud
+    node, instance_id = cloud.node()
+    client = ec2_client(cloud.moto.endpoint_url)
+
+    async def maintain() -> None:
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            await _maintainer(cloud, client, allocator).maintain(node)
+
+    asyncio.run(maintain())
+    eth0 = interfaces_of(cloud.ec2, instance_id)[0]["NetworkInterfaceId"]
+    cloud.ec2.assign_private_ip_addresses(NetworkInterfaceId=eth0, SecondaryPrivateIpAddressCount=3)
+    listed = secondaries(cloud.ec2, instance_id)
+    cloud.api.nodes.SetInterfaces(
+        npb.SetInterfacesRequest(node=node, interfaces=[npb.Interface(id=eth0, device_index=0, addresses=listed)]),
+        timeout=5,
+    )
+    assert len(pool_addresses(cloud.api, node)) == 8 < len(listed)
+
+    asyncio.run(maintain())
+    assert pool_addresses(cloud.api, node) == set(secondaries(cloud.ec2, instance_id))
