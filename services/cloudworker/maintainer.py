@@ -239,6 +239,19 @@ class NodeMaintainer:
                 current.append(interface)
                 continue  # interfaces below first_interface_index are not the pool's
             held = [*interface.ipv4, *interface.ipv6]
+            also_earlier = sorted({ip for ip in held if ip in in_cloud})
+            if also_earlier and self.check_conflicts:
+                # The cloud gave this interface an address an earlier one of the node holds (a worker
+                # died before its own check): the earlier copy stays, this one is given back.
+                log.warning(
+                    "node %s: %s also on an earlier interface: given back from %s",
+                    name,
+                    ", ".join(also_earlier),
+                    interface.id,
+                )
+                changed = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, also_earlier)
+                interface = changed.interface
+                held = [*interface.ipv4, *interface.ipv6]
             missing = [ip for ip in held if ip not in known]
             if missing and self.check_conflicts:  # e.g. left by a worker that died before its own check
                 interface, missing = await self._give_back_conflicts(name, interface, missing, outcome)

@@ -335,3 +335,33 @@ def test_addresses_the_table_lists_but_the_pool_lacks_are_added(quiet_cloud: Clo
 
     asyncio.run(maintain())
     assert pool_addresses(cloud.api, node) == set(secondaries(cloud.ec2, instance_id))
+
+
+def test_an_address_on_two_interfaces_of_the_node_is_given_back_from_the_later(quiet_cloud: Cloud) -> None:
+    """The local EC2 picks addresses at random; a worker that died before its check can leave one
+    address on two interfaces. Reconciling gives the later copy back."""
+    cloud = quiet_cloud
+    node, instance_id = cloud.node()
+    client = ec2_client(cloud.moto.endpoint_url)
+
+    async def maintain() -> None:
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            await _maintainer(cloud, client, allocator).maintain(node)
+
+    asyncio.run(maintain())
+    taken = sorted(secondaries(cloud.ec2, instance_id))[0]
+    eth0 = interfaces_of(cloud.ec2, instance_id)[0]
+    twin = cloud.ec2.create_network_interface(
+        SubnetId=eth0["SubnetId"],
+        PrivateIpAddresses=[
+            {"PrivateIpAddress": "10.0.63.250", "Primary": True},
+            {"PrivateIpAddress": taken, "Primary": False},
+        ],
+    )["NetworkInterface"]["NetworkInterfaceId"]
+    cloud.ec2.attach_network_interface(NetworkInterfaceId=twin, InstanceId=instance_id, DeviceIndex=1)
+    assert secondaries(cloud.ec2, instance_id).count(taken) == 2
+
+    asyncio.run(maintain())
+    in_ec2 = secondaries(cloud.ec2, instance_id)
+    assert in_ec2.count(taken) == 1
+    assert set(in_ec2) == pool_addresses(cloud.api, node) and len(in_ec2) == len(set(in_ec2))
