@@ -123,6 +123,8 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
             # Exactly once: every acknowledged address held by its owner, and nothing else held.
             assert dict(dump.ipv4) == expected
 
+        difference: dict[str, object] = {}
+
         def ec2_matches_pools() -> bool:
             # What a killed worker assigned but never reported is found when its event is claimed
             # (after the claim idle time and the node lock's lease): poll for it.
@@ -137,12 +139,19 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
                     for a in i["PrivateIpAddresses"]
                     if not a["Primary"]
                 ]
-                if len(in_ec2) != len(set(in_ec2)) or set(in_ec2) != set(dump.ipv4) | set(dump.free_ipv4):
+                pool = set(dump.ipv4) | set(dump.free_ipv4)
+                if len(in_ec2) != len(set(in_ec2)) or set(in_ec2) != pool:
+                    difference.update(
+                        node=node,
+                        only_in_ec2=sorted(set(in_ec2) - pool),
+                        only_in_pool=sorted(pool - set(in_ec2)),
+                        twice_in_ec2=sorted({ip for ip in in_ec2 if in_ec2.count(ip) > 1}),
+                    )
                     return False
             return True
 
         deadline = time.monotonic() + 120
         while not ec2_matches_pools():
-            assert time.monotonic() < deadline, "EC2 and the pools still differ"
+            assert time.monotonic() < deadline, f"EC2 and the pools still differ: {difference}"
             time.sleep(1.0)
     assert len({ip for _, ip in acknowledged.values()}) == ALLOCATIONS
