@@ -130,6 +130,14 @@ def test_sigterm_lets_in_flight_calls_finish(redis_server: RedisServer) -> None:
     api.close()
 
 
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _requests_in_flight(process: AllocatorProcess) -> float:
     """AllocateNext calls started minus finished, read from the Prometheus endpoint."""
 
@@ -147,6 +155,7 @@ def test_workers_share_one_port_and_stop_together(redis_server: RedisServer) -> 
     api = Api(process.address)
     node = api.node_with_pool(4)
     api.close()
+    poll(lambda: _answers(process.metrics_port) and _answers(process.metrics_port + 1))  # both processes up
     for _ in range(20):  # a channel each: the kernel spreads connections, not calls, over the processes
         with channel(process.address, CLIENT_TOKEN) as connection:
             allocator_pb2_grpc.AllocatorStub(connection).Dump(pb.DumpRequest(node=node), timeout=5)
