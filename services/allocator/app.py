@@ -54,9 +54,6 @@ def server_credentials(settings: AllocatorSettings) -> grpc.ServerCredentials | 
 async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
     """Runs one allocator process until SIGTERM/SIGINT; in-flight calls get the grace period."""
     metrics = AllocatorMetrics()
-    if settings.metrics_address:
-        host, port = split_host_port(settings.metrics_address)
-        start_http_server(port + worker_index, addr=host, registry=metrics.registry)
 
     client = RedisStore.connect(
         settings.redis_url,
@@ -97,6 +94,9 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     else:
         server.add_insecure_port(settings.grpc_address)
     await server.start()
+    if settings.metrics_address:  # after the gRPC port is bound: a metrics answer means serving
+        host, port = split_host_port(settings.metrics_address)
+        start_http_server(port + worker_index, addr=host, registry=metrics.registry)
 
     sweeper = TimerSweeper(
         service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds
