@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from clients.client import AsyncIpamClient, IpamClientError
+from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.allocator.domain.model import Family
 from services.allocator.domain.pool_math import PoolCounts, Watermarks
@@ -107,12 +108,15 @@ class NodeMaintainer:
         known_instance = self._node_instances.get(name)
         first_read: list[NetworkInterface] | None = None
         if known_instance:
-            node, first_read = await asyncio.gather(
+            node, pool, first_read = await asyncio.gather(
                 self.allocator.get_node(name, CLOUD_POOL),
+                self.allocator.dump(name, CLOUD_POOL),
                 self._cloud(outcome, self.provider.list_interfaces, known_instance),
             )
         else:
-            node = await self.allocator.get_node(name, CLOUD_POOL)
+            node, pool = await asyncio.gather(
+                self.allocator.get_node(name, CLOUD_POOL), self.allocator.dump(name, CLOUD_POOL)
+            )
         spec = node.spec
         if not spec.instance_id or not spec.instance_type:
             outcome.reason = "no-instance"
@@ -140,7 +144,10 @@ class NodeMaintainer:
             if interfaces is None:
                 interfaces = first_read or await self._cloud(outcome, self.provider.list_interfaces, instance.id)
                 first_read = None
-                node, interfaces = await self._reconcile(node, interfaces, limits, cidrs, settle_reservations, outcome)
+                node, interfaces = await self._reconcile(
+                    node, pool, interfaces, limits, cidrs, settle_reservations, outcome
+                )
+                pool = None  # read again if the cloud is read again
                 settle_reservations = False
             if subnets is None:
                 subnets = await self._subnets(instance, outcome)
@@ -217,6 +224,7 @@ class NodeMaintainer:
     async def _reconcile(
         self,
         node: npb.Node,
+        pool: pb.DumpResponse | None,
         interfaces: list[NetworkInterface],
         limits: InstanceLimits,
         cidrs: list[str],
@@ -224,12 +232,12 @@ class NodeMaintainer:
         outcome: Outcome,
     ) -> tuple[npb.Node, list[NetworkInterface]]:
         """Makes the allocator's pool match what the cloud holds; returns the node read afterwards
-        and the interfaces as they are now."""
+        and the interfaces as they are now. `pool`: the pool's Dump, when already read."""
         name, first = node.spec.name, node.spec.first_interface_index
         current: list[NetworkInterface] = []
         # What the pool holds, not the allocator's interface table: the table lists every address an
         # interface held when it was last reported, also those a crashed worker never added.
-        dump = await self.allocator.dump(name, CLOUD_POOL)
+        dump = pool if pool is not None else await self.allocator.dump(name, CLOUD_POOL)
         reserved = {ip for r in node.reservations for ip in r.ips}
         known = {*dump.ipv4, *dump.ipv6, *dump.free_ipv4, *dump.free_ipv6} | reserved
         in_cloud: set[str] = set()
