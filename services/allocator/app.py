@@ -20,6 +20,7 @@ from .metrics import AllocatorMetrics
 from .refill import RefillWatcher
 from .service import AllocatorService
 from .settings import AllocatorSettings
+from .store.pipelining import PipelinedConnection
 from .store.redis_store import RedisStore
 from .timers import TimerSweeper
 from .transport.auth import TokenAuthInterceptor
@@ -64,7 +65,11 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     store = RedisStore(
         client,
         reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000),
-        batch_scripts=settings.redis_batch_scripts,
+        pipelined=(
+            PipelinedConnection.from_url(settings.redis_url, timeout_s=settings.redis_timeout_seconds)
+            if settings.redis_pipeline_scripts and not settings.redis_cluster
+            else None
+        ),
     )
     queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
     refills = RefillWatcher(store)

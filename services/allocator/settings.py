@@ -25,8 +25,10 @@ class AllocatorSettings(BaseSettings):
         1.0, description="bound on every Redis call; past it the call fails with UNAVAILABLE"
     )
     redis_max_connections: int = Field(64, description="connections per process (callers wait for a free one)")
-    redis_batch_scripts: bool = Field(
-        True, description="send scripts started in one event-loop turn as one pipeline (less CPU per call)"
+    redis_pipeline_scripts: bool = Field(
+        True,
+        description="send the pool scripts of one event-loop turn in one write on one shared connection "
+        "(less CPU per call; redis:// URLs without cluster only, else each goes through the pool)",
     )
     workers: int = Field(1, description="server processes sharing the port (SO_REUSEPORT)")
     client_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens of the client role")

@@ -18,8 +18,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..domain.errors import (
@@ -33,7 +34,7 @@ from ..domain.errors import (
 from ..domain.model import Allocation, Family, InterfaceInfo
 from ..domain.pool_math import PoolCounts, Watermarks
 from . import keys
-from .batching import ScriptBatcher
+from .pipelining import PipelinedConnection
 
 T = TypeVar("T")
 RedisClient = aioredis.Redis | RedisCluster
@@ -183,10 +184,12 @@ def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
 class RedisStore:
     """Pools, allocations, owners, timers and node records in Redis."""
 
-    def __init__(self, client: RedisClient, *, reuse_cooldown_ms: int, batch_scripts: bool = True) -> None:
+    def __init__(
+        self, client: RedisClient, *, reuse_cooldown_ms: int, pipelined: PipelinedConnection | None = None
+    ) -> None:
+        """`pipelined`: the connection the pool scripts go through (else `client`, e.g. a cluster)."""
         self.client = client
-        # One pipeline per loop turn on a single Redis; a cluster client routes each script itself.
-        self._batcher = ScriptBatcher(client) if batch_scripts and isinstance(client, aioredis.Redis) else None
+        self._pipelined = pipelined
         self.reuse_cooldown_ms = reuse_cooldown_ms
         lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
         self._scripts = {
@@ -214,6 +217,8 @@ class RedisStore:
         return aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
+        if self._pipelined is not None:
+            await self._pipelined.close()
         await self.client.aclose()
 
     async def ping(self) -> bool:
@@ -236,8 +241,8 @@ class RedisStore:
         argv = [pool, self.reuse_cooldown_ms, *args]
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
-        if self._batcher is not None:
-            raw = await self.call(lambda: self._batcher.run(runner, pool_keys, argv))
+        if self._pipelined is not None:
+            raw = await self.call(lambda: self._eval_pipelined(runner, pool_keys, argv))
         else:
             raw = await self.call(lambda: runner(keys=pool_keys, args=argv))
         result = json.loads(raw)
@@ -248,6 +253,15 @@ class RedisStore:
             exc_type, template = _FAILURES[failure]
             raise exc_type(template.format(node=node, pool=pool, ip=ip), reason=failure, node=node, pool=pool)
         return result
+
+    async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+        assert self._pipelined is not None
+        try:
+            return await self._pipelined.execute("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+        except NoScriptError:
+            # Redis lost its script cache (a restart): load it and run this call again.
+            await self._pipelined.execute("SCRIPT", "LOAD", script.script)
+            return await self._pipelined.execute("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
 
     def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> ResourceExhausted:
         family = "IPv4" if result.get("family") == "4" else "IPv6"

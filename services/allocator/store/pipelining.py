@@ -1,0 +1,190 @@
+"""One Redis connection shared by every caller of a process, commands pipelined per event-loop turn.
+
+redis-py's asyncio client takes a connection from its pool for each command or pipeline, arms a
+timeout and waits for the reply on that connection; redis-py has no shared, auto-pipelined
+connection. Under the allocator's load, where grpc.aio starts about one call per loop turn, that
+bookkeeping cost more CPU than the script itself (bench/README.md). Here the commands of a loop
+turn go out in one write on one connection, hiredis parses the replies, and they are handed to the
+callers in order (Redis answers a connection's commands in the order they came).
+
+Used for the pool scripts on a single Redis (`redis://` URLs); Redis Cluster, TLS and everything
+else go through redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class _RespProtocol(asyncio.Protocol):
+    """A connection's two queues: commands not yet written, callers whose reply has not come."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._reader = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._unsent: list[bytes] = []
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._replies = 0  # replies read so far: the watchdog's sign of progress
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        if self.closed:
+            raise RedisConnectionError("the connection to redis is closed")
+        future = self._loop.create_future()
+        if not self._unsent:
+            self._loop.call_soon(self._flush)
+        self._unsent.append(packed)
+        self._waiting.append(future)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._timeout_s, self._check_progress, self._replies)
+        return future
+
+    def _flush(self) -> None:
+        if self._unsent and self._transport is not None and not self.closed:
+            self._transport.write(b"".join(self._unsent))
+        self._unsent.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            self._replies += 1
+            future = self._waiting.popleft()
+            if future.done():  # the caller gave up (cancelled): its reply is dropped
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(BaseParser.parse_error(str(reply)))  # NOSCRIPT -> NoScriptError, ...
+            else:
+                future.set_result(reply)
+
+    def _check_progress(self, replies_before: int) -> None:
+        # One timer per connection instead of one per call: Redis must answer something within the
+        # timeout while commands wait; a Redis that stalls that long fails every waiting caller.
+        self._watchdog = None
+        if not self._waiting:
+            return
+        if self._replies == replies_before:
+            self._fail(RedisTimeoutError(f"redis did not answer within {self._timeout_s:g} s"))
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        self._watchdog = self._loop.call_later(self._timeout_s, self._check_progress, self._replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"the connection to redis was lost: {exc or 'closed by redis'}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        self._unsent.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._fail(RedisConnectionError("the connection to redis is closed"))
+        if self._transport is not None:
+            self._transport.close()
+
+
+class PipelinedConnection:
+    """`execute(*args)` from any number of tasks; (re)connects on first use after a failure."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.host, self.port, self.db = host, port, db
+        self._username, self._password = username, password
+        self._timeout_s = timeout_s
+        self._protocol: _RespProtocol | None = None
+        self._connecting: asyncio.Future[_RespProtocol] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float) -> PipelinedConnection | None:
+        """A connection for a plain `redis://` URL; None for the others (TLS, unix sockets)."""
+        if urlsplit(url).scheme != "redis":
+            return None
+        options = parse_url(url)
+        return cls(
+            options.get("host", "127.0.0.1"),
+            int(options.get("port", 6379)),
+            timeout_s=timeout_s,
+            db=int(options.get("db", 0)),
+            username=options.get("username"),
+            password=options.get("password"),
+        )
+
+    async def execute(self, *args: Any) -> Any:
+        """Sends one command with the others of this loop turn; its reply, or Redis's error raised."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connected()
+        return await protocol.send(hiredis.pack_command(args))
+
+    async def _connected(self) -> _RespProtocol:
+        # Callers arriving while a connection is being made wait for that one.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect(self) -> _RespProtocol:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                _, protocol = await loop.create_connection(lambda: _RespProtocol(self._timeout_s), self.host, self.port)
+                handshake = []
+                if self._password:
+                    auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)
+                    handshake.append(protocol.send(hiredis.pack_command(auth)))
+                if self.db:
+                    handshake.append(protocol.send(hiredis.pack_command(("SELECT", self.db))))
+                failures = [
+                    r for r in await asyncio.gather(*handshake, return_exceptions=True) if isinstance(r, Exception)
+                ]
+                if failures:
+                    protocol.close()
+                    raise failures[0]
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"no connection to redis at {self.host}:{self.port} within {time.monotonic() - started:.1f} s"
+            ) from None
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to redis at {self.host}:{self.port}: {exc}") from exc
+        self._protocol = protocol
+        return protocol
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None

@@ -1,0 +1,132 @@
+"""The shared, auto-pipelined Redis connection of the pool scripts, against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.allocator.store.pipelining import PipelinedConnection
+from tests.support.redis_server import RedisServer
+
+T = TypeVar("T")
+
+
+def run(test: Callable[[PipelinedConnection], Awaitable[T]], url: str, timeout_s: float = 2.0) -> T:
+    async def main() -> T:
+        connection = PipelinedConnection.from_url(url, timeout_s=timeout_s)
+        assert connection is not None
+        try:
+            return await test(connection)
+        finally:
+            await connection.close()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_callers_share_one_connection_and_each_gets_its_own_reply(redis_server: RedisServer) -> None:
+    observer = redis_server.client()
+    before = int(observer.info("stats")["total_connections_received"])
+
+    async def test(connection: PipelinedConnection) -> list[bytes]:
+        return await asyncio.gather(*(connection.execute("ECHO", f"reply-{i}") for i in range(500)))
+
+    replies = run(test, redis_server.url)
+    assert replies == [f"reply-{i}".encode() for i in range(500)]
+    assert int(observer.info("stats")["total_connections_received"]) - before == 1
+
+
+def test_an_error_reply_fails_its_caller_only(redis_server: RedisServer) -> None:
+    async def test(connection: PipelinedConnection) -> list[object]:
+        return await asyncio.gather(
+            connection.execute("ECHO", "before"),
+            connection.execute("NOT-A-COMMAND"),
+            connection.execute("EVALSHA", "0" * 40, 0),
+            connection.execute("ECHO", "after"),
+            return_exceptions=True,
+        )
+
+    before, unknown, noscript, after = run(test, redis_server.url)
+    assert (before, after) == (b"before", b"after")
+    assert isinstance(unknown, ResponseError) and "unknown command" in str(unknown)
+    assert isinstance(noscript, NoScriptError)
+
+
+def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(redis_server: RedisServer) -> None:
+    async def test(connection: PipelinedConnection) -> list[bytes]:
+        calls = [asyncio.ensure_future(connection.execute("ECHO", str(i))) for i in range(10)]
+        calls[3].cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        return [await c for i, c in enumerate(calls) if i != 3] + [await connection.execute("ECHO", "next")]
+
+    assert run(test, redis_server.url) == [str(i).encode() for i in range(10) if i != 3] + [b"next"]
+
+
+def test_selects_the_database_and_authenticates_as_the_url_says() -> None:
+    with RedisServer() as server:
+        server.client().config_set("requirepass", "s3cret")
+        server.client(password="s3cret").set("where", "db0")
+        server.client(password="s3cret", db=2).set("where", "db2")
+
+        async def test(connection: PipelinedConnection) -> bytes:
+            return await connection.execute("GET", "where")
+
+        assert run(test, f"redis://:s3cret@127.0.0.1:{server.port}/2") == b"db2"
+        with pytest.raises(AuthenticationError):
+            run(test, f"redis://:wrong@127.0.0.1:{server.port}/2")
+
+
+def test_redis_killed_fails_the_waiting_callers_and_the_next_call_reconnects() -> None:
+    with RedisServer() as server:
+
+        async def test(connection: PipelinedConnection) -> tuple[BaseException | None, bytes]:
+            assert await connection.execute("PING") == b"PONG"
+            server.kill()
+            failure: BaseException | None = None
+            try:
+                await connection.execute("PING")
+            except RedisConnectionError as exc:
+                failure = exc
+            server.start()
+            return failure, await connection.execute("PING")
+
+        failure, after_restart = run(test, server.url)
+        assert isinstance(failure, RedisConnectionError)
+        assert after_restart == b"PONG"
+
+
+def test_a_stalled_redis_fails_the_callers_after_the_timeout_and_recovers() -> None:
+    with RedisServer() as server:
+        pid = server._processes[0].pid
+
+        async def test(connection: PipelinedConnection) -> tuple[type[BaseException], float, bytes]:
+            assert await connection.execute("PING") == b"PONG"
+            os.kill(pid, signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                with pytest.raises(RedisTimeoutError) as caught:
+                    await connection.execute("PING")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            waited = loop.time() - started
+            return caught.type, waited, await connection.execute("PING")
+
+        error, waited, after = run(test, server.url, timeout_s=0.3)
+        assert error is RedisTimeoutError
+        assert 0.3 <= waited < 2.0  # one timeout, up to one more for a call sent just after the timer was armed
+        assert after == b"PONG"
+
+
+def test_only_plain_redis_urls_are_pipelined() -> None:
+    assert PipelinedConnection.from_url("rediss://127.0.0.1:6379/0", timeout_s=1) is None
+    assert PipelinedConnection.from_url("unix:///tmp/redis.sock", timeout_s=1) is None
+    connection = PipelinedConnection.from_url("redis://user:pw@10.0.0.1:6380/3", timeout_s=1)
+    assert connection is not None and (connection.host, connection.port, connection.db) == ("10.0.0.1", 6380, 3)
