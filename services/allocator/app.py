@@ -141,10 +141,9 @@ async def _sample_pools(service: AllocatorService, metrics: AllocatorMetrics, in
     """Per-node pool levels of the default pool as gauges (Cilium's available/used/needed per node)."""
     while True:
         try:
-            views = await service.node_views()
+            pools = await service.pool_stats()
             metrics.pool_ips.clear()
-            for view in views:
-                s, node = view.stats, view.record.name
+            for node, s in pools:
                 for family, levels in (
                     (
                         "ipv4",

@@ -14,8 +14,9 @@ from typing import Any
 
 from ipam.v1 import events_pb2
 
-from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, ResourceExhausted
+from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, NotFound, ResourceExhausted
 from .domain.model import (
+    DEFAULT_POOL,
     MAX_KEY_LENGTH,
     MAX_OWNER_LENGTH,
     Allocation,
@@ -290,17 +291,40 @@ class AllocatorService:
         views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
         return [v for v in views if isinstance(v, NodeView)]  # a node deleted meanwhile is skipped
 
+    async def pool_stats(self, pool: str = DEFAULT_POOL, *, chunk: int = 100) -> list[tuple[str, NodeStats]]:
+        """The pool figures of every node, without the interface figures: no interface table is read,
+        so this is cheap enough to sample every few seconds (`chunk` nodes at a time)."""
+        result = []
+        names = await self.store.node_names()
+        for start in range(0, len(names), chunk):
+            part = names[start : start + chunk]
+            states = await asyncio.gather(*(self.store.pool_state(n, pool) for n in part), return_exceptions=True)
+            for name, state in zip(part, states, strict=True):
+                if isinstance(state, PoolState):  # a node deleted meanwhile is skipped
+                    stats = node_stats(
+                        state.counts[Family.IPV4],
+                        state.counts[Family.IPV6],
+                        state.watermarks,
+                        ipv6_enabled=state.ipv6_enabled,
+                        interfaces=[],
+                        max_interfaces=0,
+                        ipv4_per_interface=0,
+                        first_interface_index=0,
+                        waiting=state.waiting,
+                    )
+                    result.append((name, stats))
+        return result
+
     async def resync(self) -> tuple[int, int]:
         """Re-evaluates every pool of every node; publishes an event where one is needed."""
         published = 0
         names = await self.store.node_names()
         for name in names:
-            try:
-                record = await self.store.node_record(name)
-            except Exception:  # noqa: BLE001 - deleted meanwhile
-                continue
-            for pool in record.pools:
-                state = await self.store.pool_state(name, pool)
+            for pool in await self.store.pool_names(name):
+                try:
+                    state = await self.store.pool_state(name, pool)
+                except NotFound:  # deleted meanwhile
+                    continue
                 published += await self.after_change(name, pool, state)
         return len(names), published
 

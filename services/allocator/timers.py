@@ -42,11 +42,7 @@ class TimerSweeper:
     async def reindex_all(self) -> None:
         """Rebuilds the timer index from every pool (repairs an index write lost in a crash)."""
         for node in await self.store.node_names():
-            try:
-                record = await self.store.node_record(node)
-            except Exception:  # noqa: BLE001
-                continue
-            for pool in record.pools:
+            for pool in await self.store.pool_names(node):
                 deadline = await self.store.next_timer_deadline(node, pool)
                 if deadline:
                     await self.store.reindex_timer(node, pool, deadline)

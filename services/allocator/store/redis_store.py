@@ -398,6 +398,10 @@ class RedisStore:
     async def node_names(self) -> list[str]:
         return sorted(_text(n) for n in await self.call(lambda: self.client.smembers(keys.NODES_KEY)))
 
+    async def pool_names(self, node: str) -> list[str]:
+        """The node's pools (none for an unknown node), without reading its interface table."""
+        return sorted(_text(p) for p in await self.call(lambda: self.client.smembers(keys.pools_key(node))))
+
     async def node_record(self, node: str, pool: str = "default") -> NodeRecord:
         """The node's record, with the open release reservations of `pool`."""
 

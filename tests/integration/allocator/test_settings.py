@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc
@@ -171,3 +172,36 @@ def test_workers_share_one_port_and_stop_together(redis_server: RedisServer) -> 
     served = [dumps_served(process.metrics_port), dumps_served(process.metrics_port + 1)]
     assert sum(served) == 20 and min(served) > 0, served
     assert process.stop() == 0
+
+
+def _pool_gauges(process: AllocatorProcess, node: str) -> dict[tuple[str, str], float]:
+    """ipam_allocator_pool_ips of one node, by (family, state)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=2).read().decode()
+    return {
+        (s.labels["family"], s.labels["state"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "ipam_allocator_pool_ips"
+        for s in family.samples
+        if s.labels.get("node") == node
+    }
+
+
+def test_pool_gauges_follow_the_pool_as_node_stats_count_it(redis_server: RedisServer) -> None:
+    with AllocatorProcess(redis_server.url, pool_metrics_seconds=0.1) as process:
+        api = Api(process.address)
+        node = api.create_node(pre_allocate=4, pre_allocate_set=True)
+        api.seed(node, 6)
+        for owner in ("a", "b", "c"):
+            api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=5)
+        stats = api.stats(node)
+        assert (stats.available_ips, stats.used_ips, stats.needed_ips) == (6, 3, 1)
+        expected = {
+            ("ipv4", "available"): 6,
+            ("ipv4", "used"): 3,
+            ("ipv4", "needed"): stats.needed_ips,
+            ("ipv4", "excess"): stats.excess_ips,
+            ("ipv4", "cooling"): 0,
+        }
+        gauges = poll(lambda: (g := _pool_gauges(process, node)) and g.get(("ipv4", "used")) == 3 and g)
+        assert {k: v for k, v in gauges.items() if k[0] == "ipv4"} == expected
+        api.close()
