@@ -68,8 +68,8 @@ DEMO_ADMIN_TOKEN = "change-me-admin"
 POOL_GAUGE = "ipam_allocator_pool_ips"
 POOL = "default"
 SAMPLE_INTERVAL_S = 1.0
-HEADROOM_WAIT_S = 40.0        # a little more than the reuse cooldown
-SETTLE_WAIT_S = 45.0          # the reuse cooldown, then the worker's excess release
+HEADROOM_WAIT_S = 40.0  # a little more than the reuse cooldown
+SETTLE_WAIT_S = 45.0  # the reuse cooldown, then the worker's excess release
 RESYNC_EVERY_S = 5.0
 IPV6_WAIT_S = 30.0
 GHZ_TIMEOUT_S = 120.0
@@ -125,8 +125,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error(f"ghz not found at {args.ghz}: run `make .bin/ghz` or pass --ghz")
     out = args.out or ROOT / "bench" / "out" / f"load-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     return Options(
-        target=args.target, metrics=tuple(u.strip() for u in args.metrics.split(",") if u.strip()),
-        ghz=args.ghz, token=args.token, admin_token=args.admin_token, out=out,
+        target=args.target,
+        metrics=tuple(u.strip() for u in args.metrics.split(",") if u.strip()),
+        ghz=args.ghz,
+        token=args.token,
+        admin_token=args.admin_token,
+        out=out,
         profiles=tuple(p for p in PROFILES if p in profiles),
     )
 
@@ -147,8 +151,14 @@ def headroom(node: nodes_pb2.Node) -> int | None:
 
 def pool_levels(node: nodes_pb2.Node) -> dict[str, int]:
     s = node.stats
-    return {"used": s.used_ips, "available": s.available_ips, "cooling": s.cooling_ips, "needed": s.needed_ips,
-            "used_ipv6": s.used_ipv6, "available_ipv6": s.available_ipv6}
+    return {
+        "used": s.used_ips,
+        "available": s.available_ips,
+        "cooling": s.cooling_ips,
+        "needed": s.needed_ips,
+        "used_ipv6": s.used_ipv6,
+        "available_ipv6": s.available_ipv6,
+    }
 
 
 _print_lock = threading.Lock()
@@ -203,8 +213,11 @@ class Cluster:
         stay free while a profile uses them. With `cooled`, first waits for the reuse cooldown of the
         nodes' released addresses to end (they hold interface slots until then)."""
         if cooled:
-            wait_for(f"the reuse cooldown on {', '.join(names)} to end",
-                     lambda: not any(self.node(n).stats.cooling_ips for n in names), HEADROOM_WAIT_S)
+            wait_for(
+                f"the reuse cooldown on {', '.join(names)} to end",
+                lambda: not any(self.node(n).stats.cooling_ips for n in names),
+                HEADROOM_WAIT_S,
+            )
         resynced = 0.0
 
         def settled() -> bool:
@@ -212,8 +225,12 @@ class Cluster:
             if time.monotonic() - resynced > RESYNC_EVERY_S:  # cooled-down excess publishes no event itself
                 self.client.resync()
                 resynced = time.monotonic()
-            return all((not n.stats.needed_ips or bool(n.stats.deficit_reason)) and not n.stats.excess_ips
-                       and not n.reservations for n in map(self.node, names))
+            return all(
+                (not n.stats.needed_ips or bool(n.stats.deficit_reason))
+                and not n.stats.excess_ips
+                and not n.reservations
+                for n in map(self.node, names)
+            )
 
         return wait_for("the worker to settle the pools (Resync)", settled, timeout)
 
@@ -276,8 +293,10 @@ class PoolSampler(threading.Thread):
 
     def describe(self) -> str:
         """Where the levels came from, e.g. "metrics (82 samples)"."""
-        names = {"metrics": "the allocators' ipam_allocator_pool_ips gauge (refreshed every few seconds)",
-                 "admin": "ListNodes (admin API)"}
+        names = {
+            "metrics": "the allocators' ipam_allocator_pool_ips gauge (refreshed every few seconds)",
+            "admin": "ListNodes (admin API)",
+        }
         return ", ".join(f"{names.get(k, k)}: {n} samples" for k, n in self.sources.items())
 
     def sample(self) -> None:
@@ -296,8 +315,10 @@ class PoolSampler(threading.Thread):
                 continue
             levels = {
                 (s.labels["node"], _family(s.labels.get("family", "")), s.labels["state"]): s.value
-                for family in text_string_to_metric_families(text) if family.name == POOL_GAUGE
-                for s in family.samples if s.labels.get("pool", POOL) == POOL and "node" in s.labels
+                for family in text_string_to_metric_families(text)
+                if family.name == POOL_GAUGE
+                for s in family.samples
+                if s.labels.get("pool", POOL) == POOL and "node" in s.labels
             }
             if levels:
                 return levels
@@ -308,9 +329,13 @@ class PoolSampler(threading.Thread):
         for name, node in self.cluster.nodes().items():
             s = node.stats
             for family, state, value in (
-                ("ipv4", "available", s.available_ips), ("ipv4", "used", s.used_ips),
-                ("ipv4", "needed", s.needed_ips), ("ipv4", "excess", s.excess_ips), ("ipv4", "cooling", s.cooling_ips),
-                ("ipv6", "available", s.available_ipv6), ("ipv6", "used", s.used_ipv6),
+                ("ipv4", "available", s.available_ips),
+                ("ipv4", "used", s.used_ips),
+                ("ipv4", "needed", s.needed_ips),
+                ("ipv4", "excess", s.excess_ips),
+                ("ipv4", "cooling", s.cooling_ips),
+                ("ipv6", "available", s.available_ipv6),
+                ("ipv6", "used", s.used_ipv6),
                 ("ipv6", "needed", s.needed_ipv6),
             ):
                 levels[(name, family, state)] = float(value)
@@ -327,14 +352,17 @@ def server_calls(urls: Sequence[str]) -> dict[str, dict[tuple[str, str], float]]
             continue
         out[url] = {
             (s.labels["method"], s.labels["code"]): s.value
-            for family in text_string_to_metric_families(text) if family.name == "ipam_allocator_requests"
-            for s in family.samples if s.name.endswith("_total")
+            for family in text_string_to_metric_families(text)
+            if family.name == "ipam_allocator_requests"
+            for s in family.samples
+            if s.name.endswith("_total")
         }
     return out
 
 
-def calls_between(before: dict[str, dict[tuple[str, str], float]],
-                  after: dict[str, dict[tuple[str, str], float]]) -> dict[str, Any]:
+def calls_between(
+    before: dict[str, dict[tuple[str, str], float]], after: dict[str, dict[tuple[str, str], float]]
+) -> dict[str, Any]:
     """What the allocators counted between two scrapes: per method and code, and per replica."""
     by_method: dict[str, dict[str, int]] = defaultdict(dict)
     per_replica: dict[str, int] = {}
@@ -366,6 +394,7 @@ def substitute(template: Any, values: dict[str, str]) -> Any:
     if isinstance(template, list):
         return [substitute(value, values) for value in template]
     if isinstance(template, str):
+
         def value_of(match: re.Match[str]) -> str:
             if match.group(1) not in values:
                 raise KeyError(f"data template names ${{{match.group(1)}}}, which this step does not provide")
@@ -425,14 +454,26 @@ class Step:
 
     def figures(self) -> dict[str, Any]:
         return {
-            "profile": self.profile, "step": self.name, "method": self.method, "config": self.config,
-            "count": self.count, "ok": self.ok, "errors": {c: n for c, n in self.codes.items() if c != "OK"},
-            "allowed_errors": list(self.allowed), "unexpected_errors": self.unexpected,
-            "error_messages": self.error_messages, "rps": round(self.rps, 2),
-            "average_ms": _ms(self.average_ms), "p50_ms": _ms(self.p50_ms), "p90_ms": _ms(self.p90_ms),
+            "profile": self.profile,
+            "step": self.name,
+            "method": self.method,
+            "config": self.config,
+            "count": self.count,
+            "ok": self.ok,
+            "errors": {c: n for c, n in self.codes.items() if c != "OK"},
+            "allowed_errors": list(self.allowed),
+            "unexpected_errors": self.unexpected,
+            "error_messages": self.error_messages,
+            "rps": round(self.rps, 2),
+            "average_ms": _ms(self.average_ms),
+            "p50_ms": _ms(self.p50_ms),
+            "p90_ms": _ms(self.p90_ms),
             "p99_ms": _ms(self.p99_ms),
-            "started": self.started, "ended": self.ended, "seconds": round(self.ended - self.started, 3),
-            "ghz_report": self.report_file, "ghz": self.ghz_summary,
+            "started": self.started,
+            "ended": self.ended,
+            "seconds": round(self.ended - self.started, 3),
+            "ghz_report": self.report_file,
+            "ghz": self.ghz_summary,
         }
 
 
@@ -443,10 +484,10 @@ class StepSpec:
     profile: str
     step: str
     rows: list[dict[str, str]]
-    one_call_per_row: bool = False    # else: total spread evenly over the rows
+    one_call_per_row: bool = False  # else: total spread evenly over the rows
     allowed: tuple[str, ...] = ()
-    total: int | None = None          # overrides the config's total
-    alias: str = ""                   # the step's name in the report when one config runs twice
+    total: int | None = None  # overrides the config's total
+    alias: str = ""  # the step's name in the report when one config runs twice
 
     @property
     def name(self) -> str:
@@ -486,8 +527,11 @@ class Ghz:
         total = spec.planned_total()
         rows = spec.rows[:total] if spec.one_call_per_row else spec.rows
         config.update(
-            host=self.target, insecure=True, total=total,
-            metadata={"authorization": f"Bearer {self.token}"}, format="json",
+            host=self.target,
+            insecure=True,
+            total=total,
+            metadata={"authorization": f"Bearer {self.token}"},
+            format="json",
             output=str(self.out / "ghz" / f"{spec.profile}.{spec.name}.json"),
             data=[substitute(config["data"], {**row, "run": self.run_id}) for row in rows],
         )
@@ -499,19 +543,28 @@ class Ghz:
         config = self.config(spec)
         output = Path(config["output"])
         output.unlink(missing_ok=True)
-        say(f"  ghz {spec.profile}.{spec.name}: {config['total']} x {config['call'].rsplit('.', 1)[-1]}"
+        say(
+            f"  ghz {spec.profile}.{spec.name}: {config['total']} x {config['call'].rsplit('.', 1)[-1]}"
             f" over {len(config['data'])} row(s), -c {config['concurrency']}"
-            + (f", {config['rps']}/s" if config.get("rps") else ""))
+            + (f", {config['rps']}/s" if config.get("rps") else "")
+        )
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ghz-") as handle:  # holds the token: 0600
             json.dump(config, handle)
             handle.flush()
             started = time.time()
-            done = subprocess.run([str(self.binary), "--config", handle.name], capture_output=True, text=True,
-                                  timeout=GHZ_TIMEOUT_S, check=False)
+            done = subprocess.run(
+                [str(self.binary), "--config", handle.name],
+                capture_output=True,
+                text=True,
+                timeout=GHZ_TIMEOUT_S,
+                check=False,
+            )
             ended = time.time()
         if done.returncode != 0 or not output.exists():
-            raise RuntimeError(f"ghz {spec.profile}.{spec.name} failed ({done.returncode}): "
-                               f"{done.stderr.strip() or done.stdout.strip()}")
+            raise RuntimeError(
+                f"ghz {spec.profile}.{spec.name} failed ({done.returncode}): "
+                f"{done.stderr.strip() or done.stdout.strip()}"
+            )
         report = json.loads(output.read_text())
         report.get("options", {}).pop("metadata", None)  # the token
         output.write_text(json.dumps(report, indent=1))
@@ -525,21 +578,34 @@ class Ghz:
 
 def read_report(spec: StepSpec, report: dict[str, Any], started: float, ended: float, path: Path) -> Step:
     """Figures of a ghz JSON report: durations in ns; percentiles over successful calls, as ghz's."""
-    details = [(datetime.fromisoformat(d["timestamp"]).timestamp(), d["latency"] / 1e6, status_name(d["status"]))
-               for d in report.get("details") or []]
+    details = [
+        (datetime.fromisoformat(d["timestamp"]).timestamp(), d["latency"] / 1e6, status_name(d["status"]))
+        for d in report.get("details") or []
+    ]
     ok_latencies = sorted(latency for _, latency, status in details if status == "OK")
     codes: Counter[str] = Counter()
     for code, n in (report.get("statusCodeDistribution") or {}).items():
         codes[status_name(code)] += n
     summary = {k: v for k, v in report.items() if k != "details"}
     return Step(
-        profile=spec.profile, name=spec.name, method=report["options"]["call"].rsplit(".", 1)[-1],
-        config=f"bench/ghz/{spec.profile}.{spec.step}.json", count=report["count"], codes=dict(codes),
-        allowed=spec.allowed, rps=report.get("rps", 0.0), average_ms=report.get("average", 0) / 1e6,
-        p50_ms=percentile(ok_latencies, 50), p90_ms=percentile(ok_latencies, 90),
-        p99_ms=percentile(ok_latencies, 99), started=started, ended=ended,
-        report_file=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), ghz_summary=summary,
-        error_messages=report.get("errorDistribution") or {}, details=details,
+        profile=spec.profile,
+        name=spec.name,
+        method=report["options"]["call"].rsplit(".", 1)[-1],
+        config=f"bench/ghz/{spec.profile}.{spec.step}.json",
+        count=report["count"],
+        codes=dict(codes),
+        allowed=spec.allowed,
+        rps=report.get("rps", 0.0),
+        average_ms=report.get("average", 0) / 1e6,
+        p50_ms=percentile(ok_latencies, 50),
+        p90_ms=percentile(ok_latencies, 90),
+        p99_ms=percentile(ok_latencies, 99),
+        started=started,
+        ended=ended,
+        report_file=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+        ghz_summary=summary,
+        error_messages=report.get("errorDistribution") or {},
+        details=details,
     )
 
 
@@ -576,7 +642,7 @@ class LoadRun:
         self.nodes = sorted(nodes)
         self.capacities = {name: capacity(node) for name, node in nodes.items()}
         by_size = sorted(self.nodes, key=lambda n: (self.capacities[n] or 0, n))
-        self.drain_node = by_size[0]                    # the smallest: the quickest to drain
+        self.drain_node = by_size[0]  # the smallest: the quickest to drain
         self.dual_node = by_size[-1] if len(by_size) > 1 else by_size[0]
 
     def owner_prefix(self, short: str) -> str:
@@ -585,9 +651,14 @@ class LoadRun:
     def node_rows(self, names: Sequence[str] | None = None) -> list[dict[str, str]]:
         return [{"node": name} for name in names or self.nodes]
 
-    def allocate_then_release(self, result: ProfileResult, rows: list[dict[str, str]], *,
-                              alongside: StepSpec | None = None,
-                              check: Callable[[Step], None] | None = None) -> None:
+    def allocate_then_release(
+        self,
+        result: ProfileResult,
+        rows: list[dict[str, str]],
+        *,
+        alongside: StepSpec | None = None,
+        check: Callable[[Step], None] | None = None,
+    ) -> None:
         """AllocateNext (`<profile>.allocate`) once the nodes have the headroom it needs, `check` of
         what it did, then Release by the same owners (`<profile>.release`: same rows, same total).
         `alongside` runs next to both."""
@@ -628,7 +699,7 @@ def allocate_specific(run: LoadRun, result: ProfileResult) -> None:
     rows = interleaved(free)
     allocate = StepSpec(result.name, "allocate", rows, one_call_per_row=True)
     result.steps.append(run.ghz.run(allocate))
-    rows = rows[:allocate.planned_total()]  # the addresses the Allocate step took, in the same order
+    rows = rows[: allocate.planned_total()]  # the addresses the Allocate step took, in the same order
     result.steps.append(run.ghz.run(StepSpec(result.name, "release", rows, one_call_per_row=True)))
 
 
@@ -660,12 +731,16 @@ def dual_stack(run: LoadRun, result: ProfileResult) -> None:
         spec.ipv6_enabled = True
         run.cluster.client.update_node(spec)
     try:
-        has_ipv6 = wait_for(f"the worker to assign IPv6 addresses to {name}",
-                            lambda: run.cluster.node(name).stats.available_ipv6 > 0, IPV6_WAIT_S)
+        has_ipv6 = wait_for(
+            f"the worker to assign IPv6 addresses to {name}",
+            lambda: run.cluster.node(name).stats.available_ipv6 > 0,
+            IPV6_WAIT_S,
+        )
         stats = run.cluster.node(name).stats
         result.notes["ipv6_pool_at_start"] = {"available": stats.available_ipv6, "used": stats.used_ipv6}
         if not has_ipv6:
             raise RuntimeError(f"the worker assigned no IPv6 address to {name} within {IPV6_WAIT_S:.0f} s")
+
         def both_families(step: Step) -> None:
             held = run.cluster.client.dump(name)
             prefix = run.owner_prefix("ds")
@@ -696,12 +771,17 @@ def drain(run: LoadRun, result: ProfileResult) -> None:
     result.steps.append(step)
     node = run.cluster.node(name)
     got = run.cluster.owned(name, run.owner_prefix("dr"))
-    result.notes.update(capacity=cap, headroom_before=room, allocated=len(got), used_after=node.stats.used_ips,
-                        reached_capacity=node.stats.used_ips >= cap, deficit_reason=node.stats.deficit_reason)
+    result.notes.update(
+        capacity=cap,
+        headroom_before=room,
+        allocated=len(got),
+        used_after=node.stats.used_ips,
+        reached_capacity=node.stats.used_ips >= cap,
+        deficit_reason=node.stats.deficit_reason,
+    )
     if got:
         rows = [{"node": name, "ip": ip} for ip in sorted(got)]
-        result.steps.append(run.ghz.run(StepSpec(result.name, "release", rows, one_call_per_row=True,
-                                                 total=len(rows))))
+        result.steps.append(run.ghz.run(StepSpec(result.name, "release", rows, one_call_per_row=True, total=len(rows))))
 
 
 PROFILES: dict[str, tuple[Callable[[LoadRun, ProfileResult], None], Callable[[LoadRun], list[str]]]] = {
@@ -717,32 +797,40 @@ PROFILES: dict[str, tuple[Callable[[LoadRun, ProfileResult], None], Callable[[Lo
 
 
 def format_codes(codes: dict[str, int], allowed: tuple[str, ...]) -> str:
-    errors = [f"{code} {n}{' (allowed)' if code in allowed else ''}" for code, n in sorted(codes.items())
-              if code != "OK"]
+    errors = [
+        f"{code} {n}{' (allowed)' if code in allowed else ''}" for code, n in sorted(codes.items()) if code != "OK"
+    ]
     return ", ".join(errors) or "-"
 
 
-def summary_table(results: Sequence[ProfileResult], before: dict[str, dict[str, int]],
-                  after: dict[str, dict[str, int]]) -> str:
-    header = (f"{'profile':<18}{'step':<24}{'calls':>6}{'ok':>6}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
-              f"{'p99 ms':>9}  errors")
+def summary_table(
+    results: Sequence[ProfileResult], before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> str:
+    header = (
+        f"{'profile':<18}{'step':<24}{'calls':>6}{'ok':>6}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}  errors"
+    )
     lines = [header]
     for result in results:
         for s in result.steps:
-            lines.append(f"{result.name:<18}{s.name:<24}{s.count:>6}{s.ok:>6}{s.rps:>9.1f}{s.p50_ms:>9.2f}"
-                         f"{s.p90_ms:>9.2f}{s.p99_ms:>9.2f}  {format_codes(s.codes, s.allowed)}")
+            lines.append(
+                f"{result.name:<18}{s.name:<24}{s.count:>6}{s.ok:>6}{s.rps:>9.1f}{s.p50_ms:>9.2f}"
+                f"{s.p90_ms:>9.2f}{s.p99_ms:>9.2f}  {format_codes(s.codes, s.allowed)}"
+            )
         if result.error:
             lines.append(f"{result.name:<18}FAILED: {result.error}")
         if result.notes:
             lines.append(f"{'':<18}{json.dumps(result.notes, separators=(', ', ': '))}")
+
     def levels(node: dict[str, int]) -> str:
         keys = ("used", "available", "cooling", "available_ipv6")
         return " / ".join(f"{node[k]:>3}" if k in node else "  ?" for k in keys)
 
     lines += ["", f"{'node':<20}{'capacity':>9}   IPv4 used / available / cooling / IPv6 available: before -> after"]
     for name in sorted(before):
-        lines.append(f"{name:<20}{before[name].get('capacity') or '?':>9}   {levels(before[name])}  ->  "
-                     f"{levels(after.get(name, {}))}")
+        lines.append(
+            f"{name:<20}{before[name].get('capacity') or '?':>9}   {levels(before[name])}  ->  "
+            f"{levels(after.get(name, {}))}"
+        )
     return "\n".join(lines)
 
 
@@ -810,20 +898,42 @@ def write_report(opts: Options, outcome: Outcome) -> None:
     steps = [s for r in results for s in r.steps]
     load_plots.latency(steps, opts.out / "latency.png")
     load_plots.rps(steps, opts.out / "rps.png")
-    load_plots.pools(outcome.sampler.rows, spans, outcome.started, opts.out / "pools.png", run.capacities,
-                     outcome.sampler.describe())
+    load_plots.pools(
+        outcome.sampler.rows, spans, outcome.started, opts.out / "pools.png", run.capacities, outcome.sampler.describe()
+    )
     document = {
-        "run": run.run_id, "target": opts.target, "ghz": str(opts.ghz), "started": outcome.started,
-        "seconds": round(time.time() - outcome.started, 1), "ok": not outcome.failures,
-        "failures": outcome.failures, "nodes": {name: {"capacity": run.capacities[name]} for name in run.nodes},
+        "run": run.run_id,
+        "target": opts.target,
+        "ghz": str(opts.ghz),
+        "started": outcome.started,
+        "seconds": round(time.time() - outcome.started, 1),
+        "ok": not outcome.failures,
+        "failures": outcome.failures,
+        "nodes": {name: {"capacity": run.capacities[name]} for name in run.nodes},
         "roles": {"drain": run.drain_node, "dual_stack": run.dual_node},
-        "pools_before": outcome.before, "pools_after": outcome.after, "settled_after": outcome.settled,
+        "pools_before": outcome.before,
+        "pools_after": outcome.after,
+        "settled_after": outcome.settled,
         "leftovers_released": outcome.leftovers,
-        "profiles": [{"name": r.name, "nodes": r.nodes, "started": r.started, "ended": r.ended,
-                      "seconds": round(r.ended - r.started, 2), "error": r.error, "notes": r.notes,
-                      "server_calls": r.server_calls, "steps": [s.figures() for s in r.steps]} for r in results],
-        "pool_samples": {"sources": dict(outcome.sampler.sources),
-                         "columns": ["t", "node", "family", "state", "value"], "rows": outcome.sampler.rows},
+        "profiles": [
+            {
+                "name": r.name,
+                "nodes": r.nodes,
+                "started": r.started,
+                "ended": r.ended,
+                "seconds": round(r.ended - r.started, 2),
+                "error": r.error,
+                "notes": r.notes,
+                "server_calls": r.server_calls,
+                "steps": [s.figures() for s in r.steps],
+            }
+            for r in results
+        ],
+        "pool_samples": {
+            "sources": dict(outcome.sampler.sources),
+            "columns": ["t", "node", "family", "state", "value"],
+            "rows": outcome.sampler.rows,
+        },
     }
     (opts.out / "report.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
 

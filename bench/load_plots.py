@@ -18,10 +18,10 @@ from bench.load import percentile  # noqa: E402
 if TYPE_CHECKING:
     from bench.load import Step
 
-Span = tuple[str, float, float]           # profile, start, end (epoch seconds)
+Span = tuple[str, float, float]  # profile, start, end (epoch seconds)
 Sample = tuple[float, str, str, str, float]  # t, node, family, state, value
-RPS_BINS = 60                           # bins per profile panel
-LABEL_CHARS_ACROSS = 110                # characters of a band label that fit across a plot
+RPS_BINS = 60  # bins per profile panel
+LABEL_CHARS_ACROSS = 110  # characters of a band label that fit across a plot
 POOL_LINES = (  # (family, state, style)
     ("ipv4", "available", {"color": "tab:blue", "lw": 2}),
     ("ipv4", "used", {"color": "tab:red", "lw": 2}),
@@ -43,9 +43,8 @@ def _shade(ax: Axes, spans: Sequence[Span], t0: float, *, labels: bool) -> None:
         if labels:
             x = start - t0
             row = next((i for i, taken in enumerate(row_ends) if taken <= x), len(row_ends))
-            row_ends[row:row + 1] = [x + (len(name) + 2) * char]
-            ax.text(x, 1.02 + 0.08 * row, name, transform=ax.get_xaxis_transform(), ha="left", va="bottom",
-                    fontsize=7)
+            row_ends[row : row + 1] = [x + (len(name) + 2) * char]
+            ax.text(x, 1.02 + 0.08 * row, name, transform=ax.get_xaxis_transform(), ha="left", va="bottom", fontsize=7)
 
 
 def latency(steps: Sequence[Step], path: Path) -> None:
@@ -60,13 +59,28 @@ def latency(steps: Sequence[Step], path: Path) -> None:
             suffix = "" if status == "OK" else f" [{status}]"
             rows.append((f"{step.label}{suffix}  n={len(by_status[status])}", sorted(by_status[status])))
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
-    boxes = [{"label": label, "q1": percentile(v, 25), "med": percentile(v, 50), "q3": percentile(v, 75),
-              "whislo": percentile(v, 1), "whishi": percentile(v, 99)} for label, v in rows]
+    boxes = [
+        {
+            "label": label,
+            "q1": percentile(v, 25),
+            "med": percentile(v, 50),
+            "q3": percentile(v, 75),
+            "whislo": percentile(v, 1),
+            "whishi": percentile(v, 99),
+        }
+        for label, v in rows
+    ]
     if boxes:
         ax.bxp(boxes, orientation="horizontal", showfliers=False, medianprops={"color": "tab:red"})
         for y, box in enumerate(boxes, start=1):
-            ax.annotate(f"p99 {box['whishi']:.1f}", (box["whishi"], y), xytext=(4, 0), textcoords="offset points",
-                        va="center", fontsize=7)
+            ax.annotate(
+                f"p99 {box['whishi']:.1f}",
+                (box["whishi"], y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
     ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel("latency (ms, log scale); box p25-p75, red line p50, whiskers p1-p99")
@@ -84,8 +98,7 @@ def rps(steps: Sequence[Step], path: Path) -> None:
     for step in steps:
         if step.details:
             profiles[step.profile].append(step)
-    fig, axes = plt.subplots(max(len(profiles), 1), 1, figsize=(12, 2.4 * max(len(profiles), 1) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(max(len(profiles), 1), 1, figsize=(12, 2.4 * max(len(profiles), 1) + 0.6), squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for ax, (profile, group) in zip(axes[:, 0], profiles.items(), strict=False):
         start = min(end - latency / 1000 for s in group for end, latency, _ in s.details)
@@ -99,9 +112,15 @@ def rps(steps: Sequence[Step], path: Path) -> None:
                         bins[int((end - start) / width)] += 1
                 if bins:
                     xs = range(min(bins) - 1, max(bins) + 2)
-                    ax.plot([x * width for x in xs], [bins.get(x, 0) / width for x in xs], style,
-                            color=colors[index % len(colors)], drawstyle="steps-post", lw=1.5,
-                            label=step.name if ok else f"{step.name} (errors)")
+                    ax.plot(
+                        [x * width for x in xs],
+                        [bins.get(x, 0) / width for x in xs],
+                        style,
+                        color=colors[index % len(colors)],
+                        drawstyle="steps-post",
+                        lw=1.5,
+                        label=step.name if ok else f"{step.name} (errors)",
+                    )
         ax.set_title(f"{profile}  ({width * 1000:.0f} ms bins)", fontsize=9, loc="left")
         ax.set_ylabel("calls/s")
         ax.grid(alpha=0.3)
@@ -113,15 +132,22 @@ def rps(steps: Sequence[Step], path: Path) -> None:
     plt.close(fig)
 
 
-def pools(samples: Sequence[Sample], spans: Sequence[Span], t0: float, path: Path,
-          capacities: dict[str, int | None] | None = None, source: str = "") -> None:
+def pools(
+    samples: Sequence[Sample],
+    spans: Sequence[Span],
+    t0: float,
+    path: Path,
+    capacities: dict[str, int | None] | None = None,
+    source: str = "",
+) -> None:
     """Pool levels per node (one panel each) over the run, profile windows shaded."""
     series: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for t, node, family, state, value in samples:
         series[node][(family, state)].append((t - t0, value))
     nodes = sorted(series)
-    fig, axes = plt.subplots(max(len(nodes), 1), 1, figsize=(12, 2.8 * max(len(nodes), 1) + 0.8), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        max(len(nodes), 1), 1, figsize=(12, 2.8 * max(len(nodes), 1) + 0.8), sharex=True, squeeze=False
+    )
     for ax, node in zip(axes[:, 0], nodes, strict=False):
         for family, state, style in POOL_LINES:
             points = series[node].get((family, state))
@@ -132,13 +158,22 @@ def pools(samples: Sequence[Sample], spans: Sequence[Span], t0: float, path: Pat
             ax.axhline(capacity, color="black", lw=0.8, ls="-.", label="IPv4 capacity")
         _shade(ax, spans, t0, labels=ax is axes[0, 0])
         ax.set_ylabel("addresses")
-        ax.text(0.005, 0.96, node, transform=ax.transAxes, fontsize=9, va="top",
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        ax.text(
+            0.005,
+            0.96,
+            node,
+            transform=ax.transAxes,
+            fontsize=9,
+            va="top",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     axes[-1, 0].set_xlabel("seconds since the run started")
-    fig.suptitle("Pool levels per node (default pool); bands: profiles while ghz ran"
-                 + (f"\nsampled from {source}" if source else ""))
+    fig.suptitle(
+        "Pool levels per node (default pool); bands: profiles while ghz ran"
+        + (f"\nsampled from {source}" if source else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -118,6 +118,7 @@ class Phase:
     window_s: float  # from the first tallied call's start to the last one's end
     rate_limit: int = 0  # --rps, 0 = none
     calls_per_worker: list[int] = field(default_factory=list)
+    server_p99_ms: float = float("nan")  # bound from the allocator's own duration histogram (time in the handler)
 
     @property
     def failed(self) -> bool:
@@ -209,9 +210,10 @@ def allocator_memory(allocator: AllocatorProcess) -> dict[str, Any]:
     """VmRSS of the `--workers` parent and of each worker process, in MiB."""
     assert allocator.process is not None
     parent = allocator.process.pid
+    workers = worker_pids(parent) or [parent]  # --workers 1 serves in the process itself
     return {
         "parent_rss_mb": round(rss_mb(parent), 1),
-        "worker_rss_mb": [round(rss_mb(pid), 1) for pid in worker_pids(parent)],
+        "worker_rss_mb": [round(rss_mb(pid), 1) for pid in workers],
     }
 
 
@@ -219,6 +221,29 @@ def scrape(allocator: AllocatorProcess, index: int) -> str:
     """The Prometheus text of worker `index` (its metrics port is the base port + index)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{allocator.metrics_port + index}/metrics", timeout=2) as reply:
         return reply.read().decode()
+
+
+def duration_buckets(allocator: AllocatorProcess, workers: int, method: str) -> dict[float, float]:
+    """`method`'s server-side duration histogram, all workers summed: upper bound (s) -> calls so far."""
+    buckets: dict[float, float] = {}
+    for index in range(workers):
+        for family in text_string_to_metric_families(scrape(allocator, index)):
+            if family.name == "ipam_allocator_request_duration_seconds":
+                for s in family.samples:
+                    if s.name.endswith("_bucket") and s.labels.get("method") == method:
+                        le = float(s.labels["le"])
+                        buckets[le] = buckets.get(le, 0.0) + s.value
+    return buckets
+
+
+def server_p99_bound_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """The smallest histogram bound that 99 % of the calls between two scrapes finished within (ms);
+    NaN when no call was measured (Ping is not instrumented)."""
+    delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+    if total <= 0:
+        return float("nan")
+    return next(le * 1000 for le, count in delta if count >= 0.99 * total)
 
 
 def calls_per_worker(allocator: AllocatorProcess, workers: int, method: str) -> list[int]:
@@ -394,6 +419,7 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
     def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0) -> Phase:
         print(f"  {name} ...", flush=True)
         before = calls_per_worker(allocator, cfg.workers, method)
+        durations_before = duration_buckets(allocator, cfg.workers, method)
         result = run_ghz(
             cfg,
             allocator.address,
@@ -406,6 +432,7 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
         )
         after = calls_per_worker(allocator, cfg.workers, method)
         result.calls_per_worker = [a - b for a, b in zip(after, before, strict=True)]
+        result.server_p99_ms = server_p99_bound_ms(durations_before, duration_buckets(allocator, cfg.workers, method))
         return result
 
     total, skip = cfg.requests + cfg.skip_first, cfg.skip_first
@@ -495,7 +522,11 @@ def targets(phases: list[Phase], memory: dict[str, Any], rss: dict[str, Any]) ->
             "<=",
             MAX_WORKER_RSS_MB,
             "MiB",
-            f"(workers {' / '.join(f'{m:.1f}' for m in workers)}, parent {rss['parent_rss_mb']:.1f})",
+            (
+                f"(workers {' / '.join(f'{m:.1f}' for m in workers)}, parent {rss['parent_rss_mb']:.1f})"
+                if len(workers) > 1
+                else "(one process)"
+            ),
         ),
     ]
 
@@ -512,13 +543,16 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
             f"{cfg.nodes} nodes x {cfg.ips_per_node} addresses"
         ),
         "",
-        f"{'phase':<34}{'requests/s':>10}{'ok':>8}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}  calls per worker",
+        f"{'phase':<34}{'requests/s':>10}{'ok':>8}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'server p99':>12}  calls per worker",
     ]
     for p in phases:
         name = f"{p.name} ({p.rate_limit}/s)" if p.rate_limit else p.name
         split = " / ".join(map(str, p.calls_per_worker)) if any(p.calls_per_worker) else "-"
+        server = "-" if p.server_p99_ms != p.server_p99_ms else f"<= {p.server_p99_ms:g}"  # NaN: not measured
         lines.append(
-            f"{name:<34}{p.ok_rps:>10.0f}{p.ok:>8}{sum(p.errors.values()):>8}{p.p50_ms:>9.2f}{p.p99_ms:>9.2f}  {split}"
+            f"{name:<34}{p.ok_rps:>10.0f}{p.ok:>8}{sum(p.errors.values()):>8}{p.p50_ms:>9.2f}{p.p99_ms:>9.2f}"
+            f"{server:>12}  {split}"
         )
     return "\n".join([*lines, "", *(check.line() for check in checks)])
 
@@ -536,7 +570,12 @@ def write_results(cfg: Config, document: dict[str, Any]) -> Path:
 def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--ghz", type=Path, default=ROOT / ".bin" / "ghz", help="the ghz binary")
-    parser.add_argument("--workers", type=int, default=2, help="allocator processes (--workers)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) - 1),
+        help="allocator processes (--workers; default: one per CPU but one, left to ghz and Redis)",
+    )
     parser.add_argument("-c", "--concurrency", type=int, default=50, help="ghz concurrent calls")
     parser.add_argument(
         "--connections",
