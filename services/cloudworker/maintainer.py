@@ -20,7 +20,7 @@ from services.allocator.domain.pool_math import PoolCounts, Watermarks
 
 from . import planner
 from .metrics import WorkerMetrics
-from .model import Instance, InstanceLimits, NetworkInterface, Subnet
+from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
 from .providers.errors import LimitExceeded, ProviderError, SubnetFull
 
@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 MAX_ROUNDS = 12
 CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
+SECURITY_GROUPS_TTL_S = 60.0  # security groups looked up by tags are read again after this (Cilium: each resync)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class NodeMaintainer:
         self._instances: dict[str, Instance] = {}
         self._node_instances: dict[str, str] = {}  # node name -> instance id, as last seen
         self._vpc_cidrs: dict[str, list[str]] = {}
+        self._security_groups: dict[str, tuple[float, list[SecurityGroup]]] = {}  # vpc -> (read at, groups)
 
     async def _cloud(self, outcome: Outcome, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()
@@ -159,6 +161,8 @@ class NodeMaintainer:
                     continue
             usable = [s for s in subnets if s.id not in full_subnets]
             action = await self._plan(node, pspec, interfaces, limits, usable)
+            if isinstance(action, planner.AllocationAction) and action.creates_interface:
+                action = await self._groups_for_new_interface(spec, instance, action, outcome)
             try:
                 after: npb.Node | None = None
                 if isinstance(action, planner.AllocationAction):
@@ -195,6 +199,29 @@ class NodeMaintainer:
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
         return outcome
+
+    async def _groups_for_new_interface(
+        self, spec: npb.NodeSpec, instance: Instance, action: planner.AllocationAction, outcome: Outcome
+    ) -> planner.AllocationAction:
+        """Security groups by ids, else by tags, else the primary interface's (as Cilium): the
+        planner settled ids and the fallback; the groups carrying the tags are looked up here."""
+        if spec.security_group_ids or not spec.security_group_tags:
+            return action
+        vpc_id = spec.vpc_id or instance.vpc_id
+        cached = self._security_groups.get(vpc_id)
+        if cached is None or time.monotonic() - cached[0] > SECURITY_GROUPS_TTL_S:
+            groups = await self._cloud(outcome, self.provider.list_security_groups, vpc_id)
+            cached = self._security_groups[vpc_id] = (time.monotonic(), groups)
+        matching = planner.security_groups_by_tags(cached[1], vpc_id, spec.security_group_tags)
+        if not matching:
+            log.warning(
+                "node %s: no security group of %s carries the tags %s; the new interface gets those of the primary",
+                spec.name,
+                vpc_id,
+                dict(spec.security_group_tags),
+            )
+            return action
+        return replace(action, security_group_ids=matching)
 
     async def _subnets(self, instance: Instance, outcome: Outcome) -> list[Subnet]:
         subnets = await self._cloud(outcome, self.provider.list_subnets, instance.vpc_id, instance.availability_zone)

@@ -47,6 +47,15 @@ class Subnet:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityGroup:
+    """A security group and its tags (to pick groups for new interfaces by tags)."""
+
+    id: str
+    vpc_id: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkInterface:
     """A network interface as the cloud holds it (read back after every change)."""
 

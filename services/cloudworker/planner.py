@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.allocator.domain.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
-from services.cloudworker.model import InstanceLimits, NetworkInterface, Subnet
+from services.cloudworker.model import InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 
 __all__ = [
     "AT_CAPACITY",
@@ -260,6 +260,19 @@ def _subnet_for_new_interface(
                 return s
         candidates = usable
     return min(candidates, key=lambda s: (-s.free_addresses, s.id), default=None)
+
+
+def security_groups_by_tags(groups: Sequence[SecurityGroup], vpc_id: str, tags: Mapping[str, str]) -> tuple[str, ...]:
+    """The groups of `vpc_id` (any VPC when "") that carry every one of `tags`, by id; none for no tags."""
+    if not tags:
+        return ()
+    return tuple(
+        sorted(
+            g.id
+            for g in groups
+            if (not vpc_id or g.vpc_id == vpc_id) and all(g.tags.get(k) == v for k, v in tags.items())
+        )
+    )
 
 
 def _security_groups(spec: NodeSpec, interfaces: Sequence[InterfaceState]) -> tuple[str, ...]:

@@ -28,7 +28,14 @@ from botocore.parsers import ResponseParserError
 
 from services.allocator.domain.model import Family
 from services.cloudworker.metrics import ApiObserver, NullObserver
-from services.cloudworker.model import AddressChange, Instance, InstanceLimits, NetworkInterface, Subnet
+from services.cloudworker.model import (
+    AddressChange,
+    Instance,
+    InstanceLimits,
+    NetworkInterface,
+    SecurityGroup,
+    Subnet,
+)
 from services.cloudworker.providers.base import CloudProvider
 from services.cloudworker.providers.errors import (
     LimitExceeded,
@@ -230,6 +237,22 @@ class AwsProvider(CloudProvider):
         subnets = [_parse_subnet(raw) for raw in raws]
         self._subnet_cidrs.update((s.id, s.cidr) for s in subnets)
         return subnets
+
+    def list_security_groups(self, vpc_id: str) -> list[SecurityGroup]:
+        raws = self._paginate(
+            "DescribeSecurityGroups",
+            "SecurityGroups",
+            Filters=[{"Name": "vpc-id", "Values": [vpc_id]}],
+            MaxResults=self._page_size,
+        )
+        return [
+            SecurityGroup(
+                id=raw["GroupId"],
+                vpc_id=raw.get("VpcId", ""),
+                tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+            )
+            for raw in raws
+        ]
 
     def list_interfaces(self, instance_id: str) -> list[NetworkInterface]:
         raws = self._paginate(

@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from services.allocator.domain.model import Family
-from services.cloudworker.model import AddressChange, Instance, InstanceLimits, NetworkInterface, Subnet
+from services.cloudworker.model import (
+    AddressChange,
+    Instance,
+    InstanceLimits,
+    NetworkInterface,
+    SecurityGroup,
+    Subnet,
+)
 
 
 class CloudProvider(Protocol):
@@ -27,6 +34,10 @@ class CloudProvider(Protocol):
 
     def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
         """Subnets of a VPC (of one zone when given), with their free address counts."""
+        ...
+
+    def list_security_groups(self, vpc_id: str) -> list[SecurityGroup]:
+        """Security groups of a VPC, with their tags."""
         ...
 
     def list_interfaces(self, instance_id: str) -> list[NetworkInterface]:

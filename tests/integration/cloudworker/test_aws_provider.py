@@ -128,6 +128,21 @@ def test_instance_limits_come_from_describe_instance_types_and_are_cached(harnes
     assert harness.limiter.taken == 2
 
 
+def test_security_groups_of_a_vpc_come_with_their_tags(harness: Harness) -> None:
+    network = harness.network
+    client = harness.ec2
+    tagged = client.create_security_group(GroupName=f"tagged-{time.time_ns()}", Description="t", VpcId=network.vpc_id)
+    client.create_tags(Resources=[tagged["GroupId"]], Tags=[{"Key": "role", "Value": "pods"}])
+    elsewhere = client.create_vpc(CidrBlock="10.200.0.0/16")["Vpc"]["VpcId"]
+    other = client.create_security_group(GroupName=f"other-{time.time_ns()}", Description="t", VpcId=elsewhere)
+
+    groups = {g.id: g for g in harness.provider.list_security_groups(network.vpc_id)}
+    assert groups[tagged["GroupId"]].tags == {"role": "pods"}
+    assert groups[tagged["GroupId"]].vpc_id == network.vpc_id
+    assert network.security_group_id in groups
+    assert other["GroupId"] not in groups
+
+
 def test_unknown_instance_type_is_a_clear_error_not_zero_limits(harness: Harness) -> None:
     with pytest.raises(NotFound, match="unknown instance type 'zz.huge'"):
         harness.provider.instance_limits("zz.huge")

@@ -194,6 +194,37 @@ def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> Non
     assert exists(young) and exists(foreign) and exists(other_cluster)
 
 
+def test_new_interfaces_get_the_security_groups_the_tags_select_else_the_primary_s(cloud: Cloud) -> None:
+    vpc, label = cloud.network.vpc_id, f"pods-{time.time_ns()}"
+
+    def group(name: str, tags: dict[str, str]) -> str:
+        created = cloud.ec2.create_security_group(GroupName=name, Description="test", VpcId=vpc)["GroupId"]
+        cloud.ec2.create_tags(Resources=[created], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        return created
+
+    tagged = sorted([group(f"{label}-1", {"ipam-test": label}), group(f"{label}-2", {"ipam-test": label})])
+    group(f"{label}-other", {"ipam-test": "someone-else"})
+
+    # pre_allocate 12 > the 9 secondaries eth0 of an m5.large holds: a second interface is created.
+    by_tags, by_tags_instance = cloud.node(pre_allocate=12, security_group_tags={"ipam-test": label})
+    no_match, no_match_instance = cloud.node(pre_allocate=12, security_group_tags={"ipam-test": "nobody-has-it"})
+
+    def groups_of_device_1(instance_id: str) -> set[str] | None:
+        attached = interfaces_of(cloud.ec2, instance_id)
+        if len(attached) < 2:
+            return None
+        # The local EC2 adds the instance's groups to every attached interface (AWS does not): left out.
+        return {g["GroupId"] for g in attached[1]["Groups"]} - {cloud.network.security_group_id}
+
+    assert poll(lambda: groups_of_device_1(by_tags_instance)) == set(tagged)
+    assert poll(lambda: groups_of_device_1(no_match_instance) is not None)
+    assert groups_of_device_1(no_match_instance) == set()  # the primary's: the demo group, and only it
+    assert [g["GroupId"] for g in interfaces_of(cloud.ec2, no_match_instance)[1]["Groups"]] == [
+        cloud.network.security_group_id
+    ]
+    poll(lambda: cloud.api.stats(by_tags).available_ips >= 12 and cloud.api.stats(no_match).available_ips >= 12)
+
+
 def _maintainer(
     cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient, *, stale_reservation_seconds: float = 60
 ) -> NodeMaintainer:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from services.cloudworker.model import InstanceLimits, Subnet
+from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
 from services.cloudworker.planner import (
     AT_CAPACITY,
     MAX_ALLOCATE,
@@ -24,6 +24,7 @@ from services.cloudworker.planner import (
     ReleaseAction,
     Watermarks,
     plan,
+    security_groups_by_tags,
 )
 
 M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_interface=10)
@@ -331,3 +332,26 @@ def test_surge_never_passes_max_allocate() -> None:
     spec = NodeSpec(watermarks=Watermarks(pre_allocate=0, max_allocate=4))
     action = plan(spec, PoolCounts(4, 4), [eth0], limits, [subnet], surge=3)
     assert isinstance(action, NoAction) and action.reason == MAX_ALLOCATE
+
+
+GROUPS = (
+    SecurityGroup("sg-b", "vpc-1", {"role": "pods", "team": "net"}),
+    SecurityGroup("sg-a", "vpc-1", {"role": "pods"}),
+    SecurityGroup("sg-c", "vpc-1", {"role": "nodes"}),
+    SecurityGroup("sg-d", "vpc-2", {"role": "pods"}),
+)
+
+
+@pytest.mark.parametrize(
+    "vpc_id,tags,expected",
+    [
+        ("vpc-1", {"role": "pods"}, ("sg-a", "sg-b")),  # every group carrying the tag, by id
+        ("vpc-1", {"role": "pods", "team": "net"}, ("sg-b",)),  # all tags must match
+        ("vpc-2", {"role": "pods"}, ("sg-d",)),  # only the node's VPC
+        ("", {"role": "pods"}, ("sg-a", "sg-b", "sg-d")),  # no VPC known: any
+        ("vpc-1", {"role": "db"}, ()),  # none carries it: the caller falls back to the primary's
+        ("vpc-1", {}, ()),  # no tags asked for
+    ],
+)
+def test_security_groups_by_tags(vpc_id: str, tags: dict[str, str], expected: tuple[str, ...]) -> None:
+    assert security_groups_by_tags(GROUPS, vpc_id, tags) == expected
