@@ -225,18 +225,34 @@ def test_new_interfaces_get_the_security_groups_the_tags_select_else_the_primary
     poll(lambda: cloud.api.stats(by_tags).available_ips >= 12 and cloud.api.stats(no_match).available_ips >= 12)
 
 
-def _maintainer(
-    cloud: Cloud, client: BaseClient, allocator: AsyncIpamClient, *, stale_reservation_seconds: float = 60
-) -> NodeMaintainer:
-    provider = AwsProvider(
-        client,
-        cluster="ipam",
-        limiter=TokenBucket(100, 100),
-        retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05),
-    )
-    return NodeMaintainer(
-        provider, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=stale_reservation_seconds
-    )
+def _maintain(
+    cloud: Cloud,
+    client: BaseClient,
+    node: str,
+    *,
+    stale_reservation_seconds: float = 60,
+    settle_reservations: bool = False,
+) -> None:
+    """One maintenance of `node` by a worker's maintainer driven here, through `client` (whose
+    botocore hooks a test may fault), on a fresh asyncio loop."""
+
+    async def run() -> None:
+        provider = AwsProvider(
+            client,
+            cluster="ipam",
+            limiter=TokenBucket(100, 100),
+            retry=RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05),
+        )
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            maintainer = NodeMaintainer(
+                provider,
+                allocator,
+                WorkerMetrics(CollectorRegistry()),
+                stale_reservation_seconds=stale_reservation_seconds,
+            )
+            await maintainer.maintain(node, settle_reservations=settle_reservations)
+
+    asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +275,7 @@ def test_throttling_is_retried_and_a_full_subnet_is_skipped(quiet_cloud: Cloud) 
     throttled = Ec2Fault(client, "AssignPrivateIpAddresses", "RequestLimitExceeded", times=2, status=503)
     full = Ec2Fault(client, "CreateNetworkInterface", "InsufficientFreeAddressesInSubnet", times=1)
 
-    async def run() -> None:
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            await _maintainer(cloud, client, allocator).maintain(node)
-
-    asyncio.run(run())
+    _maintain(cloud, client, node)
     assert (throttled.injected, full.injected) == (2, 1)
     assert cloud.api.stats(node).available_ips == 12
     attached = interfaces_of(cloud.ec2, instance_id)
@@ -321,12 +333,7 @@ def test_a_reservation_left_by_a_crashed_worker_is_settled_against_the_cloud(qui
     node, instance_id = cloud.node()
     client = ec2_client(cloud.moto.endpoint_url)
 
-    async def maintain(settle: bool) -> None:
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            maintainer = _maintainer(cloud, client, allocator, stale_reservation_seconds=0)
-            await maintainer.maintain(node, settle_reservations=settle)
-
-    asyncio.run(maintain(False))
+    _maintain(cloud, client, node, stale_reservation_seconds=0)
     assert cloud.api.stats(node).available_ips == 8
     # A worker reserved four addresses, unassigned two of them in EC2, and died.
     reserved = cloud.api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=node, count=4), timeout=5)
@@ -334,7 +341,7 @@ def test_a_reservation_left_by_a_crashed_worker_is_settled_against_the_cloud(qui
     gone, kept = list(reserved.ips[:2]), list(reserved.ips[2:])
     cloud.ec2.unassign_private_ip_addresses(NetworkInterfaceId=interface, PrivateIpAddresses=gone)
 
-    asyncio.run(maintain(True))
+    _maintain(cloud, client, node, stale_reservation_seconds=0, settle_reservations=True)
     node_now = cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
     assert list(node_now.reservations) == []
     pool = pool_addresses(cloud.api, node)
@@ -350,11 +357,7 @@ def test_addresses_the_table_lists_but_the_pool_lacks_are_added(quiet_cloud: Clo
     node, instance_id = cloud.node()
     client = ec2_client(cloud.moto.endpoint_url)
 
-    async def maintain() -> None:
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            await _maintainer(cloud, client, allocator).maintain(node)
-
-    asyncio.run(maintain())
+    _maintain(cloud, client, node)
     eth0 = interfaces_of(cloud.ec2, instance_id)[0]["NetworkInterfaceId"]
     cloud.ec2.assign_private_ip_addresses(NetworkInterfaceId=eth0, SecondaryPrivateIpAddressCount=3)
     listed = secondaries(cloud.ec2, instance_id)
@@ -364,7 +367,7 @@ def test_addresses_the_table_lists_but_the_pool_lacks_are_added(quiet_cloud: Clo
     )
     assert len(pool_addresses(cloud.api, node)) == 8 < len(listed)
 
-    asyncio.run(maintain())
+    _maintain(cloud, client, node)
     assert pool_addresses(cloud.api, node) == set(secondaries(cloud.ec2, instance_id))
 
 
@@ -375,11 +378,7 @@ def test_an_address_on_two_interfaces_of_the_node_is_given_back_from_the_later(q
     node, instance_id = cloud.node()
     client = ec2_client(cloud.moto.endpoint_url)
 
-    async def maintain() -> None:
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            await _maintainer(cloud, client, allocator).maintain(node)
-
-    asyncio.run(maintain())
+    _maintain(cloud, client, node)
     taken = sorted(secondaries(cloud.ec2, instance_id))[0]
     eth0 = interfaces_of(cloud.ec2, instance_id)[0]
     twin = cloud.ec2.create_network_interface(
@@ -392,7 +391,7 @@ def test_an_address_on_two_interfaces_of_the_node_is_given_back_from_the_later(q
     cloud.ec2.attach_network_interface(NetworkInterfaceId=twin, InstanceId=instance_id, DeviceIndex=1)
     assert secondaries(cloud.ec2, instance_id).count(taken) == 2
 
-    asyncio.run(maintain())
+    _maintain(cloud, client, node)
     in_ec2 = secondaries(cloud.ec2, instance_id)
     assert in_ec2.count(taken) == 1
     assert set(in_ec2) == pool_addresses(cloud.api, node) and len(in_ec2) == len(set(in_ec2))
