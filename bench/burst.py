@@ -41,7 +41,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 # tests.support (real processes) and bench.run_bench are not installed: import them from the repository.
@@ -158,17 +157,6 @@ def start_worker(redis_url: str, allocator: AllocatorProcess, moto: MotoServer, 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker metrics not up:\n{worker.log_text()[-3000:]}") from None
             time.sleep(0.05)
-
-
-def print_worker_log_on_error(worker: WorkerProcess) -> Any:
-    """An ExitStack exit callback: the worker's log tail when the run fails."""
-
-    def on_exit(exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None) -> bool:
-        if exc_type is not None and issubclass(exc_type, Exception):
-            print(f"worker log:\n{worker.log_text()[-4000:]}", file=sys.stderr)
-        return False
-
-    return on_exit
 
 
 def scrape_worker(worker: WorkerProcess) -> str:
@@ -488,7 +476,7 @@ def run(cfg: BurstConfig) -> dict[str, Any]:
         worker = start_worker(redis_server.url, allocator, moto, cfg)
         stack.callback(worker.kill)
         stack.callback(worker.stop)
-        stack.push(print_worker_log_on_error(worker))
+        stack.push(print_log_on_error(worker, "worker", lines=60))
 
         ec2 = ec2_client(moto.endpoint_url)
         max_interfaces, per_interface = instance_capacity(ec2, cfg.instance_type)

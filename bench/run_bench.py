@@ -56,6 +56,7 @@ from clients.client import AsyncIpamClient, IpamClient, node_spec
 from ipam.v1 import nodes_pb2
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.redis_server import REDIS_SERVER, RedisServer
+from tests.support.service_process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,12 +174,12 @@ def start_allocator(redis_url: str, workers: int) -> AllocatorProcess:
     return allocator
 
 
-def print_log_on_error(allocator: AllocatorProcess) -> Any:
-    """An ExitStack exit callback: the allocator's log tail when the run fails."""
+def print_log_on_error(process: ServiceProcess, name: str = "allocator", lines: int = 30) -> Any:
+    """An ExitStack exit callback: the last `lines` of the process's log when the run fails."""
 
     def on_exit(exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None) -> bool:
         if exc_type is not None and issubclass(exc_type, Exception):
-            print(f"allocator log:\n{allocator.log_tail()}", file=sys.stderr)
+            print(f"{name} log:\n{process.log_tail(lines)}", file=sys.stderr)
         return False
 
     return on_exit
