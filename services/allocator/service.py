@@ -230,9 +230,7 @@ class AllocatorService:
             f"nodes: {len(names)}",
             f"ipv4: {'on' if self.ipv4_enabled else 'off'}, ipv6: {'on' if self.ipv6_enabled else 'off'}",
         ]
-        for name in names[:50]:
-            view = await self.node_view(name, "")
-            s = view.stats
+        for name, s in await self.pool_stats(names=names[:50]):
             lines.append(f"{name}: used {s.used_ips}/{s.available_ips} needed {s.needed_ips} excess {s.excess_ips}")
         return "\n".join(lines)
 
@@ -273,46 +271,26 @@ class AllocatorService:
             record, state = await asyncio.gather(self.store.node_record(name, pool), self.store.pool_state(name, pool))
         else:
             record = await self.store.node_record(name, pool)
-        stats = node_stats(
-            state.counts[Family.IPV4],
-            state.counts[Family.IPV6],
-            state.watermarks,
-            ipv6_enabled=state.ipv6_enabled,
-            interfaces=record.interfaces,
-            max_interfaces=record.max_interfaces,
-            ipv4_per_interface=record.ipv4_per_interface,
-            first_interface_index=record.first_interface_index,
-            waiting=state.waiting,
-        )
-        return NodeView(record, stats, record.reservations)
+        return NodeView(record, _stats(state, record), record.reservations)
 
     async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
         names = list(names) if names is not None else await self.store.node_names()
         views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
         return [v for v in views if isinstance(v, NodeView)]  # a node deleted meanwhile is skipped
 
-    async def pool_stats(self, pool: str = DEFAULT_POOL, *, chunk: int = 100) -> list[tuple[str, NodeStats]]:
-        """The pool figures of every node, without the interface figures: no interface table is read,
-        so this is cheap enough to sample every few seconds (`chunk` nodes at a time)."""
+    async def pool_stats(
+        self, pool: str = DEFAULT_POOL, *, names: Sequence[str] | None = None, chunk: int = 100
+    ) -> list[tuple[str, NodeStats]]:
+        """The pool figures of these nodes (every node by default), without the interface figures: no
+        interface table is read, so this is cheap enough to sample every few seconds (`chunk` nodes at a time)."""
         result = []
-        names = await self.store.node_names()
+        names = list(names) if names is not None else await self.store.node_names()
         for start in range(0, len(names), chunk):
             part = names[start : start + chunk]
             states = await asyncio.gather(*(self.store.pool_state(n, pool) for n in part), return_exceptions=True)
             for name, state in zip(part, states, strict=True):
                 if isinstance(state, PoolState):  # a node deleted meanwhile is skipped
-                    stats = node_stats(
-                        state.counts[Family.IPV4],
-                        state.counts[Family.IPV6],
-                        state.watermarks,
-                        ipv6_enabled=state.ipv6_enabled,
-                        interfaces=[],
-                        max_interfaces=0,
-                        ipv4_per_interface=0,
-                        first_interface_index=0,
-                        waiting=state.waiting,
-                    )
-                    result.append((name, stats))
+                    result.append((name, _stats(state)))
         return result
 
     async def resync(self) -> tuple[int, int]:
@@ -391,3 +369,18 @@ class AllocatorService:
         node, pool = self._target(node, pool)
         outcome = await self.store.remove_addresses(node, pool, self._worker_ips(ips))
         return outcome.ips, outcome.other_ips
+
+
+def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
+    """A pool's statistics; the interface figures need the node's record and are 0 without it."""
+    return node_stats(
+        state.counts[Family.IPV4],
+        state.counts[Family.IPV6],
+        state.watermarks,
+        ipv6_enabled=state.ipv6_enabled,
+        interfaces=record.interfaces if record else [],
+        max_interfaces=record.max_interfaces if record else 0,
+        ipv4_per_interface=record.ipv4_per_interface if record else 0,
+        first_interface_index=record.first_interface_index if record else 0,
+        waiting=state.waiting,
+    )
