@@ -222,7 +222,7 @@ class AllocatorService:
         return await self.store.dump(*self._target(node, pool))
 
     async def vpc_cidrs(self, node: str) -> list[str]:
-        return (await self.store.node_record(validate_name(node, "node"))).vpc_cidrs
+        return await self.store.vpc_cidrs(validate_name(node, "node"))
 
     async def debug_status(self) -> str:
         names = await self.store.node_names()

@@ -402,6 +402,20 @@ class RedisStore:
         """The node's pools (none for an unknown node), without reading its interface table."""
         return sorted(_text(p) for p in await self.call(lambda: self.client.smembers(keys.pools_key(node))))
 
+    async def vpc_cidrs(self, node: str) -> list[str]:
+        """The node's VPC CIDRs, without reading its interface table."""
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.exists(keys.node_key(node))
+            pipe.hget(keys.node_key(node), "vpc_cidrs")
+            return await pipe.execute()
+
+        exists, cidrs = await self.call(read)
+        if not exists:
+            raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
+        return _text(cidrs).split()
+
     async def node_record(self, node: str, pool: str = "default") -> NodeRecord:
         """The node's record, with the open release reservations of `pool`."""
 
