@@ -257,9 +257,9 @@ class AllocatorService:
             ipv6_enabled=settings.ipv6_enabled,
             first_interface_index=settings.first_interface_index,
         )
-        state = await self.store.pool_state(name, "default")
-        await self.after_change(name, "default", state)
-        return await self.node_view(name, "")
+        state = await self.store.pool_state(name, DEFAULT_POOL)
+        await self.after_change(name, DEFAULT_POOL, state)
+        return await self.node_view(name, DEFAULT_POOL, state)
 
     async def delete_node(self, name: str) -> None:
         await self.store.delete_node(validate_name(name, "node"))
