@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from clients.client import AsyncIpamClient, IpamClient, node_spec
 from ipam.v1 import nodes_pb2
@@ -224,16 +225,32 @@ def scrape(allocator: AllocatorProcess, index: int) -> str:
         return reply.read().decode()
 
 
-def duration_buckets(allocator: AllocatorProcess, workers: int, method: str) -> dict[float, float]:
-    """`method`'s server-side duration histogram, all workers summed: upper bound (s) -> calls so far."""
+def method_samples(allocator: AllocatorProcess, workers: int, method: str) -> list[list[Sample]]:
+    """Per worker, the metric samples labelled with `method` (one scrape of each worker)."""
+    return [
+        [
+            s
+            for family in text_string_to_metric_families(scrape(allocator, index))
+            for s in family.samples
+            if s.labels.get("method") == method
+        ]
+        for index in range(workers)
+    ]
+
+
+def calls_per_worker(samples: list[list[Sample]]) -> list[int]:
+    """How many calls each worker has served so far (Ping is not counted by the server)."""
+    return [int(sum(s.value for s in worker if s.name == "ipam_allocator_requests_total")) for worker in samples]
+
+
+def duration_buckets(samples: list[list[Sample]]) -> dict[float, float]:
+    """The server-side duration histogram, all workers summed: upper bound (s) -> calls so far."""
     buckets: dict[float, float] = {}
-    for index in range(workers):
-        for family in text_string_to_metric_families(scrape(allocator, index)):
-            if family.name == "ipam_allocator_request_duration_seconds":
-                for s in family.samples:
-                    if s.name.endswith("_bucket") and s.labels.get("method") == method:
-                        le = float(s.labels["le"])
-                        buckets[le] = buckets.get(le, 0.0) + s.value
+    for worker in samples:
+        for s in worker:
+            if s.name == "ipam_allocator_request_duration_seconds_bucket":
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
     return buckets
 
 
@@ -245,20 +262,6 @@ def server_p99_bound_ms(before: dict[float, float], after: dict[float, float]) -
     if total <= 0:
         return float("nan")
     return next(le * 1000 for le, count in delta if count >= 0.99 * total)
-
-
-def calls_per_worker(allocator: AllocatorProcess, workers: int, method: str) -> list[int]:
-    """How many `method` calls each worker has served so far (Ping is not counted by the server)."""
-    counts = []
-    for index in range(workers):
-        total = 0.0
-        for family in text_string_to_metric_families(scrape(allocator, index)):
-            if family.name == "ipam_allocator_requests":
-                total += sum(
-                    s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("method") == method
-                )
-        counts.append(int(total))
-    return counts
 
 
 # --- seeding through the API --------------------------------------------------------------------
@@ -419,8 +422,7 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
 
     def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0) -> Phase:
         print(f"  {name} ...", flush=True)
-        before = calls_per_worker(allocator, cfg.workers, method)
-        durations_before = duration_buckets(allocator, cfg.workers, method)
+        before = method_samples(allocator, cfg.workers, method)
         result = run_ghz(
             cfg,
             allocator.address,
@@ -431,9 +433,11 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
             skip_first=skip,
             rate_limit=rate,
         )
-        after = calls_per_worker(allocator, cfg.workers, method)
-        result.calls_per_worker = [a - b for a, b in zip(after, before, strict=True)]
-        result.server_p99_ms = server_p99_bound_ms(durations_before, duration_buckets(allocator, cfg.workers, method))
+        after = method_samples(allocator, cfg.workers, method)
+        result.calls_per_worker = [
+            a - b for a, b in zip(calls_per_worker(after), calls_per_worker(before), strict=True)
+        ]
+        result.server_p99_ms = server_p99_bound_ms(duration_buckets(before), duration_buckets(after))
         return result
 
     total, skip = cfg.requests + cfg.skip_first, cfg.skip_first
