@@ -13,6 +13,8 @@ import uvloop
 from .app import serve
 from .settings import AllocatorSettings
 
+log = logging.getLogger("ipam.allocator")
+
 
 def _run_one(settings: AllocatorSettings, index: int) -> None:
     # Objects alive at start-up (modules, descriptors) never become garbage: keep them out of every
@@ -29,18 +31,30 @@ def main(argv: list[str] | None = None) -> None:
     if settings.workers <= 1:
         _run_one(settings, 0)
         return
+    sys.exit(_supervise(settings))
+
+
+def _supervise(settings: AllocatorSettings) -> int:
+    """Forks the workers and waits for them; returns the exit code of the whole.
+
+    A worker that ends before it was asked to (it crashed, or could not start: its metrics port
+    taken) takes the others down with it and the exit code is not 0, so that whoever runs the
+    allocator (systemd, Docker, Kubernetes) sees it and restarts it, rather than a half of it
+    serving on unnoticed.
+    """
     # Fork before any server or event loop exists; the kernel balances connections (SO_REUSEPORT).
-    children: list[int] = []
+    children: dict[int, int] = {}  # pid -> worker index
     for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:
-            try:
-                _run_one(settings, index)
-            finally:
-                os._exit(0)
-        children.append(pid)
+            os._exit(_child(settings, index))
+        children[pid] = index
 
-    def forward(signum: int, _frame: object) -> None:
+    stopping = False
+
+    def forward(signum: int, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             try:
                 os.kill(child, signum)
@@ -50,15 +64,35 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     exit_code = 0
-    for child in children:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        exit_code = exit_code or os.waitstatus_to_exitcode(status)
-    sys.exit(exit_code)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:  # killed by a signal: the shell's convention, 128 + its number
+            code = 128 - code
+        if not stopping:
+            log.error("allocator worker %d (pid %d) ended on its own (exit %d): stopping the others", index, pid, code)
+            forward(signal.SIGTERM)
+            code = code or 1
+        exit_code = exit_code or code
+    return exit_code
+
+
+def _child(settings: AllocatorSettings, index: int) -> int:
+    """One forked worker; its exit code (a failure is logged here: a forked child has no other voice)."""
+    try:
+        _run_one(settings, index)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BaseException:  # noqa: BLE001 - anything that ends a worker must be seen and counted
+        log.exception("allocator worker %d failed", index)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ class AllocatorSettings(BaseSettings):
         description="send the pool scripts of one event-loop turn in one write on one shared connection "
         "(less CPU per call; redis:// URLs without cluster only, else each goes through the pool)",
     )
-    workers: int = Field(1, description="server processes sharing the port (SO_REUSEPORT)")
+    workers: int = Field(
+        1, description="server processes sharing the port (SO_REUSEPORT); one ending on its own stops them all"
+    )
     client_tokens: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens of the client role")
     admin_tokens: SecretStr = Field(
         SecretStr(""),

@@ -8,7 +8,7 @@ from typing import Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .redis_server import free_port
+from .redis_server import free_port, free_port_block
 from .service_process import ServiceProcess
 
 ADMIN_TOKEN = "test-admin-token"
@@ -34,7 +34,7 @@ class AllocatorProcess(ServiceProcess):
         self.health_credentials = health_credentials
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.metrics_port = free_port()
+        self.metrics_port = free_port_block(workers)  # worker i serves metrics on this port + i
         defaults = {
             "IPAM_REDIS_URL": redis_url,
             "IPAM_REDIS_CLUSTER": "true" if cluster else "false",

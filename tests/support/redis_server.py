@@ -41,6 +41,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_block(count: int, attempts: int = 20) -> int:
+    """The first of `count` consecutive TCP ports on 127.0.0.1 that nobody uses right now."""
+    for _ in range(attempts):
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((HOST, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
 def _poll_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Call `condition` until it is true; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
