@@ -156,26 +156,26 @@ def _requests_in_flight(process: AllocatorProcess) -> float:
 
 
 def test_workers_share_one_port_and_stop_together(redis_server: RedisServer) -> None:
-    process = AllocatorProcess(redis_server.url, workers=2).start()
-    api = Api(process.address)
-    node = api.node_with_pool(4)
-    api.close()
-    poll(lambda: _answers(process.metrics_port) and _answers(process.metrics_port + 1))  # both processes up
-    for _ in range(20):  # a channel each: the kernel spreads connections, not calls, over the processes
-        with channel(process.address, CLIENT_TOKEN) as connection:
-            allocator_pb2_grpc.AllocatorStub(connection).Dump(pb.DumpRequest(node=node), timeout=5)
+    with AllocatorProcess(redis_server.url, workers=2) as process:
+        api = Api(process.address)
+        node = api.node_with_pool(4)
+        api.close()
+        poll(lambda: _answers(process.metrics_port) and _answers(process.metrics_port + 1))  # both processes up
+        for _ in range(20):  # a channel each: the kernel spreads connections, not calls, over the processes
+            with channel(process.address, CLIENT_TOKEN) as connection:
+                allocator_pb2_grpc.AllocatorStub(connection).Dump(pb.DumpRequest(node=node), timeout=5)
 
-    def dumps_served(port: int) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        return sum(
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith("ipam_allocator_requests_total{") and 'method="Dump"' in line
-        )
+        def dumps_served(port: int) -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("ipam_allocator_requests_total{") and 'method="Dump"' in line
+            )
 
-    served = [dumps_served(process.metrics_port), dumps_served(process.metrics_port + 1)]
-    assert sum(served) == 20 and min(served) > 0, served
-    assert process.stop() == 0
+        served = [dumps_served(process.metrics_port), dumps_served(process.metrics_port + 1)]
+        assert sum(served) == 20 and min(served) > 0, served
+        assert process.stop() == 0
 
 
 def _worker_pids(process: AllocatorProcess) -> list[int]:
@@ -187,30 +187,31 @@ def _worker_pids(process: AllocatorProcess) -> list[int]:
 
 def test_a_worker_that_cannot_start_stops_the_allocator_with_an_error(redis_server: RedisServer) -> None:
     process = AllocatorProcess(redis_server.url, workers=2)
-    with socket.socket() as taken:  # worker 1's metrics port, held by someone else
-        taken.bind(("127.0.0.1", process.metrics_port + 1))
-        taken.listen()
-        process.spawn()
-        assert process.process is not None
-        poll(lambda: process.process.poll() is not None, timeout=30)  # type: ignore[union-attr]
-    log = process.log_text()
-    assert process.process.returncode == 1, log
-    assert "allocator worker 1 failed" in log and "Address already in use" in log, log
-    assert "allocator worker 1 (pid" in log and "stopping the others" in log, log
-    process.stop()
+    try:
+        with socket.socket() as taken:  # worker 1's metrics port, held by someone else
+            taken.bind(("127.0.0.1", process.metrics_port + 1))
+            taken.listen()
+            process.spawn()
+            assert process.process is not None
+            poll(lambda: process.process.poll() is not None, timeout=30)  # type: ignore[union-attr]
+        log = process.log_text()
+        assert process.process.returncode == 1, log
+        assert "allocator worker 1 failed" in log and "Address already in use" in log, log
+        assert "allocator worker 1 (pid" in log and "stopping the others" in log, log
+    finally:
+        process.kill()
 
 
 def test_a_killed_worker_takes_the_other_down_and_the_exit_code_says_so(redis_server: RedisServer) -> None:
-    process = AllocatorProcess(redis_server.url, workers=2).start()
-    poll(lambda: _answers(process.metrics_port) and _answers(process.metrics_port + 1))
-    first, second = _worker_pids(process)
-    os.kill(first, signal.SIGKILL)
-    assert process.process is not None
-    poll(lambda: process.process.poll() is not None, timeout=30)  # type: ignore[union-attr]
-    assert process.process.returncode == 128 + signal.SIGKILL, process.log_tail()
-    assert not Path(f"/proc/{second}").exists()  # stopped and reaped by the parent before it exited
-    assert f"(pid {first}) ended on its own (exit {128 + signal.SIGKILL})" in process.log_text()
-    process.stop()
+    with AllocatorProcess(redis_server.url, workers=2) as process:
+        poll(lambda: _answers(process.metrics_port) and _answers(process.metrics_port + 1))
+        first, second = _worker_pids(process)
+        os.kill(first, signal.SIGKILL)
+        assert process.process is not None
+        poll(lambda: process.process.poll() is not None, timeout=30)  # type: ignore[union-attr]
+        assert process.process.returncode == 128 + signal.SIGKILL, process.log_tail()
+        assert not Path(f"/proc/{second}").exists()  # stopped and reaped by the parent before it exited
+        assert f"(pid {first}) ended on its own (exit {128 + signal.SIGKILL})" in process.log_text()
 
 
 def _pool_gauges(process: AllocatorProcess, node: str) -> dict[tuple[str, str], float]:
