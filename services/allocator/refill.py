@@ -25,6 +25,7 @@ class RefillWatcher:
         self._store = store
         self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def notify(self, node: str, pool: str, added: int = 0) -> None:
         """Tells every allocator process that `added` addresses arrived in (node, pool); 0 wakes every
@@ -55,18 +56,28 @@ class RefillWatcher:
                     future.set_result(None)
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._listen())
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ends the subscription. redis-py can swallow a cancellation that lands while it connects
+        (the subscription then carries on, and a shutdown waiting for it hung): cancel until the
+        task has ended, for at most `timeout` seconds."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not task.done() and asyncio.get_running_loop().time() < deadline:
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.05)
+        if not task.done():
+            log.warning("the refill subscription did not stop within %g s", timeout)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
+            pubsub = self._store.client.pubsub()
             try:
-                pubsub = self._store.client.pubsub()
                 await pubsub.subscribe(keys.REFILL_CHANNEL)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
@@ -79,4 +90,8 @@ class RefillWatcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: waiters fall back to their own re-checks
                 log.debug("refill subscription lost: %s", exc)
-                await asyncio.sleep(1.0)
+                if not self._stopping:
+                    await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
