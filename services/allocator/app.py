@@ -22,6 +22,7 @@ from .service import AllocatorService
 from .settings import AllocatorSettings
 from .store.pipelining import PipelinedConnection
 from .store.redis_store import RedisStore
+from .tasks import cancel_until_done
 from .timers import TimerSweeper
 from .transport.auth import TokenAuthInterceptor
 from .transport.reflection import enable_reflection
@@ -130,8 +131,8 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     log.info("allocator %d shutting down: finishing in-flight calls", worker_index)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
-    for task in tasks:
-        task.cancel()
+    if await cancel_until_done(tasks, timeout=5.0):
+        log.warning("allocator %d: background tasks still running after 5 s", worker_index)
     await refills.stop()
     with contextlib.suppress(Exception):
         await store.close()

@@ -14,6 +14,7 @@ import logging
 
 from .store import keys
 from .store.redis_store import RedisStore
+from .tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +61,10 @@ class RefillWatcher:
         self._task = asyncio.create_task(self._listen())
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Ends the subscription. redis-py can swallow a cancellation that lands while it connects
-        (the subscription then carries on, and a shutdown waiting for it hung): cancel until the
-        task has ended, for at most `timeout` seconds."""
+        """Ends the subscription (within `timeout` seconds)."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is None:
-            return
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not task.done() and asyncio.get_running_loop().time() < deadline:
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
-        if not task.done():
+        if task is not None and await cancel_until_done([task], timeout):
             log.warning("the refill subscription did not stop within %g s", timeout)
 
     async def _listen(self) -> None:
