@@ -153,6 +153,7 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("used ipv6", stats.used_ipv6),
                 ("available ipv6", stats.available_ipv6),
                 ("needed ipv6", stats.needed_ipv6),
+                ("excess ipv6", stats.excess_ipv6),
                 ("remaining interfaces", stats.remaining_interfaces),
                 ("interface candidates", stats.interface_candidates),
                 ("empty interface slots", stats.empty_interface_slots),

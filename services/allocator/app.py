@@ -156,7 +156,15 @@ async def _sample_pools(service: AllocatorService, metrics: AllocatorMetrics, in
                             "cooling": s.cooling_ips,
                         },
                     ),
-                    ("ipv6", {"available": s.available_ipv6, "used": s.used_ipv6, "needed": s.needed_ipv6}),
+                    (
+                        "ipv6",
+                        {
+                            "available": s.available_ipv6,
+                            "used": s.used_ipv6,
+                            "needed": s.needed_ipv6,
+                            "excess": s.excess_ipv6,
+                        },
+                    ),
                 ):
                     for state, value in levels.items():
                         metrics.pool_ips.labels(node, "default", family, state).set(value)

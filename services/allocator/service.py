@@ -102,7 +102,11 @@ class AllocatorService:
         needed = pool_needed_ips(state.counts[Family.IPV4], state.watermarks)
         if state.ipv6_enabled:
             needed = max(needed, pool_needed_ips(state.counts[Family.IPV6], state.watermarks))
-        excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks) if state.release_excess else 0
+        excess = 0
+        if state.release_excess:
+            excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks)
+            if state.ipv6_enabled:
+                excess = max(excess, pool_excess_ips(state.counts[Family.IPV6], state.watermarks))
         if state.deficit_reason == "at-capacity":
             needed = 0  # nothing more can be attached: only a release helps, and it needs no worker
         if needed <= 0 and excess <= 0:

@@ -159,6 +159,12 @@ class NodeMaintainer:
                     interfaces = _with(interfaces, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
+            if spec.ipv6_enabled and pspec.release_excess and node.stats.excess_ipv6 > 0:
+                released = await self._release_ipv6(node, pspec, interfaces, outcome)
+                if released is not None:
+                    interfaces, released_some = _with(interfaces, released), True
+                    node = await self.allocator.get_node(name, CLOUD_POOL)
+                    continue
             usable = [s for s in subnets if s.id not in full_subnets]
             action = await self._plan(node, pspec, interfaces, limits, usable)
             if isinstance(action, planner.AllocationAction) and action.creates_interface:
@@ -441,7 +447,11 @@ class NodeMaintainer:
         name = node.spec.name
         reply = await self.allocator.reserve_for_release(
             npb.ReserveForReleaseRequest(
-                node=name, pool=CLOUD_POOL, interface_id=action.interface_id, count=action.count
+                node=name,
+                pool=CLOUD_POOL,
+                interface_id=action.interface_id,
+                count=action.count,
+                family=pb.FAMILY_IPV6 if action.family is Family.IPV6 else pb.FAMILY_IPV4,
             )
         )
         if not reply.ips:
@@ -467,6 +477,23 @@ class NodeMaintainer:
             time.perf_counter() - started
         )
         return change.interface if done.released_ips else None
+
+    async def _release_ipv6(
+        self, node: npb.Node, pspec: planner.NodeSpec, interfaces: list[NetworkInterface], outcome: Outcome
+    ) -> NetworkInterface | None:
+        """Gives the pool's IPv6 excess back from the interface with the most free IPv6 addresses;
+        the interface as it is now, None when there was nothing to release."""
+        free = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).free_ipv6)
+        states = [
+            planner.InterfaceState.from_cloud(i, free_ipv6=sum(1 for a in i.ipv6 if a in free))
+            for i in interfaces
+            if i.device_index >= 0
+        ]
+        counts = PoolCounts(node.stats.available_ipv6, node.stats.used_ipv6)
+        action = planner.plan_ipv6_release(pspec, counts, states)
+        if not isinstance(action, planner.ReleaseAction):
+            return None
+        return await self._release(node, action, outcome)
 
     async def _assign_ipv6(
         self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits, outcome: Outcome

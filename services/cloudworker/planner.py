@@ -6,7 +6,9 @@ interface, create an interface, release excess, or nothing — with the reason. 
 `determineMaintenanceAction` and the ENI `PrepareIPAllocation` / `PrepareIPRelease` /
 `findSuitableSubnet`. The worker runs the action, reads the truth back, and plans again.
 
-Only IPv4 is planned: per-interface slots and subnet capacity are IPv4 limits.
+`plan` covers IPv4, whose per-interface slots and subnet capacity shape every step. IPv6 addresses
+only ride on the interfaces IPv4 brought: the maintainer assigns them where there is room, and
+`plan_ipv6_release` picks where its excess is given back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from services.allocator.domain.model import Family
 from services.allocator.domain.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
 from services.cloudworker.model import InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 
@@ -32,6 +35,7 @@ __all__ = [
     "ReleaseAction",
     "Watermarks",
     "plan",
+    "plan_ipv6_release",
 ]
 
 # Reasons of a NoAction. The first two are what the allocator shows as a node's deficit reason.
@@ -66,9 +70,10 @@ class InterfaceState:
     ipv4_addresses: int  # IPv4 addresses attached, the primary included
     free_ipv4: int = 0  # of those, how many the pool holds free (releasable)
     security_group_ids: tuple[str, ...] = ()
+    free_ipv6: int = 0  # IPv6 addresses of the interface the pool holds free (releasable)
 
     @classmethod
-    def from_cloud(cls, interface: NetworkInterface, free_ipv4: int = 0) -> InterfaceState:
+    def from_cloud(cls, interface: NetworkInterface, free_ipv4: int = 0, free_ipv6: int = 0) -> InterfaceState:
         """The planning view of an interface read from the provider."""
         return cls(
             id=interface.id,
@@ -77,6 +82,7 @@ class InterfaceState:
             ipv4_addresses=interface.ipv4_count,
             free_ipv4=free_ipv4,
             security_group_ids=interface.security_group_ids,
+            free_ipv6=free_ipv6,
         )
 
 
@@ -103,11 +109,12 @@ class AllocationAction:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseAction:
-    """Give `count` free addresses of interface `interface_id` back to the cloud."""
+    """Give `count` free addresses of `family` of interface `interface_id` back to the cloud."""
 
     interface_id: str
     subnet_id: str
     count: int
+    family: Family = Family.IPV4
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,17 +217,33 @@ def _plan_allocation(
     )
 
 
-def _plan_release(spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int) -> Action:
+def plan_ipv6_release(spec: NodeSpec, counts: PoolCounts, interfaces: Sequence[InterfaceState]) -> Action:
+    """The next step for the node's IPv6 excess: a release (with `spec.release_excess`) or nothing."""
+    excess = pool_excess_ips(counts, spec.watermarks)
+    if excess <= 0 or pool_needed_ips(counts, spec.watermarks) > 0:
+        return NoAction(NOTHING_NEEDED)
+    if not spec.release_excess:
+        return NoAction(NOTHING_NEEDED, f"{excess} IPv6 in excess, release disabled")
+    return _plan_release(spec, interfaces, excess, Family.IPV6)
+
+
+def _plan_release(
+    spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int, family: Family = Family.IPV4
+) -> Action:
     """Release from the interface with the most free addresses (ties: lowest device index)."""
+
+    def free(interface: InterfaceState) -> int:
+        return interface.free_ipv6 if family is Family.IPV6 else interface.free_ipv4
+
     best: InterfaceState | None = None
     for interface in sorted(interfaces, key=lambda i: i.device_index):
-        if interface.device_index < spec.first_interface_index or interface.free_ipv4 <= 0:
+        if interface.device_index < spec.first_interface_index or free(interface) <= 0:
             continue
-        if best is None or interface.free_ipv4 > best.free_ipv4:
+        if best is None or free(interface) > free(best):
             best = interface
     if best is None:
         return NoAction(NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
-    return ReleaseAction(best.id, best.subnet_id, min(best.free_ipv4, excess))
+    return ReleaseAction(best.id, best.subnet_id, min(free(best), excess), family)
 
 
 def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> list[int]:

@@ -22,6 +22,7 @@ class NodeStats:
     available_ipv6: int
     needed_ipv6: int
     waiting_ips: int = 0
+    excess_ipv6: int = 0
 
 
 def node_stats(
@@ -60,5 +61,6 @@ def node_stats(
         used_ipv6=v6.used,
         available_ipv6=v6.available,
         needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
+        excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else 0,
         waiting_ips=waiting,
     )

@@ -216,6 +216,7 @@ def node_message(view: NodeView) -> npb.Node:
             used_ipv6=s.used_ipv6,
             available_ipv6=s.available_ipv6,
             needed_ipv6=s.needed_ipv6,
+            excess_ipv6=s.excess_ipv6,
             waiting_ips=s.waiting_ips,
             deficit_reason=r.deficit_reason,
         ),

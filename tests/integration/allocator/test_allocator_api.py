@@ -110,6 +110,25 @@ def test_skip_sync_upstream_publishes_nothing(api: Api, backend) -> None:  # typ
     assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 2)]
 
 
+def test_ipv6_above_its_watermark_counts_as_excess_and_is_published_only_with_release_on(
+    api: Api,
+    backend,  # type: ignore[no-untyped-def]
+) -> None:
+    # pre_allocate 0 and max_above_watermark 2: an empty node needs nothing, 2 IPv4 are no excess.
+    spec = dict(ipv6_enabled=True, pre_allocate=0, pre_allocate_set=True, max_above_watermark=2)
+    releasing = api.create_node(release_excess=True, **spec)
+    keeping = api.create_node(**spec)
+    for node in (releasing, keeping):
+        api.seed(node, 2, 12)  # IPv6: 10 above the watermark (AddAddresses, the worker's call, publishes nothing)
+        stats = api.stats(node)
+        assert (stats.excess_ips, stats.needed_ipv6, stats.excess_ipv6) == (0, 0, 10)
+        api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner="pod"), timeout=5)
+        assert api.stats(node).excess_ipv6 == 9
+    events = events_for(backend, releasing)
+    assert [(e.kind, e.excess_ips) for e in events] == [(events_pb2.PoolEvent.KIND_EXCESS, 9)]
+    assert events_for(backend, keeping) == []
+
+
 def test_unspecified_family_on_an_ipv4_node_is_ipv4_only(api: Api) -> None:
     node = api.node_with_pool(2, 2, ipv6_enabled=False)
     reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="pod-v4"), timeout=5)

@@ -167,6 +167,40 @@ def test_excess_is_released_down_to_the_watermark_never_an_allocated_address(clo
     assert api.stats(node).available_ips == 8
 
 
+def ipv6_in_ec2(ec2: BaseClient, instance_id: str) -> list[str]:
+    """Every IPv6 address attached to the instance, as EC2 holds it."""
+    return [a["Ipv6Address"] for i in interfaces_of(ec2, instance_id) for a in i.get("Ipv6Addresses", [])]
+
+
+def test_ipv6_excess_is_released_down_to_the_watermark_never_an_allocated_address(cloud: Cloud) -> None:
+    api = cloud.api
+    node, instance_id = cloud.node(ipv6_enabled=True, release_excess=True, pre_allocate=2, pre_allocate_set=True)
+    poll(lambda: api.stats(node).available_ipv6 == 2)
+    owners = [f"v6-{i}" for i in range(6)]
+    held = {
+        owner: api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner=owner, wait_for_refill=True), timeout=30
+        ).ipv6.ip
+        for owner in owners
+    }
+    poll(lambda: api.stats(node).available_ipv6 == 8)  # 6 used, 2 free: the watermark again
+    for owner in owners[1:]:
+        api.alloc.Release(pb.ReleaseRequest(node=node, owner=owner), timeout=5)
+
+    # 1 used and 7 free, 2 of them the watermark: 5 in excess, given back to EC2.
+    def settled() -> bool:
+        stats = api.stats(node)
+        dump = api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+        in_ec2 = ipv6_in_ec2(cloud.ec2, instance_id)
+        return (stats.available_ipv6, stats.used_ipv6, stats.excess_ipv6) == (3, 1, 0) and sorted(in_ec2) == sorted(
+            {*dump.ipv6, *dump.free_ipv6}
+        )
+
+    poll(settled)
+    assert held[owners[0]] in ipv6_in_ec2(cloud.ec2, instance_id)
+    assert api.dump(node)[1] == {held[owners[0]]: owners[0]}
+
+
 def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> None:
     subnet = cloud.network.subnet_ids[1]
 

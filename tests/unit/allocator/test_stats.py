@@ -56,3 +56,28 @@ def test_unknown_limits_give_no_interface_figures() -> None:
     )
     assert (stats.interface_candidates, stats.empty_interface_slots, stats.remaining_interfaces) == (0, 0, 0)
     assert (stats.available_ips, stats.needed_ips) == (8, 0)
+
+
+# IPv6 (available, used), ipv6_enabled, (needed_ipv6, excess_ipv6) with pre_allocate 8
+IPV6_CASES = [
+    ((0, 0), True, (8, 0)),
+    ((10, 2), True, (0, 0)),  # 8 free: the watermark
+    ((20, 2), True, (0, 10)),  # 18 free: 10 above it
+    ((20, 2), False, (0, 0)),  # IPv6 off for the node: neither
+]
+
+
+@pytest.mark.parametrize("v6,enabled,expected", IPV6_CASES)
+def test_ipv6_needed_and_excess(v6: tuple[int, int], enabled: bool, expected: tuple[int, int]) -> None:
+    stats = node_stats(
+        PoolCounts(8, 0),
+        PoolCounts(*v6),
+        Watermarks(pre_allocate=8),
+        ipv6_enabled=enabled,
+        interfaces=[],
+        max_interfaces=0,
+        ipv4_per_interface=0,
+        first_interface_index=0,
+    )
+    assert (stats.needed_ipv6, stats.excess_ipv6) == expected
+    assert stats.excess_ips == 0  # IPv4 is at its watermark whatever IPv6 holds

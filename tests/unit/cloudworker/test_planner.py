@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from services.allocator.domain.model import Family
 from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
 from services.cloudworker.planner import (
     AT_CAPACITY,
@@ -24,6 +25,7 @@ from services.cloudworker.planner import (
     ReleaseAction,
     Watermarks,
     plan,
+    plan_ipv6_release,
     security_groups_by_tags,
 )
 
@@ -265,6 +267,61 @@ def test_plan(case: Case) -> None:
         assert action.reason == case.expected.reason
     else:
         assert action == case.expected
+
+
+def v6(device: int, free: int) -> InterfaceState:
+    """Interface `eth<device>` whose IPv6 addresses include `free` that the pool holds free."""
+    return InterfaceState(f"eth{device}", device, "node", 2, free_ipv6=free)
+
+
+RELEASING = replace(SPEC, release_excess=True)
+
+# IPv6 counts (available, used), interfaces, spec, expected
+IPV6_RELEASE_CASES = {
+    "at the watermark: nothing": (PoolCounts(10, 2), (v6(0, 8),), RELEASING, NoAction(NOTHING_NEEDED)),
+    "below the watermark: nothing (the maintainer assigns)": (
+        PoolCounts(4, 2),
+        (v6(0, 2),),
+        RELEASING,
+        NoAction(NOTHING_NEEDED),
+    ),
+    "excess from the interface with most free IPv6, bounded by the excess": (
+        PoolCounts(20, 2),
+        (v6(0, 4), v6(1, 14)),
+        RELEASING,
+        ReleaseAction("eth1", "node", 10, Family.IPV6),
+    ),
+    "bounded by the interface's free IPv6": (
+        PoolCounts(20, 2),
+        (v6(0, 5), v6(1, 5), v6(2, 8)),
+        RELEASING,
+        ReleaseAction("eth2", "node", 8, Family.IPV6),
+    ),
+    "skips interfaces below first_interface_index": (
+        PoolCounts(20, 2),
+        (v6(0, 18), v6(1, 3)),
+        replace(RELEASING, first_interface_index=1),
+        ReleaseAction("eth1", "node", 3, Family.IPV6),
+    ),
+    "release disabled: nothing": (PoolCounts(20, 2), (v6(0, 18),), SPEC, NoAction(NOTHING_NEEDED)),
+    "excess but no interface holds a free IPv6 address": (
+        PoolCounts(20, 2),
+        (v6(0, 0), v6(1, 0)),
+        RELEASING,
+        NoAction(NOTHING_RELEASABLE),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", IPV6_RELEASE_CASES.values(), ids=IPV6_RELEASE_CASES.keys())
+def test_plan_ipv6_release(case: tuple[PoolCounts, tuple[InterfaceState, ...], NodeSpec, Action]) -> None:
+    counts, interfaces, spec, expected = case
+    action = plan_ipv6_release(spec, counts, interfaces)
+    if isinstance(expected, NoAction):
+        assert isinstance(action, NoAction), action
+        assert action.reason == expected.reason
+    else:
+        assert action == expected
 
 
 def test_at_capacity_detail_names_the_27_usable_addresses_of_an_m5_large() -> None:
