@@ -15,6 +15,7 @@ from clients.client import AsyncIpamClient, IpamClientError
 from services.allocator.app import split_host_port
 from services.allocator.store import keys
 from services.allocator.store.redis_store import RedisClient, RedisStore
+from services.allocator.tasks import cancel_until_done
 
 from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
@@ -176,8 +177,12 @@ class Worker:
         await self.source.trim()
 
     async def drain(self, timeout: float) -> None:
+        """Lets the nodes in progress finish for up to `timeout` seconds, then cancels the rest
+        (their events stay pending: another worker claims them)."""
         if self._running:
             await asyncio.wait(self._running, timeout=timeout)
+        if await cancel_until_done(self._running, timeout=10.0):
+            log.warning("worker: node maintenance still running after the stop")
 
 
 async def run(settings: WorkerSettings) -> None:
@@ -241,8 +246,7 @@ async def run(settings: WorkerSettings) -> None:
     await worker.stopping.wait()
     log.info("worker stopping: finishing the nodes in progress")
     await worker.drain(timeout=30.0)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if await cancel_until_done(tasks, timeout=10.0):
+        log.warning("worker: background tasks still running 10 s after the stop")
     await allocator.close()
     await redis.aclose()
