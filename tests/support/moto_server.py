@@ -142,8 +142,18 @@ class Ec2Fault:
     `ClientError` it would raise for a real EC2 error; later calls reach the server again.
     """
 
-    def __init__(self, client: BaseClient, operation: str, code: str, *, times: int = 1, status: int = 400) -> None:
+    def __init__(
+        self,
+        client: BaseClient,
+        operation: str,
+        code: str,
+        *,
+        times: int = 1,
+        status: int = 400,
+        message: str = "injected by the test",
+    ) -> None:
         self.code = code
+        self.message = message
         self.status = status
         self.remaining = times
         self.injected = 0
@@ -155,7 +165,7 @@ class Ec2Fault:
         self.remaining -= 1
         self.injected += 1
         parsed = {
-            "Error": {"Code": self.code, "Message": "injected by the test"},
+            "Error": {"Code": self.code, "Message": self.message},
             "ResponseMetadata": {"HTTPStatusCode": self.status},
         }
         return AWSResponse(url="", status_code=self.status, headers={}, raw=None), parsed

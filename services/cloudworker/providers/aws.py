@@ -104,6 +104,12 @@ def classify_error(code: str, http_status: int = 400) -> type[ProviderError]:
     return ProviderError
 
 
+def _device_index_taken(exc: ProviderError) -> bool:
+    """EC2's answer to an attach at an occupied index: InvalidParameterValue, "Instance 'i-…'
+    already has an interface attached at device index '1'." (it has no code of its own)."""
+    return exc.code == "InvalidParameterValue" and "attached at device index" in exc.message
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Exponential backoff for throttled calls (and transient failures of read-only calls)."""
@@ -307,8 +313,12 @@ class AwsProvider(CloudProvider):
                 InstanceId=instance_id,
                 DeviceIndex=device_index,
             )["AttachmentId"]
-        except ProviderError:
+        except ProviderError as exc:
             self._delete_quietly(interface_id)
+            if _device_index_taken(exc):
+                # Someone else (another agent, an operator) attached an interface there since we
+                # listed the instance's interfaces: re-read and take the next free index.
+                raise LimitExceeded(exc.message, code=exc.code, operation=exc.operation) from exc
             raise
         try:
             self._call(

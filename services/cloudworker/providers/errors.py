@@ -18,7 +18,8 @@ class SubnetFull(ProviderError):
 
 
 class LimitExceeded(ProviderError):
-    """An instance or account limit was hit: our view was stale, re-read the truth and replan."""
+    """An instance or account limit was hit, or a slot we saw free was taken (a device index):
+    our view was stale, re-read the truth and replan."""
 
 
 class Throttled(ProviderError):

@@ -232,6 +232,19 @@ def test_failed_attach_deletes_the_new_interface(harness: Harness, instance: str
     assert left == []
 
 
+def test_an_attach_at_a_taken_device_index_is_a_stale_view_and_deletes_the_new_interface(
+    harness: Harness, instance: str
+) -> None:
+    # EC2 has no error code of its own for it; moto does not check device indexes at all.
+    message = f"Instance '{instance}' already has an interface attached at device index '1'."
+    Ec2Fault(harness.ec2, "AttachNetworkInterface", "InvalidParameterValue", message=message)
+    with pytest.raises(LimitExceeded) as raised:
+        harness.create(instance, ipv4=2)
+    assert raised.value.code == "InvalidParameterValue" and "device index '1'" in raised.value.message
+    assert harness.attempts("DeleteNetworkInterface", "OK") == 1
+    assert [i.device_index for i in harness.provider.list_interfaces(instance)] == [0]
+
+
 def test_subnet_full_on_create_is_mapped_and_not_retried(harness: Harness, instance: str) -> None:
     Ec2Fault(harness.ec2, "CreateNetworkInterface", "InsufficientFreeAddressesInSubnet")
     with pytest.raises(SubnetFull):

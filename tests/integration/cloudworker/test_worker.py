@@ -319,6 +319,27 @@ def test_throttling_is_retried_and_a_full_subnet_is_skipped(quiet_cloud: Cloud) 
     assert set(secondaries(cloud.ec2, instance_id)) == pool_addresses(cloud.api, node)
 
 
+def test_a_device_index_taken_meanwhile_is_replanned_in_the_same_maintenance(quiet_cloud: Cloud) -> None:
+    cloud = quiet_cloud
+    node, instance_id = cloud.node(pre_allocate=12)  # more than eth0's 9 free slots: one interface is created
+    client = ec2_client(cloud.moto.endpoint_url)
+    creations = record_requests(client, "CreateNetworkInterface")
+    deletions = record_requests(client, "DeleteNetworkInterface")
+    taken = Ec2Fault(
+        client,
+        "AttachNetworkInterface",
+        "InvalidParameterValue",
+        message=f"Instance '{instance_id}' already has an interface attached at device index '1'.",
+    )
+
+    _maintain(cloud, client, node)  # raised before: the maintenance failed and waited for a redelivery
+    assert taken.injected == 1
+    assert (len(creations), len(deletions)) == (2, 1)  # the refused interface was deleted, another made
+    assert cloud.api.stats(node).available_ips == 12
+    assert [i["Attachment"]["DeviceIndex"] for i in interfaces_of(cloud.ec2, instance_id)] == [0, 1]
+    assert set(secondaries(cloud.ec2, instance_id)) == pool_addresses(cloud.api, node)
+
+
 def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
     moto_server: MotoServer, demo_network: DemoNetwork
 ) -> None:
