@@ -10,6 +10,7 @@ import signal
 import time
 
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio.lock import Lock
 
 from clients.client import AsyncIpamClient, IpamClientError
 from services.allocator.app import split_host_port
@@ -53,14 +54,36 @@ class Worker:
 
     async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 0.1) -> bool:
         """Maintains `node` holding its lock, so no two workers work on one node at once.
-        Returns False when another worker holds the node: it is on it already."""
-        lock = self.redis.lock(
-            f"{keys.node_prefix(node)}:worklock",
-            timeout=self.settings.node_lock_seconds,
-            blocking_timeout=wait_for_lock,
-        )
-        if not await lock.acquire():
-            return False
+        Returns False when another worker holds the node: that one maintains it again afterwards.
+
+        Work asked while the node is held is not lost: the caller that finds the lock taken leaves
+        a mark, and the holder, after letting go, takes the node again if it finds the mark (the
+        caller tries the lock once more after marking, in case the holder let go in between).
+        """
+        mark = f"{keys.node_prefix(node)}:again"
+        maintained = False
+        while True:
+            lock = self.redis.lock(
+                f"{keys.node_prefix(node)}:worklock",
+                timeout=self.settings.node_lock_seconds,
+                blocking_timeout=wait_for_lock,
+            )
+            if not await lock.acquire():
+                await self.redis.set(mark, "1", px=int(self.settings.node_lock_seconds * 4000))
+                if not await lock.acquire(blocking_timeout=0.01):
+                    return maintained
+            try:
+                await self.redis.delete(mark)  # what was asked so far, this run covers
+                await self._maintain_holding(lock, node, settle)
+                maintained = True
+            finally:
+                with contextlib.suppress(Exception):
+                    await lock.release()
+            if not await self.redis.exists(mark):
+                return True
+            settle = False
+
+    async def _maintain_holding(self, lock: Lock, node: str, settle: bool) -> None:
         work = asyncio.create_task(self.maintainer.maintain(node, settle_reservations=settle))
         try:
             # Renew the lease well before it runs out; if it is lost, stop: another worker may start.
@@ -80,12 +103,9 @@ class Worker:
                     outcome.seconds * 1000,
                     outcome.cloud_seconds * 1000,
                 )
-            return True
         finally:
             if not work.done():
                 work.cancel()
-            with contextlib.suppress(Exception):
-                await lock.release()
 
     async def handle(self, delivery: Delivery) -> None:
         event = delivery.event
@@ -95,7 +115,7 @@ class Worker:
             self.metrics.events.labels("ignored").inc()
             return
         # Cleared before the work: a change from now on publishes a new event. If another worker
-        # holds the node, it loops until the pool is right; callers still waiting re-publish.
+        # holds the node, it maintains the node again once it is done (see maintain_node).
         await self.source.take(delivery)
         try:
             if not await self.maintain_node(event.node):

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry
 from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
+from services.allocator.store.redis_store import RedisStore
+from services.cloudworker.app import Worker
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import (
@@ -26,7 +28,9 @@ from services.cloudworker.providers.aws import (
     AwsProvider,
     RetryPolicy,
 )
+from services.cloudworker.queue import RedisStreamSource
 from services.cloudworker.ratelimit import TokenBucket
+from services.cloudworker.settings import WorkerSettings
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, record_requests, run_instance
@@ -338,6 +342,51 @@ def test_a_device_index_taken_meanwhile_is_replanned_in_the_same_maintenance(qui
     assert cloud.api.stats(node).available_ips == 12
     assert [i["Attachment"]["DeviceIndex"] for i in interfaces_of(cloud.ec2, instance_id)] == [0, 1]
     assert set(secondaries(cloud.ec2, instance_id)) == pool_addresses(cloud.api, node)
+
+
+def test_work_asked_while_another_task_holds_the_node_is_done_by_the_holder(quiet_cloud: Cloud) -> None:
+    """The lost-wake-up race: an event finds the node held by a maintenance that read the node
+    before the change; the holder must run again rather than both return with nothing done."""
+    cloud = quiet_cloud
+    node, _ = cloud.node(pre_allocate=0, pre_allocate_set=True)  # needs nothing yet
+    client = ec2_client(cloud.moto.endpoint_url)
+    gate, held = threading.Event(), threading.Event()
+
+    def hold_the_first_read(**_: object) -> None:  # in the provider's thread, not the event loop
+        if not held.is_set():
+            held.set()
+            gate.wait(20)
+
+    client.meta.events.register("before-call.ec2.DescribeNetworkInterfaces", hold_the_first_read)
+    redis_url = cloud.allocator.env["IPAM_REDIS_URL"]
+    settings = WorkerSettings(redis_url=redis_url, grpc_address=cloud.allocator.address, metrics_address="")
+
+    async def scenario() -> tuple[bool, bool]:
+        redis = RedisStore.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
+        provider = AwsProvider(client, cluster="ipam", limiter=TokenBucket(100, 100))
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            metrics = WorkerMetrics(CollectorRegistry())
+            maintainer = NodeMaintainer(provider, allocator, metrics, stale_reservation_seconds=60)
+            source = RedisStreamSource(redis, group="g", consumer="c", max_deliveries=5, claim_idle_ms=15000)
+            worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
+            first = asyncio.create_task(worker.maintain_node(node))
+            await asyncio.to_thread(held.wait, 20)  # the first maintenance read the node, then stalls
+            spec = npb.NodeSpec(name=node, instance_id=_instance_of(cloud, node), instance_type="m5.large")
+            spec.pre_allocate, spec.pre_allocate_set = 4, True
+            await allocator.update_node(spec)
+            second = await worker.maintain_node(node)  # the node is held: this one leaves it to the holder
+            gate.set()
+            result = await first, second
+        await redis.aclose()
+        return result
+
+    first, second = asyncio.run(scenario())
+    assert (first, second) == (True, False)
+    assert cloud.api.stats(node).available_ips == 4  # the holder ran again and saw the new watermark
+
+
+def _instance_of(cloud: Cloud, node: str) -> str:
+    return cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).spec.instance_id
 
 
 def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
