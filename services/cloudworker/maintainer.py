@@ -22,7 +22,7 @@ from . import planner
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
-from .providers.errors import LimitExceeded, ProviderError, SubnetFull
+from .providers.errors import LimitExceeded, NotFound, ProviderError, SubnetFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +126,15 @@ class NodeMaintainer:
         if spec.instance_id != known_instance:
             first_read = None
         self._node_instances[name] = spec.instance_id
-        limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
+        try:
+            limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
+        except NotFound as exc:
+            # Said to the allocator, so that callers fail at once with the reason instead of
+            # waiting for a refill that cannot come (Cilium #14802: unknown types failing silently).
+            log.warning("node %s: %s", name, exc)
+            outcome.reason = planner.INSTANCE_TYPE_UNKNOWN
+            await self._report(node, None, outcome.reason)
+            return outcome
         instance = self._instances.get(spec.instance_id) or await self._cloud(
             outcome, self.provider.describe_instance, spec.instance_id
         )
@@ -529,7 +537,7 @@ class NodeMaintainer:
     async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, reason: str) -> None:
         """Tells the allocator the interfaces as they are now (when they changed) and why a deficit
         stays, if it does (so callers fail fast with that reason)."""
-        blocking = reason if reason in (planner.AT_CAPACITY, planner.SUBNET_FULL, planner.MAX_ALLOCATE) else ""
+        blocking = reason if reason in _BLOCKING_REASONS else ""
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
         first = node.spec.first_interface_index
@@ -547,6 +555,10 @@ class NodeMaintainer:
             )
         except IpamClientError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
+
+
+# Why a deficit stays, as the allocator shows it (and answers callers with, for the first two and the last).
+_BLOCKING_REASONS = (planner.AT_CAPACITY, planner.SUBNET_FULL, planner.MAX_ALLOCATE, planner.INSTANCE_TYPE_UNKNOWN)
 
 
 def _pool_table(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:

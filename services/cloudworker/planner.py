@@ -22,6 +22,7 @@ from services.cloudworker.model import InstanceLimits, NetworkInterface, Securit
 
 __all__ = [
     "AT_CAPACITY",
+    "INSTANCE_TYPE_UNKNOWN",
     "MAX_ALLOCATE",
     "NOTHING_NEEDED",
     "NOTHING_RELEASABLE",
@@ -41,6 +42,7 @@ __all__ = [
 # Reasons of a NoAction. The first two are what the allocator shows as a node's deficit reason.
 AT_CAPACITY = "at-capacity"  # every interface full and no device slot left
 SUBNET_FULL = "subnet-full"  # room on the instance, none in the subnets it may use
+INSTANCE_TYPE_UNKNOWN = "instance-type-unknown"  # the cloud has no limits for the spec's instance type
 MAX_ALLOCATE = "max-allocate"  # a deficit remains, but max_allocate forbids more addresses
 NOTHING_NEEDED = "nothing-needed"
 NOTHING_RELEASABLE = "nothing-releasable"  # excess, but no interface holds a free address

@@ -272,6 +272,8 @@ class RedisStore:
             reason, why = "NODE_AT_CAPACITY", "the node is at its instance's interface and address limits"
         elif hint == "subnet-full":
             reason, why = "SUBNET_FULL", "its subnets have no free address"
+        elif hint == "instance-type-unknown":
+            reason, why = "INSTANCE_TYPE_UNKNOWN", "the cloud does not know the instance type of its spec"
         else:
             reason, why = "POOL_EMPTY", "a refill has been requested"
         exc = ResourceExhausted(

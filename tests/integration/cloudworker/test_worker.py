@@ -171,6 +171,30 @@ def test_excess_is_released_down_to_the_watermark_never_an_allocated_address(clo
     assert api.stats(node).available_ips == 8
 
 
+def test_an_unknown_instance_type_fails_callers_at_once_until_the_spec_is_fixed(cloud: Cloud) -> None:
+    api = cloud.api
+    instance_id = run_instance(cloud.ec2, cloud.network, "m5.large")
+    node = api.create_node(instance_id=instance_id, instance_type="zz.huge")  # a type EC2 does not know
+    poll(lambda: api.stats(node).deficit_reason == "instance-type-unknown")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="pod", wait_for_refill=True), timeout=20
+        )
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(info.value) == "INSTANCE_TYPE_UNKNOWN"
+    assert time.monotonic() - started < 10  # not the deadline: nothing was waited for
+
+    fixed = npb.NodeSpec(name=node, instance_id=instance_id, instance_type="m5.large")
+    api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=fixed), timeout=5)
+    poll(lambda: api.stats(node).available_ips == 8)
+    assert api.stats(node).deficit_reason == ""
+    reply = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="pod", wait_for_refill=True), timeout=20
+    )
+    assert reply.ipv4.ip in secondaries(cloud.ec2, instance_id)
+
+
 def ipv6_in_ec2(ec2: BaseClient, instance_id: str) -> list[str]:
     """Every IPv6 address attached to the instance, as EC2 holds it."""
     return [a["Ipv6Address"] for i in interfaces_of(ec2, instance_id) for a in i.get("Ipv6Addresses", [])]
