@@ -78,9 +78,16 @@ def _supervise(settings: AllocatorSettings) -> int:
         if not stopping:
             log.error("allocator worker %d (pid %d) ended on its own (exit %d): stopping the others", index, pid, code)
             forward(signal.SIGTERM)
-            code = code or 1
-        exit_code = exit_code or code
+        exit_code = exit_code or worker_exit_code(code, stopping=stopping)
     return exit_code
+
+
+def worker_exit_code(code: int, *, stopping: bool) -> int:
+    """What one worker's exit code (128 + n for signal n) makes the whole allocator's: 0 only for a
+    stop that was asked for, also when our SIGTERM came before the worker had its own handler."""
+    if stopping:
+        return 0 if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) else code
+    return code or 1  # ending on its own is a failure, whatever it said
 
 
 def _child(settings: AllocatorSettings, index: int) -> int:
