@@ -140,13 +140,17 @@ class Worker:
         self.metrics.events.labels("done").inc()
 
     async def consume(self) -> None:
-        await self.source.start()
+        started = False
         while not self.stopping.is_set():
             try:
+                if not started:  # inside the loop: a Redis away at start-up is waited for, like later
+                    await self.source.start()
+                    started = True
                 deliveries = await self.source.fetch(self.settings.parallel_nodes, block_ms=1000)
             except Exception as exc:  # noqa: BLE001 - Redis away: retry until it is back
                 log.warning("reading events failed: %s", exc)
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
                 continue
             for delivery in deliveries:
                 await self._slots.acquire()

@@ -77,6 +77,18 @@ class RedisStreamSource:
 
     async def fetch(self, count: int, block_ms: int) -> list[Delivery]:
         """Own pending entries first, then entries idle at dead consumers, then new ones."""
+        try:
+            return await self._fetch(count, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis lost the stream or the group (restarted without its data, FLUSHALL): make the
+            # group again, from the start of whatever the stream holds now.
+            log.warning("the consumer group %s of %s is gone: creating it again", self.group, self.stream)
+            await self.start()
+            return []
+
+    async def _fetch(self, count: int, block_ms: int) -> list[Delivery]:
         if self._backlog:
             entries = await self._read("0", count, None)
             if entries:

@@ -35,7 +35,7 @@ from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, record_requests, run_instance
 from tests.support.polling import poll
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.worker_process import WorkerProcess
 
 
@@ -411,6 +411,50 @@ def test_work_asked_while_another_task_holds_the_node_is_done_by_the_holder(quie
 
 def _instance_of(cloud: Cloud, node: str) -> str:
     return cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).spec.instance_id
+
+
+def test_a_worker_started_before_redis_consumes_once_redis_is_up(
+    moto_server: MotoServer, demo_network: DemoNetwork
+) -> None:
+    ec2 = ec2_client(moto_server.endpoint_url)
+    redis_later = RedisServer(port=free_port())
+    allocator_port = free_port()
+    with WorkerProcess(redis_later.url, f"127.0.0.1:{allocator_port}", moto_server.endpoint_url) as worker:
+        poll(lambda: " consuming ipam:events" in worker.log_text())  # up, and Redis is not
+        with redis_later, AllocatorProcess(redis_later.url, port=allocator_port) as allocator:
+            api = Api(allocator.address)
+            instance_id = run_instance(ec2, demo_network, "m5.large")
+            node = api.create_node(instance_id=instance_id, instance_type="m5.large")
+            poll(lambda: api.stats(node).available_ips == 8)  # the first resync may do this one
+            for i in range(5):  # a deficit now reaches the worker as an event only
+                api.alloc.AllocateNext(
+                    pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"p{i}"), timeout=5
+                )
+            poll(lambda: api.stats(node).available_ips == 13)
+            assert len(secondaries(ec2, instance_id)) == 13
+            api.close()
+        assert "reading events failed" in worker.log_text()  # it did find Redis away at first
+
+
+def test_a_worker_makes_its_consumer_group_again_after_redis_lost_its_data(
+    moto_server: MotoServer, demo_network: DemoNetwork
+) -> None:
+    ec2 = ec2_client(moto_server.endpoint_url)
+    with (
+        RedisServer() as own_redis,
+        AllocatorProcess(own_redis.url) as allocator,
+        WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url) as worker,
+    ):
+        api = Api(allocator.address)
+        first = api.create_node(instance_id=run_instance(ec2, demo_network, "m5.large"), instance_type="m5.large")
+        poll(lambda: api.stats(first).available_ips == 8)
+        with own_redis.client() as redis:
+            redis.flushall()  # the stream, its consumer group and the pools: gone
+        instance_id = run_instance(ec2, demo_network, "m5.large")
+        node = api.create_node(instance_id=instance_id, instance_type="m5.large")
+        poll(lambda: api.stats(node).available_ips == 8)
+        assert "creating it again" in worker.log_text()
+        api.close()
 
 
 def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
