@@ -7,12 +7,13 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ipam.v1 import allocator_pb2 as pb
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.polling import poll
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 
 
 @pytest.mark.timeout(120)
@@ -65,3 +66,33 @@ def test_acknowledged_allocations_and_timers_survive_kill_9() -> None:
     finally:
         allocator.stop()
         redis.close()
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return -1
+
+
+def test_an_allocator_started_before_redis_is_not_serving_until_redis_is_up() -> None:
+    redis_later = RedisServer(port=free_port())
+    process = AllocatorProcess(redis_later.url)
+    try:
+        process.spawn()
+        poll(lambda: _health(process.address) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        api = Api(process.address)
+        with pytest.raises(grpc.RpcError) as info:
+            api.create_node()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with redis_later:
+            poll(lambda: _health(process.address) == health_pb2.HealthCheckResponse.SERVING)
+            node = api.node_with_pool(2)
+            reply = api.alloc.AllocateNext(
+                pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="a"), timeout=5
+            )
+            assert reply.ipv4.ip in api.dump(node)[0]
+        api.close()
+    finally:
+        process.stop()
