@@ -6,6 +6,7 @@ import ipaddress
 import uuid
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -14,6 +15,15 @@ from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
 
 from .allocator_process import ADMIN_TOKEN, CLIENT_TOKEN
+
+
+def expect_error(call, request, code: grpc.StatusCode, reason: str) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    """Makes the call (5 s deadline); asserts it fails with `code` and ErrorInfo `reason`."""
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=5)
+    assert info.value.code() == code, info.value.details()
+    assert reason_of(info.value) == reason
+    return info.value
 
 
 def reason_of(error: grpc.RpcError) -> str:

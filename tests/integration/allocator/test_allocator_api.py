@@ -13,16 +13,8 @@ import redis
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
-from tests.support.api import Api, reason_of
+from tests.support.api import Api, expect_error, reason_of
 from tests.support.polling import poll
-
-
-def expect_error(call, request, code: grpc.StatusCode, reason: str) -> grpc.RpcError:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as info:
-        call(request, timeout=5)
-    assert info.value.code() == code, info.value.details()
-    assert reason_of(info.value) == reason
-    return info.value
 
 
 def test_allocate_next_ipv4_carries_the_interface(api: Api) -> None:

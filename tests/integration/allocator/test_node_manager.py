@@ -7,9 +7,9 @@ import pytest
 
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from tests.support.api import Api
+from tests.support.api import Api, expect_error
 
-from .test_allocator_api import events_for, expect_error, redis_client
+from .test_allocator_api import events_for, redis_client
 
 
 def test_create_get_update_delete(api: Api) -> None:

@@ -17,11 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc
 from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
-from tests.support.api import Api, channel, reason_of
+from tests.support.api import Api, channel, expect_error, reason_of
 from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
-
-from .test_allocator_api import expect_error
 
 
 def test_reuse_cooldown_keeps_released_addresses_out_and_asks_for_a_refill(redis_server: RedisServer) -> None:
