@@ -51,6 +51,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.parallel_nodes)
         self._running: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
+        self._leak_suspects: set[str] = set()  # interfaces the last collection found leaked
 
     async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 0.1) -> bool:
         """Maintains `node` holding its lock, so no two workers work on one node at once.
@@ -179,10 +180,14 @@ class Worker:
         self.metrics.resync_total.inc()
 
     async def collect_leaked_interfaces(self) -> int:
+        """Deletes our interfaces found detached (and past their grace period since creation) by two
+        collections in a row, at most 25 a run, as Cilium: one detached for a moment survives.
+        Returns how many this run found leaked."""
         leaked = await asyncio.to_thread(
             self.provider.list_leaked_interfaces, self.settings.leaked_interface_grace_seconds
         )
-        for interface in leaked[:25]:
+        seen_before, self._leak_suspects = self._leak_suspects, {i.id for i in leaked}
+        for interface in [i for i in leaked if i.id in seen_before][:25]:
             if await asyncio.to_thread(self.provider.delete_interface, interface.id):
                 log.info("deleted leaked interface %s (%s)", interface.id, dict(interface.tags))
                 self.metrics.leaked_interfaces_deleted.inc()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -366,6 +367,63 @@ def test_a_device_index_taken_meanwhile_is_replanned_in_the_same_maintenance(qui
     assert set(secondaries(cloud.ec2, instance_id)) == pool_addresses(cloud.api, node)
 
 
+@contextlib.asynccontextmanager
+async def _in_process_worker(
+    cloud: Cloud, client: BaseClient, cluster: str = "ipam"
+) -> AsyncIterator[tuple[Worker, AsyncIpamClient]]:
+    """A worker (and its allocator client) built here, its EC2 calls through `client`."""
+    redis_url = cloud.allocator.env["IPAM_REDIS_URL"]
+    settings = WorkerSettings(redis_url=redis_url, grpc_address=cloud.allocator.address, metrics_address="")
+    redis = RedisStore.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
+    provider = AwsProvider(client, cluster=cluster, limiter=TokenBucket(100, 100))
+    try:
+        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
+            metrics = WorkerMetrics(CollectorRegistry())
+            maintainer = NodeMaintainer(provider, allocator, metrics, stale_reservation_seconds=60)
+            source = RedisStreamSource(redis, group="g", consumer="c", max_deliveries=5, claim_idle_ms=15000)
+            yield Worker(settings, redis, source, maintainer, provider, allocator, metrics), allocator
+    finally:
+        await redis.aclose()
+
+
+def test_a_leaked_interface_is_deleted_on_its_second_sighting_only(quiet_cloud: Cloud) -> None:
+    """Cilium's mark-then-delete on top of the grace period: an interface of ours detached for a
+    moment (moved, re-attached) between two collections survives."""
+    cloud = quiet_cloud
+    cluster = f"gc-{time.time_ns()}"  # apart from the other workers' collections
+    tags = {MANAGED_BY_TAG: MANAGED_BY_VALUE, CLUSTER_TAG: cluster, CREATED_AT_TAG: str(int(time.time()) - 3600)}
+    spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+    interface = cloud.ec2.create_network_interface(SubnetId=cloud.network.subnet_ids[1], TagSpecifications=spec)[
+        "NetworkInterface"
+    ]["NetworkInterfaceId"]
+    instance_id = run_instance(cloud.ec2, cloud.network, "m5.large")
+
+    def exists() -> bool:
+        found = cloud.ec2.describe_network_interfaces(Filters=[{"Name": "network-interface-id", "Values": [interface]}])
+        return bool(found["NetworkInterfaces"])
+
+    async def scenario() -> list[bool]:
+        alive = []
+        async with _in_process_worker(cloud, ec2_client(cloud.moto.endpoint_url), cluster) as (worker, _):
+            await worker.collect_leaked_interfaces()  # first sighting: marked
+            alive.append(exists())
+            if not alive[-1]:
+                return alive
+            attachment = cloud.ec2.attach_network_interface(
+                NetworkInterfaceId=interface, InstanceId=instance_id, DeviceIndex=1
+            )["AttachmentId"]
+            await worker.collect_leaked_interfaces()  # in use now: the mark goes
+            alive.append(exists())
+            cloud.ec2.detach_network_interface(AttachmentId=attachment)
+            await worker.collect_leaked_interfaces()  # detached again: a first sighting again
+            alive.append(exists())
+            await worker.collect_leaked_interfaces()  # second sighting in a row: deleted
+            alive.append(exists())
+        return alive
+
+    assert asyncio.run(scenario()) == [True, True, True, False]
+
+
 def test_work_asked_while_another_task_holds_the_node_is_done_by_the_holder(quiet_cloud: Cloud) -> None:
     """The lost-wake-up race: an event finds the node held by a maintenance that read the node
     before the change; the holder must run again rather than both return with nothing done."""
@@ -380,17 +438,9 @@ def test_work_asked_while_another_task_holds_the_node_is_done_by_the_holder(quie
             gate.wait(20)
 
     client.meta.events.register("before-call.ec2.DescribeNetworkInterfaces", hold_the_first_read)
-    redis_url = cloud.allocator.env["IPAM_REDIS_URL"]
-    settings = WorkerSettings(redis_url=redis_url, grpc_address=cloud.allocator.address, metrics_address="")
 
     async def scenario() -> tuple[bool, bool]:
-        redis = RedisStore.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
-        provider = AwsProvider(client, cluster="ipam", limiter=TokenBucket(100, 100))
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            metrics = WorkerMetrics(CollectorRegistry())
-            maintainer = NodeMaintainer(provider, allocator, metrics, stale_reservation_seconds=60)
-            source = RedisStreamSource(redis, group="g", consumer="c", max_deliveries=5, claim_idle_ms=15000)
-            worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
+        async with _in_process_worker(cloud, client) as (worker, allocator):
             first = asyncio.create_task(worker.maintain_node(node))
             await asyncio.to_thread(held.wait, 20)  # the first maintenance read the node, then stalls
             spec = npb.NodeSpec(name=node, instance_id=_instance_of(cloud, node), instance_type="m5.large")
@@ -398,9 +448,7 @@ def test_work_asked_while_another_task_holds_the_node_is_done_by_the_holder(quie
             await allocator.update_node(spec)
             second = await worker.maintain_node(node)  # the node is held: this one leaves it to the holder
             gate.set()
-            result = await first, second
-        await redis.aclose()
-        return result
+            return await first, second
 
     first, second = asyncio.run(scenario())
     assert (first, second) == (True, False)
