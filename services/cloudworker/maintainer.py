@@ -150,6 +150,7 @@ class NodeMaintainer:
         interfaces: list[NetworkInterface] | None = None
         subnets: list[Subnet] | None = None
         released_some = False  # AddAddresses keeps the allocator's interface table; a release does not
+        ipv6_releasable = True  # until a look found nothing to give back (it reads the pool's Dump)
         for _ in range(MAX_ROUNDS):
             if interfaces is None:
                 interfaces = first_read or await self._cloud(outcome, self.provider.list_interfaces, instance.id)
@@ -167,12 +168,13 @@ class NodeMaintainer:
                     interfaces = _with(interfaces, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
-            if spec.ipv6_enabled and pspec.release_excess and node.stats.excess_ipv6 > 0:
+            if ipv6_releasable and spec.ipv6_enabled and pspec.release_excess and node.stats.excess_ipv6 > 0:
                 released = await self._release_ipv6(node, pspec, interfaces, outcome)
                 if released is not None:
                     interfaces, released_some = _with(interfaces, released), True
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
+                ipv6_releasable = False
             usable = [s for s in subnets if s.id not in full_subnets]
             action = await self._plan(node, pspec, interfaces, limits, usable)
             if isinstance(action, planner.AllocationAction) and action.creates_interface:
