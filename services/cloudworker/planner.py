@@ -42,10 +42,12 @@ __all__ = [
 # Reasons of a NoAction. The first two are what the allocator shows as a node's deficit reason.
 AT_CAPACITY = "at-capacity"  # every interface full and no device slot left
 SUBNET_FULL = "subnet-full"  # room on the instance, none in the subnets it may use
-INSTANCE_TYPE_UNKNOWN = "instance-type-unknown"  # the cloud has no limits for the spec's instance type
 MAX_ALLOCATE = "max-allocate"  # a deficit remains, but max_allocate forbids more addresses
 NOTHING_NEEDED = "nothing-needed"
 NOTHING_RELEASABLE = "nothing-releasable"  # excess, but no interface holds a free address
+# Not a plan's: the maintainer's, when the cloud has no limits for the spec's instance type (nothing
+# can be planned). The allocator shows it as a deficit reason too.
+INSTANCE_TYPE_UNKNOWN = "instance-type-unknown"
 
 
 @dataclass(frozen=True, slots=True)
