@@ -158,6 +158,7 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("interface candidates", stats.interface_candidates),
                 ("empty interface slots", stats.empty_interface_slots),
                 ("deficit reason", stats.deficit_reason),
+                ("lost (gone from the cloud)", stats.lost_ips),
             ]
         ),
         "interfaces",

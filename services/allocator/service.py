@@ -31,7 +31,7 @@ from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 from .domain.stats import NodeStats, node_stats
 from .events import EventQueue
 from .refill import RefillWatcher
-from .store.redis_store import NodeRecord, PoolState, RedisStore
+from .store.redis_store import NodeRecord, PoolState, RedisStore, RemoveOutcome
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +369,9 @@ class AllocatorService:
         validate_text(reservation_id, "reservation id", 64, required=True)
         return (await self.store.abort_release(node, pool, reservation_id)).ips
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> tuple[list[str], list[str]]:
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome:
         node, pool = self._target(node, pool)
-        outcome = await self.store.remove_addresses(node, pool, self._worker_ips(ips))
-        return outcome.ips, outcome.other_ips
+        return await self.store.remove_addresses(node, pool, self._worker_ips(ips))
 
 
 def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
@@ -387,4 +386,5 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         ipv4_per_interface=record.ipv4_per_interface if record else 0,
         first_interface_index=record.first_interface_index if record else 0,
         waiting=state.waiting,
+        lost=state.lost,
     )

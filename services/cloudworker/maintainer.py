@@ -334,8 +334,12 @@ class NodeMaintainer:
             reply = await self.allocator.remove_addresses(
                 npb.RemoveAddressesRequest(node=name, pool=CLOUD_POOL, ips=gone)
             )
-            if reply.still_allocated:
-                log.warning("node %s: %s allocated but gone from the cloud", name, ", ".join(reply.still_allocated))
+            if reply.newly_lost:
+                # Their owners keep them (the node's status counts them), but none is handed out again.
+                self.metrics.addresses_lost.inc(len(reply.newly_lost))
+                log.warning(
+                    "node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(reply.newly_lost)
+                )
         settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
         table = _pool_table(current, first)
         same_table = _table(table) == _table(node.interfaces) and (node.max_interfaces, node.ipv4_per_interface) == (
@@ -381,19 +385,25 @@ class NodeMaintainer:
             if reservation.age_ms < self.stale_reservation_ms:
                 continue
             settled = True
-            gone = [ip for ip in reservation.ips if ip not in in_cloud]
-            if gone:
-                await self.allocator.complete_release(
-                    npb.CompleteReleaseRequest(
-                        node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id, ips=gone
-                    )
-                )
-            else:
-                await self.allocator.abort_release(
-                    npb.AbortReleaseRequest(node=node.spec.name, pool=CLOUD_POOL, reservation_id=reservation.id)
-                )
+            gone = await self._settle_reservation(node.spec.name, reservation.id, reservation.ips, in_cloud)
             log.info("node %s: settled stale reservation %s (%d unassigned)", node.spec.name, reservation.id, len(gone))
         return settled
+
+    async def _settle_reservation(
+        self, name: str, reservation_id: str, reserved: Iterable[str], in_cloud: set[str]
+    ) -> list[str]:
+        """Ends a reservation by what the cloud holds: the addresses gone leave the pool, only those
+        still attached return to it. Returns the addresses gone."""
+        gone = [ip for ip in reserved if ip not in in_cloud]
+        if gone:
+            await self.allocator.complete_release(
+                npb.CompleteReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reservation_id, ips=gone)
+            )
+        else:  # CompleteRelease without addresses would take the whole reservation as unassigned
+            await self.allocator.abort_release(
+                npb.AbortReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reservation_id)
+            )
+        return gone
 
     async def _allocate(
         self,
@@ -452,8 +462,14 @@ class NodeMaintainer:
     async def _release(
         self, node: npb.Node, action: planner.ReleaseAction, outcome: Outcome
     ) -> NetworkInterface | None:
-        """The handshake: reserve (never handed out again) -> unassign -> complete; abort on failure.
-        Returns the interface as the cloud holds it now, None when nothing could be released."""
+        """The handshake: reserve (never handed out again) -> unassign -> complete. Returns the
+        interface as the cloud holds it now, None when nothing could be released.
+
+        A failed unassign may still have been carried out (EC2 did it but answered 500, the answer
+        timed out, the read-back was throttled): the interface is read again, what is gone leaves
+        the pool and only what is still attached returns to it. When the truth cannot be read, or
+        the call was cancelled while its thread may still be running, the reservation stays: its
+        addresses are never handed out, and the resync settles it against the cloud once stale."""
         name = node.spec.name
         reply = await self.allocator.reserve_for_release(
             npb.ReserveForReleaseRequest(
@@ -469,11 +485,13 @@ class NodeMaintainer:
         started = time.perf_counter()
         try:
             change = await self._cloud(outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips))
-        except BaseException:
-            await self.allocator.abort_release(
-                npb.AbortReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id)
-            )
+        except ProviderError as exc:
             self.metrics.release_ops.labels(action.subnet_id, "error").inc()
+            await self._settle_failed_release(node, action.interface_id, reply, exc, outcome)
+            raise
+        except BaseException:
+            self.metrics.release_ops.labels(action.subnet_id, "error").inc()
+            log.warning("node %s: release %s interrupted: left for the resync to settle", name, reply.reservation_id)
             raise
         done = await self.allocator.complete_release(
             npb.CompleteReleaseRequest(
@@ -487,6 +505,39 @@ class NodeMaintainer:
             time.perf_counter() - started
         )
         return change.interface if done.released_ips else None
+
+    async def _settle_failed_release(
+        self,
+        node: npb.Node,
+        interface_id: str,
+        reservation: npb.ReserveForReleaseResponse,
+        error: ProviderError,
+        outcome: Outcome,
+    ) -> None:
+        """After an unassign that failed: settles the reservation by what the interface holds now."""
+        name = node.spec.name
+        try:
+            interfaces = await self._cloud(outcome, self.provider.list_interfaces, node.spec.instance_id)
+        except ProviderError as exc:
+            log.warning(
+                "node %s: unassign failed (%s) and the interface could not be read (%s): reservation %s left "
+                "for the resync to settle",
+                name,
+                error,
+                exc,
+                reservation.reservation_id,
+            )
+            return
+        # An interface no longer attached holds none of the node's addresses.
+        held = {ip for i in interfaces if i.id == interface_id for ip in (i.primary_ip, *i.ipv4, *i.ipv6)}
+        gone = await self._settle_reservation(name, reservation.reservation_id, reservation.ips, held)
+        log.warning(
+            "node %s: unassign failed (%s); read again: %d of %d address(es) gone, the rest back in the pool",
+            name,
+            error,
+            len(gone),
+            len(reservation.ips),
+        )
 
     async def _release_ipv6(
         self, node: npb.Node, pspec: planner.NodeSpec, interfaces: list[NetworkInterface], outcome: Outcome

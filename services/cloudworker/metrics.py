@@ -111,6 +111,11 @@ class WorkerMetrics:
             registry=registry,
         )
         self.events = Counter("ipam_worker_events_total", "Events handled, by outcome", ["outcome"], registry=registry)
+        self.addresses_lost = Counter(
+            "ipam_worker_addresses_lost_total",
+            "Allocated addresses found gone from the cloud (kept by their owners, never handed out again)",
+            registry=registry,
+        )
         self.leaked_interfaces_deleted = Counter(
             "ipam_worker_leaked_interfaces_deleted_total", "Leaked interfaces deleted", registry=registry
         )

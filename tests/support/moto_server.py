@@ -25,6 +25,7 @@ import boto3
 from botocore.awsrequest import AWSResponse
 from botocore.client import BaseClient
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from services.demo_seed import (  # noqa: F401 - re-exported for the tests
     AVAILABILITY_ZONE,
@@ -169,6 +170,32 @@ class Ec2Fault:
             "ResponseMetadata": {"HTTPStatusCode": self.status},
         }
         return AWSResponse(url="", status_code=self.status, headers={}, raw=None), parsed
+
+
+class Ec2FaultAfterCall:
+    """Lets the next `times` calls of one EC2 operation reach the server and be carried out, then
+    makes their answer an error (EC2 did the work but answered 500, or the answer was lost)."""
+
+    def __init__(
+        self, client: BaseClient, operation: str, code: str = "InternalError", *, times: int = 1, status: int = 500
+    ) -> None:
+        self.operation = operation
+        self.code = code
+        self.status = status
+        self.remaining = times
+        self.injected = 0
+        client.meta.events.register(f"after-call.ec2.{operation}", self._answer)
+
+    def _answer(self, **_: Any) -> None:
+        if self.remaining <= 0:
+            return
+        self.remaining -= 1
+        self.injected += 1
+        error = {
+            "Error": {"Code": self.code, "Message": "carried out, then failed by the test"},
+            "ResponseMetadata": {"HTTPStatusCode": self.status},
+        }
+        raise ClientError(error, self.operation)  # type: ignore[arg-type]
 
 
 def record_requests(client: BaseClient, operation: str) -> list[dict[str, Any]]:

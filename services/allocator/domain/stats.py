@@ -23,6 +23,7 @@ class NodeStats:
     needed_ipv6: int
     waiting_ips: int = 0
     excess_ipv6: int = 0
+    lost_ips: int = 0  # allocated, but gone from the cloud
 
 
 def node_stats(
@@ -36,6 +37,7 @@ def node_stats(
     ipv4_per_interface: int,
     first_interface_index: int,
     waiting: int = 0,
+    lost: int = 0,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
     used_devices = {int(i.get("device_index", 0)) for i in interfaces}
@@ -63,4 +65,5 @@ def node_stats(
         needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
         excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else 0,
         waiting_ips=waiting,
+        lost_ips=lost,
     )

@@ -58,6 +58,7 @@ def pool_keys(node: str, pool: str) -> list[str]:
         pending_event_key(node, pool),
         interface_info_key(node),
         f"{p}:waiting",
+        f"{p}:lost",
     ]
 
 

@@ -83,6 +83,7 @@ class PoolState:
     ipv6_enabled: bool
     event_pending: bool
     waiting: int = 0  # callers waiting for a refill
+    lost: int = 0  # allocated addresses the cloud no longer holds
     deficit_reason: str = ""  # why the worker could not meet the last deficit
 
 
@@ -121,6 +122,15 @@ class ChangeOutcome:
     next_ms: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RemoveOutcome:
+    """What dropping addresses the cloud no longer holds did."""
+
+    removed: list[str]  # left the pool
+    still_allocated: list[str]  # allocated, so kept for their owners (and marked lost)
+    newly_lost: list[str]  # of those, the ones not marked lost before
+
+
 def _as_list(value: Any) -> list[Any]:
     # cjson encodes an empty Lua table as {}.
     return list(value) if isinstance(value, list) else []
@@ -152,6 +162,7 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         ipv6_enabled=v6 == "1",
         event_pending=bool(raw["pending"]),
         waiting=int(raw.get("waiting", 0)),
+        lost=int(raw.get("lost", 0)),
         deficit_reason=_text(raw.get("reason") or ""),
     )
 
@@ -560,8 +571,8 @@ class RedisStore:
         result = await self._run("abort_release", node, pool, reservation_id)
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["restored"]))
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> ChangeOutcome:
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome:
         result = await self._run("remove_addresses", node, pool, *ips)
-        return ChangeOutcome(
-            _pool_state(result["state"]), _as_list(result["removed"]), _as_list(result["still_allocated"])
+        return RemoveOutcome(
+            _as_list(result["removed"]), _as_list(result["still_allocated"]), _as_list(result["newly_lost"])
         )

@@ -218,6 +218,7 @@ def node_message(view: NodeView) -> npb.Node:
             needed_ipv6=s.needed_ipv6,
             excess_ipv6=s.excess_ipv6,
             waiting_ips=s.waiting_ips,
+            lost_ips=s.lost_ips,
             deficit_reason=r.deficit_reason,
         ),
         pools=r.pools,
@@ -339,5 +340,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     async def RemoveAddresses(
         self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext
     ) -> npb.RemoveAddressesResponse:
-        removed, still = await self.service.remove_addresses(request.node, request.pool, list(request.ips))
-        return npb.RemoveAddressesResponse(removed_ips=removed, still_allocated=still)
+        outcome = await self.service.remove_addresses(request.node, request.pool, list(request.ips))
+        return npb.RemoveAddressesResponse(
+            removed_ips=outcome.removed, still_allocated=outcome.still_allocated, newly_lost=outcome.newly_lost
+        )

@@ -171,8 +171,58 @@ def test_remove_addresses_never_drops_an_allocated_one(api: Api) -> None:
     free = [ip for ip in ("10.20.0.10", "10.20.0.11", "10.20.0.12") if ip != held]
     reply = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=name, ips=[held, *free]), timeout=5)
     assert sorted(reply.removed_ips) == sorted(free) and list(reply.still_allocated) == [held]
+    assert list(reply.newly_lost) == [held]
     assert api.dump(name)[0] == {held: "p"}
-    assert api.stats(name).available_ips == 1
+    stats = api.stats(name)
+    assert (stats.available_ips, stats.lost_ips) == (0, 1)  # kept by its owner, no longer attached
+    again = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=name, ips=[held]), timeout=5)
+    assert list(again.still_allocated) == [held] and list(again.newly_lost) == []
+
+
+def test_a_lost_address_released_by_its_owner_never_returns_to_the_pool(api: Api) -> None:
+    name = api.node_with_pool(2)
+    held = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5
+    ).ipv4.ip
+    api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=name, ips=[held]), timeout=5)
+    api.alloc.Release(pb.ReleaseRequest(node=name, owner="p"), timeout=5)
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=name), timeout=5)
+    assert held not in dump.free_ipv4 and held not in dump.ipv4
+    assert api.stats(name).lost_ips == 0
+
+
+def test_a_lost_address_attached_again_stays_its_owner_s(api: Api) -> None:
+    name = api.node_with_pool(2)
+    held = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner="p"), timeout=5
+    ).ipv4.ip
+    api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=name, ips=[held]), timeout=5)
+    api.nodes.AddAddresses(
+        npb.AddAddressesRequest(node=name, interface=npb.Interface(id="eni-test0"), ips=[held]), timeout=5
+    )
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=name), timeout=5)
+    assert held not in dump.free_ipv4 and dump.ipv4[held] == "p"
+    assert (api.stats(name).lost_ips, api.stats(name).available_ips) == (0, 2)
+
+
+@pytest.mark.parametrize("end", ["abort", "complete-none-unassigned"])
+def test_an_address_excluded_while_reserved_stays_out_when_the_reservation_ends(api: Api, end: str) -> None:
+    name = api.node_with_pool(3)
+    reply = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=1), timeout=5)
+    [ip] = reply.ips
+    api.admin_alloc.ExcludeIP(pb.ExcludeIPRequest(node=name, ip=ip, owner="operator"), timeout=5)
+    if end == "abort":
+        api.nodes.AbortRelease(npb.AbortReleaseRequest(node=name, reservation_id=reply.reservation_id), timeout=5)
+    else:  # the worker unassigned another address of the reservation: none of it, here
+        api.nodes.CompleteRelease(
+            npb.CompleteReleaseRequest(node=name, reservation_id=reply.reservation_id, ips=["10.20.0.99"]), timeout=5
+        )
+    assert ip not in api.admin_alloc.Dump(pb.DumpRequest(node=name), timeout=5).free_ipv4
+    owners = {
+        api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5).ipv4.ip
+        for i in range(2)
+    }
+    assert ip not in owners
 
 
 @pytest.mark.parametrize("count", [-1])

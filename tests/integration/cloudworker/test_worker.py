@@ -34,7 +34,15 @@ from services.cloudworker.ratelimit import TokenBucket
 from services.cloudworker.settings import WorkerSettings
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
-from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, record_requests, run_instance
+from tests.support.moto_server import (
+    DemoNetwork,
+    Ec2Fault,
+    Ec2FaultAfterCall,
+    MotoServer,
+    ec2_client,
+    record_requests,
+    run_instance,
+)
 from tests.support.polling import poll
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.worker_process import WorkerProcess
@@ -293,6 +301,7 @@ def _maintain(
     *,
     stale_reservation_seconds: float = 60,
     settle_reservations: bool = False,
+    metrics: WorkerMetrics | None = None,
 ) -> None:
     """One maintenance of `node` by a worker's maintainer driven here, through `client` (whose
     botocore hooks a test may fault), on a fresh asyncio loop."""
@@ -308,7 +317,7 @@ def _maintain(
             maintainer = NodeMaintainer(
                 provider,
                 allocator,
-                WorkerMetrics(CollectorRegistry()),
+                metrics or WorkerMetrics(CollectorRegistry()),
                 stale_reservation_seconds=stale_reservation_seconds,
             )
             await maintainer.maintain(node, settle_reservations=settle_reservations)
@@ -613,3 +622,98 @@ def test_an_address_on_two_interfaces_of_the_node_is_given_back_from_the_later(q
     in_ec2 = secondaries(cloud.ec2, instance_id)
     assert in_ec2.count(taken) == 1
     assert set(in_ec2) == pool_addresses(cloud.api, node) and len(in_ec2) == len(set(in_ec2))
+
+
+def free_addresses(api: Api, node: str) -> set[str]:
+    return set(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5).free_ipv4)
+
+
+def _shrink_to(cloud: Cloud, node: str, instance_id: str, pre_allocate: int) -> None:
+    spec = npb.NodeSpec(name=node, instance_id=instance_id, instance_type="m5.large", pre_allocate=pre_allocate)
+    spec.release_excess = True
+    cloud.api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=spec), timeout=5)
+
+
+def test_an_unassign_ec2_carried_out_but_answered_500_never_returns_its_addresses(quiet_cloud: Cloud) -> None:
+    """EC2 removed the addresses, then answered 500: the reservation is settled by what the
+    interface holds, so an address EC2 took back is never handed out (Cilium #13412)."""
+    cloud = quiet_cloud
+    node, instance_id = cloud.node(release_excess=True)
+    client = ec2_client(cloud.moto.endpoint_url)
+    _maintain(cloud, client, node)
+    assert len(free_addresses(cloud.api, node)) == 8
+    fault = Ec2FaultAfterCall(client, "UnassignPrivateIpAddresses")
+    _shrink_to(cloud, node, instance_id, 2)
+
+    with pytest.raises(Exception, match="InternalError"):
+        _maintain(cloud, client, node)
+    assert fault.injected == 1
+    in_ec2 = set(secondaries(cloud.ec2, instance_id))
+    assert len(in_ec2) == 2  # EC2 did unassign six
+    assert free_addresses(cloud.api, node) == in_ec2
+    assert list(cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations) == []
+    got = {
+        cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5)
+        .ipv4.ip
+        for i in range(2)
+    }
+    assert got == in_ec2
+
+
+def test_an_unassign_whose_outcome_cannot_be_read_leaves_the_reservation_to_the_resync(quiet_cloud: Cloud) -> None:
+    """The unassign went through but every read-back was throttled: nothing is known, so the
+    reserved addresses stay out of circulation until the resync settles them against the cloud."""
+    cloud = quiet_cloud
+    node, instance_id = cloud.node(release_excess=True)
+    client = ec2_client(cloud.moto.endpoint_url)
+    _maintain(cloud, client, node)
+    throttled = Ec2Fault(client, "DescribeNetworkInterfaces", "RequestLimitExceeded", times=0, status=503)
+
+    def throttle_every_read_from_now(**_: object) -> None:
+        throttled.remaining = 100
+
+    client.meta.events.register("after-call.ec2.UnassignPrivateIpAddresses", throttle_every_read_from_now)
+    _shrink_to(cloud, node, instance_id, 2)
+
+    with pytest.raises(Exception, match="RequestLimitExceeded"):
+        _maintain(cloud, client, node)
+    assert throttled.injected >= 10  # the read-back and the read again, each retried
+    in_ec2 = set(secondaries(cloud.ec2, instance_id))
+    assert len(in_ec2) == 2
+    reservations = cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations
+    assert len(reservations) == 1 and len(reservations[0].ips) == 6
+    assert free_addresses(cloud.api, node) <= in_ec2
+    reply = cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="o"), timeout=5)
+    assert reply.ipv4.ip in in_ec2
+
+    _maintain(cloud, ec2_client(cloud.moto.endpoint_url), node, stale_reservation_seconds=0, settle_reservations=True)
+    assert list(cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations) == []
+    assert pool_addresses(cloud.api, node) == set(secondaries(cloud.ec2, instance_id))
+
+
+def test_an_allocated_address_gone_from_the_cloud_is_reported_and_never_handed_out_again(quiet_cloud: Cloud) -> None:
+    cloud = quiet_cloud
+    node, instance_id = cloud.node()
+    client = ec2_client(cloud.moto.endpoint_url)
+    _maintain(cloud, client, node)
+    taken = cloud.api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="victim"), timeout=5
+    ).ipv4
+    cloud.ec2.unassign_private_ip_addresses(NetworkInterfaceId=taken.interface_id, PrivateIpAddresses=[taken.ip])
+
+    metrics = WorkerMetrics(CollectorRegistry())
+    _maintain(cloud, client, node, metrics=metrics)
+    _maintain(cloud, client, node, metrics=metrics)  # seen again: counted once
+    assert metrics.registry.get_sample_value("ipam_worker_addresses_lost_total") == 1
+    stats = cloud.api.stats(node)
+    assert stats.lost_ips == 1
+    assert cloud.api.dump(node)[0][taken.ip] == "victim"  # its owner is not robbed of it silently
+
+    cloud.api.alloc.Release(pb.ReleaseRequest(node=node, owner="victim"), timeout=5)
+    assert taken.ip not in pool_addresses(cloud.api, node)
+    assert cloud.api.stats(node).lost_ips == 0
+    for i in range(cloud.api.stats(node).available_ips):
+        reply = cloud.api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"next-{i}"), timeout=5
+        )
+        assert reply.ipv4.ip != taken.ip

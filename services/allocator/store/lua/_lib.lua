@@ -9,6 +9,7 @@ local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reserva
 local K_RESV, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]
 local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway"
 local K_WAITING = KEYS[19]                                   -- zset call id -> deadline ms (wait_for_refill)
+local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
 local POOL = ARGV[1]
 local COOLDOWN_MS = tonumber(ARGV[2])
@@ -61,6 +62,7 @@ local function pool_state(now)
   local wm = redis.call('HMGET', K_NODE, 'pre', 'min', 'max', 'maw', 'rel', 'v6')
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
           waiting = redis.call('ZCOUNT', K_WAITING, '(' .. now, '+inf'),
+          lost = redis.call('HLEN', K_LOST),
           reason = redis.call('HGET', K_NODE, 'deficit_reason') or ''}
 end
 
@@ -94,9 +96,17 @@ local function release_ip(ip, now)
   owners_remove(owner, ip)
   if idem ~= '' then redis.call('HDEL', K_IDEM, idem) end
   redis.call('ZREM', K_EXP, ip)
+  redis.call('HDEL', K_LOST, ip)  -- a lost address is not attached: it never returns to the free set
   if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 and redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then
     redis.call('ZADD', K_FREE[f], now, ip)
   end
+  return true
+end
+
+-- Puts an attached address back in the free set (first in line), unless it is excluded.
+local function restore_free(ip, f)
+  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 or redis.call('HEXISTS', K_EXCLUDED, ip) == 1 then return false end
+  redis.call('ZADD', K_FREE[f], 0, ip)
   return true
 end
 

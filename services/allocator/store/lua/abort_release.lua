@@ -1,4 +1,5 @@
--- Cancels a reservation: every reserved address returns to the free set. ARGV[3] reservation id.
+-- Cancels a reservation: every reserved address still attached returns to the free set (unless it
+-- was excluded meanwhile). ARGV[3] reservation id.
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
 local now = now_ms()
@@ -7,10 +8,7 @@ if not raw then return fail('RESERVATION_NOT_FOUND') end
 local restored = {}
 for _, ip in ipairs(cjson.decode(raw).ips) do
   local f = family_of(ip)
-  if redis.call('HDEL', K_RESERVED[f], ip) == 1 and redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then
-    redis.call('ZADD', K_FREE[f], 0, ip)
-    restored[#restored + 1] = ip
-  end
+  if redis.call('HDEL', K_RESERVED[f], ip) == 1 and restore_free(ip, f) then restored[#restored + 1] = ip end
 end
 redis.call('HDEL', K_RESV, ARGV[3])
 return ok({restored = restored}, now)

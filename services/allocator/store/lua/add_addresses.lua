@@ -14,7 +14,11 @@ for i = 8, #ARGV do
   local f = family_of(ip)
   if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
     redis.call('HSET', K_ADDRS[f], ip, iface)
-    if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then redis.call('ZADD', K_FREE[f], 0, ip) end
+    if redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then
+      redis.call('HDEL', K_LOST, ip)  -- a lost address attached again: its owner's once more, not free
+    elseif redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
+      redis.call('ZADD', K_FREE[f], 0, ip)
+    end
     added[#added + 1] = ip
   end
 end

@@ -1,4 +1,5 @@
--- Ends a reservation: the addresses the worker unassigned leave the pool, the rest return to it.
+-- Ends a reservation: the addresses the worker unassigned leave the pool, the rest return to it
+-- (those excluded meanwhile stay out of the free set).
 -- ARGV[3] reservation id, [4..] the unassigned addresses (none = all of the reservation).
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
@@ -19,8 +20,7 @@ for _, ip in ipairs(r.ips) do
   if gone[ip] then
     redis.call('HDEL', K_ADDRS[f], ip)
     released[#released + 1] = ip
-  elseif redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then  -- still attached: back to the pool
-    redis.call('ZADD', K_FREE[f], 0, ip)
+  elseif restore_free(ip, f) then  -- still attached: back to the pool (unless excluded meanwhile)
     restored[#restored + 1] = ip
   end
 end

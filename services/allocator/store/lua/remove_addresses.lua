@@ -1,18 +1,21 @@
--- Drops addresses the cloud no longer holds (found by the worker's resync). Allocated addresses
--- are never dropped: they are reported back instead. ARGV[3..] addresses.
+-- Drops addresses the cloud no longer holds (found by the worker's resync). An allocated address
+-- stays allocated to its owner (who is told by the node's status), but it is no longer attached:
+-- it is marked lost, and its release never puts it back in the free set. ARGV[3..] addresses.
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
 local now = now_ms()
-local removed, still = {}, {}
+local removed, still, newly_lost = {}, {}, {}
 for i = 3, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
   if redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then
     still[#still + 1] = ip
+    redis.call('HDEL', K_ADDRS[f], ip)
+    if redis.call('HSETNX', K_LOST, ip, now) == 1 then newly_lost[#newly_lost + 1] = ip end
   elseif redis.call('HDEL', K_ADDRS[f], ip) == 1 then
     redis.call('ZREM', K_FREE[f], ip)
     redis.call('HDEL', K_RESERVED[f], ip)
     removed[#removed + 1] = ip
   end
 end
-return ok({removed = removed, still_allocated = still}, now)
+return ok({removed = removed, still_allocated = still, newly_lost = newly_lost}, now)
