@@ -22,7 +22,7 @@ from . import planner
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
-from .providers.errors import LimitExceeded, NotFound, ProviderError, SubnetFull
+from .providers.errors import LimitExceeded, NotFound, ProviderError, SubnetFull, Transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,6 +151,7 @@ class NodeMaintainer:
         subnets: list[Subnet] | None = None
         released_some = False  # AddAddresses keeps the allocator's interface table; a release does not
         ipv6_releasable = True  # until a look found nothing to give back (it reads the pool's Dump)
+        ambiguous_seen = False  # a mutating call whose outcome is unknown was answered once already
         for _ in range(MAX_ROUNDS):
             if interfaces is None:
                 interfaces = first_read or await self._cloud(outcome, self.provider.list_interfaces, instance.id)
@@ -206,6 +207,15 @@ class NodeMaintainer:
                 subnets = None
             except LimitExceeded as exc:
                 log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
+                interfaces = subnets = None
+                after = None
+            except Transient as exc:
+                # An assign or a create that failed this way may still have been carried out: read the
+                # truth again (reconciling adds what is there) before planning, once per maintenance.
+                if ambiguous_seen or not isinstance(action, planner.AllocationAction):
+                    raise
+                ambiguous_seen = True
+                log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
                 interfaces = subnets = None
                 after = None
             node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)

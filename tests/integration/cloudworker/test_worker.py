@@ -717,3 +717,21 @@ def test_an_allocated_address_gone_from_the_cloud_is_reported_and_never_handed_o
             pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"next-{i}"), timeout=5
         )
         assert reply.ipv4.ip != taken.ip
+
+
+@pytest.mark.parametrize("operation", ["AssignPrivateIpAddresses", "CreateNetworkInterface"])
+def test_an_assignment_ec2_carried_out_but_answered_500_is_found_and_not_repeated(
+    quiet_cloud: Cloud, operation: str
+) -> None:
+    """The addresses were assigned (or the interface created with them) but the answer was a 500:
+    the maintenance reads the cloud again and hands the allocator what is there, no more."""
+    cloud = quiet_cloud
+    node, instance_id = cloud.node(pre_allocate=4 if operation.startswith("Assign") else 12)
+    client = ec2_client(cloud.moto.endpoint_url)
+    fault = Ec2FaultAfterCall(client, operation)
+
+    _maintain(cloud, client, node)  # raised before: the maintenance failed until a redelivery
+    assert fault.injected == 1
+    in_ec2 = secondaries(cloud.ec2, instance_id)
+    assert set(in_ec2) == pool_addresses(cloud.api, node) and len(in_ec2) == len(set(in_ec2))
+    assert cloud.api.stats(node).available_ips == len(in_ec2) >= (4 if operation.startswith("Assign") else 12)
