@@ -31,7 +31,7 @@ from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 from .domain.stats import NodeStats, node_stats
 from .events import EventQueue
 from .refill import RefillWatcher
-from .store.redis_store import NodeRecord, PoolState, RedisStore, RemoveOutcome
+from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,22 @@ class AllocatorService:
             raise InvalidArgument("release needs an ip or an owner", reason="IP_OR_OWNER_REQUIRED")
         await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.ips
+
+    async def release_by_key(
+        self, node: str, pool: str, idempotency_key: str, *, skip_sync_upstream: bool = False
+    ) -> list[str]:
+        """Releases what was allocated under the key; an empty list when nothing was held."""
+        node, pool = self._target(node, pool)
+        idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=True)
+        outcome = await self.store.release_by_key(node, pool, idempotency_key)
+        if outcome.ips:
+            await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        return outcome.ips
+
+    async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]:
+        node, pool = self._target(node, pool)
+        key_prefix = validate_text(key_prefix, "key prefix", MAX_KEY_LENGTH, required=False)
+        return await self.store.keyed_allocations(node, pool, key_prefix)
 
     async def exclude(self, node: str, pool: str, ip: str, owner: str) -> None:
         node, pool = self._target(node, pool)

@@ -95,6 +95,7 @@ class InterfaceInfo:
     mac: str = ""
     device_index: int = 0
     gateway_ip: str = ""
+    subnet_cidr: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ def interfaces_key(node: str) -> str:
 
 
 def interface_info_key(node: str) -> str:
-    """interface id -> "mac\tdevice index\tgateway": what an allocation result needs, kept small."""
+    """interface id -> "mac\tdevice index\tgateway\tsubnet cidr": what an allocation result needs, kept small."""
     return f"{node_prefix(node)}:ifinfo"
 
 

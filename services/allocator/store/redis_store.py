@@ -54,6 +54,7 @@ SCRIPTS = (
     "remove_addresses",
     "put_node",
     "pool_state",
+    "release_by_key",
 )
 
 # Lua failure reason -> (domain exception, message template).
@@ -131,6 +132,16 @@ class RemoveOutcome:
     newly_lost: list[str]  # of those, the ones not marked lost before
 
 
+@dataclass(frozen=True, slots=True)
+class KeyedAllocation:
+    """One allocated address with its owner and the idempotency key it was taken under."""
+
+    ip: str
+    family: Family
+    owner: str
+    idempotency_key: str
+
+
 def _as_list(value: Any) -> list[Any]:
     # cjson encodes an empty Lua table as {}.
     return list(value) if isinstance(value, list) else []
@@ -176,17 +187,23 @@ def _interface(raw: bytes) -> dict[str, Any]:
 
 def interface_info(interface: dict[str, Any]) -> str:
     """The compact form allocation results read (see `keys.interface_info_key`)."""
-    return f"{interface.get('mac', '')}\t{int(interface.get('device_index', 0))}\t{interface.get('gateway_ip', '')}"
+    return (
+        f"{interface.get('mac', '')}\t{int(interface.get('device_index', 0))}\t{interface.get('gateway_ip', '')}"
+        f"\t{interface.get('subnet_cidr', '')}"
+    )
 
 
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
-    mac, device_index, gateway = (item.get("info") or "\t0\t").split("\t")
+    # Rows written before the subnet was kept there have three fields.
+    mac, device_index, gateway, subnet = ((item.get("info") or "\t0\t") + "\t").split("\t")[:4]
     return Allocation(
         ip=item["ip"],
         family=Family.IPV4 if item["family"] == "4" else Family.IPV6,
         pool=pool,
         owner=item["owner"],
-        interface=InterfaceInfo(id=item.get("iface", ""), mac=mac, device_index=int(device_index), gateway_ip=gateway),
+        interface=InterfaceInfo(
+            id=item.get("iface", ""), mac=mac, device_index=int(device_index), gateway_ip=gateway, subnet_cidr=subnet
+        ),
         expiration_uuid=item.get("uuid", ""),
         vpc_cidrs=tuple(vpc.split()),
     )
@@ -323,6 +340,10 @@ class RedisStore:
         result = await self._run("release", node, pool, mode, value, ip=ip or "")
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
 
+    async def release_by_key(self, node: str, pool: str, idempotency_key: str) -> ChangeOutcome:
+        result = await self._run("release_by_key", node, pool, idempotency_key)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
+
     async def exclude(self, node: str, pool: str, ip: str, owner: str) -> ChangeOutcome:
         result = await self._run("exclude", node, pool, ip, owner, ip=ip)
         return ChangeOutcome(_pool_state(result["state"]))
@@ -407,6 +428,24 @@ class RedisStore:
                 if ip in addrs and ip_s not in out:
                     out[ip_s] = f"{_text(owner)} (excluded)"
         return allocated[0], allocated[1], [_text(i) for i in free4], [_text(i) for i in free6]
+
+    async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]:
+        """The pool's allocations whose idempotency key starts with `key_prefix`, sorted by address."""
+        await self.pool_state(node, pool)  # NOT_FOUND for an unknown node or pool
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(keys.pool_key(node, pool, "alloc:4"))
+            pipe.hgetall(keys.pool_key(node, pool, "alloc:6"))
+            return await pipe.execute()
+
+        out: list[KeyedAllocation] = []
+        for family, alloc in zip((Family.IPV4, Family.IPV6), await self.call(read), strict=True):
+            for ip, value in alloc.items():
+                owner, _, idem = (_text(value).split("\t", 2) + ["", ""])[:3]
+                if idem.startswith(key_prefix):
+                    out.append(KeyedAllocation(_text(ip), family, owner, idem))
+        return sorted(out, key=lambda a: (a.family, a.ip))
 
     async def node_names(self) -> list[str]:
         return sorted(_text(n) for n in await self.call(lambda: self.client.smembers(keys.NODES_KEY)))

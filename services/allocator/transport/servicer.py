@@ -75,6 +75,7 @@ def allocation_result(a: Allocation) -> pb.AllocationResult:
         interface_id=a.interface.id,
         pool=a.pool,
         owner=a.owner,
+        subnet_cidr=a.interface.subnet_cidr,
     )
 
 
@@ -121,6 +122,25 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             skip_sync_upstream=request.skip_sync_upstream,
         )
         return pb.ReleaseResponse(released_ips=released)
+
+    @rpc
+    async def ReleaseByKey(self, request: pb.ReleaseByKeyRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        released = await self.service.release_by_key(
+            request.node, request.pool, request.idempotency_key, skip_sync_upstream=request.skip_sync_upstream
+        )
+        return pb.ReleaseResponse(released_ips=released)
+
+    @rpc
+    async def ListAllocations(
+        self, request: pb.ListAllocationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAllocationsResponse:
+        found = await self.service.keyed_allocations(request.node, request.pool, request.key_prefix)
+        return pb.ListAllocationsResponse(
+            allocations=[
+                pb.KeyedAllocation(ip=a.ip, family=int(a.family), owner=a.owner, idempotency_key=a.idempotency_key)
+                for a in found
+            ]
+        )
 
     @rpc
     async def ExcludeIP(self, request: pb.ExcludeIPRequest, context: grpc.aio.ServicerContext) -> pb.ExcludeIPResponse:
