@@ -124,7 +124,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return pb.ReleaseResponse(released_ips=released)
 
     @rpc
-    async def ReleaseByKey(self, request: pb.ReleaseByKeyRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+    async def ReleaseByKey(
+        self, request: pb.ReleaseByKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
         released = await self.service.release_by_key(
             request.node, request.pool, request.idempotency_key, skip_sync_upstream=request.skip_sync_upstream
         )
