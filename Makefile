@@ -6,8 +6,17 @@ PIP := $(VENV)/bin/pip
 GHZ_VERSION := v0.121.0
 GOBIN ?= $(CURDIR)/.bin
 GHZ := $(GOBIN)/ghz
+# The CNI plugin (clients/cni) and its tools, every version pinned.
+CNI_VERSION := v1.3.1
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+CNITOOL := $(GOBIN)/cnitool
+PROTOC_GEN_GO := $(GOBIN)/protoc-gen-go
+PROTOC_GEN_GO_GRPC := $(GOBIN)/protoc-gen-go-grpc
+CNI_PLUGIN := $(GOBIN)/cni/ipam-cni
+CNI_GO_MODULE := ipam/clients/cni
 
-.PHONY: setup proto run test lint bench load ghz clean redis-server
+.PHONY: setup proto run test lint bench bench-cni load ghz clean redis-server cni cni-proto cni-system cnitool
 
 # Debian's redis-server, installed only when missing (apt-get update once, then install).
 redis-server:
@@ -24,6 +33,42 @@ $(VENV)/.installed: pyproject.toml proto/ipam/v1/*.proto
 
 setup: redis-server $(VENV)/.installed
 
+# What the CNI tests run besides our code, from Debian when missing (one apt-get update): the
+# reference plugins (bridge, ptp, host-local in /usr/lib/cni), ip and ping; and redis-server.
+cni-system:
+	@missing=; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	test -x /usr/lib/cni/bridge || missing="$$missing containernetworking-plugins"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
+$(PROTOC_GEN_GO):
+	GOBIN=$(GOBIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+
+$(PROTOC_GEN_GO_GRPC):
+	GOBIN=$(GOBIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+$(CNITOOL):
+	GOBIN=$(GOBIN) go install github.com/containernetworking/cni/cnitool@$(CNI_VERSION)
+
+cnitool: $(CNITOOL)
+
+# Generated Go code for the Allocator service (clients/cni/gen/ipamv1); never edited by hand.
+cni-proto: $(VENV)/.installed $(PROTOC_GEN_GO) $(PROTOC_GEN_GO_GRPC)
+	@rm -rf clients/cni/gen && mkdir -p clients/cni/gen/ipamv1
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  --plugin=protoc-gen-go=$(PROTOC_GEN_GO) --plugin=protoc-gen-go-grpc=$(PROTOC_GEN_GO_GRPC) \
+	  --go_out=clients/cni --go_opt=module=$(CNI_GO_MODULE) \
+	  --go_opt=Mipam/v1/allocator.proto=$(CNI_GO_MODULE)/gen/ipamv1 \
+	  --go-grpc_out=clients/cni --go-grpc_opt=module=$(CNI_GO_MODULE) \
+	  --go-grpc_opt=Mipam/v1/allocator.proto=$(CNI_GO_MODULE)/gen/ipamv1 \
+	  proto/ipam/v1/allocator.proto
+
+# The CNI IPAM plugin, built into .bin/cni/ (a CNI_PATH entry of its own).
+cni: cni-proto
+	cd clients/cni && go build -trimpath -ldflags="-s -w" -o $(CNI_PLUGIN) .
+
 # Generated Python code for proto/ipam/v1 (importable as ipam.v1); never edited by hand.
 proto:
 	@rm -rf gen/ipam && mkdir -p gen
@@ -33,7 +78,8 @@ proto:
 run: setup
 	$(PY) -m services.devcluster
 
-test: setup
+test: cni-system setup cni $(CNITOOL)
+	cd clients/cni && go test ./...
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: setup
@@ -48,9 +94,13 @@ ghz: $(GHZ)
 bench: setup $(GHZ)
 	$(PY) bench/run_bench.py --ghz $(GHZ)
 
+# The CNI plugin against host-local: ADD then DEL, sequential and 8 in parallel (bench/cni.py).
+bench-cni: cni-system setup cni $(CNITOOL)
+	$(PY) bench/cni.py --plugin $(CNI_PLUGIN)
+
 # Load profiles (bench/ghz/) against the running cluster (`make run` elsewhere); report in bench/out/load-<time>/.
 load: setup $(GHZ)
 	$(PY) -m bench.load --ghz $(GHZ)
 
 clean:
-	rm -rf gen/ipam $(VENV) .bin
+	rm -rf gen/ipam clients/cni/gen $(VENV) .bin

@@ -1,0 +1,18 @@
+// Command ipam-cni is a CNI IPAM plugin (spec 1.1: ADD, DEL, CHECK, GC, STATUS, VERSION) that takes
+// container addresses from the ipam allocator over gRPC.
+package main
+
+import (
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/version"
+)
+
+func main() {
+	skel.PluginMainFuncs(skel.CNIFuncs{
+		Add:    cmdAdd,
+		Del:    cmdDel,
+		Check:  cmdCheck,
+		GC:     cmdGC,
+		Status: cmdStatus,
+	}, version.All, "ipam-cni: container addresses from the ipam allocator")
+}
