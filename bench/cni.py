@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The CNI plugin (clients/cni) against the reference host-local, on the same machine in one run.
+
+Starts its own redis-server (AOF, `appendfsync always` as the native cluster runs it) and one
+allocator on free 127.0.0.1 ports, and gives one node a pool of addresses through the admin API (no
+cloud: the ADD path is measured, not a refill). Then, for our plugin and for host-local, ADD then
+DEL of `--containers` containers, sequentially and with `--parallel` at once, each one exec of the
+plugin exactly as a main plugin (bridge, ptp) runs its IPAM plugin: network config on stdin,
+CNI_* variables. Reported per plugin: ADDs per second, p50/p99 of one ADD (and of one DEL), and the
+process start cost (the plugin's VERSION alone, no network); and the ratios ours / host-local.
+
+    .venv/bin/python bench/cni.py --plugin .bin/cni/ipam-cni [--containers 200] [--parallel 8]
+
+`make bench-cni` builds the plugin and runs this. Every figure goes to bench/out/cni-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.run_bench import machine, start_redis  # noqa: E402
+from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess  # noqa: E402
+from tests.support.api import Api  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_LOCAL = Path("/usr/lib/cni/host-local")
+NETWORK = "bench-cni"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_plugin(binary: Path, command: str, conf: str, container_id: str = "") -> float:
+    """One exec of the plugin; its wall time in seconds (a failure ends the benchmark)."""
+    env = {"CNI_COMMAND": command, "CNI_PATH": str(binary.parent), "PATH": os.environ.get("PATH", "")}
+    if container_id:
+        env |= {"CNI_CONTAINERID": container_id, "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/bench"}
+    started = time.perf_counter()
+    done = subprocess.run([str(binary)], input=conf.encode(), env=env, capture_output=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{binary.name} {command} {container_id} failed: {done.stdout!r} {done.stderr!r}")
+    return elapsed
+
+
+def add_del(binary: Path, conf: str, ids: list[str], parallel: int) -> dict[str, Any]:
+    """ADD every container, then DEL every one, `parallel` at a time."""
+
+    def each(command: str) -> tuple[list[float], float]:
+        started = time.perf_counter()
+        if parallel == 1:
+            times = [run_plugin(binary, command, conf, cid) for cid in ids]
+        else:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                times = list(pool.map(lambda cid: run_plugin(binary, command, conf, cid), ids))
+        return times, time.perf_counter() - started
+
+    adds, add_wall = each("ADD")
+    dels, del_wall = each("DEL")
+    return {
+        "parallel": parallel,
+        "containers": len(ids),
+        "adds_per_s": len(ids) / add_wall,
+        "add_p50_ms": percentile(adds, 0.5) * 1000,
+        "add_p99_ms": percentile(adds, 0.99) * 1000,
+        "dels_per_s": len(ids) / del_wall,
+        "del_p50_ms": percentile(dels, 0.5) * 1000,
+        "del_p99_ms": percentile(dels, 0.99) * 1000,
+    }
+
+
+def start_cost(binary: Path, runs: int) -> dict[str, float]:
+    """VERSION alone: the exec, the runtime's start and the reply, with no network and no store."""
+    conf = json.dumps({"cniVersion": "1.0.0"})
+    times = [run_plugin(binary, "VERSION", conf) for _ in range(runs)]
+    return {"version_p50_ms": statistics.median(times) * 1000, "version_p99_ms": percentile(times, 0.99) * 1000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plugin", type=Path, default=ROOT / ".bin" / "cni" / "ipam-cni")
+    parser.add_argument("--containers", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
+    args = parser.parse_args(argv)
+    plugin = args.plugin.resolve()
+    for binary in (plugin, HOST_LOCAL):
+        if not os.access(binary, os.X_OK):
+            print(f"{binary} is missing: run `make bench-cni`", file=sys.stderr)
+            return 1
+
+    results: dict[str, Any] = {"machine": machine(), "containers": args.containers, "fsync": args.fsync}
+    with tempfile.TemporaryDirectory(prefix="ipam-bench-cni-") as tmp:
+        redis_server = start_redis(args.fsync)
+        allocator = AllocatorProcess(redis_server.url, log_level="WARNING").start()
+        api = Api(allocator.address)
+        try:
+            node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+            api.seed(node, v4=args.containers + 16)
+            token = Path(tmp) / "token"
+            token.write_text(CLIENT_TOKEN)
+            ours = json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": NETWORK,
+                    "type": "bridge",
+                    "ipam": {
+                        "type": plugin.name,
+                        "allocator": allocator.address,
+                        "tokenFile": str(token),
+                        "node": node,
+                    },
+                }
+            )
+            host_local = json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": NETWORK,
+                    "type": "bridge",
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": "10.20.0.0/16"}]],
+                        "dataDir": str(Path(tmp) / "host-local"),
+                    },
+                }
+            )
+            for name, binary, conf in (("ours", plugin, ours), ("host-local", HOST_LOCAL, host_local)):
+                entry: dict[str, Any] = start_cost(binary, 50)
+                for parallel in (1, args.parallel):
+                    ids = [f"bench-{name}-{parallel}-{i}" for i in range(args.containers)]
+                    entry[f"p{parallel}"] = add_del(binary, conf, ids, parallel)
+                results[name] = entry
+        finally:
+            api.close()
+            allocator.stop()
+            redis_server.close()
+
+    ours, ref = results["ours"], results["host-local"]
+    ratios = {}
+    for parallel in (1, args.parallel):
+        o, h = ours[f"p{parallel}"], ref[f"p{parallel}"]
+        ratios[f"p{parallel}"] = {
+            "add_p50": o["add_p50_ms"] / h["add_p50_ms"],
+            "add_p99": o["add_p99_ms"] / h["add_p99_ms"],
+            "adds_per_s": o["adds_per_s"] / h["adds_per_s"],
+        }
+    results["ratios_ours_over_host_local"] = ratios
+
+    info = results["machine"]
+    print(f"{args.containers} containers, ADD then DEL; machine: {info['cpu']}, {info['nproc']} CPUs")
+    print(f"{'plugin':<11} {'callers':>7} {'ADD/s':>8} {'ADD p50':>9} {'ADD p99':>9} {'DEL/s':>8} {'VERSION p50':>12}")
+    for name in ("ours", "host-local"):
+        for parallel in (1, args.parallel):
+            r = results[name][f"p{parallel}"]
+            print(
+                f"{name:<11} {parallel:>7} {r['adds_per_s']:>8.1f} {r['add_p50_ms']:>7.2f}ms {r['add_p99_ms']:>7.2f}ms "
+                f"{r['dels_per_s']:>8.1f} {results[name]['version_p50_ms']:>10.2f}ms"
+            )
+    for parallel in (1, args.parallel):
+        r = ratios[f"p{parallel}"]
+        print(
+            f"ours / host-local, {parallel} at a time: ADD p50 {r['add_p50']:.2f}x, p99 {r['add_p99']:.2f}x, "
+            f"ADD/s {r['adds_per_s']:.2f}x (target: ADD latency within 1.5x)"
+        )
+    start_share = ours["version_p50_ms"] / ours["p1"]["add_p50_ms"]
+    print(f"our process start (VERSION) is {start_share:.0%} of our sequential ADD p50")
+    results["ours_start_share_of_add_p50"] = start_share
+
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"cni-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"figures in {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
