@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -53,8 +54,16 @@ def server_credentials(settings: AllocatorSettings) -> grpc.ServerCredentials | 
     )
 
 
+def replica_name(settings: AllocatorSettings, worker_index: int) -> str:
+    """How this process names itself in its log: the replica (or hostname), and with --workers N
+    the process among them (`2/1`)."""
+    name = settings.replica or socket.gethostname()
+    return f"{name}/{worker_index}" if settings.workers > 1 else name
+
+
 async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
     """Runs one allocator process until SIGTERM/SIGINT; in-flight calls get the grace period."""
+    me = replica_name(settings, worker_index)
     metrics = AllocatorMetrics()
 
     client = RedisStore.connect(
@@ -112,8 +121,8 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds)))
     refills.start()
     log.info(
-        "allocator %d listening on %s (%s), metrics on %s",
-        worker_index,
+        "allocator %s listening on %s (%s), metrics on %s",
+        me,
         settings.grpc_address,
         "TLS" if credentials else "plaintext",
         settings.metrics_address or "-",
@@ -128,11 +137,11 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("allocator %d shutting down: finishing in-flight calls", worker_index)
+    log.info("allocator %s shutting down: finishing in-flight calls", me)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
     if await cancel_until_done(tasks, timeout=5.0):
-        log.warning("allocator %d: background tasks still running after 5 s", worker_index)
+        log.warning("allocator %s: background tasks still running after 5 s", me)
     await refills.stop()
     with contextlib.suppress(Exception):
         await store.close()

@@ -30,6 +30,11 @@ class AllocatorSettings(BaseSettings):
         description="send the pool scripts of one event-loop turn in one write on one shared connection "
         "(less CPU per call; redis:// URLs without cluster only, else each goes through the pool)",
     )
+    replica: str = Field(
+        "",
+        description="this replica's name in its log lines (`make run` sets 1, 2, ...); empty = the hostname "
+        "(a container's id under Docker)",
+    )
     workers: int = Field(
         1, description="server processes sharing the port (SO_REUSEPORT); one ending on its own stops them all"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devcluster import COMPOSE_FILE, ROOT, load_compose, native_services
+from services.devcluster import COMPOSE_FILE, ROOT, load_compose, native_services, read_env_file
 
 ENV_FILE = ROOT / ".env.example"
 
@@ -40,18 +40,37 @@ def test_every_service_runs_natively(compose: dict, tmp_path: Path) -> None:  # 
     assert "load" not in native  # the load profile runs with `make load`, not at start-up
 
 
-def _rewrite(value: str, services: set[str]) -> str:
+def _rewrite(value: str, services: set[str], mounts: dict[str, Path] | None = None) -> str:
     """The documented rewrite, written independently: `service:port` and `0.0.0.0:port` at the
-    start of a value or after `//` become `127.0.0.1:port`."""
+    start of a value or after `//` become `127.0.0.1:port`; a path under a named volume's mount
+    point moves to the volume's folder."""
     hosts = "|".join(re.escape(h) for h in (*services, "0.0.0.0"))
-    return re.sub(rf"(^|//)({hosts}):(\d+)", r"\g<1>127.0.0.1:\3", value)
+    value = re.sub(rf"(^|//)({hosts}):(\d+)", r"\g<1>127.0.0.1:\3", value)
+    for target, folder in (mounts or {}).items():
+        if value.startswith(target + "/"):
+            value = f"{folder}/{value[len(target) + 1 :]}"
+    return value
 
 
-def test_native_commands_and_settings_are_the_compose_ones(compose: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """compose's ${VAR:-default}, written independently (the variables come from the env file)."""
+    for match in re.findall(r"\$\{[^}]+\}", value):
+        name, _, default = match[2:-1].partition(":-")
+        value = value.replace(match, env.get(name) or default)
+    return value
+
+
+def test_native_commands_and_settings_are_the_compose_ones(compose: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
     names = set(compose["services"])
+    variables = read_env_file(ENV_FILE)
+    for name in variables:
+        monkeypatch.delenv(name, raising=False)  # the shell's settings would win over the file's
     for service in native_services(compose, env_file=ENV_FILE, data_dir=tmp_path):
         spec = compose["services"][service.name]
-        expected_command = [_rewrite(str(arg), names) for arg in spec["command"]]
+        mounts = {
+            v.split(":")[1]: tmp_path / service.name for v in spec.get("volumes") or [] if not v.startswith((".", "/"))
+        }
+        expected_command = [_rewrite(str(arg), names, mounts) for arg in spec["command"]]
         command = list(service.command)
         if expected_command[0] in ("python", "python3"):
             assert command[0] == sys.executable  # the virtualenv's interpreter
@@ -63,14 +82,20 @@ def test_native_commands_and_settings_are_the_compose_ones(compose: dict, tmp_pa
             command = command[: len(expected_command)]
         assert command[1:] == expected_command[1:], service.name
         for key, value in (spec.get("environment") or {}).items():
-            assert service.env[key] == _rewrite(str(value), names), (service.name, key)
+            assert service.env[key] == _rewrite(_interpolate(str(value), variables), names), (service.name, key)
+        # .env goes whole only to the services that list it (the allocator gets its tokens alone).
+        assert ("IPAM_AWS_SECRET_ACCESS_KEY" in service.env) == (".env" in (spec.get("env_file") or [])), service.name
         assert service.replicas == int((spec.get("deploy") or {}).get("replicas", 1))
         for index, env in enumerate(service.replica_env):
-            # Replica i listens for metrics on port + 10 i; everything else is shared.
-            differing = {k for k in env if env[k] != service.env[k]}
-            assert differing <= {"IPAM_METRICS_ADDRESS"}
-            if index == 0:
+            # Replica i listens for metrics on port + 10 i and is told its number; everything else is shared.
+            differing = {k for k in env if env.get(k) != service.env.get(k)}
+            if service.replicas > 1:
+                assert env["IPAM_REPLICA"] == str(index + 1)
+                assert differing <= {"IPAM_METRICS_ADDRESS", "IPAM_REPLICA"}
+            else:
                 assert not differing
+            if index == 0:
+                assert differing <= {"IPAM_REPLICA"}
 
 
 def test_ports_can_be_moved_as_a_whole(compose: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
@@ -92,3 +117,22 @@ def test_start_order_follows_depends_on(compose: dict, tmp_path: Path) -> None: 
             continue
         for dependency in spec.get("depends_on") or {}:
             assert order.index(dependency) < order.index(name)
+
+
+def test_a_port_offset_moves_every_port(compose: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    plain = {s.name: s for s in native_services(compose, env_file=ENV_FILE, data_dir=tmp_path)}
+    moved = {s.name: s for s in native_services(compose, env_file=ENV_FILE, data_dir=tmp_path, port_offset=1000)}
+    for name, service in plain.items():
+        assert moved[name].ports == [port + 1000 for port in service.ports], name
+    assert moved["allocator"].env["IPAM_GRPC_ADDRESS"] == "127.0.0.1:51051"
+    assert moved["worker"].replica_env[1]["IPAM_METRICS_ADDRESS"] == "127.0.0.1:10210"
+    assert "http://127.0.0.1:6000" in moved["seed"].command
+
+
+def test_the_compose_file_publishes_on_loopback_and_keeps_the_cloud_keys_from_the_allocator(compose: dict) -> None:  # type: ignore[type-arg]
+    for name, spec in compose["services"].items():
+        for mapping in spec.get("ports") or []:
+            assert str(mapping).startswith("${IPAM_PUBLISH_ADDRESS:-127.0.0.1}:"), (name, mapping)
+    assert ".env" not in (compose["services"]["allocator"].get("env_file") or [])
+    assert compose["services"]["allocator"]["build"]["target"] == "runtime"
+    assert not any("ipam-allocator-" in str(arg) for arg in compose["services"]["load"]["command"])
