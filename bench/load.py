@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,19 @@ def default_tokens() -> tuple[str, str]:
     return client, setting("IPAM_ADMIN_TOKEN") or DEMO_ADMIN_TOKEN
 
 
+def metrics_urls(spec: str) -> tuple[str, ...]:
+    """The comma-separated URLs, each `dns:HOST:PORT` expanded to one URL per address of HOST."""
+    urls: list[str] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry.startswith("dns:"):
+            urls += [entry] if entry else []
+            continue
+        host, _, port = entry.removeprefix("dns:").rpartition(":")
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
+        urls += [f"http://{f'[{a}]' if ':' in a else a}:{port}/metrics" for a in addresses]
+    return tuple(urls)
+
+
 def default_ghz() -> Path:
     local = ROOT / ".bin" / "ghz"
     return local if local.exists() else Path(shutil.which("ghz") or "ghz")
@@ -110,7 +124,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     client_token, admin_token = default_tokens()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default=DEFAULT_TARGET, help="the allocator (host:port)")
-    parser.add_argument("--metrics", default=DEFAULT_METRICS, help="allocator metrics URLs, comma-separated")
+    parser.add_argument(
+        "--metrics",
+        default=DEFAULT_METRICS,
+        help="allocator metrics URLs, comma-separated; dns:HOST:PORT stands for every address HOST resolves to"
+        " (compose's service name: one per replica)",
+    )
     parser.add_argument("--ghz", type=Path, default=default_ghz(), help="the ghz binary")
     parser.add_argument("--token", default=client_token, help="client-role bearer token")
     parser.add_argument("--admin-token", default=admin_token, help="admin-role bearer token")
@@ -126,7 +145,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     out = args.out or ROOT / "bench" / "out" / f"load-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     return Options(
         target=args.target,
-        metrics=tuple(u.strip() for u in args.metrics.split(",") if u.strip()),
+        metrics=metrics_urls(args.metrics),
         ghz=args.ghz,
         token=args.token,
         admin_token=args.admin_token,
