@@ -16,11 +16,19 @@ PROTOC_GEN_GO_GRPC := $(GOBIN)/protoc-gen-go-grpc
 CNI_PLUGIN := $(GOBIN)/cni/ipam-cni
 CNI_GO_MODULE := ipam/clients/cni
 
-.PHONY: setup proto run test lint bench bench-cni load ghz clean redis-server cni cni-proto cni-system cnitool
+.PHONY: setup proto run test lint bench bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
 
-# Debian's redis-server, installed only when missing (apt-get update once, then install).
-redis-server:
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+# Debian's packages, installed only when missing (apt-get update once, then install): redis-server,
+# and prometheus for promtool (it checks deploy/'s alert rules).
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+redis-server promtool: system-packages
 
 # The generated package (gen/ipam) must exist before the editable install, which maps it.
 $(VENV)/.installed: pyproject.toml proto/ipam/v1/*.proto
@@ -28,16 +36,20 @@ $(VENV)/.installed: pyproject.toml proto/ipam/v1/*.proto
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q 'grpcio-tools>=1.66'
 	$(MAKE) --no-print-directory proto
-	$(PIP) install -q -e '.[dev]'
+	@# setuptools' informational box on every editable install of a multi-folder layout (gen/ and .)
+	@# says nothing actionable here: filtered by its exact message, every other warning still shows.
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) install -q -e '.[dev]'
 	@touch $@
 
-setup: redis-server $(VENV)/.installed
+setup: system-packages $(VENV)/.installed
 
 # What the CNI tests run besides our code, from Debian when missing (one apt-get update): the
-# reference plugins (bridge, ptp, host-local in /usr/lib/cni), ip and ping; and redis-server.
+# reference plugins (bridge, ptp, host-local in /usr/lib/cni), ip and ping; and redis-server and
+# prometheus (promtool), setup's packages, so that `make test` updates the package lists once.
 cni-system:
 	@missing=; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	test -x /usr/lib/cni/bridge || missing="$$missing containernetworking-plugins"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \

@@ -2,7 +2,8 @@
 
 docker-compose.yml is the one definition of the cluster. Natively each service runs the same
 command with the same settings; the only rewrites are those a single host needs:
-- a service's hostname (`redis:6379`) and `0.0.0.0` become 127.0.0.1 (nothing listens beyond loopback);
+- a service's hostname (`redis:6379`) and `0.0.0.0` (with a port or alone) become 127.0.0.1 (nothing
+  listens beyond loopback);
 - ports can be remapped as a whole (`port_map`, used by tests to run beside a `make run`), or
   shifted by `--port-offset N` (env IPAM_DEV_PORT_OFFSET) to run a second cluster beside the first;
 - replica i of a service gets metrics port + 10 i (containers each have their own 9100), and
@@ -104,6 +105,8 @@ class Rewriter:
             arg = str(arg)
             if index > 0 and argv[index - 1] in _PORT_FLAGS and arg.isdigit():
                 arg = str(self.port(int(arg)))
+            if arg == "0.0.0.0":  # a bind-address flag (`-H 0.0.0.0`): loopback only
+                arg = "127.0.0.1"
             out.append(self.text(arg))
         return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from services.metrics_common import ALLOCATOR_EXPORTER_KEY, ExporterLease
 
 from .events import RedisStreamQueue
 from .metrics import AllocatorMetrics
@@ -118,7 +120,13 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     )
     tasks = [asyncio.create_task(sweeper.run()), asyncio.create_task(_watch_health(store, health_servicer))]
     if settings.pool_metrics_seconds > 0:
-        tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds)))
+        lease = ExporterLease(
+            client,
+            ALLOCATOR_EXPORTER_KEY,
+            f"{socket.gethostname()}-{os.getpid()}",
+            ttl_seconds=max(3 * settings.pool_metrics_seconds, 5.0),
+        )
+        tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds, lease)))
     refills.start()
     log.info(
         "allocator %s listening on %s (%s), metrics on %s",
@@ -147,39 +155,53 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         await store.close()
 
 
-async def _sample_pools(service: AllocatorService, metrics: AllocatorMetrics, interval: float) -> None:
-    """Per-node pool levels of the default pool as gauges (Cilium's available/used/needed per node)."""
+async def _sample_pools(
+    service: AllocatorService, metrics: AllocatorMetrics, interval: float, lease: ExporterLease
+) -> None:
+    """Per-node pool levels of the default pool as gauges (Cilium's available/used/needed per node),
+    and the events stream's pending and dead-lettered counts; set and exported only while this
+    replica holds the exporter lease, so that a sum over every replica counts each pool once."""
     while True:
         try:
-            pools = await service.pool_stats()
-            metrics.pool_ips.clear()
-            for node, s in pools:
-                for family, levels in (
-                    (
-                        "ipv4",
-                        {
-                            "available": s.available_ips,
-                            "used": s.used_ips,
-                            "needed": s.needed_ips,
-                            "excess": s.excess_ips,
-                            "cooling": s.cooling_ips,
-                        },
-                    ),
-                    (
-                        "ipv6",
-                        {
-                            "available": s.available_ipv6,
-                            "used": s.used_ipv6,
-                            "needed": s.needed_ipv6,
-                            "excess": s.excess_ipv6,
-                        },
-                    ),
-                ):
-                    for state, value in levels.items():
-                        metrics.pool_ips.labels(node, "default", family, state).set(value)
+            holding = await lease.hold()
+            metrics.exporting(holding)
+            if holding:
+                await _set_cluster_gauges(service, metrics)
         except Exception as exc:  # noqa: BLE001 - metrics are best effort
             log.debug("sampling pools failed: %s", exc)
         await asyncio.sleep(interval)
+
+
+async def _set_cluster_gauges(service: AllocatorService, metrics: AllocatorMetrics) -> None:
+    pools = await service.pool_stats()
+    metrics.pool_ips.clear()
+    for node, s in pools:
+        for family, levels in (
+            (
+                "ipv4",
+                {
+                    "available": s.available_ips,
+                    "used": s.used_ips,
+                    "needed": s.needed_ips,
+                    "excess": s.excess_ips,
+                    "cooling": s.cooling_ips,
+                },
+            ),
+            (
+                "ipv6",
+                {
+                    "available": s.available_ipv6,
+                    "used": s.used_ipv6,
+                    "needed": s.needed_ipv6,
+                    "excess": s.excess_ipv6,
+                },
+            ),
+        ):
+            for state, value in levels.items():
+                metrics.pool_ips.labels(node, "default", family, state).set(value)
+    pending, dead = await service.event_counts()
+    metrics.events.labels("pending").set(pending)
+    metrics.events.labels("dead").set(dead)
 
 
 async def _watch_health(store: RedisStore, servicer: health.aio.HealthServicer) -> None:

@@ -9,7 +9,11 @@ repaired by the worker's periodic resync.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.exceptions import ResponseError
 
 from ipam.v1 import events_pb2
 
@@ -17,22 +21,52 @@ from .store import keys
 from .store.redis_store import RedisClient, RedisStore
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event the worker gave up on: its dead-letter id, its id in the events stream, its tries."""
+
+    id: str
+    entry_id: str
+    deliveries: int
+    event: events_pb2.PoolEvent
+
+
 class EventQueue(Protocol):
-    """Where pool events go."""
+    """Where pool events go, and what operators see of them."""
 
     async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
         """Publishes unless an event for the same (node, pool) is still pending; True if published."""
+        ...
+
+    async def counts(self) -> tuple[int, int]:
+        """(events not yet handled, dead letters kept)."""
+        ...
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The newest `limit` dead letters, newest first."""
+        ...
+
+    async def replay(self, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
+        """Puts these dead letters (every one when None) back on the stream: (replayed, not found)."""
         ...
 
 
 class RedisStreamQueue:
     """Pool events on a Redis Stream (`ipam:events`), one field `event` holding a `PoolEvent`."""
 
-    def __init__(self, store: RedisStore, *, coalesce_seconds: int, stream: str = keys.EVENTS_STREAM) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        coalesce_seconds: int,
+        stream: str = keys.EVENTS_STREAM,
+        dead_stream: str = keys.DEAD_LETTER_STREAM,
+    ) -> None:
         self._store = store
         self._client: RedisClient = store.client
         self._coalesce_seconds = coalesce_seconds
         self.stream = stream
+        self.dead_stream = dead_stream
 
     async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
         marker = keys.pending_event_key(event.node, event.pool)
@@ -43,3 +77,57 @@ class RedisStreamQueue:
         fields = {b"node": event.node.encode(), b"pool": event.pool.encode(), b"event": event.SerializeToString()}
         await self._store.call(lambda: self._client.xadd(self.stream, fields))
         return True
+
+    async def counts(self) -> tuple[int, int]:
+        async def read() -> tuple[int, int]:
+            pending = 0
+            try:
+                for group in await self._client.xinfo_groups(self.stream):
+                    # pending: delivered, not acknowledged; lag: not delivered yet (Redis 7).
+                    pending += int(group.get("pending") or 0) + int(group.get("lag") or 0)
+            except ResponseError:  # no stream yet
+                pending = 0
+            return pending, int(await self._client.xlen(self.dead_stream))
+
+        return await self._store.call(read)
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        entries = await self._store.call(lambda: self._client.xrevrange(self.dead_stream, count=limit))
+        return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
+
+    async def replay(self, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
+        if ids is None:
+            found = await self._store.call(lambda: self._client.xrange(self.dead_stream))
+            missing: list[str] = []
+        else:
+            found, missing = [], []
+            for dead_id in ids:
+                entries = await self._store.call(
+                    lambda dead_id=dead_id: self._client.xrange(self.dead_stream, min=dead_id, max=dead_id)
+                )
+                if entries:
+                    found.extend(entries)
+                else:
+                    missing.append(dead_id)
+        replayed = []
+        for entry_id, fields in found:
+            event = events_pb2.PoolEvent.FromString(fields[b"event"])
+            event.published_at_ms = int(time.time() * 1000)
+            again = {b"node": fields[b"node"], b"pool": fields[b"pool"], b"event": event.SerializeToString()}
+            await self._store.call(lambda again=again: self._client.xadd(self.stream, again))
+            await self._store.call(lambda entry_id=entry_id: self._client.xdel(self.dead_stream, entry_id))
+            replayed.append(_text(entry_id))
+        return replayed, missing
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        id=_text(entry_id),
+        entry_id=_text(fields.get(b"entry_id", b"")),
+        deliveries=int(fields.get(b"deliveries", b"0") or 0),
+        event=events_pb2.PoolEvent.FromString(fields.get(b"event", b"")),
+    )

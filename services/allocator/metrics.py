@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.metrics_common import WhileExporting, register_process_metrics
+
 
 @dataclass
 class MethodMetrics:
@@ -28,8 +30,15 @@ class MethodMetrics:
 
 
 class AllocatorMetrics:
+    """Per-process metrics in `registry`; the cluster-wide gauges (pools, events) in `cluster`,
+    which a scrape sees only from the replica holding the exporter lease."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.cluster = CollectorRegistry(auto_describe=True)
+        self.cluster_view = WhileExporting(self.cluster)
+        self.registry.register(self.cluster_view)
+        self.exporter = register_process_metrics(self.registry, "allocator")
         self._methods: dict[str, MethodMetrics] = {}
         self.requests = Counter(
             "ipam_allocator_requests_total",
@@ -66,10 +75,23 @@ class AllocatorMetrics:
         )
         self.pool_ips = Gauge(
             "ipam_allocator_pool_ips",
-            "addresses per node, pool, family and state (sampled)",
+            "addresses per node, pool, family and state (sampled; exported by the lease holder only)",
             ["node", "pool", "family", "state"],
-            registry=self.registry,
+            registry=self.cluster,
         )
+        self.events = Gauge(
+            "ipam_allocator_events",
+            "events in the stream by state: pending (not yet handled) and dead (dead-lettered); lease holder only",
+            ["state"],
+            registry=self.cluster,
+        )
+        for state in ("pending", "dead"):
+            self.events.labels(state).set(0)
+
+    def exporting(self, holding: bool) -> None:
+        """Whether this replica exports the cluster-wide gauges from now on."""
+        self.cluster_view.exporting = holding
+        self.exporter.set(1 if holding else 0)
 
     def method(self, name: str) -> MethodMetrics:
         found = self._methods.get(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,11 +30,13 @@ from .domain.model import (
 )
 from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 from .domain.stats import NodeStats, node_stats
-from .events import EventQueue
+from .events import DeadLetter, EventQueue
 from .refill import RefillWatcher
 from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome
 
 log = logging.getLogger(__name__)
+
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +256,26 @@ class AllocatorService:
         for name, s in await self.pool_stats(names=names[:50]):
             lines.append(f"{name}: used {s.used_ips}/{s.available_ips} needed {s.needed_ips} excess {s.excess_ips}")
         return "\n".join(lines)
+
+    # --- events (operators) ---------------------------------------------------------------
+
+    async def event_counts(self) -> tuple[int, int]:
+        """(events in the stream not yet handled, dead-lettered events kept)."""
+        return await self.queue.counts()
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        if limit < 0:
+            raise InvalidArgument(f"limit {limit} is negative", reason="INVALID_COUNT")
+        return await self.queue.dead_letters(limit or 100)
+
+    async def replay_dead_letters(self, ids: Sequence[str], *, every: bool) -> tuple[list[str], list[str]]:
+        """Puts dead letters back on the events stream; `every` for all of them (then no ids)."""
+        if every == bool(ids):
+            raise InvalidArgument("give dead-letter ids or all, not both or neither", reason="INVALID_COUNT")
+        for dead_id in ids:
+            if not _STREAM_ID.fullmatch(dead_id):
+                raise InvalidArgument(f"{dead_id!r} is not a stream id (ms-seq)", reason="INVALID_TEXT")
+        return await self.queue.replay(None if every else list(ids))
 
     # --- NodeManager ------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
@@ -17,6 +19,7 @@ from services.allocator.app import split_host_port
 from services.allocator.store import keys
 from services.allocator.store.redis_store import RedisClient, RedisStore
 from services.allocator.tasks import cancel_until_done
+from services.metrics_common import WORKER_EXPORTER_KEY, ExporterLease
 
 from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
@@ -26,6 +29,8 @@ from .queue import Delivery, EventSource, RedisStreamSource
 from .settings import WorkerSettings
 
 log = logging.getLogger("ipam.cloudworker")
+
+EXPORTER_LEASE_SECONDS = 15.0  # renewed every third of it
 
 
 class Worker:
@@ -52,6 +57,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self._leak_suspects: set[str] = set()  # interfaces the last collection found leaked
+        self.lease = ExporterLease(redis, WORKER_EXPORTER_KEY, settings.consumer_name, EXPORTER_LEASE_SECONDS)
+        metrics.resync_interval.set(settings.resync_interval_seconds)
 
     async def maintain_node(self, node: str, *, settle: bool = False, wait_for_lock: float = 0.1) -> bool:
         """Maintains `node` holding its lock, so no two workers work on one node at once.
@@ -165,10 +172,9 @@ class Worker:
 
     async def resync_once(self) -> None:
         """Every node, biggest deficit first: reconciled with the cloud, deficits and excess attended."""
+        started = time.monotonic()
         nodes = await self.allocator.list_nodes(order_by_watermark=True)
-        self.metrics.nodes.labels("total").set(len(nodes))
-        self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ips > 0))
-        self.metrics.nodes.labels("at-capacity").set(sum(1 for n in nodes if n.stats.deficit_reason == "at-capacity"))
+        self.node_gauges(nodes)
         for node in nodes:
             if self.stopping.is_set():
                 return
@@ -178,6 +184,29 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
                     log.warning("resync of node %s failed: %s", node.spec.name, exc)
         self.metrics.resync_total.inc()
+        self.metrics.resync_duration.set(time.monotonic() - started)
+
+    def node_gauges(self, nodes: Sequence[Any]) -> None:
+        """Nodes by category and each node's interfaces, from the allocator's view of them."""
+        self.metrics.nodes.labels("total").set(len(nodes))
+        self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ips > 0))
+        self.metrics.nodes.labels("at-capacity").set(sum(1 for n in nodes if n.stats.deficit_reason == "at-capacity"))
+        self.metrics.interfaces.clear()
+        for n in nodes:
+            for state, value in (
+                ("attached", len(n.interfaces)),
+                ("available", n.stats.interface_candidates),
+                ("remaining", n.stats.remaining_interfaces),
+                ("empty-slots", n.stats.empty_interface_slots),
+            ):
+                self.metrics.interfaces.labels(n.spec.name, state).set(value)
+
+    async def export_cluster_gauges(self) -> None:
+        """Takes or renews the exporter lease; the holder refreshes the node gauges between resyncs."""
+        holding = await self.lease.hold()
+        self.metrics.exporting(holding)
+        if holding:
+            self.node_gauges(await self.allocator.list_nodes())
 
     async def collect_leaked_interfaces(self) -> int:
         """Deletes our interfaces found detached (and past their grace period since creation) by two
@@ -244,6 +273,7 @@ async def run(settings: WorkerSettings) -> None:
         consumer=settings.consumer_name,
         max_deliveries=settings.max_deliveries,
         claim_idle_ms=int(settings.claim_idle_seconds * 1000),
+        on_dead_letter=lambda _: metrics.events_dead_lettered.inc(),
     )
     maintainer = NodeMaintainer(
         provider,
@@ -260,6 +290,7 @@ async def run(settings: WorkerSettings) -> None:
     tasks = [
         asyncio.create_task(worker.consume()),
         asyncio.create_task(worker.every(settings.resync_interval_seconds, "resync_once")),
+        asyncio.create_task(worker.every(EXPORTER_LEASE_SECONDS / 3, "export_cluster_gauges")),
         asyncio.create_task(worker.every(settings.gc_interval_seconds, "collect_leaked_interfaces")),
         asyncio.create_task(worker.every(30.0, "trim_events")),
     ]

@@ -7,6 +7,8 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.metrics_common import WhileExporting, register_process_metrics
+
 _API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -58,10 +60,17 @@ class Ec2Metrics:
 
 
 class WorkerMetrics:
-    """Prometheus metrics of the worker's pool maintenance (Cilium's operator metrics as the model)."""
+    """Prometheus metrics of the worker's pool maintenance (Cilium's operator metrics as the model).
+
+    Per-process figures go to `registry`; the cluster-wide gauges (nodes, subnets, interfaces) to
+    `cluster`, which a scrape sees only from the worker holding the exporter lease."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.cluster = CollectorRegistry(auto_describe=True)
+        self.cluster_view = WhileExporting(self.cluster)
+        registry.register(self.cluster_view)
+        self.exporter = register_process_metrics(registry, "worker")
         self.ec2 = Ec2Metrics(registry)
         self.allocation_ops = Counter(
             "ipam_worker_ip_allocation_ops_total",
@@ -95,15 +104,38 @@ class WorkerMetrics:
             registry=registry,
         )
         self.nodes = Gauge(
-            "ipam_worker_nodes", "Nodes by category (total, in-deficit, at-capacity)", ["category"], registry=registry
+            "ipam_worker_nodes",
+            "Nodes by category (total, in-deficit, at-capacity); lease holder only",
+            ["category"],
+            registry=self.cluster,
         )
+        for category in ("total", "in-deficit", "at-capacity"):
+            self.nodes.labels(category).set(0)
         self.available_ips_per_subnet = Gauge(
             "ipam_worker_available_ips_per_subnet",
-            "Free addresses of each subnet",
+            "Free addresses of each subnet; lease holder only",
             ["subnet_id", "availability_zone"],
-            registry=registry,
+            registry=self.cluster,
+        )
+        self.interfaces = Gauge(
+            "ipam_worker_interfaces",
+            "Interfaces per node (Cilium's): attached, available (attached with free address slots), "
+            "remaining (that may still be attached), empty-slots (addresses they may still take); lease holder only",
+            ["node", "state"],
+            registry=self.cluster,
         )
         self.resync_total = Counter("ipam_worker_resync_total", "Full resyncs run", registry=registry)
+        self.resync_duration = Gauge(
+            "ipam_worker_resync_duration_seconds", "How long the last full resync took", registry=registry
+        )
+        self.resync_interval = Gauge(
+            "ipam_worker_resync_interval_seconds", "The resync interval this worker runs at", registry=registry
+        )
+        self.events_dead_lettered = Counter(
+            "ipam_worker_events_dead_lettered_total",
+            "Events moved to the dead letters after their maximum deliveries",
+            registry=registry,
+        )
         self.queue_lag = Histogram(
             "ipam_worker_queue_lag_seconds",
             "From an event's publication to the worker taking it",
@@ -119,3 +151,9 @@ class WorkerMetrics:
         self.leaked_interfaces_deleted = Counter(
             "ipam_worker_leaked_interfaces_deleted_total", "Leaked interfaces deleted", registry=registry
         )
+
+
+    def exporting(self, holding: bool) -> None:
+        """Whether this worker exports the cluster-wide gauges from now on."""
+        self.cluster_view.exporting = holding
+        self.exporter.set(1 if holding else 0)

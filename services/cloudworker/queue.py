@@ -9,6 +9,7 @@ Trimming removes only entries every consumer has acknowledged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from services.allocator.store import keys
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_STREAM = "ipam:events:dead"
+DEAD_LETTER_STREAM = keys.DEAD_LETTER_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +60,10 @@ class RedisStreamSource:
         max_deliveries: int,
         claim_idle_ms: int,
         stream: str = keys.EVENTS_STREAM,
+        on_dead_letter: Callable[[Delivery], None] | None = None,
     ) -> None:
         self.client = client
+        self.on_dead_letter = on_dead_letter  # e.g. a counter
         self.group = group
         self.consumer = consumer
         self.max_deliveries = max_deliveries
@@ -142,6 +145,8 @@ class RedisStreamSource:
             approximate=True,
         )
         await self.client.xack(self.stream, self.group, delivery.entry_id)
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(delivery)
 
     async def ack(self, delivery: Delivery) -> None:
         await self.client.xack(self.stream, self.group, delivery.entry_id)

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from clients.client import AsyncIpamClient, Family, IpamClient, IpamClientError,
 from services.demo_seed import POD_SUBNET_TAGS, find_demo_network, run_instance
 from services.devcluster import ROOT, NativeCluster, load_compose, native_services
 from tests.support.moto_server import ec2_client
+from tests.support.polling import poll
 from tests.support.redis_server import free_port
 
 ALLOCATIONS = 2000
@@ -23,17 +25,36 @@ CALLERS = 40
 ADMIN, CLIENT = "change-me-admin", "change-me-client"  # .env.example's tokens
 
 
+class Running:
+    """The cluster of this module; a test may stop it and start it again on the same data."""
+
+    def __init__(self, var: Path) -> None:
+        self.var = var
+        self.ports = {port: free_port() for port in (6379, 5000, 50051, 9100, 9200)}
+        self.services = native_services(
+            load_compose(), env_file=ROOT / ".env.example", data_dir=var / "data", port_map=self.ports
+        )
+        self.native = NativeCluster(self.services, var / "log")
+
+    def restart(self) -> None:
+        self.native.stop()
+        self.native = NativeCluster(self.services, self.var / "log")
+        self.native.start()
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NativeCluster, dict[int, int]]]:
-    var = tmp_path_factory.mktemp("native")
-    ports = {port: free_port() for port in (6379, 5000, 50051, 9100, 9200)}
-    services = native_services(load_compose(), env_file=ROOT / ".env.example", data_dir=var / "data", port_map=ports)
-    native = NativeCluster(services, var / "log")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    run = Running(tmp_path_factory.mktemp("native"))
     try:
-        native.start()
-        yield native, ports
+        run.native.start()
+        yield run
     finally:
-        native.stop()
+        run.native.stop()
+
+
+@pytest.fixture
+def cluster(running: Running) -> tuple[NativeCluster, dict[int, int]]:
+    return running.native, running.ports
 
 
 def _kill(process) -> None:  # type: ignore[no-untyped-def]
@@ -155,3 +176,50 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
             assert time.monotonic() < deadline, f"EC2 and the pools still differ: {difference}"
             time.sleep(1.0)
     assert len({ip for _, ip in acknowledged.values()}) == ALLOCATIONS
+
+
+def _state(admin: IpamClient) -> dict[str, tuple[str, dict[str, str], list[str]]]:
+    """Per node: its instance, its allocations and the interfaces' addresses."""
+    return {
+        node.spec.name: (
+            node.spec.instance_id,
+            dict(admin.dump(node.spec.name).ipv4),
+            sorted(ip for i in node.interfaces for ip in i.addresses),
+        )
+        for node in admin.list_nodes()
+    }
+
+
+@pytest.mark.timeout(240)
+def test_a_restart_keeps_the_nodes_their_allocations_and_the_cloud_behind_them(running: Running) -> None:
+    address = f"127.0.0.1:{running.ports[50051]}"
+    ec2_url = f"http://127.0.0.1:{running.ports[5000]}"
+    demo_nodes = [n for n in IpamClient(address, token=ADMIN).list_nodes() if n.spec.name.startswith("node-")]
+    assert demo_nodes, "the seed registered the demo nodes"
+    with IpamClient(address, token=CLIENT) as client:
+        client.allocate_next(demo_nodes[0].spec.name, family=Family.IPV4, owner="kept-1", wait_for_refill=True, timeout=30)
+    with IpamClient(address, token=ADMIN) as admin:
+
+        def settled() -> bool:  # no refill or release under way
+            return all(n.stats.needed_ips == 0 and n.stats.excess_ips == 0 for n in admin.list_nodes())
+
+        poll(settled, timeout=60, interval=0.5)
+        before = _state(admin)
+
+    running.restart()
+
+    seed_log = (running.var / "log" / "seed-1.log").read_text()
+    assert "its instance is gone" not in seed_log
+    for node in demo_nodes:  # the seed found the demo network and its nodes as they were
+        assert f"{node.spec.name} already registered" in seed_log
+    with IpamClient(address, token=ADMIN) as admin:
+        after = _state(admin)
+    # (The seed also registers the instances this module's other test ran in the demo network.)
+    assert {name: after.get(name) for name in before} == before
+    ec2 = ec2_client(ec2_url)
+    for name, (instance_id, _, addresses) in before.items():
+        reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+        in_ec2 = sorted(a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"])
+        assert set(addresses) <= set(in_ec2), name  # what the pools hold is still attached in the cloud
+    # Each allocator replica named itself.
+    assert "allocator 2 listening" in (running.var / "log" / "allocator-2.log").read_text()

@@ -46,6 +46,8 @@ def _rewrite(value: str, services: set[str], mounts: dict[str, Path] | None = No
     point moves to the volume's folder."""
     hosts = "|".join(re.escape(h) for h in (*services, "0.0.0.0"))
     value = re.sub(rf"(^|//)({hosts}):(\d+)", r"\g<1>127.0.0.1:\3", value)
+    if value == "0.0.0.0":
+        value = "127.0.0.1"
     for target, folder in (mounts or {}).items():
         if value.startswith(target + "/"):
             value = f"{folder}/{value[len(target) + 1 :]}"

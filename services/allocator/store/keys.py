@@ -6,6 +6,7 @@ from __future__ import annotations
 NODES_KEY = "ipam:nodes"  # set of node names (its own slot; written outside pool scripts)
 TIMERS_KEY = "ipam:timers"  # zset "node\x00pool" -> next expiration deadline (ms), an index
 EVENTS_STREAM = "ipam:events"  # the stream the worker consumes
+DEAD_LETTER_STREAM = "ipam:events:dead"  # events the worker gave up on (max deliveries), for replay
 REFILL_CHANNEL = "ipam:refill"  # pub/sub: "node\x00pool" when addresses were added
 
 

@@ -305,6 +305,27 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         return npb.ResyncResponse(nodes=nodes, events_published=published)
 
     @rpc
+    async def ListDeadEvents(
+        self, request: npb.ListDeadEventsRequest, context: grpc.aio.ServicerContext
+    ) -> npb.ListDeadEventsResponse:
+        letters = await self.service.dead_letters(request.limit)
+        pending, total = await self.service.event_counts()
+        return npb.ListDeadEventsResponse(
+            events=[
+                npb.DeadEvent(id=d.id, entry_id=d.entry_id, deliveries=d.deliveries, event=d.event) for d in letters
+            ],
+            total=total,
+            pending=pending,
+        )
+
+    @rpc
+    async def ReplayDeadEvents(
+        self, request: npb.ReplayDeadEventsRequest, context: grpc.aio.ServicerContext
+    ) -> npb.ReplayDeadEventsResponse:
+        replayed, missing = await self.service.replay_dead_letters(list(request.ids), every=request.all)
+        return npb.ReplayDeadEventsResponse(replayed=replayed, not_found=missing)
+
+    @rpc
     async def AddAddresses(
         self, request: npb.AddAddressesRequest, context: grpc.aio.ServicerContext
     ) -> npb.AddAddressesResponse:
