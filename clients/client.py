@@ -413,6 +413,17 @@ class IpamClient(_ClientBase):
 
     # -- NodeManager, worker-facing (admin) --------------------------------------------------------
 
+    def list_dead_events(self, limit: int = 0, *, timeout: float | None = None) -> nodes_pb.ListDeadEventsResponse:
+        """Dead-lettered events (newest first), with the stream's pending count and its consumers."""
+        return self._call(self._nodes.ListDeadEvents, nodes_pb.ListDeadEventsRequest(limit=limit), timeout)
+
+    def replay_dead_events(
+        self, ids: Sequence[str] = (), *, all: bool = False, timeout: float | None = None
+    ) -> nodes_pb.ReplayDeadEventsResponse:
+        """Puts dead-lettered events back on the stream (these ids, or `all=True`)."""
+        request = nodes_pb.ReplayDeadEventsRequest(ids=list(ids), all=all)
+        return self._call(self._nodes.ReplayDeadEvents, request, timeout)
+
     def add_addresses(
         self, request: nodes_pb.AddAddressesRequest, *, timeout: float | None = None
     ) -> nodes_pb.AddAddressesResponse:
@@ -603,6 +614,19 @@ class AsyncIpamClient(_ClientBase):
         return await self._call(self._nodes.Resync, nodes_pb.ResyncRequest(), timeout)
 
     # -- NodeManager, worker-facing (admin) --------------------------------------------------------
+
+    async def list_dead_events(
+        self, limit: int = 0, *, timeout: float | None = None
+    ) -> nodes_pb.ListDeadEventsResponse:
+        """Dead-lettered events (newest first), with the stream's pending count and its consumers."""
+        return await self._call(self._nodes.ListDeadEvents, nodes_pb.ListDeadEventsRequest(limit=limit), timeout)
+
+    async def replay_dead_events(
+        self, ids: Sequence[str] = (), *, all: bool = False, timeout: float | None = None
+    ) -> nodes_pb.ReplayDeadEventsResponse:
+        """Puts dead-lettered events back on the stream (these ids, or `all=True`)."""
+        request = nodes_pb.ReplayDeadEventsRequest(ids=list(ids), all=all)
+        return await self._call(self._nodes.ReplayDeadEvents, request, timeout)
 
     async def add_addresses(
         self, request: nodes_pb.AddAddressesRequest, *, timeout: float | None = None

@@ -1,21 +1,30 @@
 """ipamctl: the command line over the Python client of the ipam allocator.
 
+    ipamctl status
     ipamctl allocate node-a --owner pod-1 --family ipv4
     ipamctl release node-a --owner pod-1
-    ipamctl --json nodes list
+    ipamctl nodes list -o json
 
-Human text by default, `--json` for protobuf JSON. A failed call prints one line to stderr and exits 1
-(`ipamctl: RESOURCE_EXHAUSTED POOL_EMPTY: …`); a usage error exits 2.
+Global flags go before or after the command. The token, the address and the timeout come from the
+flag, else the environment (IPAM_TOKEN, IPAM_GRPC_ADDRESS, IPAM_TIMEOUT), else the config file
+(IPAM_CONFIG, default ~/.config/ipam/config: `token = ...`, `address = ...`, `timeout = ...` lines).
+Human text by default, `-o json` (or `--json`) for JSON objects. A failed call prints one line to
+stderr and exits 1 (`ipamctl: RESOURCE_EXHAUSTED POOL_EMPTY: …`); a usage error exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -27,8 +36,11 @@ from ipam.v1 import nodes_pb2 as nodes_pb
 PROG = "ipamctl"
 FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6, "dual": Family.UNSPECIFIED}
 
-# A command gets the client and the parsed arguments and returns (message for --json, human text).
-Handler = Callable[[IpamClient, argparse.Namespace], tuple[Message, str]]
+# A command gets the client and the parsed arguments and returns (message or dict for -o json, human text).
+Handler = Callable[[IpamClient, argparse.Namespace], tuple[Message | dict[str, Any], str]]
+CONFIG_ENV = "IPAM_CONFIG"
+DEFAULT_CONFIG = Path("~/.config/ipam/config")
+WORKER_IDLE_MS = 30_000  # a consumer that has not read the stream for this long is taken as gone
 
 
 class UsageError(Exception):
@@ -67,12 +79,14 @@ def format_fields(fields: Iterable[tuple[str, object]], indent: int = 2) -> str:
 
 
 def format_nodes_table(nodes: Iterable[nodes_pb.Node]) -> str:
-    """name, instance type, used, available, needed, excess — in the order given (the server's)."""
+    """name, instance type, used, free, available, needed, excess — in the order given (the server's).
+    AVAILABLE is Cilium's: attached to the node, used or not; FREE is what may still be handed out."""
     rows = [
         [
             node.spec.name,
             node.spec.instance_type or "-",
             node.stats.used_ips,
+            free_ips(node.stats),
             node.stats.available_ips,
             node.stats.needed_ips,
             node.stats.excess_ips,
@@ -81,7 +95,21 @@ def format_nodes_table(nodes: Iterable[nodes_pb.Node]) -> str:
     ]
     if not rows:
         return "no nodes"
-    return format_table(["NAME", "INSTANCE TYPE", "USED", "AVAILABLE", "NEEDED", "EXCESS"], rows)
+    return format_table(["NAME", "INSTANCE TYPE", "USED", "FREE", "AVAILABLE", "NEEDED", "EXCESS"], rows)
+
+
+def free_ips(stats: nodes_pb.NodeStats) -> int:
+    """Addresses that may be handed out now: attached, not used, not cooling down."""
+    return max(stats.available_ips - stats.used_ips - stats.cooling_ips, 0)
+
+
+def node_state(node: nodes_pb.Node) -> str:
+    """ok, in-deficit, at-capacity (a deficit the cloud cannot fill: the reason says why), excess."""
+    if node.stats.needed_ips > 0 or node.stats.needed_ipv6 > 0:
+        return "at-capacity" if node.stats.deficit_reason else "in-deficit"
+    if node.stats.excess_ips > 0 or node.stats.excess_ipv6 > 0:
+        return "excess"
+    return "ok"
 
 
 def format_allocation(result: pb.AllocationResult) -> str:
@@ -144,7 +172,8 @@ def format_node(node: nodes_pb.Node) -> str:
         format_fields(
             [
                 ("used", stats.used_ips),
-                ("available", stats.available_ips),
+                ("free", free_ips(stats)),
+                ("available (attached)", stats.available_ips),
                 ("needed", stats.needed_ips),
                 ("excess", stats.excess_ips),
                 ("cooling", stats.cooling_ips),
@@ -157,7 +186,7 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("remaining interfaces", stats.remaining_interfaces),
                 ("interface candidates", stats.interface_candidates),
                 ("empty interface slots", stats.empty_interface_slots),
-                ("deficit reason", stats.deficit_reason),
+                ("last cloud error", stats.deficit_reason),
                 ("lost (gone from the cloud)", stats.lost_ips),
             ]
         ),
@@ -175,10 +204,18 @@ def format_node(node: nodes_pb.Node) -> str:
     return "\n".join(section for section in sections if section)
 
 
-def to_json(message: Message) -> str:
-    """Protobuf JSON with the .proto field names, zero values included."""
+def to_json(message: Message | dict[str, Any]) -> str:
+    """Protobuf JSON with the .proto field names, zero values included; a dict as it is."""
+    if isinstance(message, dict):
+        return json.dumps(message, indent=2, sort_keys=False)
     return json_format.MessageToJson(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True, indent=2
+    )
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
 
 
@@ -250,9 +287,131 @@ def _dump(client: IpamClient, args: argparse.Namespace) -> tuple[Message, str]:
     return response, format_dump(response)
 
 
-def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message, str]:
+def _debug_status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
     status = client.debug_status()
-    return pb.DebugStatusResponse(status=status), status
+    return {"status": status, "lines": status.splitlines()}, status
+
+
+def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
+    """One screen: each allocator replica reachable or not, the workers, nodes by state, events."""
+    allocators = []
+    for address in [a.strip() for a in args.address.split(",") if a.strip()]:
+        entry: dict[str, Any] = {"address": address, "reachable": True, "error": ""}
+        try:
+            with _client(args, address) as one:
+                started = time.perf_counter()
+                one.ping(timeout=min(args.timeout, 3.0))
+                entry["ms"] = round((time.perf_counter() - started) * 1000, 1)
+        except IpamClientError as error:
+            entry.update(reachable=False, error=str(error))
+        allocators.append(entry)
+    nodes = client.list_nodes(order_by_watermark=True)
+    events = client.list_dead_events(limit=5)
+    by_state: dict[str, list[str]] = {"ok": [], "in-deficit": [], "at-capacity": [], "excess": []}
+    for node in nodes:
+        by_state[node_state(node)].append(node.spec.name)
+    workers = [
+        {"name": c.name, "reachable": c.idle_ms < WORKER_IDLE_MS, "idle_ms": c.idle_ms, "pending": c.pending}
+        for c in events.consumers
+    ]
+    result = {
+        "allocators": allocators,
+        "workers": workers,
+        "nodes": {"total": len(nodes), **{state: len(names) for state, names in by_state.items()}},
+        "nodes_by_state": by_state,
+        "events": {"pending": events.pending, "dead": events.total},
+    }
+    return result, format_status(result, nodes)
+
+
+def format_status(status: Mapping[str, Any], nodes: Sequence[nodes_pb.Node]) -> str:
+    lines = ["allocators"]
+    for a in status["allocators"]:
+        state = f"reachable ({a['ms']} ms)" if a["reachable"] else f"UNREACHABLE: {a['error']}"
+        lines.append(f"  {a['address']:<24} {state}")
+    lines.append("workers")
+    live = [w for w in status["workers"] if w["reachable"]]
+    for w in status["workers"]:
+        state = "reading" if w["reachable"] else "gone"
+        lines.append(f"  {w['name']:<24} {state} (idle {w['idle_ms'] / 1000:.0f} s, {w['pending']} taken)")
+    if not live:
+        lines.append("  none reading the events stream: pools are not refilled")
+    counts = status["nodes"]
+    lines.append(
+        f"nodes  {counts['total']} total: {counts['ok']} ok, {counts['in-deficit']} in deficit, "
+        f"{counts['at-capacity']} at capacity, {counts['excess']} with excess"
+    )
+    for node in nodes:
+        if node_state(node) != "ok":
+            reason = f" ({node.stats.deficit_reason})" if node.stats.deficit_reason else ""
+            lines.append(
+                f"  {node.spec.name:<24} {node_state(node)}{reason}: needed {node.stats.needed_ips}, "
+                f"free {free_ips(node.stats)}, excess {node.stats.excess_ips}"
+            )
+    events = status["events"]
+    hint = "  (ipamctl events dead)" if events["dead"] else ""
+    lines.append(f"events {events['pending']} pending, {events['dead']} dead-lettered{hint}")
+    return "\n".join(lines)
+
+
+def _node_update(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
+    spec = client.get_node(args.name).spec
+    changes = {
+        "pre_allocate": args.pre_allocate,
+        "min_allocate": args.min_allocate,
+        "max_allocate": args.max_allocate,
+        "max_above_watermark": args.max_above_watermark,
+        "ipv6_enabled": args.ipv6,
+        "release_excess": args.release_excess,
+    }
+    if all(value is None for value in changes.values()):
+        raise UsageError("node update: give at least one setting to change")
+    for name, value in changes.items():
+        if value is not None:
+            setattr(spec, name, value)
+    if args.pre_allocate is not None:
+        spec.pre_allocate_set = True
+    node = client.update_node(spec)
+    return node, format_node(node)
+
+
+def _resync(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
+    response = client.resync()
+    return response, f"re-evaluated {response.nodes} nodes, published {response.events_published} events"
+
+
+def _events_dead(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
+    response = client.list_dead_events(limit=args.limit)
+    rows = [
+        [
+            d.id,
+            d.event.node,
+            d.event.pool or "default",
+            nodes_kind(d.event.kind),
+            d.deliveries,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.event.published_at_ms / 1000)),
+        ]
+        for d in response.events
+    ]
+    table = (
+        format_table(["ID", "NODE", "POOL", "KIND", "TRIES", "PUBLISHED (UTC)"], rows) if rows else "no dead letters"
+    )
+    shown = f" (newest {len(rows)} shown)" if len(rows) < response.total else ""
+    return response, f"{table}\n\n{response.total} dead-lettered{shown}, {response.pending} pending"
+
+
+def nodes_kind(kind: int) -> str:
+    from ipam.v1 import events_pb2
+
+    return events_pb2.PoolEvent.Kind.Name(kind).removeprefix("KIND_").lower()
+
+
+def _events_replay(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dict[str, Any], str]:
+    if bool(args.ids) == args.all:
+        raise UsageError("events replay: give dead-letter ids or --all")
+    response = client.replay_dead_events(args.ids, all=args.all)
+    lines = [f"replayed {i}" for i in response.replayed] + [f"not found {i}" for i in response.not_found]
+    return response, "\n".join(lines) or "nothing to replay"
 
 
 def _nodes_list(client: IpamClient, args: argparse.Namespace) -> tuple[Message, str]:
@@ -317,102 +476,329 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree: global flags, then one sub-command (`nodes list`, `node show`, … nest)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Command line of the ipam allocator.")
-    parser.add_argument(
+def _add_global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global flags; on a sub-command (`suppress`) an absent flag leaves the top-level value."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("global flags (before or after the command)")
+    group.add_argument(
         "--address",
-        default=os.environ.get("IPAM_GRPC_ADDRESS", DEFAULT_ADDRESS),
-        help="allocator host:port, or several comma-separated (env IPAM_GRPC_ADDRESS; default %(default)s)",
+        default=default(None),
+        help="allocator host:port, or several comma-separated (else IPAM_GRPC_ADDRESS, the config file, "
+        f"{DEFAULT_ADDRESS})",
     )
-    parser.add_argument("--token", default=os.environ.get("IPAM_TOKEN"), help="bearer token (env IPAM_TOKEN)")
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    parser.add_argument("--tls-ca", metavar="FILE", help="root certificates (PEM); implies --tls")
-    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--tls-key", metavar="FILE", help="client private key (PEM) for mutual TLS")
-    parser.add_argument(
+    group.add_argument("--token", default=default(None), help="bearer token (else IPAM_TOKEN, the config file)")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default(None),
+        help=f"config file (else {CONFIG_ENV}, else {DEFAULT_CONFIG}): `token = ...`, `address = ...` lines",
+    )
+    group.add_argument("--tls", action="store_true", default=default(False), help="TLS with the system's roots")
+    group.add_argument("--tls-ca", metavar="FILE", default=default(None), help="root certificates (PEM); implies --tls")
+    group.add_argument("--tls-cert", metavar="FILE", default=default(None), help="client certificate (mutual TLS)")
+    group.add_argument("--tls-key", metavar="FILE", default=default(None), help="client private key (mutual TLS)")
+    group.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT,
-        help="deadline of the call in seconds (default %(default)s)",
+        default=default(None),
+        help=f"deadline of each call in seconds (else IPAM_TIMEOUT, the config file, {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument("--json", action="store_true", help="print protobuf JSON")
-    # --json is accepted after the sub-command too; SUPPRESS keeps it from resetting the global one.
+    group.add_argument(
+        "-o", "--output", choices=("text", "json"), default=default("text"), help="text (default) or json"
+    )
+    group.add_argument("--json", action="store_true", default=default(False), help="the same as -o json")
+
+
+_EXAMPLES = """examples:
+  export IPAM_TOKEN=change-me-admin        # or: token = change-me-admin in ~/.config/ipam/config
+  ipamctl status                           # allocators, workers, nodes by state, events
+  ipamctl nodes list -o json
+  ipamctl node show node-a
+  ipamctl node update node-a --pre-allocate 16 --ipv6
+  ipamctl allocate node-a --owner pod-1 --family ipv4 --token change-me-client
+  ipamctl events dead && ipamctl events replay --all
+
+roles: `client` tokens may call allocate, release, exclude, dump, ping, debug-status; every other
+command needs an `admin` token (admin may call everything).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: global flags (anywhere), then one sub-command (`nodes list`, `node show`, … nest)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Command line of the ipam allocator.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_global_flags(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print protobuf JSON")
+    _add_global_flags(common, suppress=True)
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
+        group: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Handler,
+        help: str,
+        role: str,
+        example: str,
     ) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, parents=[common], help=help, description=help)
+        sub = group.add_parser(
+            name,
+            parents=[common],
+            help=f"{help} [{role}]",
+            description=f"{help}. Role: {role}.",
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.set_defaults(handler=handler)
         return sub
 
-    allocate = command(commands, "allocate", _allocate, "allocate the next free address(es), or --ip")
-    allocate.add_argument("node")
-    allocate.add_argument("--owner", required=True)
-    allocate.add_argument("--pool", default="")
-    allocate.add_argument("--family", choices=FAMILIES, help="default: dual (every family enabled)")
-    allocate.add_argument("--ip", help="allocate this address")
+    def group(name: str, help: str, dest: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        holder = commands.add_parser(name, parents=[common], help=help, description=help)
+        return holder.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+    pool_help = "the pool (default: default)"
+    allocate = command(
+        commands,
+        "allocate",
+        _allocate,
+        "allocate the next free address(es), or a given one with --ip",
+        "client",
+        "ipamctl allocate node-a --owner pod-1 --family ipv4",
+    )
+    allocate.add_argument("node", help="the node to allocate on")
+    allocate.add_argument("--owner", required=True, help="who holds the address (a pod, a container id)")
+    allocate.add_argument("--pool", default="", help=pool_help)
+    allocate.add_argument("--family", choices=FAMILIES, help="ipv4, ipv6 or dual (default: every family enabled)")
+    allocate.add_argument("--ip", help="allocate this address instead of the next free one")
     allocate.add_argument("--expiration", type=_non_negative, metavar="SECONDS", help="start an expiration timer")
     allocate.add_argument("--idempotency-key", help="a retry with the same key returns the same addresses")
     allocate.add_argument("--wait", action="store_true", help="wait (within --timeout) for a refill under way")
 
-    release = command(commands, "release", _release, "release an address, or every address of an owner")
-    release.add_argument("node")
-    release.add_argument("--pool", default="")
+    release = command(
+        commands,
+        "release",
+        _release,
+        "release an address, or every address of an owner",
+        "client",
+        "ipamctl release node-a --owner pod-1",
+    )
+    release.add_argument("node", help="the node holding the address")
+    release.add_argument("--pool", default="", help=pool_help)
     target = release.add_mutually_exclusive_group(required=True)
-    target.add_argument("--ip")
-    target.add_argument("--owner")
+    target.add_argument("--ip", help="the address to release")
+    target.add_argument("--owner", help="release every address of this owner")
 
-    exclude = command(commands, "exclude", _exclude, "take an address out of circulation")
-    exclude.add_argument("node")
-    exclude.add_argument("ip")
-    exclude.add_argument("--owner", required=True)
-    exclude.add_argument("--pool", default="")
-
-    dump = command(commands, "dump", _dump, "allocated addresses of a pool and their owners")
-    dump.add_argument("node")
-    dump.add_argument("--pool", default="")
-
-    command(commands, "status", _status, "the allocator's debug status")
-    command(commands, "ping", _ping, "check that the allocator answers")
-
-    nodes = commands.add_parser("nodes", help="all nodes").add_subparsers(
-        dest="nodes_command", required=True, metavar="COMMAND"
+    exclude = command(
+        commands,
+        "exclude",
+        _exclude,
+        "take an address out of circulation",
+        "client",
+        "ipamctl exclude node-a 10.0.1.7 --owner ops",
     )
-    command(nodes, "list", _nodes_list, "nodes with their pool stats, biggest deficit first")
+    exclude.add_argument("node", help="the node holding the address")
+    exclude.add_argument("ip", help="the address to exclude")
+    exclude.add_argument("--owner", required=True, help="who excluded it (shown by dump)")
+    exclude.add_argument("--pool", default="", help=pool_help)
 
-    node = commands.add_parser("node", help="one node").add_subparsers(
-        dest="node_command", required=True, metavar="COMMAND"
+    dump = command(
+        commands, "dump", _dump, "allocated addresses of a pool and their owners", "client", "ipamctl dump node-a"
     )
-    show = command(node, "show", _node_show, "spec, stats and interfaces of a node")
-    show.add_argument("name")
+    dump.add_argument("node", help="the node")
+    dump.add_argument("--pool", default="", help=pool_help)
+
+    command(
+        commands,
+        "status",
+        _status,
+        "one screen: allocators and workers reachable, nodes by state, events pending and dead",
+        "admin",
+        "ipamctl status -o json",
+    )
+    command(
+        commands, "debug-status", _debug_status, "the allocator's debug status text", "client", "ipamctl debug-status"
+    )
+    command(
+        commands, "ping", _ping, "check that the allocator answers", "client", "ipamctl ping --address 127.0.0.1:50051"
+    )
+    command(
+        commands,
+        "resync",
+        _resync,
+        "re-evaluate every node's pools now and publish the events needed",
+        "admin",
+        "ipamctl resync",
+    )
+
+    nodes = group("nodes", "all nodes", "nodes_command")
+    command(
+        nodes, "list", _nodes_list, "nodes with their pool stats, biggest deficit first", "admin", "ipamctl nodes list"
+    )
+
+    node = group("node", "one node", "node_command")
+    show = command(
+        node, "show", _node_show, "spec, stats and interfaces of a node", "admin", "ipamctl node show node-a"
+    )
+    show.add_argument("name", help="the node")
     show.add_argument("--pool", default="", help="stats of this pool (default: default)")
 
-    create = command(node, "create", _node_create, "register a node")
-    create.add_argument("name")
-    create.add_argument("--instance-id", required=True)
-    create.add_argument("--instance-type", required=True)
-    create.add_argument("--availability-zone", default="")
-    create.add_argument("--vpc-id", default="")
-    create.add_argument("--subnet-id", action="append", default=[], help="repeatable")
-    create.add_argument("--subnet-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
-    create.add_argument("--security-group-id", action="append", default=[], help="repeatable")
-    create.add_argument("--security-group-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
-    create.add_argument("--first-interface-index", type=_non_negative, default=0, metavar="N")
-    create.add_argument("--pre-allocate", type=_non_negative, metavar="N", help="default: the server's (8)")
-    create.add_argument("--min-allocate", type=_non_negative, default=0, metavar="N")
-    create.add_argument("--max-allocate", type=_non_negative, default=0, metavar="N")
-    create.add_argument("--max-above-watermark", type=_non_negative, default=0, metavar="N")
+    create = command(
+        node,
+        "create",
+        _node_create,
+        "register a node",
+        "admin",
+        "ipamctl node create node-a --instance-id i-0abc --instance-type m5.large --subnet-tag ipam.io/pods=true",
+    )
+    create.add_argument("name", help="the node's name (what allocate takes)")
+    create.add_argument("--instance-id", required=True, help="its EC2 instance")
+    create.add_argument("--instance-type", required=True, help="its instance type (sets its interface limits)")
+    create.add_argument("--availability-zone", default="", help="its zone")
+    create.add_argument("--vpc-id", default="", help="its VPC")
+    create.add_argument("--subnet-id", action="append", default=[], help="subnet for new interfaces (repeatable)")
+    create.add_argument(
+        "--subnet-tag", action="append", default=[], type=_key_value, metavar="KEY=VALUE", help="subnets by tag"
+    )
+    create.add_argument("--security-group-id", action="append", default=[], help="for new interfaces (repeatable)")
+    create.add_argument(
+        "--security-group-tag",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="security groups by tag",
+    )
+    create.add_argument(
+        "--first-interface-index", type=_non_negative, default=0, metavar="N", help="lowest device index"
+    )
+    create.add_argument("--pre-allocate", type=_non_negative, metavar="N", help="free addresses kept (default: 8)")
+    create.add_argument("--min-allocate", type=_non_negative, default=0, metavar="N", help="addresses kept at least")
+    create.add_argument(
+        "--max-allocate", type=_non_negative, default=0, metavar="N", help="addresses at most (0: none)"
+    )
+    create.add_argument(
+        "--max-above-watermark", type=_non_negative, default=0, metavar="N", help="extra addresses allowed above"
+    )
     create.add_argument("--ipv6", action="store_true", help="also assign IPv6 addresses")
     create.add_argument("--release-excess", action="store_true", help="give excess addresses back to the cloud")
 
-    delete = command(node, "delete", _node_delete, "forget a node and its pools")
-    delete.add_argument("name")
+    update = command(
+        node,
+        "update",
+        _node_update,
+        "change a node's watermarks or IPv6 (the other settings stay)",
+        "admin",
+        "ipamctl node update node-a --pre-allocate 16 --no-ipv6",
+    )
+    update.add_argument("name", help="the node")
+    update.add_argument("--pre-allocate", type=_non_negative, metavar="N", help="free addresses kept")
+    update.add_argument("--min-allocate", type=_non_negative, metavar="N", help="addresses kept at least")
+    update.add_argument("--max-allocate", type=_non_negative, metavar="N", help="addresses at most (0: no limit)")
+    update.add_argument("--max-above-watermark", type=_non_negative, metavar="N", help="extra addresses allowed above")
+    update.add_argument(
+        "--ipv6", action=argparse.BooleanOptionalAction, default=None, help="assign IPv6 addresses too, or not"
+    )
+    update.add_argument(
+        "--release-excess", action=argparse.BooleanOptionalAction, default=None, help="give excess back, or not"
+    )
+
+    delete = command(node, "delete", _node_delete, "forget a node and its pools", "admin", "ipamctl node delete node-a")
+    delete.add_argument("name", help="the node")
+
+    events = group("events", "the pool events stream", "events_command")
+    dead = command(
+        events,
+        "dead",
+        _events_dead,
+        "events the worker gave up on (dead letters), newest first",
+        "admin",
+        "ipamctl events dead --limit 20",
+    )
+    dead.add_argument("--limit", type=_non_negative, default=50, metavar="N", help="show at most N (default 50)")
+    replay = command(
+        events,
+        "replay",
+        _events_replay,
+        "put dead-lettered events back on the stream, to be handled again",
+        "admin",
+        "ipamctl events replay --all",
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (from events dead)")
+    replay.add_argument("--all", action="store_true", help="every dead letter")
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ipam")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# -- settings: flag > environment > config file > default -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    address: str
+    token: str | None
+    timeout: float
+
+
+def read_config(text: str) -> dict[str, str]:
+    """`key = value` lines; `#` comments and blank lines are skipped."""
+    config: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            config[key.strip().lower()] = value.strip().strip("\"'")
+    return config
+
+
+def config_path(flag: str | None, environ: Mapping[str, str]) -> Path:
+    return Path(flag or environ.get(CONFIG_ENV) or DEFAULT_CONFIG).expanduser()
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str], config: Mapping[str, str]) -> Settings:
+    """Each setting from the flag, else the environment, else the config file, else the default."""
+
+    def pick(flag: Any, env: str, key: str, default: Any) -> Any:
+        for value in (flag, environ.get(env), config.get(key)):
+            if value not in (None, ""):
+                return value
+        return default
+
+    timeout = pick(args.timeout, "IPAM_TIMEOUT", "timeout", DEFAULT_TIMEOUT)
+    try:
+        timeout = float(timeout)
+    except ValueError:
+        raise UsageError(f"timeout {timeout!r} is not a number") from None
+    return Settings(
+        address=pick(args.address, "IPAM_GRPC_ADDRESS", "address", DEFAULT_ADDRESS),
+        token=pick(args.token, "IPAM_TOKEN", "token", None),
+        timeout=timeout,
+    )
+
+
+def _client(args: argparse.Namespace, address: str | None = None) -> IpamClient:
+    return IpamClient(
+        address or args.address,
+        args.token,
+        timeout=args.timeout,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -421,22 +807,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `ipamctl`: 0 on success, 1 when the call fails, 2 on a usage error."""
     args = build_parser().parse_args(argv)  # exits 2 on its own usage errors
+    args.json = args.json or args.output == "json"
     try:
-        with IpamClient(
-            args.address,
-            args.token,
-            timeout=args.timeout,
-            tls=args.tls,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        ) as client:
+        path = config_path(args.config, os.environ)
+        config = read_config(path.read_text()) if path.exists() else {}
+        if args.config and not path.exists():
+            raise UsageError(f"config file {path} does not exist")
+        settings = resolve_settings(args, os.environ, config)
+        args.address, args.token, args.timeout = settings.address, settings.token, settings.timeout
+        with _client(args) as client:
             message, text = args.handler(client, args)
     except IpamClientError as error:
-        return _fail(error, 1)
+        return _fail(_with_hint(error, args.address), 1)
     except (UsageError, ValueError) as error:
         return _fail(error, 2)
-    except OSError as error:  # an unreadable TLS file
+    except OSError as error:  # an unreadable TLS or config file
         return _fail(f"{error.filename or ''}: {error.strerror or error}", 2)
     except KeyboardInterrupt:
         return 130
@@ -448,6 +833,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`ipamctl dump n1 | head`): silence the flush at exit too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+_UNREACHABLE = ("connection refused", "failed to connect", "connect failed", "unavailable")
+
+
+def _with_hint(error: IpamClientError, address: str) -> str:
+    """A refused connection says what to check."""
+    text = str(error)
+    server_said = error.reason in ("STORE_UNAVAILABLE", "DEADLINE_TOO_SHORT")
+    if error.code.name == "UNAVAILABLE" and not server_said and any(m in text.lower() for m in _UNREACHABLE):
+        return f"{text} (is `make run` running? --address {address})"
+    return text
 
 
 def _fail(error: BaseException | str, exit_code: int) -> int:

@@ -31,6 +31,15 @@ class DeadLetter:
     event: events_pb2.PoolEvent
 
 
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    """A worker reading the stream: its name, events it holds unacknowledged, ms since it last read."""
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
 class EventQueue(Protocol):
     """Where pool events go, and what operators see of them."""
 
@@ -44,6 +53,10 @@ class EventQueue(Protocol):
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         """The newest `limit` dead letters, newest first."""
+        ...
+
+    async def consumers(self) -> list[Consumer]:
+        """The stream's consumers (workers) in every group."""
         ...
 
     async def replay(self, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -88,6 +101,20 @@ class RedisStreamQueue:
             except ResponseError:  # no stream yet
                 pending = 0
             return pending, int(await self._client.xlen(self.dead_stream))
+
+        return await self._store.call(read)
+
+    async def consumers(self) -> list[Consumer]:
+        async def read() -> list[Consumer]:
+            try:
+                groups = await self._client.xinfo_groups(self.stream)
+            except ResponseError:  # no stream yet
+                return []
+            found = []
+            for group in groups:
+                for c in await self._client.xinfo_consumers(self.stream, _text(group["name"])):
+                    found.append(Consumer(_text(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0)))
+            return found
 
         return await self._store.call(read)
 

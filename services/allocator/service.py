@@ -30,7 +30,7 @@ from .domain.model import (
 )
 from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 from .domain.stats import NodeStats, node_stats
-from .events import DeadLetter, EventQueue
+from .events import Consumer, DeadLetter, EventQueue
 from .refill import RefillWatcher
 from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome
 
@@ -262,6 +262,9 @@ class AllocatorService:
     async def event_counts(self) -> tuple[int, int]:
         """(events in the stream not yet handled, dead-lettered events kept)."""
         return await self.queue.counts()
+
+    async def event_consumers(self) -> list[Consumer]:
+        return await self.queue.consumers()
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         if limit < 0:

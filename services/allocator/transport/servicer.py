@@ -316,6 +316,10 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             ],
             total=total,
             pending=pending,
+            consumers=[
+                npb.EventConsumer(name=c.name, pending=c.pending, idle_ms=c.idle_ms)
+                for c in await self.service.event_consumers()
+            ],
         )
 
     @rpc

@@ -41,9 +41,9 @@ def _node(name: str, instance_type: str, used: int, available: int, needed: int,
 def test_nodes_table_keeps_the_servers_watermark_order() -> None:
     nodes = [_node("n2", "m5.large", 12, 14, 6, 0), _node("n1", "", 1, 120, 0, 100)]
     assert format_nodes_table(nodes).splitlines() == [
-        "NAME  INSTANCE TYPE  USED  AVAILABLE  NEEDED  EXCESS",
-        "n2    m5.large         12         14       6       0",
-        "n1    -                 1        120       0     100",
+        "NAME  INSTANCE TYPE  USED  FREE  AVAILABLE  NEEDED  EXCESS",
+        "n2    m5.large         12     2         14       6       0",
+        "n1    -                 1   119        120       0     100",
     ]
 
 
