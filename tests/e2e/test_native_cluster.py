@@ -1,5 +1,5 @@
 """The whole cluster as `make run` starts it (docker-compose.yml's definitions as local processes,
-on free ports): 2,000 allocations over both allocator replicas while one allocator and one worker
+on free ports): a restart keeps nodes, allocations and the local EC2 behind them; 2,000 allocations over both allocator replicas while one allocator and one worker
 are killed; every acknowledged allocation ends present exactly once and EC2 matches the pools."""
 
 from __future__ import annotations
@@ -55,6 +55,52 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 @pytest.fixture
 def cluster(running: Running) -> tuple[NativeCluster, dict[int, int]]:
     return running.native, running.ports
+
+
+def _state(admin: IpamClient) -> dict[str, tuple[str, dict[str, str], list[str]]]:
+    """Per node: its instance, its allocations and the interfaces' addresses."""
+    return {
+        node.spec.name: (
+            node.spec.instance_id,
+            dict(admin.dump(node.spec.name).ipv4),
+            sorted(ip for i in node.interfaces for ip in i.addresses),
+        )
+        for node in admin.list_nodes()
+    }
+
+
+@pytest.mark.timeout(240)
+def test_a_restart_keeps_the_nodes_their_allocations_and_the_cloud_behind_them(running: Running) -> None:
+    address = f"127.0.0.1:{running.ports[50051]}"
+    ec2_url = f"http://127.0.0.1:{running.ports[5000]}"
+    demo_nodes = [n for n in IpamClient(address, token=ADMIN).list_nodes() if n.spec.name.startswith("node-")]
+    assert demo_nodes, "the seed registered the demo nodes"
+    with IpamClient(address, token=CLIENT) as client:
+        client.allocate_next(demo_nodes[0].spec.name, family=Family.IPV4, owner="kept-1", wait_for_refill=True, timeout=30)
+    with IpamClient(address, token=ADMIN) as admin:
+
+        def settled() -> bool:  # no refill or release under way
+            return all(n.stats.needed_ips == 0 and n.stats.excess_ips == 0 for n in admin.list_nodes())
+
+        poll(settled, timeout=60, interval=0.5)
+        before = _state(admin)
+
+    running.restart()
+
+    seed_log = (running.var / "log" / "seed-1.log").read_text()
+    assert "its instance is gone" not in seed_log
+    for node in demo_nodes:  # the seed found the demo network and its nodes as they were
+        assert f"{node.spec.name} already registered" in seed_log
+    with IpamClient(address, token=ADMIN) as admin:
+        after = _state(admin)
+    assert after == before
+    ec2 = ec2_client(ec2_url)
+    for name, (instance_id, _, addresses) in before.items():
+        reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+        in_ec2 = sorted(a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"])
+        assert set(addresses) <= set(in_ec2), name  # what the pools hold is still attached in the cloud
+    # Each allocator replica named itself.
+    assert "allocator 2 listening" in (running.var / "log" / "allocator-2.log").read_text()
 
 
 def _kill(process) -> None:  # type: ignore[no-untyped-def]
@@ -177,49 +223,3 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
             time.sleep(1.0)
     assert len({ip for _, ip in acknowledged.values()}) == ALLOCATIONS
 
-
-def _state(admin: IpamClient) -> dict[str, tuple[str, dict[str, str], list[str]]]:
-    """Per node: its instance, its allocations and the interfaces' addresses."""
-    return {
-        node.spec.name: (
-            node.spec.instance_id,
-            dict(admin.dump(node.spec.name).ipv4),
-            sorted(ip for i in node.interfaces for ip in i.addresses),
-        )
-        for node in admin.list_nodes()
-    }
-
-
-@pytest.mark.timeout(240)
-def test_a_restart_keeps_the_nodes_their_allocations_and_the_cloud_behind_them(running: Running) -> None:
-    address = f"127.0.0.1:{running.ports[50051]}"
-    ec2_url = f"http://127.0.0.1:{running.ports[5000]}"
-    demo_nodes = [n for n in IpamClient(address, token=ADMIN).list_nodes() if n.spec.name.startswith("node-")]
-    assert demo_nodes, "the seed registered the demo nodes"
-    with IpamClient(address, token=CLIENT) as client:
-        client.allocate_next(demo_nodes[0].spec.name, family=Family.IPV4, owner="kept-1", wait_for_refill=True, timeout=30)
-    with IpamClient(address, token=ADMIN) as admin:
-
-        def settled() -> bool:  # no refill or release under way
-            return all(n.stats.needed_ips == 0 and n.stats.excess_ips == 0 for n in admin.list_nodes())
-
-        poll(settled, timeout=60, interval=0.5)
-        before = _state(admin)
-
-    running.restart()
-
-    seed_log = (running.var / "log" / "seed-1.log").read_text()
-    assert "its instance is gone" not in seed_log
-    for node in demo_nodes:  # the seed found the demo network and its nodes as they were
-        assert f"{node.spec.name} already registered" in seed_log
-    with IpamClient(address, token=ADMIN) as admin:
-        after = _state(admin)
-    # (The seed also registers the instances this module's other test ran in the demo network.)
-    assert {name: after.get(name) for name in before} == before
-    ec2 = ec2_client(ec2_url)
-    for name, (instance_id, _, addresses) in before.items():
-        reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
-        in_ec2 = sorted(a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"])
-        assert set(addresses) <= set(in_ec2), name  # what the pools hold is still attached in the cloud
-    # Each allocator replica named itself.
-    assert "allocator 2 listening" in (running.var / "log" / "allocator-2.log").read_text()
