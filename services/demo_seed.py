@@ -156,8 +156,9 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
 
 
 def forget_vanished_nodes(client: IpamClient, ec2: BaseClient) -> list[str]:
-    """Nodes of an earlier demo whose instances this (in-memory) local EC2 no longer has are deleted:
-    Redis keeps its data across `make run`s, the local EC2 does not."""
+    """Nodes of an earlier demo whose instances the local EC2 no longer has are deleted: Redis keeps
+    its data across `make run`s, and so does the local EC2 (it replays its recorded requests), but
+    only as long as its recording is there (`var/data/ec2/`, the `ec2-data` volume)."""
     running = {
         instance["InstanceId"]
         for reservation in ec2.describe_instances()["Reservations"]
