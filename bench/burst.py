@@ -59,7 +59,7 @@ from bench.run_bench import (
     worker_pids,
 )
 from clients.client import AsyncIpamClient, Family, IpamClientError, node_spec
-from services.allocator.store import keys
+from services.core import contract
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.moto_server import (
     POD_SUBNET_TAGS,
@@ -89,7 +89,6 @@ MUTATING = (
 )
 CALLS_PER_NEW_INTERFACE = 3  # CreateNetworkInterface, AttachNetworkInterface, ModifyNetworkInterfaceAttribute
 NODE_PREFIX = "burst"
-CONSUMER_GROUP = "ipam-workers"  # the worker's default consumer group
 READY_TIMEOUT_S = 60  # every node at its watermark before the burst
 SETTLE_TIMEOUT_S = 30  # the worker idle again after the burst
 QUIET_S = 1.0  # counters unchanged this long: the worker is done
@@ -387,10 +386,11 @@ async def wait_at_watermark(address: str, names: list[str], pre_allocate: int, t
 def worker_idle(redis_server: RedisServer) -> bool:
     """Every event of the stream delivered to the worker and acknowledged, and none waiting to be published."""
     with redis_server.client(decode_responses=False) as redis:  # stream entries are protobuf bytes
-        if not redis.exists(keys.EVENTS_STREAM):
+        if not redis.exists(contract.EVENTS_STREAM):
             return True
-        last = redis.xinfo_stream(keys.EVENTS_STREAM)["last-generated-id"]
-        groups = [g for g in redis.xinfo_groups(keys.EVENTS_STREAM) if g["name"] == CONSUMER_GROUP.encode()]
+        last = redis.xinfo_stream(contract.EVENTS_STREAM)["last-generated-id"]
+        group = contract.CONSUMER_GROUP.encode()
+        groups = [g for g in redis.xinfo_groups(contract.EVENTS_STREAM) if g["name"] == group]
         markers = next(iter(redis.scan_iter(match="*:evpending", count=1000)), None)
         return bool(groups) and groups[0]["pending"] == 0 and groups[0]["last-delivered-id"] == last and not markers
 

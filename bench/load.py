@@ -57,7 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.client import IpamClient, IpamClientError
 from ipam.v1 import nodes_pb2
-from services.allocator.domain.pool_math import interface_capacity
+from services.core.pool_math import interface_capacity
 from services.devcluster import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]

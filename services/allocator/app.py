@@ -16,6 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from services.core import redis_client
+from services.core.net import split_host_port
+from services.core.tasks import cancel_until_done
 from services.metrics_common import ALLOCATOR_EXPORTER_KEY, ExporterLease
 
 from .events import RedisStreamQueue
@@ -25,7 +28,6 @@ from .service import AllocatorService
 from .settings import AllocatorSettings
 from .store.pipelining import PipelinedConnection
 from .store.redis_store import RedisStore
-from .tasks import cancel_until_done
 from .timers import TimerSweeper
 from .transport.auth import TokenAuthInterceptor
 from .transport.reflection import enable_reflection
@@ -37,11 +39,6 @@ SERVICE_NAMES = (
     allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["NodeManager"].full_name,
 )
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def server_credentials(settings: AllocatorSettings) -> grpc.ServerCredentials | None:
@@ -68,7 +65,7 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
     me = replica_name(settings, worker_index)
     metrics = AllocatorMetrics()
 
-    client = RedisStore.connect(
+    client = redis_client.connect(
         settings.redis_url,
         cluster=settings.redis_cluster,
         timeout_s=settings.redis_timeout_seconds,

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 from redis.exceptions import ResponseError
 
 from ipam.v1 import events_pb2
+from services.core import contract
+from services.core.redis_client import RedisClient
 
-from .store import keys
-from .store.redis_store import RedisClient, RedisStore
+from .store.redis_store import RedisStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +73,8 @@ class RedisStreamQueue:
         store: RedisStore,
         *,
         coalesce_seconds: int,
-        stream: str = keys.EVENTS_STREAM,
-        dead_stream: str = keys.DEAD_LETTER_STREAM,
+        stream: str = contract.EVENTS_STREAM,
+        dead_stream: str = contract.DEAD_LETTER_STREAM,
     ) -> None:
         self._store = store
         self._client: RedisClient = store.client
@@ -82,7 +83,7 @@ class RedisStreamQueue:
         self.dead_stream = dead_stream
 
     async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
-        marker = keys.pending_event_key(event.node, event.pool)
+        marker = contract.pending_event_key(event.node, event.pool)
         fresh = await self._store.call(lambda: self._client.set(marker, b"1", nx=True, ex=self._coalesce_seconds))
         if not fresh:
             return False

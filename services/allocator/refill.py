@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 
+from services.core.tasks import cancel_until_done
+
 from .store import keys
 from .store.redis_store import RedisStore
-from .tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ipam.v1 import events_pb2
+from services.core.family import Family
+from services.core.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 
 from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, NotFound, ResourceExhausted
 from .domain.model import (
@@ -21,14 +23,12 @@ from .domain.model import (
     MAX_KEY_LENGTH,
     MAX_OWNER_LENGTH,
     Allocation,
-    Family,
     parse_ip,
     pool_or_default,
     validate_name,
     validate_text,
     validate_timeout,
 )
-from .domain.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
 from .refill import RefillWatcher

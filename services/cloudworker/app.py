@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
 
 from clients.client import AsyncIpamClient, IpamClientError
-from services.allocator.app import split_host_port
-from services.allocator.store import keys
-from services.allocator.store.redis_store import RedisClient, RedisStore
-from services.allocator.tasks import cancel_until_done
+from services.core import contract, redis_client
+from services.core.net import split_host_port
+from services.core.redis_client import RedisClient
+from services.core.tasks import cancel_until_done
 from services.metrics_common import WORKER_EXPORTER_KEY, ExporterLease
 
 from .maintainer import CLOUD_POOL, NodeMaintainer
@@ -68,11 +68,11 @@ class Worker:
         a mark, and the holder, after letting go, takes the node again if it finds the mark (the
         caller tries the lock once more after marking, in case the holder let go in between).
         """
-        mark = f"{keys.node_prefix(node)}:again"
+        mark = f"{contract.node_prefix(node)}:again"
         maintained = False
         while True:
             lock = self.redis.lock(
-                f"{keys.node_prefix(node)}:worklock",
+                f"{contract.node_prefix(node)}:worklock",
                 timeout=self.settings.node_lock_seconds,
                 blocking_timeout=wait_for_lock,
             )
@@ -259,7 +259,7 @@ async def run(settings: WorkerSettings) -> None:
         burst=settings.ec2_burst,
         observer=metrics.ec2,
     )
-    redis = RedisStore.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
+    redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
     allocator = AsyncIpamClient(
         settings.grpc_address,
         token=settings.admin_token.get_secret_value() or None,
@@ -297,7 +297,7 @@ async def run(settings: WorkerSettings) -> None:
     log.info(
         "worker %s consuming %s for the allocator at %s (EC2 %s, %.1f qps, burst %d)",
         settings.consumer_name,
-        keys.EVENTS_STREAM,
+        contract.EVENTS_STREAM,
         settings.grpc_address,
         settings.ec2_endpoint_url or "AWS",
         settings.ec2_qps,

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from clients.client import AsyncIpamClient, IpamClientError
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from services.allocator.domain.model import Family
-from services.allocator.domain.pool_math import PoolCounts, Watermarks
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks
 
 from . import planner
 from .metrics import WorkerMetrics

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.allocator.domain.pool_math import interface_capacity
+from services.core.pool_math import interface_capacity
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from services.allocator.domain.model import Family
-from services.allocator.domain.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
 from services.cloudworker.model import InstanceLimits, NetworkInterface, SecurityGroup, Subnet
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
 
 __all__ = [
     "AT_CAPACITY",

@@ -18,11 +18,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from ipam.v1 import events_pb2
-from services.allocator.store import keys
+from services.core import contract
 
 log = logging.getLogger(__name__)
-
-DEAD_LETTER_STREAM = keys.DEAD_LETTER_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +57,7 @@ class RedisStreamSource:
         consumer: str,
         max_deliveries: int,
         claim_idle_ms: int,
-        stream: str = keys.EVENTS_STREAM,
+        stream: str = contract.EVENTS_STREAM,
         on_dead_letter: Callable[[Delivery], None] | None = None,
     ) -> None:
         self.client = client
@@ -136,10 +134,10 @@ class RedisStreamSource:
             delivery.entry_id,
             delivery.event.node,
             delivery.deliveries - 1,
-            DEAD_LETTER_STREAM,
+            contract.DEAD_LETTER_STREAM,
         )
         await self.client.xadd(
-            DEAD_LETTER_STREAM,
+            contract.DEAD_LETTER_STREAM,
             {**fields, b"entry_id": delivery.entry_id.encode(), b"deliveries": str(delivery.deliveries - 1).encode()},
             maxlen=10_000,
             approximate=True,
@@ -153,7 +151,7 @@ class RedisStreamSource:
 
     async def take(self, delivery: Delivery) -> None:
         """Clears the allocator's coalescing marker: a change from now on publishes a new event."""
-        await self.client.delete(keys.pending_event_key(delivery.event.node, delivery.event.pool))
+        await self.client.delete(contract.pending_event_key(delivery.event.node, delivery.event.pool))
 
     async def trim(self) -> int:
         """Drops entries older than both the oldest pending one and the group's last delivered one."""

@@ -8,6 +8,8 @@ import socket
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core import contract
+
 
 class WorkerSettings(BaseSettings):
     """Every setting of `ipam-cloudworker` (flag `--ec2-qps` = variable `IPAM_EC2_QPS`)."""
@@ -35,7 +37,7 @@ class WorkerSettings(BaseSettings):
     cluster_name: str = Field("ipam", description="tags our interfaces, so leaked ones of this cluster are found")
     ec2_qps: float = Field(4.0, description="EC2 calls per second (one token bucket for every call)")
     ec2_burst: int = Field(20, description="EC2 calls allowed in a burst")
-    consumer_group: str = Field("ipam-workers", description="Redis Streams consumer group")
+    consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")
     claim_idle_seconds: float = Field(15.0, description="events pending this long with a dead worker are claimed")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from enum import IntEnum
+
+from services.core.family import Family
 
 from .errors import InvalidArgument
 
@@ -18,25 +19,12 @@ MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
-class Family(IntEnum):
-    """Address family; values match `ipam.v1.Family`."""
-
-    UNSPECIFIED = 0
-    IPV4 = 1
-    IPV6 = 2
-
-    @classmethod
-    def parse(cls, value: int) -> Family:
-        """The family of a wire value; an unknown value is malformed input."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidArgument(f"unknown address family {value}", reason="INVALID_FAMILY") from None
-
-    @property
-    def tag(self) -> str:
-        """The short form used in Redis keys: "4" or "6"."""
-        return "4" if self is Family.IPV4 else "6"
+def parse_family(value: int) -> Family:
+    """The family of a wire value; an unknown value is malformed input."""
+    try:
+        return Family(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown address family {value}", reason="INVALID_FAMILY") from None
 
 
 def pool_or_default(pool: str) -> str:

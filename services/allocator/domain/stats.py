@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
 
 
 @dataclass(frozen=True, slots=True)

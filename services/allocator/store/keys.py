@@ -1,17 +1,14 @@
-"""Redis key names. Every key of one node shares the hash tag `{node}`, so each Lua script touches
-one cluster slot and the design runs unchanged on Redis Cluster."""
+"""The allocator's Redis key names. Every key of one node shares the hash tag `{node}`, so each Lua
+script touches one cluster slot and the design runs unchanged on Redis Cluster. The keys the worker
+touches too are in `services.core.contract`."""
 
 from __future__ import annotations
 
+from services.core.contract import node_prefix, pending_event_key
+
 NODES_KEY = "ipam:nodes"  # set of node names (its own slot; written outside pool scripts)
 TIMERS_KEY = "ipam:timers"  # zset "node\x00pool" -> next expiration deadline (ms), an index
-EVENTS_STREAM = "ipam:events"  # the stream the worker consumes
-DEAD_LETTER_STREAM = "ipam:events:dead"  # events the worker gave up on (max deliveries), for replay
 REFILL_CHANNEL = "ipam:refill"  # pub/sub: "node\x00pool" when addresses were added
-
-
-def node_prefix(node: str) -> str:
-    return f"ipam:{{{node}}}"
 
 
 def node_key(node: str) -> str:
@@ -29,11 +26,6 @@ def interfaces_key(node: str) -> str:
 def interface_info_key(node: str) -> str:
     """interface id -> "mac\tdevice index\tgateway\tsubnet cidr": what an allocation result needs, kept small."""
     return f"{node_prefix(node)}:ifinfo"
-
-
-def pending_event_key(node: str, pool: str) -> str:
-    """Coalescing marker: set while an event for (node, pool) waits in the stream."""
-    return f"{node_prefix(node)}:{pool}:evpending"
 
 
 def pool_keys(node: str, pool: str) -> list[str]:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks
+from services.core.redis_client import RedisClient
 
 from ..domain.errors import (
     AlreadyExists,
@@ -31,13 +31,11 @@ from ..domain.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ..domain.model import Allocation, Family, InterfaceInfo
-from ..domain.pool_math import PoolCounts, Watermarks
+from ..domain.model import Allocation, InterfaceInfo
 from . import keys
 from .pipelining import PipelinedConnection
 
 T = TypeVar("T")
-RedisClient = aioredis.Redis | RedisCluster
 
 SCRIPTS = (
     "allocate_next",
@@ -224,25 +222,6 @@ class RedisStore:
             name: client.register_script(lib + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
             for name in SCRIPTS
         }
-
-    @staticmethod
-    def connect(url: str, *, cluster: bool, timeout_s: float, max_connections: int) -> RedisClient:
-        """A client for one Redis or a Redis Cluster; timeouts bound every call (no hangs)."""
-        # A connection found broken (Redis restarted) is retried once on a fresh one. Timeouts are
-        # not retried: the command may still run. A script cut off after it ran is the one case a
-        # retry repeats; callers that need exactly-once use an idempotency key.
-        options: dict[str, Any] = dict(
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=False,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        if cluster:
-            return RedisCluster.from_url(url, max_connections=max_connections, **options)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, **options
-        )
-        return aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
         if self._pipelined is not None:

@@ -13,10 +13,11 @@ import grpc
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
+from services.core.family import Family
+from services.core.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
 
 from ..domain.errors import IpamError, Unavailable
-from ..domain.model import Allocation, Family
-from ..domain.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
+from ..domain.model import Allocation, parse_family
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeSettings, NodeView
 from .status import status_code_of, to_status
@@ -91,7 +92,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         allocations = await self.service.allocate_next(
             request.node,
             request.pool,
-            Family.parse(request.family),
+            parse_family(request.family),
             request.owner,
             expiration_seconds=request.expiration_seconds,
             skip_sync_upstream=request.skip_sync_upstream,
@@ -363,7 +364,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         self, request: npb.ReserveForReleaseRequest, context: grpc.aio.ServicerContext
     ) -> npb.ReserveForReleaseResponse:
         rid, ips = await self.service.reserve_for_release(
-            request.node, request.pool, Family.parse(request.family), request.interface_id, request.count
+            request.node, request.pool, parse_family(request.family), request.interface_id, request.count
         )
         return npb.ReserveForReleaseResponse(reservation_id=rid, ips=ips)
 

@@ -26,7 +26,6 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError
 
-from services.allocator.domain.model import Family
 from services.cloudworker.metrics import ApiObserver, NullObserver
 from services.cloudworker.model import (
     AddressChange,
@@ -46,6 +45,7 @@ from services.cloudworker.providers.errors import (
     Transient,
 )
 from services.cloudworker.ratelimit import TokenBucket
+from services.core.family import Family
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from services.allocator.domain.model import Family
 from services.cloudworker.model import (
     AddressChange,
     Instance,
@@ -19,6 +18,7 @@ from services.cloudworker.model import (
     SecurityGroup,
     Subnet,
 )
+from services.core.family import Family
 
 
 class CloudProvider(Protocol):

@@ -8,6 +8,7 @@ import pytest
 
 from services.allocator.refill import RefillWatcher
 from services.allocator.store.redis_store import RedisStore
+from services.core import redis_client
 from tests.support.redis_server import RedisServer
 
 
@@ -15,7 +16,7 @@ async def _start_then_stop(redis_url: str, delay_s: float) -> tuple[bool, list[a
     """Starts a watcher and stops it `delay_s` later: whether the stop returned within 5 s, and the
     tasks still alive afterwards."""
     store = RedisStore(
-        RedisStore.connect(redis_url, cluster=False, timeout_s=2, max_connections=8), reuse_cooldown_ms=0
+        redis_client.connect(redis_url, cluster=False, timeout_s=2, max_connections=8), reuse_cooldown_ms=0
     )
     watcher = RefillWatcher(store)
     watcher.start()

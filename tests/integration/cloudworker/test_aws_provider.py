@@ -12,7 +12,6 @@ from botocore.awsrequest import AWSResponse
 from botocore.client import BaseClient
 from prometheus_client import CollectorRegistry
 
-from services.allocator.domain.model import Family
 from services.cloudworker.metrics import Ec2Metrics
 from services.cloudworker.model import InstanceLimits, NetworkInterface
 from services.cloudworker.providers.aws import (
@@ -33,6 +32,7 @@ from services.cloudworker.providers.errors import (
     Transient,
 )
 from services.cloudworker.ratelimit import TokenBucket
+from services.core.family import Family
 from tests.support.moto_server import (
     DUMMY_KEY,
     POD_SUBNET_TAGS,

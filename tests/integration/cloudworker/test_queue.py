@@ -9,7 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from ipam.v1 import events_pb2
-from services.cloudworker.queue import DEAD_LETTER_STREAM, RedisStreamSource
+from services.cloudworker.queue import RedisStreamSource
+from services.core.contract import DEAD_LETTER_STREAM
 from tests.support.redis_server import RedisServer
 
 

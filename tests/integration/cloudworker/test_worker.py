@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from services.allocator.store.redis_store import RedisStore
 from services.cloudworker.app import Worker
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
@@ -32,6 +31,7 @@ from services.cloudworker.providers.aws import (
 from services.cloudworker.queue import RedisStreamSource
 from services.cloudworker.ratelimit import TokenBucket
 from services.cloudworker.settings import WorkerSettings
+from services.core import redis_client
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
 from tests.support.moto_server import (
@@ -383,7 +383,7 @@ async def _in_process_worker(
     """A worker (and its allocator client) built here, its EC2 calls through `client`."""
     redis_url = cloud.allocator.env["IPAM_REDIS_URL"]
     settings = WorkerSettings(redis_url=redis_url, grpc_address=cloud.allocator.address, metrics_address="")
-    redis = RedisStore.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
+    redis = redis_client.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
     provider = AwsProvider(client, cluster=cluster, limiter=TokenBucket(100, 100))
     try:
         async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.allocator.domain.errors import InvalidArgument
-from services.allocator.domain.model import Family, parse_ip, validate_name, validate_text, validate_timeout
+from services.allocator.domain.model import parse_family, parse_ip, validate_name, validate_text, validate_timeout
+from services.core.family import Family
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,8 @@ def test_validate_timeout_refuses(seconds: int) -> None:
         validate_timeout(seconds)
 
 
-def test_family_parse_refuses_unknown_values() -> None:
-    assert Family.parse(2) is Family.IPV6
-    with pytest.raises(InvalidArgument):
-        Family.parse(7)
+def test_parse_family_refuses_unknown_values() -> None:
+    assert parse_family(2) is Family.IPV6
+    with pytest.raises(InvalidArgument) as caught:
+        parse_family(7)
+    assert caught.value.reason == "INVALID_FAMILY"

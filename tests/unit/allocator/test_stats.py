@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.allocator.domain.pool_math import PoolCounts, Watermarks
 from services.allocator.domain.stats import node_stats
+from services.core.pool_math import PoolCounts, Watermarks
 
 
 def interface(device: int, secondaries: int) -> dict[str, object]:

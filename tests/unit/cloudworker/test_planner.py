@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from services.allocator.domain.model import Family
 from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
 from services.cloudworker.planner import (
     AT_CAPACITY,
@@ -28,6 +27,7 @@ from services.cloudworker.planner import (
     plan_ipv6_release,
     security_groups_by_tags,
 )
+from services.core.family import Family
 
 M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_interface=10)
 VPC, ZONE = "vpc-1", "us-east-1a"

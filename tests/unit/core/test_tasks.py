@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.allocator.tasks import cancel_until_done
+from services.core.tasks import cancel_until_done
 
 
 async def _loop_swallowing(cancellations: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.allocator.domain.pool_math import (
+from services.core.pool_math import (
     PoolCounts,
     Watermarks,
     excess_ips,
