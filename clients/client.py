@@ -8,7 +8,8 @@ UNAVAILABLE (the channel's service config), balancing across replicas (`round_ro
         result = ipam.allocate_next("node-a", owner="pod-1", family=Family.IPV4)
         print(result.ipv4.ip)
 
-Every failed call raises `IpamClientError` with the status code and the server's stable reason.
+Every failed call raises `IpamClientError` with the status code and the server's stable reason (an
+`ErrorReason` of `services.core.reasons` when the server sent one this client knows).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from grpc_status import rpc_status
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as nodes_pb
+from services.core.reasons import ErrorReason
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -58,14 +60,17 @@ class Family(IntEnum):
 
 
 class IpamClientError(Exception):
-    """A failed call: gRPC status code, the server's ErrorInfo reason ("" when it sent none), message."""
+    """A failed call: gRPC status code, the server's ErrorInfo reason ("" when it sent none), message.
+
+    A reason this client knows is an `ErrorReason` (equal to its wire string); a newer server's
+    reason it does not know stays the plain string."""
 
     def __init__(
         self, code: grpc.StatusCode, reason: str, message: str, metadata: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(code, reason, message)
         self.code = code
-        self.reason = reason
+        self.reason: ErrorReason | str = _known_reason(reason)
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
 
@@ -92,6 +97,13 @@ class IpamClientError(Exception):
                     detail.Unpack(info)
                     return cls(code, info.reason, status.message or message, info.metadata)
         return cls(code, "", message)
+
+
+def _known_reason(reason: str) -> ErrorReason | str:
+    try:
+        return ErrorReason(reason)
+    except ValueError:
+        return reason
 
 
 def parse_target(address: str) -> str:

@@ -20,6 +20,7 @@ import boto3
 from botocore.client import BaseClient
 
 from clients.client import IpamClient, IpamClientError, node_spec
+from services.core.reasons import ErrorReason
 
 DEMO_TAG = {"Key": "ipam.io/demo", "Value": "true"}
 REGION = "us-east-1"
@@ -148,7 +149,7 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
             client.create_node(spec)
             print(f"registered {name} ({instance_type}, {instance_id})")
         except IpamClientError as exc:
-            if exc.reason != "NODE_ALREADY_EXISTS":
+            if exc.reason != ErrorReason.NODE_ALREADY_EXISTS:
                 raise
             print(f"{name} already registered")
         names.append(name)

@@ -16,6 +16,7 @@ from typing import Any
 from ipam.v1 import events_pb2
 from services.core.family import Family
 from services.core.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.reasons import DeficitReason, ErrorReason
 
 from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, NotFound, ResourceExhausted
 from .domain.model import (
@@ -84,16 +85,16 @@ class AllocatorService:
 
     def _check_family_enabled(self, family: Family) -> None:
         if family is Family.IPV4 and not self.ipv4_enabled:
-            raise FailedPrecondition("IPv4 is disabled on this allocator", reason="IPV4_DISABLED")
+            raise FailedPrecondition("IPv4 is disabled on this allocator", reason=ErrorReason.IPV4_DISABLED)
         if family is Family.IPV6 and not self.ipv6_enabled:
-            raise FailedPrecondition("IPv6 is disabled on this allocator", reason="IPV6_DISABLED")
+            raise FailedPrecondition("IPv6 is disabled on this allocator", reason=ErrorReason.IPV6_DISABLED)
 
     def _families(self, family: Family) -> list[Family]:
         if family is Family.UNSPECIFIED:
             # Dual-stack: both enabled families, taken together or not at all (IPv6 first, as Cilium).
             chosen = [f for f, on in ((Family.IPV6, self.ipv6_enabled), (Family.IPV4, self.ipv4_enabled)) if on]
             if not chosen:
-                raise FailedPrecondition("no address family is enabled", reason="IPV4_DISABLED")
+                raise FailedPrecondition("no address family is enabled", reason=ErrorReason.IPV4_DISABLED)
             return chosen
         self._check_family_enabled(family)
         return [family]
@@ -110,7 +111,7 @@ class AllocatorService:
             excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks)
             if state.ipv6_enabled:
                 excess = max(excess, pool_excess_ips(state.counts[Family.IPV6], state.watermarks))
-        if state.deficit_reason == "at-capacity":
+        if state.deficit_reason == DeficitReason.AT_CAPACITY:
             needed = 0  # nothing more can be attached: only a release helps, and it needs no worker
         if needed <= 0 and excess <= 0:
             return False
@@ -153,7 +154,7 @@ class AllocatorService:
                     state: PoolState = exc.state  # type: ignore[attr-defined]
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
                     waits = wait_for_refill and self.refills is not None and remaining > 0.01
-                    if not (waits and exc.reason in ("POOL_EMPTY", "POOL_COOLING_DOWN")):
+                    if not (waits and exc.reason in (ErrorReason.POOL_EMPTY, ErrorReason.POOL_COOLING_DOWN)):
                         await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                         raise
                     if not waiter:
@@ -201,7 +202,7 @@ class AllocatorService:
             owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
             outcome = await self.store.release(node, pool, owner=owner)
         else:
-            raise InvalidArgument("release needs an ip or an owner", reason="IP_OR_OWNER_REQUIRED")
+            raise InvalidArgument("release needs an ip or an owner", reason=ErrorReason.IP_OR_OWNER_REQUIRED)
         await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.ips
 
@@ -232,7 +233,7 @@ class AllocatorService:
         node, pool = self._target(node, pool)
         ip, _ = parse_ip(ip)
         if validate_timeout(timeout_seconds, "timeout_seconds") == 0:
-            raise InvalidArgument("timeout_seconds must be positive", reason="INVALID_TIMEOUT")
+            raise InvalidArgument("timeout_seconds must be positive", reason=ErrorReason.INVALID_TIMEOUT)
         return await self.store.start_timer(node, pool, ip, timeout_seconds)
 
     async def stop_timer(self, node: str, pool: str, ip: str, expiration_uuid: str) -> None:
@@ -293,7 +294,7 @@ class AllocatorService:
             ("first_interface_index", settings.first_interface_index),
         ):
             if value < 0 or value > 100_000:
-                raise InvalidArgument(f"{label} must be between 0 and 100000", reason="INVALID_SPEC")
+                raise InvalidArgument(f"{label} must be between 0 and 100000", reason=ErrorReason.INVALID_SPEC)
         await self.store.put_node(
             name,
             create=create,
@@ -395,7 +396,7 @@ class AllocatorService:
     ) -> tuple[str, list[str]]:
         node, pool = self._target(node, pool)
         if count < 0:
-            raise InvalidArgument("count must not be negative", reason="INVALID_COUNT")
+            raise InvalidArgument("count must not be negative", reason=ErrorReason.INVALID_COUNT)
         outcome = await self.store.reserve_for_release(
             node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count
         )

@@ -17,6 +17,7 @@ from redis.asyncio.lock import Lock
 from clients.client import AsyncIpamClient, IpamClientError
 from services.core import contract, redis_client
 from services.core.net import split_host_port
+from services.core.reasons import DeficitReason, ErrorReason
 from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 from services.metrics_common import WORKER_EXPORTER_KEY, ExporterLease
@@ -131,7 +132,7 @@ class Worker:
                 self.metrics.events.labels("node-busy").inc()
                 return
         except IpamClientError as exc:
-            if exc.reason == "NODE_NOT_FOUND":
+            if exc.reason == ErrorReason.NODE_NOT_FOUND:
                 await self.source.ack(delivery)
                 self.metrics.events.labels("node-gone").inc()
                 return
@@ -190,7 +191,8 @@ class Worker:
         """Nodes by category and each node's interfaces, from the allocator's view of them."""
         self.metrics.nodes.labels("total").set(len(nodes))
         self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ips > 0))
-        self.metrics.nodes.labels("at-capacity").set(sum(1 for n in nodes if n.stats.deficit_reason == "at-capacity"))
+        at_capacity = sum(1 for n in nodes if n.stats.deficit_reason == DeficitReason.AT_CAPACITY)
+        self.metrics.nodes.labels(DeficitReason.AT_CAPACITY).set(at_capacity)
         self.metrics.interfaces.clear()
         for n in nodes:
             for state, value in (

@@ -17,6 +17,7 @@ from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
+from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
 from .metrics import WorkerMetrics
@@ -121,7 +122,7 @@ class NodeMaintainer:
             )
         spec = node.spec
         if not spec.instance_id or not spec.instance_type:
-            outcome.reason = "no-instance"
+            outcome.reason = DeficitReason.NO_INSTANCE
             return outcome
         if spec.instance_id != known_instance:
             first_read = None
@@ -132,7 +133,7 @@ class NodeMaintainer:
             # Said to the allocator, so that callers fail at once with the reason instead of
             # waiting for a refill that cannot come (Cilium #14802: unknown types failing silently).
             log.warning("node %s: %s", name, exc)
-            outcome.reason = planner.INSTANCE_TYPE_UNKNOWN
+            outcome.reason = DeficitReason.INSTANCE_TYPE_UNKNOWN
             await self._report(node, None, outcome.reason)
             return outcome
         instance = self._instances.get(spec.instance_id) or await self._cloud(
@@ -193,7 +194,7 @@ class NodeMaintainer:
                 elif isinstance(action, planner.ReleaseAction):
                     released = await self._release(node, action, outcome)
                     if released is None:
-                        outcome.reason = planner.NOTHING_RELEASABLE
+                        outcome.reason = DeficitReason.NOTHING_RELEASABLE
                         break
                     updated, released_some = released, True
                 else:
@@ -600,7 +601,7 @@ class NodeMaintainer:
     async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, reason: str) -> None:
         """Tells the allocator the interfaces as they are now (when they changed) and why a deficit
         stays, if it does (so callers fail fast with that reason)."""
-        blocking = reason if reason in _BLOCKING_REASONS else ""
+        blocking = reason if reason in BLOCKING_REASONS else ""
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
         first = node.spec.first_interface_index
@@ -619,9 +620,6 @@ class NodeMaintainer:
         except IpamClientError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
 
-
-# Why a deficit stays, as the allocator shows it (and answers callers with, for the first two and the last).
-_BLOCKING_REASONS = (planner.AT_CAPACITY, planner.SUBNET_FULL, planner.MAX_ALLOCATE, planner.INSTANCE_TYPE_UNKNOWN)
 
 
 def _pool_table(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:

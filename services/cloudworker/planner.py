@@ -19,14 +19,9 @@ from dataclasses import dataclass, field, replace
 from services.cloudworker.model import InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.reasons import DeficitReason
 
 __all__ = [
-    "AT_CAPACITY",
-    "INSTANCE_TYPE_UNKNOWN",
-    "MAX_ALLOCATE",
-    "NOTHING_NEEDED",
-    "NOTHING_RELEASABLE",
-    "SUBNET_FULL",
     "Action",
     "AllocationAction",
     "InterfaceState",
@@ -39,15 +34,6 @@ __all__ = [
     "plan_ipv6_release",
 ]
 
-# Reasons of a NoAction. The first two are what the allocator shows as a node's deficit reason.
-AT_CAPACITY = "at-capacity"  # every interface full and no device slot left
-SUBNET_FULL = "subnet-full"  # room on the instance, none in the subnets it may use
-MAX_ALLOCATE = "max-allocate"  # a deficit remains, but max_allocate forbids more addresses
-NOTHING_NEEDED = "nothing-needed"
-NOTHING_RELEASABLE = "nothing-releasable"  # excess, but no interface holds a free address
-# Not a plan's: the maintainer's, when the cloud has no limits for the spec's instance type (nothing
-# can be planned). The allocator shows it as a deficit reason too.
-INSTANCE_TYPE_UNKNOWN = "instance-type-unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +109,9 @@ class ReleaseAction:
 
 @dataclass(frozen=True, slots=True)
 class NoAction:
-    """Nothing to do now; `reason` is one of the constants above, `detail` is for humans."""
+    """Nothing to do now, and why; `detail` is for humans."""
 
-    reason: str
+    reason: DeficitReason
     detail: str = ""
 
 
@@ -159,10 +145,10 @@ def plan(
     if excess > 0:
         if spec.release_excess:
             return _plan_release(spec, interfaces, excess)
-        return NoAction(NOTHING_NEEDED, f"{excess} in excess, release disabled")
+        return NoAction(DeficitReason.NOTHING_NEEDED, f"{excess} in excess, release disabled")
     if w.max_allocate > 0 and pool_needed_ips(counts, replace(w, max_allocate=0)) > 0:
-        return NoAction(MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
-    return NoAction(NOTHING_NEEDED)
+        return NoAction(DeficitReason.MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
+    return NoAction(DeficitReason.NOTHING_NEEDED)
 
 
 def _plan_allocation(
@@ -178,7 +164,8 @@ def _plan_allocation(
     if w.max_allocate > 0:
         wanted = min(wanted, w.max_allocate - counts.available)
         if wanted <= 0:
-            return NoAction(MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
+            detail = f"pool holds {counts.available} of max_allocate {w.max_allocate}"
+            return NoAction(DeficitReason.MAX_ALLOCATE, detail)
 
     # An existing interface with a free slot, in a subnet with free addresses, lowest device first.
     subnets_by_id = {s.id: s for s in subnets}
@@ -204,14 +191,14 @@ def _plan_allocation(
     free_indexes = _free_device_indexes(spec, interfaces, limits)
     if not free_indexes:
         if blocked_by_subnet:
-            return NoAction(SUBNET_FULL, "interfaces with free slots are in full subnets")
+            return NoAction(DeficitReason.SUBNET_FULL, "interfaces with free slots are in full subnets")
         return NoAction(
-            AT_CAPACITY,
+            DeficitReason.AT_CAPACITY,
             f"{limits.capacity(spec.first_interface_index)} usable addresses, all attached",
         )
     subnet = _subnet_for_new_interface(spec, interfaces, limits, subnets)
     if subnet is None:
-        return NoAction(SUBNET_FULL, "no subnet the node may use has free addresses")
+        return NoAction(DeficitReason.SUBNET_FULL, "no subnet the node may use has free addresses")
     return AllocationAction(
         # The new interface's primary address also comes out of the subnet.
         count=min(wanted, limits.ipv4_per_interface - 1, subnet.free_addresses - 1),
@@ -225,9 +212,9 @@ def plan_ipv6_release(spec: NodeSpec, counts: PoolCounts, interfaces: Sequence[I
     """The next step for the node's IPv6 excess: a release (with `spec.release_excess`) or nothing."""
     excess = pool_excess_ips(counts, spec.watermarks)
     if excess <= 0 or pool_needed_ips(counts, spec.watermarks) > 0:
-        return NoAction(NOTHING_NEEDED)
+        return NoAction(DeficitReason.NOTHING_NEEDED)
     if not spec.release_excess:
-        return NoAction(NOTHING_NEEDED, f"{excess} IPv6 in excess, release disabled")
+        return NoAction(DeficitReason.NOTHING_NEEDED, f"{excess} IPv6 in excess, release disabled")
     return _plan_release(spec, interfaces, excess, Family.IPV6)
 
 
@@ -246,7 +233,7 @@ def _plan_release(
         if best is None or free(interface) > free(best):
             best = interface
     if best is None:
-        return NoAction(NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
+        return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
     return ReleaseAction(best.id, best.subnet_id, min(free(best), excess), family)
 
 

@@ -3,11 +3,13 @@ wire); the transport layer maps the class to a gRPC status code in exactly one p
 
 from __future__ import annotations
 
+from services.core.reasons import ErrorReason
+
 
 class IpamError(Exception):
     """Base of every error the allocator reports to a caller."""
 
-    reason: str = "INTERNAL"
+    reason: str = ErrorReason.INTERNAL
 
     def __init__(self, message: str, *, reason: str | None = None, **metadata: str) -> None:
         super().__init__(message)
@@ -20,46 +22,46 @@ class IpamError(Exception):
 class InvalidArgument(IpamError):
     """Malformed input (bad IP, empty owner, oversized string, negative timeout)."""
 
-    reason = "INVALID_ARGUMENT"
+    reason = ErrorReason.INVALID_ARGUMENT
 
 
 class NotFound(IpamError):
     """Unknown node, pool, address, owner or reservation."""
 
-    reason = "NOT_FOUND"
+    reason = ErrorReason.NOT_FOUND
 
 
 class AlreadyExists(IpamError):
     """The address (or node) is already taken."""
 
-    reason = "ALREADY_EXISTS"
+    reason = ErrorReason.ALREADY_EXISTS
 
 
 class FailedPrecondition(IpamError):
     """Address not in the pool, excluded, reserved, family disabled, timer uuid mismatch."""
 
-    reason = "FAILED_PRECONDITION"
+    reason = ErrorReason.FAILED_PRECONDITION
 
 
 class ResourceExhausted(IpamError):
     """The pool has no free address (reason says whether a refill is under way or the node is full)."""
 
-    reason = "POOL_EMPTY"
+    reason = ErrorReason.POOL_EMPTY
 
 
 class Unavailable(IpamError):
     """A dependency (Redis) cannot be reached within the call's deadline."""
 
-    reason = "STORE_UNAVAILABLE"
+    reason = ErrorReason.STORE_UNAVAILABLE
 
 
 class Unauthenticated(IpamError):
     """No valid credential."""
 
-    reason = "MISSING_CREDENTIALS"
+    reason = ErrorReason.MISSING_CREDENTIALS
 
 
 class PermissionDenied(IpamError):
     """A credential without the role the call needs."""
 
-    reason = "ADMIN_ROLE_REQUIRED"
+    reason = ErrorReason.ADMIN_ROLE_REQUIRED

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from services.core.family import Family
+from services.core.reasons import ErrorReason
 
 from .errors import InvalidArgument
 
@@ -24,7 +25,7 @@ def parse_family(value: int) -> Family:
     try:
         return Family(value)
     except ValueError:
-        raise InvalidArgument(f"unknown address family {value}", reason="INVALID_FAMILY") from None
+        raise InvalidArgument(f"unknown address family {value}", reason=ErrorReason.INVALID_FAMILY) from None
 
 
 def pool_or_default(pool: str) -> str:
@@ -35,11 +36,13 @@ def pool_or_default(pool: str) -> str:
 def validate_name(value: str, what: str) -> str:
     """Node and pool names: DNS-label-like, at most 253 characters."""
     if not value:
-        raise InvalidArgument(f"{what} is required", reason=f"{what.upper()}_REQUIRED")
+        raise InvalidArgument(f"{what} is required", reason=ErrorReason.required(what))
     if len(value) > MAX_NAME_LENGTH:
-        raise InvalidArgument(f"{what} is longer than {MAX_NAME_LENGTH} characters", reason="NAME_TOO_LONG")
+        raise InvalidArgument(f"{what} is longer than {MAX_NAME_LENGTH} characters", reason=ErrorReason.NAME_TOO_LONG)
     if not _NAME_RE.match(value):
-        raise InvalidArgument(f"{what} {value!r} has characters outside [A-Za-z0-9._-]", reason="INVALID_NAME")
+        raise InvalidArgument(
+            f"{what} {value!r} has characters outside [A-Za-z0-9._-]", reason=ErrorReason.INVALID_NAME
+        )
     return value
 
 
@@ -47,12 +50,12 @@ def validate_text(value: str, what: str, max_length: int, *, required: bool) -> 
     """Free text (owners, keys): printable, bounded; tabs and newlines are refused."""
     if not value:
         if required:
-            raise InvalidArgument(f"{what} is required", reason=f"{what.upper().replace(' ', '_')}_REQUIRED")
+            raise InvalidArgument(f"{what} is required", reason=ErrorReason.required(what))
         return value
     if len(value) > max_length:
-        raise InvalidArgument(f"{what} is longer than {max_length} characters", reason="TEXT_TOO_LONG")
+        raise InvalidArgument(f"{what} is longer than {max_length} characters", reason=ErrorReason.TEXT_TOO_LONG)
     if not value.isprintable():
-        raise InvalidArgument(f"{what} has control characters", reason="INVALID_TEXT")
+        raise InvalidArgument(f"{what} has control characters", reason=ErrorReason.INVALID_TEXT)
     return value
 
 
@@ -61,17 +64,19 @@ def parse_ip(value: str, family: Family | None = None) -> tuple[str, Family]:
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
-        raise InvalidArgument(f"{value!r} is not an IP address", reason="INVALID_IP") from None
+        raise InvalidArgument(f"{value!r} is not an IP address", reason=ErrorReason.INVALID_IP) from None
     found = Family.IPV4 if address.version == 4 else Family.IPV6
     if family not in (None, Family.UNSPECIFIED) and found != family:
-        raise InvalidArgument(f"{value} is not an {family.name} address", reason="WRONG_FAMILY")
+        raise InvalidArgument(f"{value} is not an {family.name} address", reason=ErrorReason.WRONG_FAMILY)
     return str(address), found
 
 
 def validate_timeout(seconds: int, what: str = "timeout") -> int:
     """Timeouts in seconds: 0..30 days."""
     if seconds < 0 or seconds > MAX_TIMEOUT_SECONDS:
-        raise InvalidArgument(f"{what} must be between 0 and {MAX_TIMEOUT_SECONDS} seconds", reason="INVALID_TIMEOUT")
+        raise InvalidArgument(
+            f"{what} must be between 0 and {MAX_TIMEOUT_SECONDS} seconds", reason=ErrorReason.INVALID_TIMEOUT
+        )
     return seconds
 
 

@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
+from services.core.reasons import ErrorReason, pool_empty_reason
 from services.core.redis_client import RedisClient
 
 from ..domain.errors import (
@@ -55,20 +56,29 @@ SCRIPTS = (
     "release_by_key",
 )
 
+# Why a pool is empty, by its error reason (the end of the message).
+_POOL_EMPTY_WHY: dict[ErrorReason, str] = {
+    ErrorReason.POOL_COOLING_DOWN: "its free addresses are still in the reuse cooldown",
+    ErrorReason.NODE_AT_CAPACITY: "the node is at its instance's interface and address limits",
+    ErrorReason.SUBNET_FULL: "its subnets have no free address",
+    ErrorReason.INSTANCE_TYPE_UNKNOWN: "the cloud does not know the instance type of its spec",
+    ErrorReason.POOL_EMPTY: "a refill has been requested",
+}
+
 # Lua failure reason -> (domain exception, message template).
-_FAILURES: dict[str, tuple[type[IpamError], str]] = {
-    "NODE_NOT_FOUND": (NotFound, "node {node} is not known"),
-    "POOL_NOT_FOUND": (NotFound, "pool {pool} of node {node} does not exist"),
-    "NODE_ALREADY_EXISTS": (AlreadyExists, "node {node} already exists"),
-    "IP_ALREADY_ALLOCATED": (AlreadyExists, "{ip} is already allocated"),
-    "IP_NOT_IN_POOL": (FailedPrecondition, "{ip} is not in pool {pool} of node {node}"),
-    "IP_EXCLUDED": (FailedPrecondition, "{ip} is excluded from pool {pool} of node {node}"),
-    "IP_RESERVED_FOR_RELEASE": (FailedPrecondition, "{ip} is being released to the cloud"),
-    "IP_NOT_ALLOCATED": (NotFound, "{ip} is not allocated in pool {pool} of node {node}"),
-    "OWNER_NOT_FOUND": (NotFound, "owner holds no address in pool {pool} of node {node}"),
-    "NO_TIMER_RUNNING": (FailedPrecondition, "no expiration timer runs for {ip}"),
-    "EXPIRATION_UUID_MISMATCH": (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
-    "RESERVATION_NOT_FOUND": (NotFound, "reservation is not known in pool {pool} of node {node}"),
+_FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
+    ErrorReason.NODE_NOT_FOUND: (NotFound, "node {node} is not known"),
+    ErrorReason.POOL_NOT_FOUND: (NotFound, "pool {pool} of node {node} does not exist"),
+    ErrorReason.NODE_ALREADY_EXISTS: (AlreadyExists, "node {node} already exists"),
+    ErrorReason.IP_ALREADY_ALLOCATED: (AlreadyExists, "{ip} is already allocated"),
+    ErrorReason.IP_NOT_IN_POOL: (FailedPrecondition, "{ip} is not in pool {pool} of node {node}"),
+    ErrorReason.IP_EXCLUDED: (FailedPrecondition, "{ip} is excluded from pool {pool} of node {node}"),
+    ErrorReason.IP_RESERVED_FOR_RELEASE: (FailedPrecondition, "{ip} is being released to the cloud"),
+    ErrorReason.IP_NOT_ALLOCATED: (NotFound, "{ip} is not allocated in pool {pool} of node {node}"),
+    ErrorReason.OWNER_NOT_FOUND: (NotFound, "owner holds no address in pool {pool} of node {node}"),
+    ErrorReason.NO_TIMER_RUNNING: (FailedPrecondition, "no expiration timer runs for {ip}"),
+    ErrorReason.EXPIRATION_UUID_MISMATCH: (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
+    ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
 }
 
 
@@ -255,10 +265,11 @@ class RedisStore:
         result = json.loads(raw)
         failure = result.get("err")
         if failure:
-            if failure == "POOL_EMPTY":
+            if failure == ErrorReason.POOL_EMPTY:
                 raise self._pool_empty(node, pool, result)
-            exc_type, template = _FAILURES[failure]
-            raise exc_type(template.format(node=node, pool=pool, ip=ip), reason=failure, node=node, pool=pool)
+            reason = ErrorReason(failure)
+            exc_type, template = _FAILURES[reason]
+            raise exc_type(template.format(node=node, pool=pool, ip=ip), reason=reason, node=node, pool=pool)
         return result
 
     async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
@@ -273,18 +284,13 @@ class RedisStore:
     def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> ResourceExhausted:
         family = "IPv4" if result.get("family") == "4" else "IPv6"
         hint = _text(result.get("reason_hint") or "")
-        if int(result.get("cooling", 0)) > 0:
-            reason, why = "POOL_COOLING_DOWN", "its free addresses are still in the reuse cooldown"
-        elif hint == "at-capacity":
-            reason, why = "NODE_AT_CAPACITY", "the node is at its instance's interface and address limits"
-        elif hint == "subnet-full":
-            reason, why = "SUBNET_FULL", "its subnets have no free address"
-        elif hint == "instance-type-unknown":
-            reason, why = "INSTANCE_TYPE_UNKNOWN", "the cloud does not know the instance type of its spec"
-        else:
-            reason, why = "POOL_EMPTY", "a refill has been requested"
+        cooling = int(result.get("cooling", 0)) > 0
+        reason = ErrorReason.POOL_COOLING_DOWN if cooling else pool_empty_reason(hint)
         exc = ResourceExhausted(
-            f"pool {pool} of node {node} has no free {family} address: {why}", reason=reason, node=node, pool=pool
+            f"pool {pool} of node {node} has no free {family} address: {_POOL_EMPTY_WHY[reason]}",
+            reason=reason,
+            node=node,
+            pool=pool,
         )
         exc.state = _pool_state(result["state"])  # type: ignore[attr-defined]
         return exc
@@ -444,7 +450,7 @@ class RedisStore:
 
         exists, cidrs = await self.call(read)
         if not exists:
-            raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
+            raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
         return _text(cidrs).split()
 
     async def node_record(self, node: str, pool: str = "default") -> NodeRecord:
@@ -460,7 +466,7 @@ class RedisStore:
 
         fields, ifaces, pools, reservations = await self.call(read)
         if not fields:
-            raise NotFound(f"node {node} is not known", reason="NODE_NOT_FOUND", node=node)
+            raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
         f = {_text(k): v for k, v in fields.items()}
         interfaces = sorted((_interface(v) for v in ifaces.values()), key=lambda i: int(i.get("device_index", 0)))
         return NodeRecord(

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from services.core.reasons import ErrorReason
+
 from ..domain.errors import IpamError, PermissionDenied, Unauthenticated
 from .status import to_status
 
@@ -54,11 +56,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
                 token = value[7:].strip()
         if not token:
-            return _refusal(Unauthenticated("a bearer token is required", reason="MISSING_CREDENTIALS"))
+            return _refusal(Unauthenticated("a bearer token is required", reason=ErrorReason.MISSING_CREDENTIALS))
         if _matches(token, self._admin):
             return await continuation(details)
         if _matches(token, self._client):
             if needs_admin:
-                return _refusal(PermissionDenied(f"{method} needs the admin role", reason="ADMIN_ROLE_REQUIRED"))
+                denied = PermissionDenied(f"{method} needs the admin role", reason=ErrorReason.ADMIN_ROLE_REQUIRED)
+                return _refusal(denied)
             return await continuation(details)
-        return _refusal(Unauthenticated("the bearer token is not valid", reason="INVALID_CREDENTIALS"))
+        return _refusal(Unauthenticated("the bearer token is not valid", reason=ErrorReason.INVALID_CREDENTIALS))

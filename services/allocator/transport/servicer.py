@@ -15,6 +15,7 @@ from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
 from services.core.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
+from services.core.reasons import ErrorReason
 
 from ..domain.errors import IpamError, Unavailable
 from ..domain.model import Allocation, parse_family
@@ -48,7 +49,7 @@ def rpc(handler: Handler) -> Handler:
                     return await handler(self, request, context)
             except TimeoutError:
                 raise Unavailable(
-                    "the store did not answer within the call's deadline", reason="DEADLINE_TOO_SHORT"
+                    "the store did not answer within the call's deadline", reason=ErrorReason.DEADLINE_TOO_SHORT
                 ) from None
         except IpamError as error:
             code = status_code_of(error)

@@ -10,11 +10,6 @@ import pytest
 
 from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
 from services.cloudworker.planner import (
-    AT_CAPACITY,
-    MAX_ALLOCATE,
-    NOTHING_NEEDED,
-    NOTHING_RELEASABLE,
-    SUBNET_FULL,
     Action,
     AllocationAction,
     InterfaceState,
@@ -28,6 +23,7 @@ from services.cloudworker.planner import (
     security_groups_by_tags,
 )
 from services.core.family import Family
+from services.core.reasons import DeficitReason
 
 M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_interface=10)
 VPC, ZONE = "vpc-1", "us-east-1a"
@@ -137,7 +133,7 @@ CASES = {
     "subnet ids: all full is subnet-full": Case(
         PoolCounts(9, 9),
         (eni(0, ips=10),),
-        NoAction(SUBNET_FULL),
+        NoAction(DeficitReason.SUBNET_FULL),
         spec=replace(SPEC, subnet_ids=("a", "b")),
         subnets=(NODE_SUBNET, subnet("a", 0), subnet("b", 1)),
     ),
@@ -155,7 +151,7 @@ CASES = {
     "subnet tags matching no subnet is subnet-full": Case(
         PoolCounts(9, 9),
         (eni(0, ips=10),),
-        NoAction(SUBNET_FULL),
+        NoAction(DeficitReason.SUBNET_FULL),
         spec=replace(SPEC, subnet_tags={"pods": "true"}),
         subnets=(NODE_SUBNET, subnet("other", 900, tags={"pods": "false"})),
     ),
@@ -174,7 +170,7 @@ CASES = {
     "subnets of another VPC or zone are never used": Case(
         PoolCounts(9, 9),
         (eni(0, ips=10),),
-        NoAction(SUBNET_FULL),
+        NoAction(DeficitReason.SUBNET_FULL),
         subnets=(subnet("node", 0), subnet("b", 4000, zone="us-east-1b"), subnet("c", 4000, vpc="vpc-2")),
     ),
     "interface with room in a full subnet: a new interface elsewhere": Case(
@@ -187,25 +183,25 @@ CASES = {
     "interface with room in a full subnet and no slot left: subnet-full": Case(
         PoolCounts(available=20, used=20),
         (eni(0, ips=10), eni(1, ips=10), eni(2, ips=1, subnet="full")),
-        NoAction(SUBNET_FULL),
+        NoAction(DeficitReason.SUBNET_FULL),
         subnets=(NODE_SUBNET, subnet("full", 0)),
     ),
     # --- limits -----------------------------------------------------------------------------------
     "Cilium: m5.large after 25 allocations is at capacity with 27 usable": Case(
         PoolCounts(available=27, used=25),
         (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)),
-        NoAction(AT_CAPACITY),
+        NoAction(DeficitReason.AT_CAPACITY),
     ),
     "first_interface_index=1: capacity 18": Case(
         PoolCounts(available=18, used=18),
         (eni(0), eni(1, ips=10), eni(2, ips=10)),
-        NoAction(AT_CAPACITY),
+        NoAction(DeficitReason.AT_CAPACITY),
         spec=replace(SPEC, first_interface_index=1),
     ),
     "never more interfaces than the instance takes, whatever their indexes": Case(
         PoolCounts(available=27, used=27),
         (eni(0, ips=10), eni(2, ips=10), eni(5, ips=10)),
-        NoAction(AT_CAPACITY),
+        NoAction(DeficitReason.AT_CAPACITY),
     ),
     "max_allocate caps the amount": Case(
         PoolCounts(0, 0),
@@ -216,7 +212,7 @@ CASES = {
     "max_allocate reached while short of pre_allocate: max-allocate": Case(
         PoolCounts(available=10, used=8),
         (eni(0, ips=10), eni(1, ips=2)),
-        NoAction(MAX_ALLOCATE),
+        NoAction(DeficitReason.MAX_ALLOCATE),
         watermarks={"max_allocate": 10},
     ),
     "min_allocate raises the first amount": Case(
@@ -224,7 +220,7 @@ CASES = {
     ),
     # --- nothing, and release -----------------------------------------------------------------------
     "pre_allocate free addresses: nothing needed": Case(
-        PoolCounts(available=8, used=0), (eni(0, ips=9, free=8),), NoAction(NOTHING_NEEDED)
+        PoolCounts(available=8, used=0), (eni(0, ips=9, free=8),), NoAction(DeficitReason.NOTHING_NEEDED)
     ),
     "excess released from the interface with most free addresses": Case(
         PoolCounts(available=20, used=2),
@@ -247,12 +243,12 @@ CASES = {
     "excess but release disabled: nothing needed": Case(
         PoolCounts(available=20, used=2),
         (eni(0, ips=10, free=9), eni(1, ips=10, free=9)),
-        NoAction(NOTHING_NEEDED),
+        NoAction(DeficitReason.NOTHING_NEEDED),
     ),
     "excess but no interface holds a free address": Case(
         PoolCounts(available=20, used=2),
         (eni(0, ips=10), eni(1, ips=10)),
-        NoAction(NOTHING_RELEASABLE),
+        NoAction(DeficitReason.NOTHING_RELEASABLE),
         spec=replace(SPEC, release_excess=True),
     ),
 }
@@ -278,12 +274,12 @@ RELEASING = replace(SPEC, release_excess=True)
 
 # IPv6 counts (available, used), interfaces, spec, expected
 IPV6_RELEASE_CASES = {
-    "at the watermark: nothing": (PoolCounts(10, 2), (v6(0, 8),), RELEASING, NoAction(NOTHING_NEEDED)),
+    "at the watermark: nothing": (PoolCounts(10, 2), (v6(0, 8),), RELEASING, NoAction(DeficitReason.NOTHING_NEEDED)),
     "below the watermark: nothing (the maintainer assigns)": (
         PoolCounts(4, 2),
         (v6(0, 2),),
         RELEASING,
-        NoAction(NOTHING_NEEDED),
+        NoAction(DeficitReason.NOTHING_NEEDED),
     ),
     "excess from the interface with most free IPv6, bounded by the excess": (
         PoolCounts(20, 2),
@@ -303,12 +299,12 @@ IPV6_RELEASE_CASES = {
         replace(RELEASING, first_interface_index=1),
         ReleaseAction("eth1", "node", 3, Family.IPV6),
     ),
-    "release disabled: nothing": (PoolCounts(20, 2), (v6(0, 18),), SPEC, NoAction(NOTHING_NEEDED)),
+    "release disabled: nothing": (PoolCounts(20, 2), (v6(0, 18),), SPEC, NoAction(DeficitReason.NOTHING_NEEDED)),
     "excess but no interface holds a free IPv6 address": (
         PoolCounts(20, 2),
         (v6(0, 0), v6(1, 0)),
         RELEASING,
-        NoAction(NOTHING_RELEASABLE),
+        NoAction(DeficitReason.NOTHING_RELEASABLE),
     ),
 }
 
@@ -327,7 +323,7 @@ def test_plan_ipv6_release(case: tuple[PoolCounts, tuple[InterfaceState, ...], N
 def test_at_capacity_detail_names_the_27_usable_addresses_of_an_m5_large() -> None:
     assert M5_LARGE.capacity() == 27
     action = plan(SPEC, PoolCounts(27, 25), (eni(0, ips=10), eni(1, ips=10), eni(2, ips=10)), M5_LARGE, [NODE_SUBNET])
-    assert action == NoAction(AT_CAPACITY, "27 usable addresses, all attached")
+    assert action == NoAction(DeficitReason.AT_CAPACITY, "27 usable addresses, all attached")
 
 
 def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
@@ -351,7 +347,7 @@ def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
         counts = replace(counts, used=counts.used + 1)
     assert counts == PoolCounts(available=27, used=25)
     assert [i.ipv4_addresses for i in interfaces.values()] == [10, 10, 10]
-    assert run_worker() == NoAction(AT_CAPACITY, "27 usable addresses, all attached")
+    assert run_worker() == NoAction(DeficitReason.AT_CAPACITY, "27 usable addresses, all attached")
 
 
 def test_unknown_limits_are_refused_not_planned_as_zero() -> None:
@@ -388,7 +384,7 @@ def test_surge_never_passes_max_allocate() -> None:
     subnet = Subnet(id="subnet-a", vpc_id="vpc", availability_zone="az", cidr="10.0.0.0/18", free_addresses=10_000)
     spec = NodeSpec(watermarks=Watermarks(pre_allocate=0, max_allocate=4))
     action = plan(spec, PoolCounts(4, 4), [eth0], limits, [subnet], surge=3)
-    assert isinstance(action, NoAction) and action.reason == MAX_ALLOCATE
+    assert isinstance(action, NoAction) and action.reason == DeficitReason.MAX_ALLOCATE
 
 
 GROUPS = (
