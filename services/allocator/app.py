@@ -17,9 +17,9 @@ from prometheus_client import start_http_server
 
 from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from services.core import redis_client
+from services.core.metrics import ALLOCATOR_EXPORTER_KEY, ExporterLease
 from services.core.net import split_host_port
 from services.core.tasks import cancel_until_done
-from services.metrics_common import ALLOCATOR_EXPORTER_KEY, ExporterLease
 
 from .events import RedisStreamQueue
 from .metrics import AllocatorMetrics

@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.metrics_common import WhileExporting, register_process_metrics
+from services.core.metrics import WhileExporting, register_process_metrics
 
 
 @dataclass

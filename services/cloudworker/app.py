@@ -16,11 +16,11 @@ from redis.asyncio.lock import Lock
 
 from clients.client import AsyncIpamClient, IpamClientError
 from services.core import contract, redis_client
+from services.core.metrics import WORKER_EXPORTER_KEY, ExporterLease
 from services.core.net import split_host_port
 from services.core.reasons import DeficitReason, ErrorReason
 from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
-from services.metrics_common import WORKER_EXPORTER_KEY, ExporterLease
 
 from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
