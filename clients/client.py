@@ -448,6 +448,10 @@ class IpamClient(_ClientBase):
         """The node's interfaces as the cloud holds them."""
         return self._call(self._nodes.SetInterfaces, request, timeout)
 
+    def set_node_error(self, node: str, error: str, *, timeout: float | None = None) -> nodes_pb.SetNodeErrorResponse:
+        """The last error met maintaining the node ("" clears it)."""
+        return self._call(self._nodes.SetNodeError, nodes_pb.SetNodeErrorRequest(node=node, error=error), timeout)
+
     def reserve_for_release(
         self, request: nodes_pb.ReserveForReleaseRequest, *, timeout: float | None = None
     ) -> nodes_pb.ReserveForReleaseResponse:
@@ -651,6 +655,14 @@ class AsyncIpamClient(_ClientBase):
     ) -> nodes_pb.SetInterfacesResponse:
         """The node's interfaces as the cloud holds them."""
         return await self._call(self._nodes.SetInterfaces, request, timeout)
+
+    async def set_node_error(
+        self, node: str, error: str, *, timeout: float | None = None
+    ) -> nodes_pb.SetNodeErrorResponse:
+        """The last error met maintaining the node ("" clears it)."""
+        return await self._call(
+            self._nodes.SetNodeError, nodes_pb.SetNodeErrorRequest(node=node, error=error), timeout
+        )
 
     async def reserve_for_release(
         self, request: nodes_pb.ReserveForReleaseRequest, *, timeout: float | None = None

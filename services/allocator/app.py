@@ -96,7 +96,7 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
-    allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(service, metrics), server)
+    allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(service, metrics, auth.is_admin), server)
     nodes_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(service, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ipam.v1 import events_pb2
 from services.core.family import Family
-from services.core.pool_math import Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.pool_math import Watermarks, pool_demand_ips, pool_excess_ips
 from services.core.reasons import DeficitReason, ErrorReason
 
 from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, NotFound, ResourceExhausted
@@ -103,19 +103,9 @@ class AllocatorService:
         """Publishes one (coalesced) event when the pool is below or above its watermark; True if it did."""
         if skip_sync_upstream or state.event_pending:
             return False
-        needed = pool_needed_ips(state.counts[Family.IPV4], state.watermarks)
-        if state.ipv6_enabled:
-            needed = max(needed, pool_needed_ips(state.counts[Family.IPV6], state.watermarks))
-        excess = 0
-        if state.release_excess:
-            excess = pool_excess_ips(state.counts[Family.IPV4], state.watermarks)
-            if state.ipv6_enabled:
-                excess = max(excess, pool_excess_ips(state.counts[Family.IPV6], state.watermarks))
-        if state.deficit_reason == DeficitReason.AT_CAPACITY:
-            needed = 0  # nothing more can be attached: only a release helps, and it needs no worker
+        needed, excess = pool_work(state)
         if needed <= 0 and excess <= 0:
             return False
-        needed += state.waiting
         kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
         event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind, needed_ips=needed, excess_ips=excess)
         published = await self.queue.publish_once(event)
@@ -158,10 +148,15 @@ class AllocatorService:
                         await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                         raise
                     if not waiter:
-                        # Counted before the event goes out, so the worker sizes its step for us too.
-                        waiter = uuid.uuid4().hex
+                        # Counted (for the family it lacks) before the event goes out, so the worker
+                        # sizes its step for us too; an IPv6 waiter never makes IPv4 addresses come.
+                        empty: Family = getattr(exc, "family", Family.IPV4)
+                        waiter = self.store.waiter_id(empty, uuid.uuid4().hex)
                         await self.store.add_waiter(node, pool, waiter, int((time.time() + remaining) * 1000))
-                        state = replace(state, waiting=state.waiting + 1)
+                        if empty is Family.IPV6:
+                            state = replace(state, waiting_ipv6=state.waiting_ipv6 + 1)
+                        else:
+                            state = replace(state, waiting=state.waiting + 1)
                     await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
                     await self.refills.wait(node, pool, min(remaining, 5.0))  # type: ignore[union-attr]
@@ -391,6 +386,10 @@ class AllocatorService:
         if deficit_reason and self.refills:
             await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
 
+    async def set_node_error(self, node: str, error: str) -> None:
+        node = validate_name(node, "node")
+        await self.store.set_node_error(node, validate_text(error, "error", 2000, required=False))
+
     async def reserve_for_release(
         self, node: str, pool: str, family: Family, interface_id: str, count: int
     ) -> tuple[str, list[str]]:
@@ -417,6 +416,22 @@ class AllocatorService:
         return await self.store.remove_addresses(node, pool, self._worker_ips(ips))
 
 
+def pool_work(state: PoolState) -> tuple[int, int]:
+    """(needed, excess) of a pool for the worker: per family, waiting callers counted for their own
+    family; a family the node does not enable needs nothing and all its free addresses are excess
+    (switching IPv6 off gives its addresses back), whether or not the node releases excess."""
+    v4, v6, w = state.counts[Family.IPV4], state.counts[Family.IPV6], state.watermarks
+    # At capacity nothing more can be attached: only a release helps, and it needs no worker.
+    need4 = 0 if state.deficit_reason == DeficitReason.AT_CAPACITY else pool_demand_ips(v4, w, state.waiting)
+    excess4 = pool_excess_ips(v4, w) if state.release_excess else 0
+    if state.ipv6_enabled:
+        need6 = pool_demand_ips(v6, w, state.waiting_ipv6)
+        excess6 = pool_excess_ips(v6, w) if state.release_excess else 0
+    else:
+        need6, excess6 = 0, max(v6.available - v6.used, 0)
+    return max(need4, need6), max(excess4, excess6)
+
+
 def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
     """A pool's statistics; the interface figures need the node's record and are 0 without it."""
     return node_stats(
@@ -429,5 +444,6 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         ipv4_per_interface=record.ipv4_per_interface if record else 0,
         first_interface_index=record.first_interface_index if record else 0,
         waiting=state.waiting,
+        waiting_ipv6=state.waiting_ipv6,
         lost=state.lost,
     )

@@ -69,6 +69,15 @@ def pool_excess_ips(counts: PoolCounts, w: Watermarks) -> int:
     return excess_ips(counts.available - counts.cooling, counts.used, w)
 
 
+def pool_demand_ips(counts: PoolCounts, w: Watermarks, waiting: int = 0) -> int:
+    """What a refill must bring: the watermark's need plus the callers waiting (Cilium's surge), never
+    beyond max_allocate. 0 means no refill is coming, whoever waits."""
+    demand = pool_needed_ips(counts, w) + max(waiting, 0)
+    if w.max_allocate > 0:
+        demand = min(demand, w.max_allocate - counts.available)
+    return max(demand, 0)
+
+
 def interface_capacity(max_interfaces: int, ipv4_per_interface: int, first_interface_index: int) -> int:
     """Usable addresses of an instance: the primary address of each interface is never handed out."""
     if max_interfaces <= 0 or ipv4_per_interface <= 0:

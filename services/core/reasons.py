@@ -24,6 +24,8 @@ class DeficitReason(StrEnum):
     NOTHING_NEEDED = "nothing-needed"
     NOTHING_RELEASABLE = "nothing-releasable"  # excess, but no interface holds a free address
     NO_INSTANCE = "no-instance"  # the node's spec names no instance id or type yet
+    # The maintainer's, when the cloud does not know the spec's instance id (InvalidInstanceID.NotFound).
+    INSTANCE_NOT_FOUND = "instance-not-found"
 
 
 # The reasons that block a refill: the worker stores them on the node, so that allocations fail at
@@ -34,6 +36,8 @@ BLOCKING_REASONS: frozenset[DeficitReason] = frozenset(
         DeficitReason.SUBNET_FULL,
         DeficitReason.MAX_ALLOCATE,
         DeficitReason.INSTANCE_TYPE_UNKNOWN,
+        DeficitReason.INSTANCE_NOT_FOUND,
+        DeficitReason.NO_INSTANCE,
     }
 )
 
@@ -81,6 +85,9 @@ class ErrorReason(StrEnum):
     NODE_AT_CAPACITY = "NODE_AT_CAPACITY"
     SUBNET_FULL = "SUBNET_FULL"
     INSTANCE_TYPE_UNKNOWN = "INSTANCE_TYPE_UNKNOWN"
+    INSTANCE_NOT_FOUND = "INSTANCE_NOT_FOUND"
+    NODE_HAS_NO_INSTANCE = "NODE_HAS_NO_INSTANCE"
+    POOL_AT_MAX_ALLOCATE = "POOL_AT_MAX_ALLOCATE"  # every address max_allocate allows is attached
     # Failures of the allocator's Lua scripts (`fail(...)` in the scripts).
     NODE_NOT_FOUND = "NODE_NOT_FOUND"
     POOL_NOT_FOUND = "POOL_NOT_FOUND"
@@ -101,14 +108,16 @@ class ErrorReason(StrEnum):
         return cls(f"{what.upper().replace(' ', '_')}_REQUIRED")
 
 
-# An empty pool's error reason by the node's deficit reason: every blocking reason has its own but
-# max-allocate, whose pool stays POOL_EMPTY (its addresses come back only when some are released).
+# An empty pool's error reason by the node's deficit reason: every blocking reason has its own, so a
+# caller (waiting or not) is told at once why no refill will come.
 POOL_EMPTY_REASONS: Mapping[DeficitReason, ErrorReason] = MappingProxyType(
     {
         DeficitReason.AT_CAPACITY: ErrorReason.NODE_AT_CAPACITY,
         DeficitReason.SUBNET_FULL: ErrorReason.SUBNET_FULL,
         DeficitReason.INSTANCE_TYPE_UNKNOWN: ErrorReason.INSTANCE_TYPE_UNKNOWN,
-        DeficitReason.MAX_ALLOCATE: ErrorReason.POOL_EMPTY,
+        DeficitReason.INSTANCE_NOT_FOUND: ErrorReason.INSTANCE_NOT_FOUND,
+        DeficitReason.NO_INSTANCE: ErrorReason.NODE_HAS_NO_INSTANCE,
+        DeficitReason.MAX_ALLOCATE: ErrorReason.POOL_AT_MAX_ALLOCATE,
     }
 )
 

@@ -21,7 +21,8 @@ class NodeStats:
     used_ipv6: int
     available_ipv6: int
     needed_ipv6: int
-    waiting_ips: int = 0
+    waiting_ips: int = 0  # callers waiting for an IPv4 refill
+    waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
     excess_ipv6: int = 0
     lost_ips: int = 0  # allocated, but gone from the cloud
 
@@ -37,6 +38,7 @@ def node_stats(
     ipv4_per_interface: int,
     first_interface_index: int,
     waiting: int = 0,
+    waiting_ipv6: int = 0,
     lost: int = 0,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
@@ -63,7 +65,9 @@ def node_stats(
         used_ipv6=v6.used,
         available_ipv6=v6.available,
         needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
-        excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else 0,
+        # IPv6 switched off: every free IPv6 address is excess, to be given back to the cloud.
+        excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else max(v6.available - v6.used, 0),
         waiting_ips=waiting,
+        waiting_ipv6=waiting_ipv6,
         lost_ips=lost,
     )

@@ -62,6 +62,9 @@ _POOL_EMPTY_WHY: dict[ErrorReason, str] = {
     ErrorReason.NODE_AT_CAPACITY: "the node is at its instance's interface and address limits",
     ErrorReason.SUBNET_FULL: "its subnets have no free address",
     ErrorReason.INSTANCE_TYPE_UNKNOWN: "the cloud does not know the instance type of its spec",
+    ErrorReason.INSTANCE_NOT_FOUND: "the cloud does not know the instance id of its spec",
+    ErrorReason.NODE_HAS_NO_INSTANCE: "its spec names no instance id or type",
+    ErrorReason.POOL_AT_MAX_ALLOCATE: "it holds max_allocate addresses; more come only when some are released",
     ErrorReason.POOL_EMPTY: "a refill has been requested",
 }
 
@@ -75,7 +78,8 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
     ErrorReason.IP_EXCLUDED: (FailedPrecondition, "{ip} is excluded from pool {pool} of node {node}"),
     ErrorReason.IP_RESERVED_FOR_RELEASE: (FailedPrecondition, "{ip} is being released to the cloud"),
     ErrorReason.IP_NOT_ALLOCATED: (NotFound, "{ip} is not allocated in pool {pool} of node {node}"),
-    ErrorReason.OWNER_NOT_FOUND: (NotFound, "owner holds no address in pool {pool} of node {node}"),
+    ErrorReason.OWNER_NOT_FOUND: (NotFound, "owner {owner!r} holds no address in pool {pool} of node {node}"),
+    ErrorReason.IPV6_DISABLED: (FailedPrecondition, "IPv6 is not enabled on node {node}"),
     ErrorReason.NO_TIMER_RUNNING: (FailedPrecondition, "no expiration timer runs for {ip}"),
     ErrorReason.EXPIRATION_UUID_MISMATCH: (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
     ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
@@ -91,7 +95,8 @@ class PoolState:
     release_excess: bool
     ipv6_enabled: bool
     event_pending: bool
-    waiting: int = 0  # callers waiting for a refill
+    waiting: int = 0  # callers waiting for an IPv4 refill
+    waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
     lost: int = 0  # allocated addresses the cloud no longer holds
     deficit_reason: str = ""  # why the worker could not meet the last deficit
 
@@ -111,6 +116,8 @@ class NodeRecord:
     created_ms: int
     first_interface_index: int
     reservations: dict[str, dict[str, Any]] = field(default_factory=dict)  # of the pool asked for
+    last_error: str = ""  # the worker's last error maintaining the node
+    last_error_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -181,6 +188,7 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         ipv6_enabled=v6 == "1",
         event_pending=bool(raw["pending"]),
         waiting=int(raw.get("waiting", 0)),
+        waiting_ipv6=int(raw.get("waiting6", 0)),
         lost=int(raw.get("lost", 0)),
         deficit_reason=_text(raw.get("reason") or ""),
     )
@@ -254,7 +262,9 @@ class RedisStore:
                 raise Unavailable(f"redis is not ready: {exc}") from exc
             raise
 
-    async def _run(self, script: str, node: str, pool: str, *args: Any, ip: str = "") -> dict[str, Any]:
+    async def _run(
+        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
+    ) -> dict[str, Any]:
         argv = [pool, self.reuse_cooldown_ms, *args]
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
@@ -269,7 +279,12 @@ class RedisStore:
                 raise self._pool_empty(node, pool, result)
             reason = ErrorReason(failure)
             exc_type, template = _FAILURES[reason]
-            raise exc_type(template.format(node=node, pool=pool, ip=ip), reason=reason, node=node, pool=pool)
+            message = template.format(node=node, pool=pool, ip=ip, owner=owner)
+            exc = exc_type(message, reason=reason, node=node, pool=pool)
+            if reason == ErrorReason.IP_ALREADY_ALLOCATED:
+                # Only for admin callers: the transport decides whether to show it.
+                exc.current_owner = _text(result.get("owner"))  # type: ignore[attr-defined]
+            raise exc
         return result
 
     async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
@@ -285,14 +300,20 @@ class RedisStore:
         family = "IPv4" if result.get("family") == "4" else "IPv6"
         hint = _text(result.get("reason_hint") or "")
         cooling = int(result.get("cooling", 0)) > 0
+        state = _pool_state(result["state"])
         reason = ErrorReason.POOL_COOLING_DOWN if cooling else pool_empty_reason(hint)
+        w = state.watermarks
+        fam = Family.IPV4 if result.get("family") == "4" else Family.IPV6
+        if reason == ErrorReason.POOL_EMPTY and 0 < w.max_allocate <= state.counts[fam].available:
+            reason = ErrorReason.POOL_AT_MAX_ALLOCATE  # no refill may come: say so, not "requested"
         exc = ResourceExhausted(
             f"pool {pool} of node {node} has no free {family} address: {_POOL_EMPTY_WHY[reason]}",
             reason=reason,
             node=node,
             pool=pool,
         )
-        exc.state = _pool_state(result["state"])  # type: ignore[attr-defined]
+        exc.state = state  # type: ignore[attr-defined]
+        exc.family = fam  # type: ignore[attr-defined]
         return exc
 
     # --- allocation -------------------------------------------------------------------------
@@ -322,7 +343,7 @@ class RedisStore:
 
     async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
         mode, value = ("ip", ip) if ip is not None else ("owner", owner)
-        result = await self._run("release", node, pool, mode, value, ip=ip or "")
+        result = await self._run("release", node, pool, mode, value, ip=ip or "", owner=owner or "")
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
 
     async def release_by_key(self, node: str, pool: str, idempotency_key: str) -> ChangeOutcome:
@@ -362,8 +383,14 @@ class RedisStore:
         else:
             await self.call(lambda: self.client.zrem(keys.TIMERS_KEY, member))
 
+    @staticmethod
+    def waiter_id(family: Family, call_id: str) -> str:
+        """The waiting set's member for a caller waiting for `family` (the scripts count by its prefix)."""
+        return f"{family.tag}:{call_id}"
+
     async def add_waiter(self, node: str, pool: str, call_id: str, deadline_ms: int) -> None:
-        """Counts a caller waiting for a refill until its deadline (or until `remove_waiter`)."""
+        """Counts a caller waiting for a refill until its deadline (or until `remove_waiter`);
+        `call_id` from `waiter_id`, so that it counts for its family."""
         await self.call(lambda: self.client.zadd(keys.pool_key(node, pool, "waiting"), {call_id: deadline_ms}))
 
     async def remove_waiter(self, node: str, pool: str, call_id: str) -> None:
@@ -481,6 +508,8 @@ class RedisStore:
             created_ms=_int(_text(f.get("created_ms"))),
             first_interface_index=_int(_text(f.get("fii"))),
             reservations={_text(k): json.loads(v) for k, v in reservations.items()},
+            last_error=_text(f.get("last_error")),
+            last_error_ms=_int(_text(f.get("last_error_ms"))),
         )
 
     # --- nodes -------------------------------------------------------------------------------
@@ -576,6 +605,19 @@ class RedisStore:
                 fields["ipv4_per_iface"] = ipv4_per_interface
             pipe.hset(keys.node_key(node), mapping=fields)
             return await pipe.execute()
+
+        await self.call(write)
+
+    async def set_node_error(self, node: str, error: str) -> None:
+        """Keeps the worker's last error on the node with the time it was set ("" clears both)."""
+        key = keys.node_key(node)
+
+        async def write() -> Any:
+            if not await self.client.exists(key):
+                raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
+            if not error:
+                return await self.client.hdel(key, "last_error", "last_error_ms")
+            return await self.client.hset(key, mapping={"last_error": error, "last_error_ms": int(time.time() * 1000)})
 
         await self.call(write)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -25,6 +26,15 @@ def _matches(token: str, allowed: frozenset[str]) -> bool:
     return any([hmac.compare_digest(token.encode(), t.encode()) for t in allowed])
 
 
+def _bearer(metadata: Any) -> str:
+    """The bearer token of a call's metadata ("" without one)."""
+    token = ""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+            token = value[7:].strip()
+    return token
+
+
 def _refusal(error: IpamError) -> grpc.RpcMethodHandler:
     status = to_status(error)
 
@@ -42,6 +52,12 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._admin = admin_tokens
         self.enabled = bool(client_tokens or admin_tokens)
 
+    def is_admin(self, metadata: Any) -> bool:
+        """Whether a call's metadata carries an admin token (every caller is one when auth is off)."""
+        if not self.enabled:
+            return True
+        return _matches(_bearer(metadata), self._admin)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -51,10 +67,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         needs_admin = method.startswith(ADMIN_SERVICE)
         if not self.enabled or not (needs_admin or method.startswith(CLIENT_SERVICE)):
             return await continuation(details)
-        token = ""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = _bearer(details.invocation_metadata)
         if not token:
             return _refusal(Unauthenticated("a bearer token is required", reason=ErrorReason.MISSING_CREDENTIALS))
         if _matches(token, self._admin):

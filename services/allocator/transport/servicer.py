@@ -17,7 +17,7 @@ from services.core.family import Family
 from services.core.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
 from services.core.reasons import ErrorReason
 
-from ..domain.errors import IpamError, Unavailable
+from ..domain.errors import AlreadyExists, IpamError, Unavailable
 from ..domain.model import Allocation, parse_family
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeSettings, NodeView
@@ -82,9 +82,16 @@ def allocation_result(a: Allocation) -> pb.AllocationResult:
 
 
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
-    def __init__(self, service: AllocatorService, metrics: AllocatorMetrics | None) -> None:
+    def __init__(
+        self,
+        service: AllocatorService,
+        metrics: AllocatorMetrics | None,
+        is_admin: Callable[[Any], bool] | None = None,
+    ) -> None:
+        """`is_admin(metadata)`: whether a caller may be told who holds an address (default: everyone)."""
         self.service = service
         self.metrics = metrics
+        self.is_admin = is_admin or (lambda metadata: True)
 
     @rpc
     async def AllocateNext(
@@ -108,9 +115,17 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     @rpc
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
-        a = await self.service.allocate(
-            request.node, request.pool, request.ip, request.owner, skip_sync_upstream=request.skip_sync_upstream
-        )
+        try:
+            a = await self.service.allocate(
+                request.node, request.pool, request.ip, request.owner, skip_sync_upstream=request.skip_sync_upstream
+            )
+        except AlreadyExists as error:
+            holder = getattr(error, "current_owner", "")
+            if holder and self.is_admin(context.invocation_metadata()):
+                # Who holds an address is for operators, not for every client of the node.
+                error.message = f"{error.message} by owner {holder!r}"
+                error.metadata["owner"] = holder
+            raise
         return pb.AllocateResponse(result=allocation_result(a))
 
     @rpc
@@ -242,6 +257,7 @@ def node_message(view: NodeView) -> npb.Node:
             needed_ipv6=s.needed_ipv6,
             excess_ipv6=s.excess_ipv6,
             waiting_ips=s.waiting_ips,
+            waiting_ipv6=s.waiting_ipv6,
             lost_ips=s.lost_ips,
             deficit_reason=r.deficit_reason,
         ),
@@ -253,6 +269,8 @@ def node_message(view: NodeView) -> npb.Node:
             npb.Reservation(id=rid, ips=_list(v.get("ips")), age_ms=max(now_ms - int(v.get("ms", now_ms)), 0))
             for rid, v in view.reservations.items()
         ],
+        last_error=r.last_error,
+        last_error_ms=r.last_error_ms,
     )
 
 
@@ -359,6 +377,13 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             request.deficit_reason,
         )
         return npb.SetInterfacesResponse()
+
+    @rpc
+    async def SetNodeError(
+        self, request: npb.SetNodeErrorRequest, context: grpc.aio.ServicerContext
+    ) -> npb.SetNodeErrorResponse:
+        await self.service.set_node_error(request.node, request.error)
+        return npb.SetNodeErrorResponse()
 
     @rpc
     async def ReserveForRelease(

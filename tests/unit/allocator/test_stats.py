@@ -63,7 +63,7 @@ IPV6_CASES = [
     ((0, 0), True, (8, 0)),
     ((10, 2), True, (0, 0)),  # 8 free: the watermark
     ((20, 2), True, (0, 10)),  # 18 free: 10 above it
-    ((20, 2), False, (0, 0)),  # IPv6 off for the node: neither
+    ((20, 2), False, (0, 18)),  # IPv6 off for the node: nothing needed, every free one is given back
 ]
 
 

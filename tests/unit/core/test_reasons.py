@@ -23,13 +23,21 @@ def test_every_blocking_reason_has_an_empty_pool_reason() -> None:
     assert set(POOL_EMPTY_REASONS) == BLOCKING_REASONS
 
 
+def test_no_blocking_reason_leaves_a_caller_told_a_refill_was_requested() -> None:
+    # POOL_EMPTY says "a refill has been requested": a blocked node must never answer it.
+    reasons = [POOL_EMPTY_REASONS[r] for r in BLOCKING_REASONS]
+    assert ErrorReason.POOL_EMPTY not in reasons and len(set(reasons)) == len(reasons)
+
+
 @pytest.mark.parametrize(
     "deficit_reason,expected",
     [
         ("at-capacity", "NODE_AT_CAPACITY"),
         ("subnet-full", "SUBNET_FULL"),
         ("instance-type-unknown", "INSTANCE_TYPE_UNKNOWN"),
-        ("max-allocate", "POOL_EMPTY"),
+        ("instance-not-found", "INSTANCE_NOT_FOUND"),
+        ("no-instance", "NODE_HAS_NO_INSTANCE"),
+        ("max-allocate", "POOL_AT_MAX_ALLOCATE"),
         ("", "POOL_EMPTY"),
         ("nothing-needed", "POOL_EMPTY"),
         ("a-reason-of-a-newer-worker", "POOL_EMPTY"),

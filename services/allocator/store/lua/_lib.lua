@@ -8,7 +8,7 @@ local K_OWNERS, K_IDEM, K_EXCLUDED = KEYS[10], KEYS[11], KEYS[12]
 local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reservation id
 local K_RESV, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]
 local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway\tsubnet"
-local K_WAITING = KEYS[19]                                   -- zset call id -> deadline ms (wait_for_refill)
+local K_WAITING = KEYS[19]                                   -- zset "<family>:<call id>" -> deadline ms (wait_for_refill)
 local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
 local POOL = ARGV[1]
@@ -60,8 +60,15 @@ local function pool_state(now)
     counts[f] = {available, available - free, cooling}
   end
   local wm = redis.call('HMGET', K_NODE, 'pre', 'min', 'max', 'maw', 'rel', 'v6')
+  -- Callers still waiting (deadline not passed), per family; an entry without a family is IPv4's.
+  local waiting = {['4'] = 0, ['6'] = 0}
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_WAITING, '(' .. now, '+inf')) do
+    local f = '4'
+    if string.sub(member, 1, 2) == '6:' then f = '6' end
+    waiting[f] = waiting[f] + 1
+  end
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
-          waiting = redis.call('ZCOUNT', K_WAITING, '(' .. now, '+inf'),
+          waiting = waiting['4'], waiting6 = waiting['6'],
           lost = redis.call('HLEN', K_LOST),
           reason = redis.call('HGET', K_NODE, 'deficit_reason') or ''}
 end

@@ -4,6 +4,7 @@ if missing then return fail(missing) end
 local now = now_ms()
 local ip, owner = ARGV[3], ARGV[4]
 local f = family_of(ip)
+if f == '6' and redis.call('HGET', K_NODE, 'v6') ~= '1' then return fail('IPV6_DISABLED') end
 local current = redis.call('HGET', K_ALLOC[f], ip)
 if current then
   local o = unpack_alloc(current)

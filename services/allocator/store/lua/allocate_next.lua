@@ -24,7 +24,10 @@ end
 
 -- Dual-stack ("64") means the families enabled on the allocator and on the node.
 local families = ARGV[3]
-if string.len(families) > 1 and redis.call('HGET', K_NODE, 'v6') ~= '1' then families = '4' end
+if redis.call('HGET', K_NODE, 'v6') ~= '1' then
+  if string.len(families) > 1 then families = '4'
+  elseif families == '6' then return fail('IPV6_DISABLED') end  -- refused: no refill would ever come
+end
 
 -- Pick every family first, so a dual-stack call takes both addresses or none.
 local cutoff = now - COOLDOWN_MS
