@@ -15,6 +15,7 @@ stderr and exits 1 (`ipamctl: RESOURCE_EXHAUSTED POOL_EMPTY: …`); a usage erro
 from __future__ import annotations
 
 import argparse
+import datetime
 import ipaddress
 import json
 import os
@@ -186,7 +187,8 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("remaining interfaces", stats.remaining_interfaces),
                 ("interface candidates", stats.interface_candidates),
                 ("empty interface slots", stats.empty_interface_slots),
-                ("last cloud error", stats.deficit_reason),
+                ("deficit reason", stats.deficit_reason),
+                ("last cloud error", _last_error(node)),
                 ("lost (gone from the cloud)", stats.lost_ips),
             ]
         ),
@@ -417,6 +419,14 @@ def _events_replay(client: IpamClient, args: argparse.Namespace) -> tuple[Messag
 def _nodes_list(client: IpamClient, args: argparse.Namespace) -> tuple[Message, str]:
     nodes = client.list_nodes(order_by_watermark=True)
     return nodes_pb.ListNodesResponse(nodes=nodes), format_nodes_table(nodes)
+
+
+def _last_error(node: Any) -> str:
+    """The worker's last error on the node and when it happened (UTC), "" when there is none."""
+    if not node.last_error:
+        return ""
+    when = datetime.datetime.fromtimestamp(node.last_error_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{node.last_error} (at {when})"
 
 
 def _node_show(client: IpamClient, args: argparse.Namespace) -> tuple[Message, str]:

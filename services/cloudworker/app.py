@@ -144,6 +144,7 @@ class Worker:
                 "node %s: maintenance failed (%s: %s); the event will be retried", event.node, type(exc).__name__, exc
             )
             self.metrics.events.labels("failed").inc()
+            await self._keep_error(event.node, exc)
             return
         await self.source.ack(delivery)
         self.metrics.events.labels("done").inc()
@@ -184,8 +185,16 @@ class Worker:
                     await self.maintain_node(node.spec.name, settle=True, wait_for_lock=self.settings.node_lock_seconds)
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
                     log.warning("resync of node %s failed: %s", node.spec.name, exc)
+                    if not isinstance(exc, IpamClientError):
+                        await self._keep_error(node.spec.name, exc)
         self.metrics.resync_total.inc()
         self.metrics.resync_duration.set(time.monotonic() - started)
+
+    async def _keep_error(self, node: str, exc: Exception) -> None:
+        """A failed maintenance shows on the node (GetNode, ListNodes) until one succeeds."""
+        operation = getattr(exc, "operation", "")
+        where = f" in {operation}" if operation else ""
+        await self.maintainer.report_error(node, f"{type(exc).__name__}{where}: {exc}")
 
     def node_gauges(self, nodes: Sequence[Any]) -> None:
         """Nodes by category and each node's interfaces, from the allocator's view of them."""

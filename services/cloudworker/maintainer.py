@@ -42,6 +42,7 @@ class Outcome:
     released: int = 0
     interfaces_created: int = 0
     reason: str = ""  # the planner's last NoAction reason
+    detail: str = ""  # what a blocking reason is about, for the node's last error
     cloud_seconds: float = 0.0  # time spent in cloud calls
     seconds: float = 0.0  # total time
     actions: list[str] = field(default_factory=list)
@@ -123,6 +124,8 @@ class NodeMaintainer:
         spec = node.spec
         if not spec.instance_id or not spec.instance_type:
             outcome.reason = DeficitReason.NO_INSTANCE
+            outcome.detail = "the node's spec names no instance id or type"
+            await self._report(node, None, outcome)
             return outcome
         if spec.instance_id != known_instance:
             first_read = None
@@ -133,12 +136,20 @@ class NodeMaintainer:
             # Said to the allocator, so that callers fail at once with the reason instead of
             # waiting for a refill that cannot come (Cilium #14802: unknown types failing silently).
             log.warning("node %s: %s", name, exc)
-            outcome.reason = DeficitReason.INSTANCE_TYPE_UNKNOWN
-            await self._report(node, None, outcome.reason)
+            outcome.reason, outcome.detail = DeficitReason.INSTANCE_TYPE_UNKNOWN, str(exc)
+            await self._report(node, None, outcome)
             return outcome
-        instance = self._instances.get(spec.instance_id) or await self._cloud(
-            outcome, self.provider.describe_instance, spec.instance_id
-        )
+        try:
+            instance = self._instances.get(spec.instance_id) or await self._cloud(
+                outcome, self.provider.describe_instance, spec.instance_id
+            )
+        except NotFound as exc:
+            # The same for an instance the cloud does not know (InvalidInstanceID.NotFound): callers
+            # fail at once, and the node shows why, instead of a refill requested forever.
+            log.warning("node %s: %s", name, exc)
+            outcome.reason, outcome.detail = DeficitReason.INSTANCE_NOT_FOUND, str(exc)
+            await self._report(node, None, outcome)
+            return outcome
         self._instances[spec.instance_id] = instance
         if instance.vpc_id not in self._vpc_cidrs:
             self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
@@ -164,13 +175,15 @@ class NodeMaintainer:
                 settle_reservations = False
             if subnets is None:
                 subnets = await self._subnets(instance, outcome)
-            if spec.ipv6_enabled and node.stats.needed_ipv6 > 0:
+            if spec.ipv6_enabled and node.stats.needed_ipv6 + node.stats.waiting_ipv6 > 0:
                 updated = await self._assign_ipv6(node, interfaces, limits, outcome)
                 if updated is not None:
                     interfaces = _with(interfaces, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
-            if ipv6_releasable and spec.ipv6_enabled and pspec.release_excess and node.stats.excess_ipv6 > 0:
+            # IPv6 switched off: every free IPv6 address goes back, release_excess or not.
+            gives_back_ipv6 = pspec.release_excess or not spec.ipv6_enabled
+            if ipv6_releasable and gives_back_ipv6 and node.stats.excess_ipv6 > 0:
                 released = await self._release_ipv6(node, pspec, interfaces, outcome)
                 if released is not None:
                     interfaces, released_some = _with(interfaces, released), True
@@ -198,7 +211,7 @@ class NodeMaintainer:
                         break
                     updated, released_some = released, True
                 else:
-                    outcome.reason = action.reason
+                    outcome.reason, outcome.detail = action.reason, action.detail
                     break
                 interfaces = _with(interfaces, updated)
             except SubnetFull as exc:
@@ -221,7 +234,7 @@ class NodeMaintainer:
                 after = None
             node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
 
-        await self._report(node, interfaces if released_some else None, outcome.reason)
+        await self._report(node, interfaces if released_some else None, outcome)
         outcome.seconds = time.perf_counter() - started
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
@@ -562,6 +575,8 @@ class NodeMaintainer:
             if i.device_index >= 0
         ]
         counts = PoolCounts(node.stats.available_ipv6, node.stats.used_ipv6)
+        if not node.spec.ipv6_enabled:  # switched off: nothing is kept free
+            pspec = replace(pspec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
         action = planner.plan_ipv6_release(pspec, counts, states)
         if not isinstance(action, planner.ReleaseAction):
             return None
@@ -584,7 +599,7 @@ class NodeMaintainer:
             outcome,
             self.provider.assign_addresses,
             usable[0].id,
-            min(int(node.stats.needed_ipv6), room),
+            min(int(node.stats.needed_ipv6 + node.stats.waiting_ipv6), room),  # IPv6 waiters are its surge
             Family.IPV6,
         )
         await self.allocator.add_addresses(
@@ -598,10 +613,14 @@ class NodeMaintainer:
         outcome.assigned += len(change.addresses)
         return change.interface if change.addresses else None
 
-    async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, reason: str) -> None:
-        """Tells the allocator the interfaces as they are now (when they changed) and why a deficit
-        stays, if it does (so callers fail fast with that reason)."""
-        blocking = reason if reason in BLOCKING_REASONS else ""
+    async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, outcome: Outcome) -> None:
+        """Tells the allocator the interfaces as they are now (when they changed), why a deficit
+        stays, if it does (so callers fail fast with that reason), and the node's last error: the
+        blocking reason's, or none after a maintenance that met no error."""
+        blocking = outcome.reason if outcome.reason in BLOCKING_REASONS else ""
+        error = f"{blocking}: {outcome.detail}" if blocking and outcome.detail else blocking
+        if error != node.last_error:
+            await self.report_error(node.spec.name, error)
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
         first = node.spec.first_interface_index
@@ -620,6 +639,14 @@ class NodeMaintainer:
         except IpamClientError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
 
+
+
+    async def report_error(self, name: str, error: str) -> None:
+        """Keeps `error` ("" clears it) as the node's last error, on one line; a failure is logged."""
+        try:
+            await self.allocator.set_node_error(name, " ".join(error.split())[:1000])
+        except IpamClientError as exc:
+            log.warning("node %s: could not report its last error: %s", name, exc)
 
 
 def _pool_table(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:

@@ -108,7 +108,8 @@ def test_events_dead_lists_a_failed_event_and_replay_puts_it_back(cluster: Clust
 
 
 def test_status_shows_allocators_workers_nodes_and_events(cluster: Cluster) -> None:
-    in_deficit = cluster.api.create_node()
+    # With an instance (a node without one is a dead end: "no-instance"); this worker's EC2 is away.
+    in_deficit = cluster.api.create_node(instance_id="i-0123456789abcdef0")
     dead_address = f"127.0.0.1:{free_port()}"
     status = _json(
         ipamctl(cluster, "status", "-o", "json", "--address", f"{cluster.allocator.address},{dead_address}")
