@@ -58,6 +58,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.client import IpamClient, IpamClientError
 from ipam.v1 import nodes_pb2
 from services.core.pool_math import interface_capacity
+from services.core.reasons import DeficitReason
 from services.devcluster import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +161,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 def capacity(node: nodes_pb2.Node) -> int | None:
     """IPv4 addresses the node's pool can hold (None until the worker reported the instance's limits)."""
     return interface_capacity(node.max_interfaces, node.ipv4_per_interface, node.spec.first_interface_index) or None
+
+
+# Deficit reasons of a node whose cloud side is broken: no profile can use it until it is fixed.
+_BROKEN = frozenset({DeficitReason.INSTANCE_NOT_FOUND, DeficitReason.INSTANCE_TYPE_UNKNOWN, DeficitReason.NO_INSTANCE})
+
+
+def not_ready(node: nodes_pb2.Node) -> str:
+    """Why the profiles cannot use the node ("" when they can): its instance is unknown to the cloud,
+    the worker has not reported its limits yet, or its last maintenance failed."""
+    if node.stats.deficit_reason in _BROKEN:
+        return node.last_error or node.stats.deficit_reason
+    if capacity(node) is None:
+        return "the worker has not reported its instance limits"
+    if node.last_error:
+        return f"last cloud error: {node.last_error}"
+    return ""
 
 
 def headroom(node: nodes_pb2.Node) -> int | None:
@@ -649,6 +666,10 @@ class ProfileResult:
         return out
 
 
+class NoReadyNode(RuntimeError):
+    """Every registered node is one the profiles cannot use."""
+
+
 class LoadRun:
     """What the profiles share: the cluster, ghz, the run's owner prefix, and which node does what."""
 
@@ -658,6 +679,12 @@ class LoadRun:
         self.run_id = run_id
         self.metrics = list(metrics)
         nodes = cluster.nodes()
+        self.skipped = {name: why for name, node in sorted(nodes.items()) if (why := not_ready(node))}
+        for name, why in self.skipped.items():
+            say(f"skipping {name}: not ready ({why})")
+        nodes = {name: node for name, node in nodes.items() if name not in self.skipped}
+        if not nodes:
+            raise NoReadyNode(f"none of the {len(self.skipped)} node(s) is ready")
         self.nodes = sorted(nodes)
         self.capacities = {name: capacity(node) for name, node in nodes.items()}
         by_size = sorted(self.nodes, key=lambda n: (self.capacities[n] or 0, n))
@@ -772,8 +799,9 @@ def dual_stack(run: LoadRun, result: ProfileResult) -> None:
         run.allocate_then_release(result, run.node_rows([name]), check=both_families)
     finally:
         if not original.ipv6_enabled:
+            # Put back as found: switched off again, the worker gives its IPv6 addresses back.
             run.cluster.client.update_node(original)
-            result.notes["ipv6_enabled_restored"] = False
+            result.notes["ipv6_enabled_restored"] = True
 
 
 def drain(run: LoadRun, result: ProfileResult) -> None:
@@ -930,6 +958,7 @@ def write_report(opts: Options, outcome: Outcome) -> None:
         "failures": outcome.failures,
         "nodes": {name: {"capacity": run.capacities[name]} for name in run.nodes},
         "roles": {"drain": run.drain_node, "dual_stack": run.dual_node},
+        "skipped_not_ready": run.skipped,
         "pools_before": outcome.before,
         "pools_after": outcome.after,
         "settled_after": outcome.settled,
@@ -966,6 +995,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"no nodes registered at {opts.target}: is the cluster seeded (`make run`)?", file=sys.stderr)
                 return 1
             outcome = run_profiles(opts, client)
+    except NoReadyNode as exc:
+        print(f"the allocator at {opts.target}: {exc}; nothing to load", file=sys.stderr)
+        return 1
     except (IpamClientError, grpc.RpcError) as exc:
         print(f"the allocator at {opts.target}: {exc}", file=sys.stderr)
         return 1
