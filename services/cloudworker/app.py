@@ -292,6 +292,7 @@ async def run(settings: WorkerSettings) -> None:
         metrics,
         stale_reservation_seconds=settings.stale_reservation_seconds,
         check_conflicts=settings.check_address_conflicts,
+        excess_release_delay_seconds=settings.excess_release_delay_seconds,
     )
     worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
 

@@ -86,8 +86,11 @@ class NodeMaintainer:
         *,
         stale_reservation_seconds: float,
         check_conflicts: bool = True,
+        excess_release_delay_seconds: float = 0.0,
     ) -> None:
         self.provider = provider
+        self.excess_release_delay_s = excess_release_delay_seconds
+        self._excess_since: dict[str, float] = {}  # node -> when its pool was first seen in excess
         self.check_conflicts = check_conflicts
         self.allocator = allocator
         self.metrics = metrics
@@ -155,6 +158,8 @@ class NodeMaintainer:
             self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
         cidrs = self._vpc_cidrs[instance.vpc_id]
         pspec = planner_spec(spec, instance)
+        if pspec.release_excess and not self._excess_due(name, node):
+            pspec = replace(pspec, release_excess=False)  # not yet: the next resync looks again
         full_subnets: set[str] = set()
 
         # The cloud is read at the start (and again after a refusal); in between, each action's
@@ -239,6 +244,15 @@ class NodeMaintainer:
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
         return outcome
+
+    def _excess_due(self, name: str, node: npb.Node) -> bool:
+        """Whether the node's excess has lasted the release delay (the clock starts when it is first
+        seen, and stops when there is none)."""
+        if node.stats.excess_ips <= 0 and node.stats.excess_ipv6 <= 0:
+            self._excess_since.pop(name, None)
+            return True
+        since = self._excess_since.setdefault(name, time.monotonic())
+        return time.monotonic() - since >= self.excess_release_delay_s
 
     async def _groups_for_new_interface(
         self, spec: npb.NodeSpec, instance: Instance, action: planner.AllocationAction, outcome: Outcome

@@ -52,6 +52,12 @@ class WorkerSettings(BaseSettings):
         description="a release reservation older than this was "
         "left by a crashed worker and is settled against the cloud",
     )
+    excess_release_delay_seconds: float = Field(
+        180.0,
+        description="free addresses above the watermark are given back only once the node has been in "
+        "excess this long (Cilium's excess-ip-release-delay): what the worker assigned for callers who "
+        "have since left is not undone at once, nor assigned again the next minute",
+    )
     leaked_interface_grace_seconds: float = Field(
         300.0, description="our detached interfaces older than this are deleted"
     )

@@ -29,6 +29,7 @@ class WorkerProcess(ServiceProcess):
             "IPAM_CLAIM_IDLE_SECONDS": "2",
             "IPAM_NODE_LOCK_SECONDS": "5",
             "IPAM_RESYNC_INTERVAL_SECONDS": "3600",
+            "IPAM_EXCESS_RELEASE_DELAY_SECONDS": "0",  # excess given back at once, unless a test says otherwise
             "IPAM_LOG_LEVEL": "INFO",
         }
         super().__init__(defaults, settings)

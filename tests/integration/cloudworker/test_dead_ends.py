@@ -8,19 +8,40 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
+import pytest
 
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from tests.integration.cloudworker import test_worker
 from tests.integration.cloudworker.test_worker import Cloud, ipv6_in_ec2, secondaries
-from tests.support.allocator_process import ADMIN_TOKEN
-from tests.support.api import expect_error
-from tests.support.moto_server import run_instance
+from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
+from tests.support.api import Api, expect_error
+from tests.support.moto_server import DemoNetwork, MotoServer, ec2_client, run_instance
 from tests.support.polling import poll
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
 
-cloud = test_worker.cloud  # the same fixture: a real allocator and a real worker for this module
+RELEASE_DELAY_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cloud(redis_server: RedisServer, moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
+    """As test_worker's, with an excess release delay to see."""
+    allocator = AllocatorProcess(redis_server.url).start()
+    worker = WorkerProcess(
+        redis_server.url,
+        allocator.address,
+        moto_server.endpoint_url,
+        excess_release_delay_seconds=RELEASE_DELAY_S,
+    ).start()
+    api = Api(allocator.address)
+    yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
+    api.close()
+    assert worker.stop() == 0, worker.log_text()[-3000:]
+    allocator.stop()
+
 
 GHOST_INSTANCE = "i-0123456789abcdef0"  # well-formed, and no such instance in the local EC2
 
@@ -100,3 +121,27 @@ def test_switching_ipv6_off_gives_its_free_addresses_back_to_the_cloud(cloud: Cl
     assert api.dump(node)[1] == {held.ipv6.ip: "v6"}
     stats = api.stats(node)
     assert (stats.available_ipv6, stats.excess_ipv6, stats.available_ips) == (1, 0, 2)
+
+
+def test_excess_is_given_back_only_after_the_release_delay(cloud: Cloud) -> None:
+    api = cloud.api
+    node, instance_id = cloud.node(release_excess=True, pre_allocate=2, pre_allocate_set=True)
+    poll(lambda: api.stats(node).available_ips == 2)
+    owners = [f"pod-{i}" for i in range(4)]
+    for owner in owners:
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner, wait_for_refill=True), timeout=30
+        )
+    poll(lambda: api.stats(node).available_ips == 6)  # 4 used, 2 free: the watermark
+    for owner in owners:  # the callers leave: 4 in excess (the test allocator has no reuse cooldown)
+        api.alloc.Release(pb.ReleaseRequest(node=node, owner=owner), timeout=5)
+    left = time.monotonic()
+    assert api.stats(node).excess_ips == 4
+
+    def given_back() -> bool:
+        api.nodes.Resync(npb.ResyncRequest(), timeout=10)  # the worker's periodic resync, sooner
+        return len(secondaries(cloud.ec2, instance_id)) == 2
+
+    poll(given_back, timeout=30, interval=0.5)
+    assert time.monotonic() - left >= RELEASE_DELAY_S
+    assert api.stats(node).available_ips == 2
