@@ -107,7 +107,7 @@ class AllocatorService:
         if needed <= 0 and excess <= 0:
             return False
         kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
-        event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind, needed_ips=needed, excess_ips=excess)
+        event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind)
         published = await self.queue.publish_once(event)
         if published and self.metrics is not None:
             self.metrics.events_published.labels(kind=events_pb2.PoolEvent.Kind.Name(kind)).inc()
@@ -446,4 +446,6 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         waiting=state.waiting,
         waiting_ipv6=state.waiting_ipv6,
         lost=state.lost,
+        reserved=state.reserved,
+        excluded=state.excluded,
     )

@@ -25,6 +25,8 @@ class NodeStats:
     waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
     excess_ipv6: int = 0
     lost_ips: int = 0  # allocated, but gone from the cloud
+    reserved_ips: int = 0  # reserved for release by the worker (both families)
+    excluded_ips: int = 0  # never handed out (both families)
 
 
 def node_stats(
@@ -40,6 +42,8 @@ def node_stats(
     waiting: int = 0,
     waiting_ipv6: int = 0,
     lost: int = 0,
+    reserved: int = 0,
+    excluded: int = 0,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
     used_devices = {int(i.get("device_index", 0)) for i in interfaces}
@@ -70,4 +74,6 @@ def node_stats(
         waiting_ips=waiting,
         waiting_ipv6=waiting_ipv6,
         lost_ips=lost,
+        reserved_ips=reserved,
+        excluded_ips=excluded,
     )

@@ -98,6 +98,8 @@ class PoolState:
     waiting: int = 0  # callers waiting for an IPv4 refill
     waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
     lost: int = 0  # allocated addresses the cloud no longer holds
+    reserved: int = 0  # reserved for release by the worker (both families)
+    excluded: int = 0  # never handed out (both families)
     deficit_reason: str = ""  # why the worker could not meet the last deficit
 
 
@@ -190,6 +192,8 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         waiting=int(raw.get("waiting", 0)),
         waiting_ipv6=int(raw.get("waiting6", 0)),
         lost=int(raw.get("lost", 0)),
+        reserved=int(raw.get("reserved", 0)),
+        excluded=int(raw.get("excluded", 0)),
         deficit_reason=_text(raw.get("reason") or ""),
     )
 

@@ -259,6 +259,8 @@ def node_message(view: NodeView) -> npb.Node:
             waiting_ips=s.waiting_ips,
             waiting_ipv6=s.waiting_ipv6,
             lost_ips=s.lost_ips,
+            reserved_ips=s.reserved_ips,
+            excluded_ips=s.excluded_ips,
             deficit_reason=r.deficit_reason,
         ),
         pools=r.pools,

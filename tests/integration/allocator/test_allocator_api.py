@@ -67,7 +67,7 @@ def test_empty_pool_is_resource_exhausted_and_publishes_one_event(api: Api, back
     events = events_for(backend, node)
     # CreateNode (empty pool, needs 8) published one; every later call found it still pending.
     assert len(events) == 1
-    assert events[0].kind == events_pb2.PoolEvent.KIND_DEFICIT and events[0].needed_ips == 8
+    assert events[0].kind == events_pb2.PoolEvent.KIND_DEFICIT and api.stats(node).needed_ips == 8
 
 
 def redis_client(backend) -> redis.Redis | redis.RedisCluster:  # type: ignore[no-untyped-def]
@@ -99,7 +99,7 @@ def test_skip_sync_upstream_publishes_nothing(api: Api, backend) -> None:  # typ
     assert events_for(backend, node) == []
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5)
     events = events_for(backend, node)
-    assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 2)]
+    assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_DEFICIT] and api.stats(node).needed_ips == 2
 
 
 def test_ipv6_above_its_watermark_counts_as_excess_and_is_published_only_with_release_on(
@@ -117,7 +117,7 @@ def test_ipv6_above_its_watermark_counts_as_excess_and_is_published_only_with_re
         api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner="pod"), timeout=5)
         assert api.stats(node).excess_ipv6 == 9
     events = events_for(backend, releasing)
-    assert [(e.kind, e.excess_ips) for e in events] == [(events_pb2.PoolEvent.KIND_EXCESS, 9)]
+    assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_EXCESS]
     assert events_for(backend, keeping) == []
 
 

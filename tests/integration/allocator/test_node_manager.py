@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
 from tests.support.api import Api, expect_error
 
@@ -86,7 +87,7 @@ def test_resync_republishes_a_lost_event(api: Api, backend) -> None:  # type: ig
     reply = api.nodes.Resync(npb.ResyncRequest(), timeout=10)
     assert reply.nodes >= 1 and reply.events_published >= 1
     events = events_for(backend, node)
-    assert len(events) == 2 and events[-1].needed_ips == 7
+    assert len(events) == 2 and events[-1].kind == events_pb2.PoolEvent.KIND_DEFICIT
 
 
 def test_add_addresses_is_idempotent(api: Api) -> None:
@@ -109,6 +110,21 @@ def test_add_addresses_is_idempotent(api: Api) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_IP",
     )
+
+
+def test_stats_count_the_reserved_and_the_excluded_addresses(api: Api) -> None:
+    name = api.node_with_pool(4, v6=2)
+    assert (api.stats(name).reserved_ips, api.stats(name).excluded_ips) == (0, 0)
+    api.alloc.ExcludeIP(pb.ExcludeIPRequest(node=name, ip="10.20.0.10", owner="ops"), timeout=5)
+    v4 = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=2), timeout=5)
+    v6 = api.nodes.ReserveForRelease(
+        npb.ReserveForReleaseRequest(node=name, count=1, family=pb.FAMILY_IPV6), timeout=5
+    )
+    assert (len(v4.ips), len(v6.ips)) == (2, 1)
+    stats = api.stats(name)
+    assert (stats.reserved_ips, stats.excluded_ips) == (3, 1)
+    api.nodes.AbortRelease(npb.AbortReleaseRequest(node=name, reservation_id=v4.reservation_id), timeout=5)
+    assert api.stats(name).reserved_ips == 1
 
 
 def test_reserved_addresses_are_never_handed_out_then_complete(api: Api) -> None:

@@ -32,7 +32,7 @@ def _source(client: aioredis.Redis, stream: str, consumer: str, **options: int) 
 
 
 async def _publish(client: aioredis.Redis, stream: str, node: str) -> None:
-    event = events_pb2.PoolEvent(node=node, pool="default", kind=events_pb2.PoolEvent.KIND_DEFICIT, needed_ips=8)
+    event = events_pb2.PoolEvent(node=node, pool="default", kind=events_pb2.PoolEvent.KIND_DEFICIT)
     await client.xadd(stream, {b"node": node.encode(), b"pool": b"default", b"event": event.SerializeToString()})
 
 

@@ -70,6 +70,8 @@ local function pool_state(now)
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
           waiting = waiting['4'], waiting6 = waiting['6'],
           lost = redis.call('HLEN', K_LOST),
+          reserved = redis.call('HLEN', K_RESERVED['4']) + redis.call('HLEN', K_RESERVED['6']),
+          excluded = redis.call('HLEN', K_EXCLUDED),
           reason = redis.call('HGET', K_NODE, 'deficit_reason') or ''}
 end
 
