@@ -245,6 +245,11 @@ class Worker:
     async def trim_events(self) -> None:
         await self.source.trim()
 
+    async def close(self) -> None:
+        """Closes the allocator client and the Redis connections (after `drain`)."""
+        await self.allocator.close()
+        await self.redis.aclose()
+
     async def drain(self, timeout: float) -> None:
         """Lets the nodes in progress finish for up to `timeout` seconds, then cancels the rest
         (their events stay pending: another worker claims them)."""
@@ -254,22 +259,26 @@ class Worker:
             log.warning("worker: node maintenance still running after the stop")
 
 
-async def run(settings: WorkerSettings) -> None:
-    registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
-    if settings.metrics_address:
-        host, port = split_host_port(settings.metrics_address)
-        start_http_server(port, addr=host, registry=registry)
-    provider = build_aws_provider(
-        cluster=settings.cluster_name,
-        region=settings.aws_region,
-        endpoint_url=settings.ec2_endpoint_url or None,
-        access_key_id=settings.aws_access_key_id.get_secret_value() or None,
-        secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
-        qps=settings.ec2_qps,
-        burst=settings.ec2_burst,
-        observer=metrics.ec2,
-    )
+def build_worker(
+    settings: WorkerSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    provider: CloudProvider | None = None,
+) -> Worker:
+    """The worker and everything it talks to, from its settings: `run` and the tests build it here.
+    `provider` replaces the AWS provider the settings describe; `Worker.close` closes the rest."""
+    metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
+    if provider is None:
+        provider = build_aws_provider(
+            cluster=settings.cluster_name,
+            region=settings.aws_region,
+            endpoint_url=settings.ec2_endpoint_url or None,
+            access_key_id=settings.aws_access_key_id.get_secret_value() or None,
+            secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
+            qps=settings.ec2_qps,
+            burst=settings.ec2_burst,
+            observer=metrics.ec2,
+        )
     redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
     allocator = AsyncIpamClient(
         settings.grpc_address,
@@ -294,8 +303,15 @@ async def run(settings: WorkerSettings) -> None:
         check_conflicts=settings.check_address_conflicts,
         excess_release_delay_seconds=settings.excess_release_delay_seconds,
     )
-    worker = Worker(settings, redis, source, maintainer, provider, allocator, metrics)
+    return Worker(settings, redis, source, maintainer, provider, allocator, metrics)
 
+
+async def run(settings: WorkerSettings) -> None:
+    registry = CollectorRegistry()
+    if settings.metrics_address:
+        host, port = split_host_port(settings.metrics_address)
+        start_http_server(port, addr=host, registry=registry)
+    worker = build_worker(settings, registry=registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
@@ -320,5 +336,4 @@ async def run(settings: WorkerSettings) -> None:
     await worker.drain(timeout=30.0)
     if await cancel_until_done(tasks, timeout=10.0):
         log.warning("worker: background tasks still running 10 s after the stop")
-    await allocator.close()
-    await redis.aclose()
+    await worker.close()

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from services.cloudworker.app import Worker
+from services.cloudworker.app import Worker, build_worker
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import (
@@ -28,10 +28,8 @@ from services.cloudworker.providers.aws import (
     AwsProvider,
     RetryPolicy,
 )
-from services.cloudworker.queue import RedisStreamSource
 from services.cloudworker.ratelimit import TokenBucket
 from services.cloudworker.settings import WorkerSettings
-from services.core import redis_client
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
 from tests.support.moto_server import (
@@ -380,19 +378,21 @@ def test_a_device_index_taken_meanwhile_is_replanned_in_the_same_maintenance(qui
 async def _in_process_worker(
     cloud: Cloud, client: BaseClient, cluster: str = "ipam"
 ) -> AsyncIterator[tuple[Worker, AsyncIpamClient]]:
-    """A worker (and its allocator client) built here, its EC2 calls through `client`."""
-    redis_url = cloud.allocator.env["IPAM_REDIS_URL"]
-    settings = WorkerSettings(redis_url=redis_url, grpc_address=cloud.allocator.address, metrics_address="")
-    redis = redis_client.connect(redis_url, cluster=False, timeout_s=5, max_connections=8)
-    provider = AwsProvider(client, cluster=cluster, limiter=TokenBucket(100, 100))
+    """A worker built in this process by the worker's own factory, its EC2 calls through `client`."""
+    settings = WorkerSettings(
+        redis_url=cloud.allocator.env["IPAM_REDIS_URL"],
+        grpc_address=cloud.allocator.address,
+        admin_token=ADMIN_TOKEN,
+        metrics_address="",
+        consumer_group="g",
+        consumer_name="c",
+        stale_reservation_seconds=60,
+    )
+    worker = build_worker(settings, provider=AwsProvider(client, cluster=cluster, limiter=TokenBucket(100, 100)))
     try:
-        async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
-            metrics = WorkerMetrics(CollectorRegistry())
-            maintainer = NodeMaintainer(provider, allocator, metrics, stale_reservation_seconds=60)
-            source = RedisStreamSource(redis, group="g", consumer="c", max_deliveries=5, claim_idle_ms=15000)
-            yield Worker(settings, redis, source, maintainer, provider, allocator, metrics), allocator
+        yield worker, worker.allocator
     finally:
-        await redis.aclose()
+        await worker.close()
 
 
 def test_a_leaked_interface_is_deleted_on_its_second_sighting_only(quiet_cloud: Cloud) -> None:
