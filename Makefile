@@ -92,7 +92,7 @@ run: setup
 
 test: cni-system setup cni $(CNITOOL)
 	cd clients/cni && go test ./...
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	IPAM_TESTS_REQUIRE_REDIS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: setup
 	$(VENV)/bin/ruff check services clients tests bench
