@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from services.demo_seed import POD_SUBNET_TAGS, find_demo_network, run_instance
 from services.devcluster import ROOT, NativeCluster, load_compose, native_services
 from tests.support.moto_server import ec2_client
 from tests.support.polling import poll
-from tests.support.redis_server import free_port
+from tests.support.redis_server import free_port, require_redis_server
 
 ALLOCATIONS = 2000
 CALLERS = 40
@@ -44,6 +43,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    require_redis_server()
     run = Running(tmp_path_factory.mktemp("native"))
     try:
         run.native.start()
@@ -217,9 +217,6 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
                     return False
             return True
 
-        deadline = time.monotonic() + 120
-        while not ec2_matches_pools():
-            assert time.monotonic() < deadline, f"EC2 and the pools still differ: {difference}"
-            time.sleep(1.0)
+        poll(ec2_matches_pools, timeout=120, interval=1.0, describe=lambda: f"EC2 and the pools still differ: {difference}")
     assert len({ip for _, ip in acknowledged.values()}) == ALLOCATIONS
 

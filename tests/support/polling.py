@@ -9,13 +9,21 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def poll(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05) -> T:
-    """Calls `condition` until it returns something truthy, and returns that; fails after `timeout`."""
+def poll(
+    condition: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    *,
+    describe: Callable[[], str] | None = None,
+) -> T:
+    """Calls `condition` until it returns something truthy, and returns that; fails after `timeout`
+    (with what `describe` says of the last attempt, when given)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            detail = f": {describe()}" if describe is not None else ""
+            raise AssertionError(f"condition not met within {timeout}s{detail}")
         time.sleep(interval)
