@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,11 +278,8 @@ class AwsProvider(CloudProvider):
         security_group_ids: Sequence[str],
         device_index: int,
         ipv4_count: int,
-        ipv6_count: int = 0,
-        extra_tags: Mapping[str, str] | None = None,
     ) -> NetworkInterface:
         tags = {
-            **(extra_tags or {}),
             MANAGED_BY_TAG: MANAGED_BY_VALUE,
             CLUSTER_TAG: self.cluster,
             NODE_TAG: node,
@@ -302,8 +299,6 @@ class AwsProvider(CloudProvider):
             params["Groups"] = list(security_group_ids)
         if ipv4_count > 0:  # requested in the same call: no second round trip
             params["SecondaryPrivateIpAddressCount"] = ipv4_count
-        if ipv6_count > 0:
-            params["Ipv6AddressCount"] = ipv6_count
         interface_id = self._call("CreateNetworkInterface", **params)["NetworkInterface"]["NetworkInterfaceId"]
 
         try:

@@ -7,7 +7,7 @@ raises only `providers.errors.ProviderError` subclasses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from services.cloudworker.model import (
@@ -53,8 +53,6 @@ class CloudProvider(Protocol):
         security_group_ids: Sequence[str],
         device_index: int,
         ipv4_count: int,
-        ipv6_count: int = 0,
-        extra_tags: Mapping[str, str] | None = None,
     ) -> NetworkInterface:
         """Create an interface holding `ipv4_count` secondary addresses, tagged as ours, attach it
         at `device_index` and set DeleteOnTermination. If the attach fails it is deleted again."""

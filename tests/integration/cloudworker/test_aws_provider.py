@@ -76,7 +76,7 @@ class Harness:
         )
         return int(value or 0)
 
-    def create(self, instance_id: str, *, ipv4: int = 0, ipv6: int = 0, device_index: int = 1) -> NetworkInterface:
+    def create(self, instance_id: str, *, ipv4: int = 0, device_index: int = 1) -> NetworkInterface:
         return self.provider.create_interface(
             instance_id=instance_id,
             node="node-a",
@@ -84,7 +84,6 @@ class Harness:
             security_group_ids=[self.network.security_group_id],
             device_index=device_index,
             ipv4_count=ipv4,
-            ipv6_count=ipv6,
         )
 
     def raw_interface(self, interface_id: str) -> dict:
@@ -275,7 +274,7 @@ def test_assign_and_unassign_ipv4_return_what_the_cloud_holds(harness: Harness, 
 
 
 def test_assign_ipv6_returns_only_the_new_addresses(harness: Harness, instance: str) -> None:
-    interface = harness.create(instance, ipv4=1, ipv6=2)
+    interface = harness.provider.assign_addresses(harness.create(instance, ipv4=1).id, 2, Family.IPV6).interface
     assert len(interface.ipv6) == 2
 
     added = harness.provider.assign_addresses(interface.id, 1, Family.IPV6)  # moto answers with all 3
