@@ -104,6 +104,8 @@ class Worker:
                     raise TimeoutError(f"lost the lock of node {node}")
             outcome = work.result()
             if outcome.actions:
+                self.metrics.maintenance_seconds.observe(outcome.seconds)
+                self.metrics.maintenance_cloud_seconds.observe(outcome.cloud_seconds)
                 log.info(
                     "node %s: %s (%s; %.0f ms, %.0f ms in the cloud)",
                     node,

@@ -413,6 +413,8 @@ class NodeMaintainer:
             ", ".join(sorted(conflicts)),
         )
         given_back = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, sorted(conflicts))
+        self.metrics.conflict_give_backs.inc()
+        self.metrics.conflicting_addresses.inc(len(conflicts))
         return given_back.interface, [ip for ip in ips if ip not in conflicts]
 
     async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> bool:

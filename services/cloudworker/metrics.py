@@ -103,6 +103,28 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry,
         )
+        self.maintenance_seconds = Histogram(
+            "ipam_worker_maintenance_seconds",
+            "Duration of a maintenance that acted on the cloud",
+            buckets=_API_BUCKETS,
+            registry=registry,
+        )
+        self.maintenance_cloud_seconds = Histogram(
+            "ipam_worker_maintenance_cloud_seconds",
+            "Time a maintenance that acted on the cloud spent in cloud calls",
+            buckets=_API_BUCKETS,
+            registry=registry,
+        )
+        self.conflict_give_backs = Counter(
+            "ipam_worker_conflict_give_backs_total",
+            "Unassign calls giving back addresses the cloud handed out twice or reserved",
+            registry=registry,
+        )
+        self.conflicting_addresses = Counter(
+            "ipam_worker_conflicting_addresses_total",
+            "Addresses the cloud handed out twice or reserved, given back",
+            registry=registry,
+        )
         self.nodes = Gauge(
             "ipam_worker_nodes",
             "Nodes by category (total, in-deficit, at-capacity); lease holder only",
