@@ -104,11 +104,11 @@ ghz: $(GHZ)
 
 # Allocator throughput against a no-op ceiling, memory, and the worker's burst scenario.
 bench: setup $(GHZ)
-	$(PY) bench/run_bench.py --ghz $(GHZ)
+	$(PY) -m bench.run_bench --ghz $(GHZ)
 
 # The CNI plugin against host-local: ADD then DEL, sequential and 8 in parallel (bench/cni.py).
 bench-cni: cni-system setup cni $(CNITOOL)
-	$(PY) bench/cni.py --plugin $(CNI_PLUGIN)
+	$(PY) -m bench.cni --plugin $(CNI_PLUGIN)
 
 # Load profiles (bench/ghz/) against the running cluster (`make run` elsewhere); report in bench/out/load-<time>/.
 load: setup $(GHZ)

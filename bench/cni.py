@@ -9,7 +9,7 @@ plugin exactly as a main plugin (bridge, ptp) runs its IPAM plugin: network conf
 CNI_* variables. Reported per plugin: ADDs per second, p50/p99 of one ADD (and of one DEL), and the
 process start cost (the plugin's VERSION alone, no network); and the ratios ours / host-local.
 
-    .venv/bin/python bench/cni.py --plugin .bin/cni/ipam-cni [--containers 200] [--parallel 8]
+    .venv/bin/python -m bench.cni --plugin .bin/cni/ipam-cni [--containers 200] [--parallel 8]
 
 `make bench-cni` builds the plugin and runs this. Every figure goes to bench/out/cni-<UTC time>.json.
 """
@@ -29,20 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import ROOT, machine, percentile, start_redis
+from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
+from tests.support.api import Api
 
-from bench.run_bench import machine, start_redis  # noqa: E402
-from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess  # noqa: E402
-from tests.support.api import Api  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 HOST_LOCAL = Path("/usr/lib/cni/host-local")
 NETWORK = "bench-cni"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def run_plugin(binary: Path, command: str, conf: str, container_id: str = "") -> float:
@@ -76,11 +68,11 @@ def add_del(binary: Path, conf: str, ids: list[str], parallel: int) -> dict[str,
         "parallel": parallel,
         "containers": len(ids),
         "adds_per_s": len(ids) / add_wall,
-        "add_p50_ms": percentile(adds, 0.5) * 1000,
-        "add_p99_ms": percentile(adds, 0.99) * 1000,
+        "add_p50_ms": percentile(adds, 50) * 1000,
+        "add_p99_ms": percentile(adds, 99) * 1000,
         "dels_per_s": len(ids) / del_wall,
-        "del_p50_ms": percentile(dels, 0.5) * 1000,
-        "del_p99_ms": percentile(dels, 0.99) * 1000,
+        "del_p50_ms": percentile(dels, 50) * 1000,
+        "del_p99_ms": percentile(dels, 99) * 1000,
     }
 
 
@@ -88,7 +80,7 @@ def start_cost(binary: Path, runs: int) -> dict[str, float]:
     """VERSION alone: the exec, the runtime's start and the reply, with no network and no store."""
     conf = json.dumps({"cniVersion": "1.0.0"})
     times = [run_plugin(binary, "VERSION", conf) for _ in range(runs)]
-    return {"version_p50_ms": statistics.median(times) * 1000, "version_p99_ms": percentile(times, 0.99) * 1000}
+    return {"version_p50_ms": statistics.median(times) * 1000, "version_p99_ms": percentile(times, 99) * 1000}
 
 
 def main(argv: list[str] | None = None) -> int:

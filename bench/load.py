@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ from typing import Any
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import percentile, run_ghz, scrape
 from clients.client import IpamClient, IpamClientError
 from ipam.v1 import nodes_pb2
 from services.core.pool_math import interface_capacity
@@ -288,11 +288,6 @@ class Cluster:
 # --- pool levels, sampled -----------------------------------------------------------------------
 
 
-def scrape(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return reply.read().decode()
-
-
 def _family(label: str) -> str:
     return "ipv6" if "6" in label else "ipv4"
 
@@ -441,14 +436,6 @@ def substitute(template: Any, values: dict[str, str]) -> Any:
     return template
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (nan when empty)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(math.ceil(pct / 100 * len(sorted_values)) - 1, 0)
-    return sorted_values[min(rank, len(sorted_values) - 1)]
-
-
 def _ms(value: float) -> float | None:
     """A latency for JSON: None rather than NaN when no call succeeded."""
     return None if math.isnan(value) else round(value, 3)
@@ -579,7 +566,6 @@ class Ghz:
     def run(self, spec: StepSpec) -> Step:
         config = self.config(spec)
         output = Path(config["output"])
-        output.unlink(missing_ok=True)
         say(
             f"  ghz {spec.profile}.{spec.name}: {config['total']} x {config['call'].rsplit('.', 1)[-1]}"
             f" over {len(config['data'])} row(s), -c {config['concurrency']}"
@@ -589,21 +575,14 @@ class Ghz:
             json.dump(config, handle)
             handle.flush()
             started = time.time()
-            done = subprocess.run(
-                [str(self.binary), "--config", handle.name],
-                capture_output=True,
-                text=True,
+            report = run_ghz(
+                self.binary,
+                ["--config", handle.name],
+                output=output,
                 timeout=GHZ_TIMEOUT_S,
-                check=False,
+                what=f"{spec.profile}.{spec.name}",
             )
             ended = time.time()
-        if done.returncode != 0 or not output.exists():
-            raise RuntimeError(
-                f"ghz {spec.profile}.{spec.name} failed ({done.returncode}): "
-                f"{done.stderr.strip() or done.stdout.strip()}"
-            )
-        report = json.loads(output.read_text())
-        report.get("options", {}).pop("metadata", None)  # the token
         output.write_text(json.dumps(report, indent=1))
         return read_report(spec, report, started, ended, output)
 

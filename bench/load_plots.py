@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import matplotlib
 
@@ -13,10 +13,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from bench.load import percentile  # noqa: E402
+from bench.harness import percentile  # noqa: E402
 
-if TYPE_CHECKING:
-    from bench.load import Step
+
+class Step(Protocol):
+    """What the plots read of a ghz step of bench.load."""
+
+    profile: str
+    name: str
+    details: list[tuple[float, float, str]]  # (end time, latency ms, status) per call
+
+    @property
+    def label(self) -> str: ...
+
 
 Span = tuple[str, float, float]  # profile, start, end (epoch seconds)
 Sample = tuple[float, str, str, str, float]  # t, node, family, state, value

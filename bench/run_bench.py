@@ -18,7 +18,7 @@ Then the cloud worker's burst scenario (bench/burst.py, its own processes: Redis
 an allocator and a worker): 20 nodes at their watermark, 1,000 AllocateNext with wait_for_refill at
 once; its table follows and bench/out/burst-<UTC time>.json is written. `--skip-burst` skips it.
 
-    .venv/bin/python bench/run_bench.py --ghz .bin/ghz [--quick] [--workers 2] [--fsync always] [--skip-burst]
+    .venv/bin/python -m bench.run_bench --ghz .bin/ghz [--quick] [--workers 2] [--fsync always] [--skip-burst]
 
 Every process it starts is stopped when it ends, on failure and on SIGINT/SIGTERM too.
 """
@@ -29,39 +29,41 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import operator
 import os
-import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
-# tests.support (real redis-server and allocator processes) is not installed: import it from the repository.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from bench import burst
+from bench.harness import (
+    ROOT,
+    Target,
+    child_pids,
+    exit_on_signal,
+    machine,
+    metrics_url,
+    print_log_on_error,
+    run_ghz,
+    scrape,
+    start_allocator,
+    start_redis,
+)
 from clients.client import AsyncIpamClient, IpamClient, node_spec
 from ipam.v1 import nodes_pb2
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
-from tests.support.redis_server import REDIS_SERVER, RedisServer
-from tests.support.service_process import ServiceProcess
+from tests.support.redis_server import RedisServer
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# The issue's targets.
+# What the allocator aims at.
 MIN_RATIO = 0.8  # AllocateNext requests/s over Ping requests/s
 MAX_HALF_P99_MS = 5.0  # p99 of AllocateNext at half its peak rate
 MAX_BYTES_PER_ADDRESS = 300  # Redis used_memory per pooled address
@@ -127,77 +129,7 @@ class Phase:
         return bool(self.errors) or self.ok < self.requested
 
 
-@dataclass(frozen=True)
-class Target:
-    """One of the issue's targets and the measured value."""
-
-    name: str
-    value: float
-    op: str  # "<", "<=" or ">="
-    limit: float
-    unit: str
-    note: str = ""
-
-    @property
-    def met(self) -> bool:
-        return {"<": operator.lt, "<=": operator.le, ">=": operator.ge}[self.op](self.value, self.limit)
-
-    def line(self) -> str:
-        limit = f"{self.op} {self.limit:g} {self.unit}".strip()
-        return (
-            f"{self.name:<32}{self.value:9.2f} {self.unit:<5} target {limit:<10} "
-            f"{'ok' if self.met else 'MISSED':<7}{self.note}"
-        )
-
-
 # --- processes ----------------------------------------------------------------------------------
-
-
-def start_redis(fsync: str) -> RedisServer:
-    """A redis-server in a temporary directory: no RDB snapshots, AOF with the given fsync policy."""
-    return RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", fsync]).start()
-
-
-def start_allocator(redis_url: str, workers: int) -> AllocatorProcess:
-    """`python -m services.allocator` with client and admin tokens, no reuse cooldown, quiet logs."""
-    allocator = AllocatorProcess(redis_url, workers=workers, log_level="WARNING", timer_sweep_seconds=0.5)
-    allocator.start()  # health answers SERVING once one worker is up: wait for the others' metrics too
-    deadline = time.monotonic() + 20
-    for index in range(workers):
-        while True:
-            try:
-                scrape(allocator, index)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"allocator worker {index} is not up:\n{allocator.log_tail()}") from None
-                time.sleep(0.05)
-    return allocator
-
-
-def print_log_on_error(process: ServiceProcess, name: str = "allocator", lines: int = 30) -> Any:
-    """An ExitStack exit callback: the last `lines` of the process's log when the run fails."""
-
-    def on_exit(exc_type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None) -> bool:
-        if exc_type is not None and issubclass(exc_type, Exception):
-            print(f"{name} log:\n{process.log_tail(lines)}", file=sys.stderr)
-        return False
-
-    return on_exit
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The processes whose parent is `parent` (the `--workers` children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def rss_mb(pid: int) -> float:
@@ -212,17 +144,11 @@ def allocator_memory(allocator: AllocatorProcess) -> dict[str, Any]:
     """VmRSS of the `--workers` parent and of each worker process, in MiB."""
     assert allocator.process is not None
     parent = allocator.process.pid
-    workers = worker_pids(parent) or [parent]  # --workers 1 serves in the process itself
+    workers = child_pids(parent) or [parent]  # --workers 1 serves in the process itself
     return {
         "parent_rss_mb": round(rss_mb(parent), 1),
         "worker_rss_mb": [round(rss_mb(pid), 1) for pid in workers],
     }
-
-
-def scrape(allocator: AllocatorProcess, index: int) -> str:
-    """The Prometheus text of worker `index` (its metrics port is the base port + index)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{allocator.metrics_port + index}/metrics", timeout=2) as reply:
-        return reply.read().decode()
 
 
 def method_samples(allocator: AllocatorProcess, workers: int, method: str) -> list[list[Sample]]:
@@ -230,7 +156,7 @@ def method_samples(allocator: AllocatorProcess, workers: int, method: str) -> li
     return [
         [
             s
-            for family in text_string_to_metric_families(scrape(allocator, index))
+            for family in text_string_to_metric_families(scrape(metrics_url(allocator, index)))
             for s in family.samples
             if s.labels.get("method") == method
         ]
@@ -336,7 +262,7 @@ def call_data(cfg: Config, method: str, owner_prefix: str, total: int) -> list[d
     return [{"node": f"{BENCH_PREFIX}-{n % cfg.nodes}", "owner": f"{owner_prefix}-{n}", **family} for n in range(total)]
 
 
-def run_ghz(
+def ghz_phase(
     cfg: Config,
     address: str,
     name: str,
@@ -349,11 +275,9 @@ def run_ghz(
 ) -> Phase:
     """One ghz run against `address` (plaintext, client token); its JSON report parsed."""
     with tempfile.TemporaryDirectory(prefix="ipam-ghz-") as tmp:
-        report_path = Path(tmp) / "report.json"
         data_path = Path(tmp) / "data.json"
         data_path.write_text(json.dumps(data))
-        command = [
-            str(cfg.ghz),
+        args = [
             "--insecure",  # no --proto: the server's reflection describes the methods
             "--call",
             f"{SERVICE}.{method}",
@@ -371,17 +295,10 @@ def run_ghz(
             str(cfg.concurrency),
             "--connections",
             str(cfg.connections),
-            "--format",
-            "json",
-            "--output",
-            str(report_path),
             *(["--rps", str(rate_limit)] if rate_limit else []),
             address,
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S, check=False)
-        if done.returncode != 0 or not report_path.exists():
-            raise RuntimeError(f"ghz {method} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
-        report = json.loads(report_path.read_text())
+        report = run_ghz(cfg.ghz, args, output=Path(tmp) / "report.json", timeout=PHASE_TIMEOUT_S, what=method)
     return parse_report(name, method, report, requested=total - skip_first, rate_limit=rate_limit)
 
 
@@ -427,7 +344,7 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
     def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0) -> Phase:
         print(f"  {name} ...", flush=True)
         before = method_samples(allocator, cfg.workers, method)
-        result = run_ghz(
+        result = ghz_phase(
             cfg,
             allocator.address,
             name,
@@ -481,31 +398,6 @@ def memory_phase(cfg: Config, redis_server: RedisServer, allocator: AllocatorPro
 
 
 # --- report -------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
-    redis_version = (
-        subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True, check=True)
-        .stdout.split()[2]
-        .removeprefix("v=")
-    )
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "redis_server": redis_version,
-        "kernel": platform.release(),
-    }
 
 
 def targets(phases: list[Phase], memory: dict[str, Any], rss: dict[str, Any]) -> list[Target]:
@@ -632,8 +524,6 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def run_burst(cfg: Config) -> int:
     """bench/burst.py with its defaults (`--quick`: 4 nodes, 200 allocations); its exit code."""
-    from bench import burst  # here, not at the top: bench.burst imports this module
-
     print("\ncloud worker burst (bench/burst.py):", flush=True)
     args = ["--out-dir", str(cfg.out_dir), *(["--nodes", "4", "--allocations", "200"] if cfg.quick else [])]
     try:
@@ -643,13 +533,9 @@ def run_burst(cfg: Config) -> int:
         return 1
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the ExitStack: every process is stopped
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     started = time.perf_counter()
     info = machine()
     with ExitStack() as stack:
