@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from clients.client import AsyncIpamClient, IpamClientError
+from clients.client import IpamClientError
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
@@ -20,6 +20,7 @@ from services.core.pool_math import PoolCounts, Watermarks
 from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
+from .allocator_client import AllocatorClient
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
@@ -81,7 +82,7 @@ class NodeMaintainer:
     def __init__(
         self,
         provider: CloudProvider,
-        allocator: AsyncIpamClient,
+        allocator: AllocatorClient,
         metrics: WorkerMetrics,
         *,
         stale_reservation_seconds: float,

@@ -1,0 +1,292 @@
+"""The node maintainer against fakes behind its two seams (`CloudProvider` and `AllocatorClient`),
+as Cilium tests its node loop against a mock allocation implementation: what a maintenance leaves
+in the cloud and in the pool, not how it gets there. The integration tests run it against moto and
+a real allocator."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from prometheus_client import CollectorRegistry
+
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from services.cloudworker.maintainer import NodeMaintainer, Outcome
+from services.cloudworker.metrics import WorkerMetrics
+from services.cloudworker.model import (
+    AddressChange,
+    Instance,
+    InstanceLimits,
+    NetworkInterface,
+    SecurityGroup,
+    Subnet,
+)
+from services.cloudworker.providers.errors import NotFound
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.reasons import DeficitReason
+
+SUBNET = Subnet("subnet-1", "vpc-1", "az-1", "10.1.0.0/24", free_addresses=200)
+INSTANCE = Instance("i-1", "small", "az-1", "vpc-1", SUBNET.id, security_group_ids=("sg-1",))
+LIMITS = InstanceLimits(max_interfaces=3, ipv4_per_interface=5)
+MUTATING = ("create_interface", "assign_addresses", "unassign_addresses", "delete_interface")
+
+
+@dataclass
+class FakeCloud:
+    """One instance in one subnet; addresses handed out in order; records every call by name."""
+
+    known_types: tuple[str, ...] = ("small",)
+    hand_out_twice: set[str] = field(default_factory=set)  # what conflicting_addresses reports (once)
+    interfaces: dict[str, NetworkInterface] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    _next_host: int = 10
+
+    def __post_init__(self) -> None:
+        primary = NetworkInterface("eni-0", "02:00:00:00:00:00", 0, SUBNET.id, SUBNET.cidr, self._address())
+        self.interfaces[primary.id] = primary
+
+    def _address(self) -> str:
+        self._next_host += 1
+        return str(ipaddress.ip_network(SUBNET.cidr)[self._next_host])
+
+    def held(self) -> set[str]:
+        return {ip for i in self.interfaces.values() for ip in i.ipv4}
+
+    def instance_limits(self, instance_type: str) -> InstanceLimits:
+        self.calls.append("instance_limits")
+        if instance_type not in self.known_types:
+            raise NotFound(f"instance type {instance_type} unknown", code="InvalidInstanceType", operation="x")
+        return LIMITS
+
+    def describe_instance(self, instance_id: str) -> Instance:
+        self.calls.append("describe_instance")
+        return INSTANCE
+
+    def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
+        self.calls.append("list_subnets")
+        return [SUBNET]
+
+    def list_security_groups(self, vpc_id: str) -> list[SecurityGroup]:
+        self.calls.append("list_security_groups")
+        return [SecurityGroup("sg-1", "vpc-1")]
+
+    def list_interfaces(self, instance_id: str) -> list[NetworkInterface]:
+        self.calls.append("list_interfaces")
+        return sorted(self.interfaces.values(), key=lambda i: i.device_index)
+
+    def create_interface(
+        self,
+        *,
+        instance_id: str,
+        node: str,
+        subnet_id: str,
+        security_group_ids: Sequence[str],
+        device_index: int,
+        ipv4_count: int,
+    ) -> NetworkInterface:
+        self.calls.append("create_interface")
+        interface = NetworkInterface(
+            f"eni-{device_index}",
+            f"02:00:00:00:00:0{device_index}",
+            device_index,
+            subnet_id,
+            SUBNET.cidr,
+            self._address(),
+            ipv4=tuple(self._address() for _ in range(ipv4_count)),
+            security_group_ids=tuple(security_group_ids),
+        )
+        self.interfaces[interface.id] = interface
+        return interface
+
+    def assign_addresses(
+        self, interface_id: str, count: int, family: Family = Family.IPV4, *, known: NetworkInterface | None = None
+    ) -> AddressChange:
+        self.calls.append("assign_addresses")
+        added = tuple(self._address() for _ in range(count))
+        interface = self.interfaces[interface_id]
+        interface = self.interfaces[interface_id] = replace(interface, ipv4=interface.ipv4 + added)
+        return AddressChange(added, interface)
+
+    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
+        self.calls.append("unassign_addresses")
+        interface = self.interfaces[interface_id]
+        gone = tuple(ip for ip in interface.ipv4 if ip in ips)
+        interface = self.interfaces[interface_id] = replace(
+            interface, ipv4=tuple(ip for ip in interface.ipv4 if ip not in ips)
+        )
+        return AddressChange(gone, interface)
+
+    def conflicting_addresses(self, interface: NetworkInterface, ips: Sequence[str]) -> set[str]:
+        self.calls.append("conflicting_addresses")
+        found = {ip for ip in ips if ip in self.hand_out_twice}
+        self.hand_out_twice -= found
+        return found
+
+    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+        return []
+
+    def delete_interface(self, interface_id: str) -> bool:
+        self.calls.append("delete_interface")
+        return self.interfaces.pop(interface_id, None) is not None
+
+    def vpc_cidrs(self, vpc_id: str) -> list[str]:
+        self.calls.append("vpc_cidrs")
+        return ["10.1.0.0/16"]
+
+
+@dataclass
+class FakeAllocator:
+    """One node's default pool: attached addresses, the allocated ones, its interface table."""
+
+    spec: npb.NodeSpec
+    attached: set[str] = field(default_factory=set)
+    allocated: set[str] = field(default_factory=set)
+    interfaces: dict[str, npb.Interface] = field(default_factory=dict)
+    deficit_reason: str = ""
+    last_error: str = ""
+    limits: tuple[int, int] = (0, 0)
+    vpc_cidrs: list[str] = field(default_factory=list)
+
+    def node(self) -> npb.Node:
+        counts = PoolCounts(len(self.attached), len(self.allocated), 0)
+        s = self.spec
+        watermarks = Watermarks(s.pre_allocate, s.min_allocate, s.max_allocate, s.max_above_watermark)
+        return npb.Node(
+            spec=self.spec,
+            interfaces=list(self.interfaces.values()),
+            stats=npb.NodeStats(
+                available_ips=counts.available,
+                used_ips=counts.used,
+                needed_ips=pool_needed_ips(counts, watermarks),
+                excess_ips=pool_excess_ips(counts, watermarks),
+                deficit_reason=self.deficit_reason,
+            ),
+            max_interfaces=self.limits[0],
+            ipv4_per_interface=self.limits[1],
+            vpc_cidrs=self.vpc_cidrs,
+        )
+
+    async def get_node(self, name: str, pool: str = "", *, timeout: float | None = None) -> npb.Node:
+        return self.node()
+
+    async def dump(self, node: str, pool: str = "", *, timeout: float | None = None) -> pb.DumpResponse:
+        return pb.DumpResponse(
+            ipv4={ip: "pod" for ip in self.allocated}, free_ipv4=sorted(self.attached - self.allocated)
+        )
+
+    async def add_addresses(
+        self, request: npb.AddAddressesRequest, *, timeout: float | None = None
+    ) -> npb.AddAddressesResponse:
+        new = [ip for ip in request.ips if ip not in self.attached]
+        self.attached.update(new)
+        self.interfaces[request.interface.id] = request.interface
+        self.vpc_cidrs = list(request.vpc_cidrs) or self.vpc_cidrs
+        if request.max_interfaces:
+            self.limits = (request.max_interfaces, request.ipv4_per_interface)
+        return npb.AddAddressesResponse(added_ips=new, node=self.node())
+
+    async def set_interfaces(
+        self, request: npb.SetInterfacesRequest, *, timeout: float | None = None
+    ) -> npb.SetInterfacesResponse:
+        self.interfaces = {i.id: i for i in request.interfaces}
+        self.deficit_reason = request.deficit_reason
+        self.limits = (request.max_interfaces, request.ipv4_per_interface)
+        return npb.SetInterfacesResponse()
+
+    async def set_node_error(self, node: str, error: str, *, timeout: float | None = None) -> npb.SetNodeErrorResponse:
+        self.last_error = error
+        return npb.SetNodeErrorResponse()
+
+    async def remove_addresses(
+        self, request: npb.RemoveAddressesRequest, *, timeout: float | None = None
+    ) -> npb.RemoveAddressesResponse:
+        removed = [ip for ip in request.ips if ip in self.attached and ip not in self.allocated]
+        self.attached.difference_update(removed)
+        return npb.RemoveAddressesResponse(removed_ips=removed)
+
+    async def reserve_for_release(
+        self, request: npb.ReserveForReleaseRequest, *, timeout: float | None = None
+    ) -> npb.ReserveForReleaseResponse:
+        raise AssertionError("these nodes never release")
+
+    async def complete_release(
+        self, request: npb.CompleteReleaseRequest, *, timeout: float | None = None
+    ) -> npb.CompleteReleaseResponse:
+        raise AssertionError("these nodes never release")
+
+    async def abort_release(
+        self, request: npb.AbortReleaseRequest, *, timeout: float | None = None
+    ) -> npb.AbortReleaseResponse:
+        raise AssertionError("these nodes never release")
+
+
+def _spec(**fields: object) -> npb.NodeSpec:
+    defaults: dict[str, object] = dict(
+        name="node-a", instance_id=INSTANCE.id, instance_type=INSTANCE.instance_type, subnet_ids=[SUBNET.id]
+    )
+    return npb.NodeSpec(**{**defaults, "pre_allocate": 4, **fields})  # type: ignore[arg-type]
+
+
+def _maintain(cloud: FakeCloud, allocator: FakeAllocator, maintainer: NodeMaintainer | None = None) -> Outcome:
+    maintainer = maintainer or NodeMaintainer(
+        cloud, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=60
+    )
+    return asyncio.run(maintainer.maintain(allocator.spec.name))
+
+
+def test_an_empty_pool_is_filled_to_its_watermark_with_what_the_cloud_assigned() -> None:
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec())
+    outcome = _maintain(cloud, allocator)
+    assert outcome.assigned >= 4 and outcome.reason == DeficitReason.NOTHING_NEEDED
+    assert allocator.node().stats.needed_ips == 0
+    assert allocator.attached == cloud.held()  # the pool holds exactly what the cloud assigned
+
+
+def test_a_new_interface_is_created_when_the_attached_ones_are_full() -> None:
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec(pre_allocate=8))  # eni-0 takes 4 secondaries
+    outcome = _maintain(cloud, allocator)
+    assert outcome.interfaces_created == 1 and allocator.node().stats.needed_ips == 0
+    assert allocator.attached == cloud.held() and set(allocator.interfaces) == set(cloud.interfaces)
+
+
+def test_a_pool_at_its_watermark_costs_no_mutating_cloud_call() -> None:
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec())
+    metrics = WorkerMetrics(CollectorRegistry())
+    maintainer = NodeMaintainer(cloud, allocator, metrics, stale_reservation_seconds=60)
+    _maintain(cloud, allocator, maintainer)
+    cloud.calls.clear()
+    again = _maintain(cloud, allocator, maintainer)
+    assert (again.assigned, again.actions) == (0, [])
+    assert not [c for c in cloud.calls if c in MUTATING]
+
+
+def test_addresses_the_cloud_handed_out_twice_are_given_back_and_counted() -> None:
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec())
+    cloud.hand_out_twice = {"10.1.0.12"}  # the first secondary address the fake hands out
+    registry = CollectorRegistry()
+    maintainer = NodeMaintainer(cloud, allocator, WorkerMetrics(registry), stale_reservation_seconds=60)
+    _maintain(cloud, allocator, maintainer)
+    assert "10.1.0.12" not in allocator.attached and "10.1.0.12" not in cloud.held()
+    assert allocator.node().stats.needed_ips == 0  # refilled with others
+    assert registry.get_sample_value("ipam_worker_conflict_give_backs_total") == 1
+    assert registry.get_sample_value("ipam_worker_conflicting_addresses_total") == 1
+
+
+def test_an_unknown_instance_type_is_told_to_the_allocator_as_the_deficit_reason() -> None:
+    cloud, allocator = FakeCloud(known_types=()), FakeAllocator(_spec())
+    outcome = _maintain(cloud, allocator)
+    assert outcome.reason == DeficitReason.INSTANCE_TYPE_UNKNOWN
+    assert allocator.deficit_reason == DeficitReason.INSTANCE_TYPE_UNKNOWN
+    assert allocator.last_error.startswith(DeficitReason.INSTANCE_TYPE_UNKNOWN)
+    assert not [c for c in cloud.calls if c in MUTATING] and allocator.attached == set()
+
+
+def test_a_node_without_an_instance_is_left_alone() -> None:
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec(instance_id=""))
+    outcome = _maintain(cloud, allocator)
+    assert outcome.reason == DeficitReason.NO_INSTANCE
+    assert cloud.calls == [] and allocator.attached == set()
