@@ -690,13 +690,13 @@ class LoadRun:
         `alongside` runs next to both."""
         allocate = StepSpec(result.name, "allocate", rows)
         self.cluster.wait_for_headroom(sorted({r["node"] for r in rows}), allocate.per_row())
-        result.steps += self._with(allocate, alongside, "during-allocate")
+        result.steps += self._run_with_alongside(allocate, alongside, "during-allocate")
         if check is not None:
             check(result.steps[-1 if alongside is None else -2])
         release = StepSpec(result.name, "release", rows, total=allocate.planned_total())
-        result.steps += self._with(release, alongside, "during-release")
+        result.steps += self._run_with_alongside(release, alongside, "during-release")
 
-    def _with(self, spec: StepSpec, alongside: StepSpec | None, phase: str) -> list[Step]:
+    def _run_with_alongside(self, spec: StepSpec, alongside: StepSpec | None, phase: str) -> list[Step]:
         if alongside is None:
             return [self.ghz.run(spec)]
         return self.ghz.run_together([spec, replace(alongside, alias=f"{alongside.step}-{phase}")])

@@ -99,7 +99,9 @@ class AllocatorService:
         self._check_family_enabled(family)
         return [family]
 
-    async def after_change(self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False) -> bool:
+    async def publish_if_needed(
+        self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False
+    ) -> bool:
         """Publishes one (coalesced) event when the pool is below or above its watermark; True if it did."""
         if skip_sync_upstream or state.event_pending:
             return False
@@ -145,7 +147,7 @@ class AllocatorService:
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
                     waits = wait_for_refill and self.refills is not None and remaining > 0.01
                     if not (waits and exc.reason in (ErrorReason.POOL_EMPTY, ErrorReason.POOL_COOLING_DOWN)):
-                        await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
+                        await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                         raise
                     if not waiter:
                         # Counted (for the family it lacks) before the event goes out, so the worker
@@ -157,12 +159,12 @@ class AllocatorService:
                             state = replace(state, waiting_ipv6=state.waiting_ipv6 + 1)
                         else:
                             state = replace(state, waiting=state.waiting + 1)
-                    await self.after_change(node, pool, state, skip_sync_upstream=skip_sync_upstream)
+                    await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
                     await self.refills.wait(node, pool, min(remaining, 5.0))  # type: ignore[union-attr]
                     continue
                 if not outcome.replayed:
-                    await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+                    await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
                 return outcome.allocations
         finally:
             if waiter:
@@ -177,7 +179,7 @@ class AllocatorService:
         ip, family = parse_ip(ip)
         self._check_family_enabled(family)
         outcome = await self.store.allocate(node, pool, ip, owner)
-        await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.allocations[0]
 
     async def release(
@@ -198,7 +200,7 @@ class AllocatorService:
             outcome = await self.store.release(node, pool, owner=owner)
         else:
             raise InvalidArgument("release needs an ip or an owner", reason=ErrorReason.IP_OR_OWNER_REQUIRED)
-        await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.ips
 
     async def release_by_key(
@@ -209,7 +211,7 @@ class AllocatorService:
         idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=True)
         outcome = await self.store.release_by_key(node, pool, idempotency_key)
         if outcome.ips:
-            await self.after_change(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+            await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.ips
 
     async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]:
@@ -222,7 +224,7 @@ class AllocatorService:
         ip, _ = parse_ip(ip)
         owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
         outcome = await self.store.exclude(node, pool, ip, owner)
-        await self.after_change(node, pool, outcome.state)
+        await self.publish_if_needed(node, pool, outcome.state)
 
     async def start_timer(self, node: str, pool: str, ip: str, timeout_seconds: int) -> str:
         node, pool = self._target(node, pool)
@@ -300,7 +302,7 @@ class AllocatorService:
             first_interface_index=settings.first_interface_index,
         )
         state = await self.store.pool_state(name, DEFAULT_POOL)
-        await self.after_change(name, DEFAULT_POOL, state)
+        await self.publish_if_needed(name, DEFAULT_POOL, state)
         return await self.node_view(name, DEFAULT_POOL, state)
 
     async def delete_node(self, name: str) -> None:
@@ -345,7 +347,7 @@ class AllocatorService:
                     state = await self.store.pool_state(name, pool)
                 except NotFound:  # deleted meanwhile
                     continue
-                published += await self.after_change(name, pool, state)
+                published += await self.publish_if_needed(name, pool, state)
         return len(names), published
 
     # --- worker-facing ----------------------------------------------------------------------
@@ -399,7 +401,7 @@ class AllocatorService:
         outcome = await self.store.reserve_for_release(
             node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count
         )
-        return outcome.value, outcome.ips
+        return outcome.reservation_id, outcome.ips
 
     async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
         node, pool = self._target(node, pool)

@@ -36,7 +36,7 @@ class TimerSweeper:
                 if self.service.metrics is not None:
                     self.service.metrics.expired.inc(len(outcome.ips))
                 log.info("expired %d address(es) of %s/%s", len(outcome.ips), node, pool)
-                await self.service.after_change(node, pool, outcome.state)
+                await self.service.publish_if_needed(node, pool, outcome.state)
         return released
 
     async def reindex_all(self) -> None:

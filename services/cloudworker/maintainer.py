@@ -1,7 +1,8 @@
-"""Per-node pool maintenance (seed `MaintainIPPool`): make the cloud and the allocator agree, then
-plan one step at a time until the pool is at its watermark, the node is full, or nothing can be
-done. Each round reads the truth again, so a duplicate event or a crash part-way never assigns
-addresses twice: what is already attached is found and handed to the allocator first."""
+"""Per-node pool maintenance (Cilium's `Node.MaintainIPPool`, pkg/ipam/node.go): make the cloud
+and the allocator agree, then plan one step at a time until the pool is at its watermark, the node
+is full, or nothing can be done. Each round reads the truth again, so a duplicate event or a crash
+part-way never assigns addresses twice: what is already attached is found and handed to the
+allocator first."""
 
 from __future__ import annotations
 
@@ -158,9 +159,9 @@ class NodeMaintainer:
         if instance.vpc_id not in self._vpc_cidrs:
             self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
         cidrs = self._vpc_cidrs[instance.vpc_id]
-        pspec = planner_spec(spec, instance)
-        if pspec.release_excess and not self._excess_due(name, node):
-            pspec = replace(pspec, release_excess=False)  # not yet: the next resync looks again
+        plan_spec = planner_spec(spec, instance)
+        if plan_spec.release_excess and not self._excess_due(name, node):
+            plan_spec = replace(plan_spec, release_excess=False)  # not yet: the next resync looks again
         full_subnets: set[str] = set()
 
         # The cloud is read at the start (and again after a refusal); in between, each action's
@@ -184,20 +185,20 @@ class NodeMaintainer:
             if spec.ipv6_enabled and node.stats.needed_ipv6 + node.stats.waiting_ipv6 > 0:
                 updated = await self._assign_ipv6(node, interfaces, limits, outcome)
                 if updated is not None:
-                    interfaces = _with(interfaces, updated)
+                    interfaces = _replacing(interfaces, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
             # IPv6 switched off: every free IPv6 address goes back, release_excess or not.
-            gives_back_ipv6 = pspec.release_excess or not spec.ipv6_enabled
+            gives_back_ipv6 = plan_spec.release_excess or not spec.ipv6_enabled
             if ipv6_releasable and gives_back_ipv6 and node.stats.excess_ipv6 > 0:
-                released = await self._release_ipv6(node, pspec, interfaces, outcome)
+                released = await self._release_ipv6(node, plan_spec, interfaces, outcome)
                 if released is not None:
-                    interfaces, released_some = _with(interfaces, released), True
+                    interfaces, released_some = _replacing(interfaces, released), True
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
                 ipv6_releasable = False
             usable = [s for s in subnets if s.id not in full_subnets]
-            action = await self._plan(node, pspec, interfaces, limits, usable)
+            action = await self._plan(node, plan_spec, interfaces, limits, usable)
             if isinstance(action, planner.AllocationAction) and action.creates_interface:
                 action = await self._groups_for_new_interface(spec, instance, action, outcome)
             try:
@@ -219,7 +220,7 @@ class NodeMaintainer:
                 else:
                     outcome.reason, outcome.detail = action.reason, action.detail
                     break
-                interfaces = _with(interfaces, updated)
+                interfaces = _replacing(interfaces, updated)
             except SubnetFull as exc:
                 subnet = getattr(action, "subnet_id", "")
                 log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
@@ -287,13 +288,13 @@ class NodeMaintainer:
     async def _plan(
         self,
         node: npb.Node,
-        pspec: planner.NodeSpec,
+        plan_spec: planner.NodeSpec,
         interfaces: list[NetworkInterface],
         limits: InstanceLimits,
         subnets: list[Subnet],
     ) -> planner.Action:
         counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
-        releasing = pspec.release_excess and node.stats.excess_ips > 0 and node.stats.needed_ips <= 0
+        releasing = plan_spec.release_excess and node.stats.excess_ips > 0 and node.stats.needed_ips <= 0
         # Which addresses of an interface are free matters only to a release: read them only then.
         allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4) if releasing else set()
         states = [
@@ -301,7 +302,7 @@ class NodeMaintainer:
             for i in interfaces
             if i.device_index >= 0
         ]
-        return planner.plan(pspec, counts, states, limits, subnets, surge=int(node.stats.waiting_ips))
+        return planner.plan(plan_spec, counts, states, limits, subnets, surge=int(node.stats.waiting_ips))
 
     async def _reconcile(
         self,
@@ -380,11 +381,11 @@ class NodeMaintainer:
                     "node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(reply.newly_lost)
                 )
         settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
-        table = _pool_table(current, first)
-        same_table = _table(table) == _table(node.interfaces) and (node.max_interfaces, node.ipv4_per_interface) == (
-            limits.max_interfaces,
-            limits.ipv4_per_interface,
-        )
+        table = _allocator_interfaces(current, first)
+        same_table = _comparable(table) == _comparable(node.interfaces) and (
+            node.max_interfaces,
+            node.ipv4_per_interface,
+        ) == (limits.max_interfaces, limits.ipv4_per_interface)
         if same_table and not (added or gone or settled):
             return node, current  # the allocator already agrees with the cloud
         if not same_table:
@@ -581,7 +582,7 @@ class NodeMaintainer:
         )
 
     async def _release_ipv6(
-        self, node: npb.Node, pspec: planner.NodeSpec, interfaces: list[NetworkInterface], outcome: Outcome
+        self, node: npb.Node, plan_spec: planner.NodeSpec, interfaces: list[NetworkInterface], outcome: Outcome
     ) -> NetworkInterface | None:
         """Gives the pool's IPv6 excess back from the interface with the most free IPv6 addresses;
         the interface as it is now, None when there was nothing to release."""
@@ -593,8 +594,8 @@ class NodeMaintainer:
         ]
         counts = PoolCounts(node.stats.available_ipv6, node.stats.used_ipv6)
         if not node.spec.ipv6_enabled:  # switched off: nothing is kept free
-            pspec = replace(pspec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
-        action = planner.plan_ipv6_release(pspec, counts, states)
+            plan_spec = replace(plan_spec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
+        action = planner.plan_ipv6_release(plan_spec, counts, states)
         if not isinstance(action, planner.ReleaseAction):
             return None
         return await self._release(node, action, outcome)
@@ -641,7 +642,7 @@ class NodeMaintainer:
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
         first = node.spec.first_interface_index
-        table = _pool_table(interfaces, first) if interfaces is not None else list(node.interfaces)
+        table = _allocator_interfaces(interfaces, first) if interfaces is not None else list(node.interfaces)
         try:
             await self.allocator.set_interfaces(
                 npb.SetInterfacesRequest(
@@ -666,16 +667,16 @@ class NodeMaintainer:
             log.warning("node %s: could not report its last error: %s", name, exc)
 
 
-def _pool_table(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:
+def _allocator_interfaces(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:
     """The allocator's interface table: the interfaces that hold the pool's addresses."""
     return [_interface_message(i) for i in interfaces if i.device_index >= first_interface_index]
 
 
-def _table(interfaces: Iterable[npb.Interface]) -> dict[str, tuple[int, frozenset[str]]]:
+def _comparable(interfaces: Iterable[npb.Interface]) -> dict[str, tuple[int, frozenset[str]]]:
     """What the allocator's interface table says, in a form to compare."""
     return {i.id: (i.device_index, frozenset(i.addresses)) for i in interfaces}
 
 
-def _with(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:
+def _replacing(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:
     """The interface list with `updated` replacing its old self (or added, when new)."""
     return sorted([i for i in interfaces if i.id != updated.id] + [updated], key=lambda i: i.device_index)

@@ -136,7 +136,7 @@ class ChangeOutcome:
     state: PoolState
     ips: list[str] = field(default_factory=list)
     other_ips: list[str] = field(default_factory=list)
-    value: str = ""
+    reservation_id: str = ""  # of reserve_for_release ("" when nothing was reserved)
     next_ms: int = 0
 
 
@@ -631,7 +631,7 @@ class RedisStore:
         reservation_id = uuid.uuid4().hex
         result = await self._run("reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id)
         ips = _as_list(result["ips"])
-        return ChangeOutcome(_pool_state(result["state"]), ips, value=reservation_id if ips else "")
+        return ChangeOutcome(_pool_state(result["state"]), ips, reservation_id=reservation_id if ips else "")
 
     async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> ChangeOutcome:
         result = await self._run("complete_release", node, pool, reservation_id, *ips)

@@ -4,7 +4,7 @@
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
 local now = now_ms()
-local raw = redis.call('HGET', K_RESV, ARGV[3])
+local raw = redis.call('HGET', K_RESERVATIONS, ARGV[3])
 if not raw then return fail('RESERVATION_NOT_FOUND') end
 local r = cjson.decode(raw)
 local gone = {}
@@ -24,5 +24,5 @@ for _, ip in ipairs(r.ips) do
     restored[#restored + 1] = ip
   end
 end
-redis.call('HDEL', K_RESV, ARGV[3])
+redis.call('HDEL', K_RESERVATIONS, ARGV[3])
 return ok({released = released, restored = restored}, now)

@@ -17,6 +17,6 @@ if count > 0 then
   end
 end
 if #taken > 0 then
-  redis.call('HSET', K_RESV, rid, cjson.encode({ms = now, family = f, ips = taken}))
+  redis.call('HSET', K_RESERVATIONS, rid, cjson.encode({ms = now, family = f, ips = taken}))
 end
 return ok({ips = taken}, now)
