@@ -13,7 +13,8 @@ DEFAULT_PRE_ALLOCATE = 8
 
 @dataclass(frozen=True, slots=True)
 class Watermarks:
-    """A node's pool-sizing parameters (DESIGN.md §3)."""
+    """A node's pool-sizing parameters, Cilium's ENI spec fields: pre-allocate, min-allocate,
+    max-allocate and max-above-watermark."""
 
     pre_allocate: int = DEFAULT_PRE_ALLOCATE
     min_allocate: int = 0

@@ -4,8 +4,8 @@
         ec2 = ec2_client(server.endpoint_url)
         network = create_demo_network(ec2)
 
-boto3 talks to it exactly as to AWS. Its quirks are in DESIGN.md §6: no instance limits, no subnet
-capacity, loose answers to some calls — hence the large /20 subnets here.
+boto3 talks to it exactly as to AWS. Its quirks: no instance limits, no subnet
+capacity, loose answers to some calls (DeleteOnTermination ignored, every address in an assign's answer) — hence the large /20 subnets here.
 """
 
 from __future__ import annotations

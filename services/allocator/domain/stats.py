@@ -1,4 +1,5 @@
-"""Node statistics (seed `Node.Stats`): pure computation from what the store holds."""
+"""Node statistics (Cilium's `Statistics` of a node, pkg/ipam/node.go): pure computation from what
+the store holds."""
 
 from __future__ import annotations
 

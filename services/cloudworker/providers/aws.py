@@ -5,8 +5,9 @@ Every EC2 call (each Describe page included) goes through `_call`: one token fro
 `ProviderError`, and the duration and limiter wait reported to an `ApiObserver`. botocore's own
 retries are switched off (`make_ec2_client`) so that every attempt passes the bucket.
 
-The moto server (the local EC2) enforces no limits and answers some calls loosely (DESIGN.md §6),
-so every change is read back with DescribeNetworkInterfaces and new addresses are found by diff.
+The moto server (the local EC2) enforces no instance or subnet limits and answers some calls
+loosely (assigns return every address of the interface, not only the new ones), so every change
+is read back with DescribeNetworkInterfaces and new addresses are found by diff.
 """
 
 from __future__ import annotations

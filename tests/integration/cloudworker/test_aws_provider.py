@@ -207,7 +207,7 @@ def test_create_interface_with_addresses_tags_and_attachment(harness: Harness, i
     raw = harness.raw_interface(created.id)
     assert raw["Description"] == f"ipam ({instance})"
     assert raw["Attachment"]["InstanceId"] == instance
-    # moto ignores DeleteOnTermination (DESIGN.md §6), so check that it was requested.
+    # moto ignores DeleteOnTermination, so check that it was requested.
     assert len(modifications) == 1
     assert modifications[0]["NetworkInterfaceId"] == created.id
     assert modifications[0]["Attachment.AttachmentId"] == raw["Attachment"]["AttachmentId"]
