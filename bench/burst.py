@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import signal
@@ -63,6 +62,7 @@ from bench.harness import (
     scrape,
     start_allocator,
     start_redis,
+    write_results,
 )
 from clients.client import AsyncIpamClient, Family, IpamClientError, node_spec
 from services.core import contract
@@ -618,13 +618,6 @@ def fmt_bucket(bucket: Sequence[float]) -> str:
     return ", ".join(f"{edge:g}" for edge in bucket)
 
 
-def write_results(out_dir: Path, document: dict[str, Any]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"burst-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -683,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in figures.items() if k != "targets"},
         "targets": [{**asdict(t), "met": t.met} for t in figures["targets"]],
     }
-    path = write_results(cfg.out_dir, document)
+    path = write_results(cfg.out_dir, "burst", document)
     print(f"\n{table(cfg, info, figures)}\n\nwritten to {os.path.relpath(path)} ({figures['run_seconds']:.0f} s)")
     calls: dict[str, Any] = figures["calls"]
     if calls["ok"] < cfg.allocations or calls["errors"]:

@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, machine, percentile, start_redis
+from bench.harness import ROOT, machine, percentile, start_redis, write_results
 from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api
 
@@ -173,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"our process start (VERSION) is {start_share:.0%} of our sequential ADD p50")
     results["ours_start_share_of_add_p50"] = start_share
 
-    out = ROOT / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cni-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(results, indent=2))
+    path = write_results(ROOT / "bench" / "out", "cni", results)
     print(f"figures in {path.relative_to(ROOT)}")
     return 0
 

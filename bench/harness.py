@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -64,6 +65,14 @@ def percentile(values: Sequence[float], p: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(max(0, math.ceil(p / 100 * len(ordered)) - 1), len(ordered) - 1)]
+
+
+def write_results(out_dir: Path, name: str, document: dict[str, Any]) -> Path:
+    """Writes a run's figures to `out_dir/<name>-<UTC time>.json`; returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    return path
 
 
 # --- processes -----------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from bench.harness import (
     scrape,
     start_allocator,
     start_redis,
+    write_results,
 )
 from clients.client import AsyncIpamClient, IpamClient, node_spec
 from ipam.v1 import nodes_pb2
@@ -458,13 +459,6 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
     return "\n".join([*lines, "", *(check.line() for check in checks)])
 
 
-def write_results(cfg: Config, document: dict[str, Any]) -> Path:
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.out_dir / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    return path
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -561,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
 
     checks = targets(phases, memory, rss)
     path = write_results(
-        cfg,
+        cfg.out_dir,
+        "bench",
         {
             "time": datetime.now(UTC).isoformat(),
             "machine": info,
