@@ -79,6 +79,7 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
             if settings.redis_pipeline_scripts and not settings.redis_cluster
             else None
         ),
+        timeout_s=settings.redis_timeout_seconds,
     )
     queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
     refills = RefillWatcher(store)

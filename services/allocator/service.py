@@ -18,7 +18,15 @@ from services.core.family import Family
 from services.core.pool_math import Watermarks, pool_demand_ips, pool_excess_ips
 from services.core.reasons import DeficitReason, ErrorReason
 
-from .domain.errors import FailedPrecondition, InvalidArgument, IpamError, NotFound, ResourceExhausted
+from .domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    IpamError,
+    NotFound,
+    OutcomeUnknown,
+    ResourceExhausted,
+    Unavailable,
+)
 from .domain.model import (
     DEFAULT_POOL,
     MAX_KEY_LENGTH,
@@ -33,11 +41,15 @@ from .domain.model import (
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
 from .refill import RefillWatcher
-from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome
+from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome, call_scope
+
+__all__ = ["AllocatorService", "NodeSettings", "NodeView", "call_scope"]
 
 log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+# Of a waiting caller's deadline, what is kept to ask the store again after the wait.
+_ASK_AGAIN_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +122,13 @@ class AllocatorService:
             return False
         kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
         event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind)
-        published = await self.queue.publish_once(event)
+        try:
+            published = await self.queue.publish_once(event)
+        except (Unavailable, OutcomeUnknown) as exc:
+            # The change itself is done: failing the call now would tell its caller it was not. The
+            # worker's periodic resync finds the deficit or excess this event would have announced.
+            log.warning("event for %s/%s not published: %s", node, pool, exc.message)
+            return False
         if published and self.metrics is not None:
             self.metrics.events_published.labels(kind=events_pb2.PoolEvent.Kind.Name(kind)).inc()
         return published
@@ -145,7 +163,7 @@ class AllocatorService:
                 except ResourceExhausted as exc:
                     state: PoolState = exc.state  # type: ignore[attr-defined]
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
-                    waits = wait_for_refill and self.refills is not None and remaining > 0.01
+                    waits = wait_for_refill and self.refills is not None and remaining > 2 * _ASK_AGAIN_S
                     if not (waits and exc.reason in (ErrorReason.POOL_EMPTY, ErrorReason.POOL_COOLING_DOWN)):
                         await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                         raise
@@ -161,7 +179,8 @@ class AllocatorService:
                             state = replace(state, waiting=state.waiting + 1)
                     await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
-                    await self.refills.wait(node, pool, min(remaining, 5.0))  # type: ignore[union-attr]
+                    # It stops early enough to ask the store once more within the deadline.
+                    await self.refills.wait(node, pool, min(remaining - _ASK_AGAIN_S, 5.0))  # type: ignore[union-attr]
                     continue
                 if not outcome.replayed:
                     await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
@@ -172,14 +191,16 @@ class AllocatorService:
                     await self.store.remove_waiter(node, pool, waiter)
 
     async def allocate(
-        self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False
+        self, node: str, pool: str, ip: str, owner: str, *, skip_sync_upstream: bool = False, idempotency_key: str = ""
     ) -> Allocation:
         node, pool = self._target(node, pool)
         owner = validate_text(owner, "owner", MAX_OWNER_LENGTH, required=True)
+        idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=False)
         ip, family = parse_ip(ip)
         self._check_family_enabled(family)
-        outcome = await self.store.allocate(node, pool, ip, owner)
-        await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
+        outcome = await self.store.allocate(node, pool, ip, owner, idempotency_key)
+        if not outcome.replayed:
+            await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.allocations[0]
 
     async def release(

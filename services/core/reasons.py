@@ -52,7 +52,8 @@ class ErrorReason(StrEnum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     POOL_EMPTY = "POOL_EMPTY"  # no free address; a refill has been requested
-    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # the store did not answer; the change provably never reached it
+    OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"  # the change reached the store, no answer came: it may apply
     MISSING_CREDENTIALS = "MISSING_CREDENTIALS"
     ADMIN_ROLE_REQUIRED = "ADMIN_ROLE_REQUIRED"
     # Malformed input.
@@ -61,6 +62,8 @@ class ErrorReason(StrEnum):
     POOL_REQUIRED = "POOL_REQUIRED"
     OWNER_REQUIRED = "OWNER_REQUIRED"
     IDEMPOTENCY_KEY_REQUIRED = "IDEMPOTENCY_KEY_REQUIRED"
+    # An idempotency key already taken by another owner, family or address.
+    IDEMPOTENCY_KEY_IN_USE = "IDEMPOTENCY_KEY_IN_USE"
     EXPIRATION_UUID_REQUIRED = "EXPIRATION_UUID_REQUIRED"
     RESERVATION_ID_REQUIRED = "RESERVATION_ID_REQUIRED"
     IP_OR_OWNER_REQUIRED = "IP_OR_OWNER_REQUIRED"

@@ -53,6 +53,16 @@ class Unavailable(IpamError):
     """A dependency (Redis) cannot be reached within the call's deadline."""
 
     reason = ErrorReason.STORE_UNAVAILABLE
+    # Set when the call's own deadline ran out: retrying the same call cannot do better.
+    final = False
+
+
+class OutcomeUnknown(IpamError):
+    """A change was sent to Redis and no answer came: it may have been applied, or be applied later.
+
+    Not "nothing happened": a retry is safe only with the same idempotency key."""
+
+    reason = ErrorReason.OUTCOME_UNKNOWN
 
 
 class Unauthenticated(IpamError):

@@ -26,6 +26,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
+class OutcomeUnknownError(RedisTimeoutError, RedisConnectionError):
+    """The command was written to Redis and no answer came (a timeout, or the connection lost): Redis
+    may run it, or have run it, anyway.
+
+    A Redis that stalls (SIGSTOP, a slow fork, a failover) still holds the bytes in its socket and
+    runs the command when it wakes, so this is not "nothing happened"."""
+
+
 class _RespProtocol(asyncio.Protocol):
     """A connection's two queues: commands not yet written, callers whose reply has not come."""
 
@@ -36,6 +44,7 @@ class _RespProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._unsent: list[bytes] = []
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._written = 0  # of `_waiting`, how many (from the left) were written to the socket
         self._replies = 0  # replies read so far: the watchdog's sign of progress
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
@@ -43,7 +52,8 @@ class _RespProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
+    def send(self, packed: bytes, timeout_s: float | None = None) -> asyncio.Future[Any]:
+        """Queues one command; `timeout_s` (below the connection's timeout) bounds this caller's wait alone."""
         if self.closed:
             raise RedisConnectionError("the connection to redis is closed")
         future = self._loop.create_future()
@@ -53,11 +63,27 @@ class _RespProtocol(asyncio.Protocol):
         self._waiting.append(future)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._timeout_s, self._check_progress, self._replies)
+        if timeout_s is not None and timeout_s < self._timeout_s:
+            timer = self._loop.call_later(max(timeout_s, 0.0), self._give_up, future, timeout_s)
+            future.add_done_callback(lambda _: timer.cancel())
         return future
+
+    def _give_up(self, future: asyncio.Future[Any], timeout_s: float) -> None:
+        # The reply, if it comes, is dropped (`data_received` skips done futures).
+        if not future.done():
+            sent = any(self._waiting[i] is future for i in range(self._written))
+            future.set_exception(self._no_answer(sent, f"redis did not answer within {timeout_s:.2f} s"))
+
+    @staticmethod
+    def _no_answer(sent: bool, what: str) -> Exception:
+        if sent:
+            return OutcomeUnknownError(f"{what}; the command had been sent, redis may still run it")
+        return RedisTimeoutError(f"{what}; the command had not been sent")
 
     def _flush(self) -> None:
         if self._unsent and self._transport is not None and not self.closed:
             self._transport.write(b"".join(self._unsent))
+            self._written = len(self._waiting)
         self._unsent.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -65,6 +91,7 @@ class _RespProtocol(asyncio.Protocol):
         while (reply := self._reader.gets()) is not False:
             self._replies += 1
             future = self._waiting.popleft()
+            self._written -= 1
             if future.done():  # the caller gave up (cancelled): its reply is dropped
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -79,28 +106,33 @@ class _RespProtocol(asyncio.Protocol):
         if not self._waiting:
             return
         if self._replies == replies_before:
-            self._fail(RedisTimeoutError(f"redis did not answer within {self._timeout_s:g} s"))
+            self._fail(f"redis did not answer within {self._timeout_s:g} s", timeout=True)
             if self._transport is not None:
                 self._transport.abort()
             return
         self._watchdog = self._loop.call_later(self._timeout_s, self._check_progress, self._replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RedisConnectionError(f"the connection to redis was lost: {exc or 'closed by redis'}"))
+        self._fail(f"the connection to redis was lost: {exc or 'closed by redis'}")
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, what: str, *, timeout: bool = False) -> None:
+        # Commands already written may still run (or have run); the others provably never left.
         self.closed = True
         self._unsent.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        written, self._written = self._written, 0
+        unsent: Exception = RedisTimeoutError(what) if timeout else RedisConnectionError(what)
         while self._waiting:
             future = self._waiting.popleft()
+            sent = written > 0
+            written -= 1
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(self._no_answer(True, what) if sent else unsent)
 
     def close(self) -> None:
-        self._fail(RedisConnectionError("the connection to redis is closed"))
+        self._fail("the connection to redis is closed")
         if self._transport is not None:
             self._transport.close()
 
@@ -139,12 +171,20 @@ class PipelinedConnection:
             password=options.get("password"),
         )
 
-    async def execute(self, *args: Any) -> Any:
-        """Sends one command with the others of this loop turn; its reply, or Redis's error raised."""
+    async def execute(self, *args: Any, timeout_s: float | None = None) -> Any:
+        """Sends one command with the others of this loop turn; its reply, or Redis's error raised.
+
+        Without an answer: `OutcomeUnknownError` when the command was written (Redis may still run
+        it), another `TimeoutError` / `ConnectionError` when it never left. `timeout_s` bounds this
+        call's wait when it is shorter than the connection's timeout."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._connected()
-        return await protocol.send(hiredis.pack_command(args))
+            try:
+                async with asyncio.timeout(timeout_s):
+                    protocol = await self._connected()
+            except TimeoutError:
+                raise RedisTimeoutError(f"no connection to redis within {timeout_s:.2f} s") from None
+        return await protocol.send(hiredis.pack_command(args), timeout_s)
 
     async def _connected(self) -> _RespProtocol:
         # Callers arriving while a connection is being made wait for that one.

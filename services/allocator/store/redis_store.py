@@ -6,10 +6,13 @@ exceptions; it knows nothing of gRPC.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
@@ -29,14 +32,18 @@ from ..domain.errors import (
     FailedPrecondition,
     IpamError,
     NotFound,
+    OutcomeUnknown,
     ResourceExhausted,
     Unavailable,
 )
 from ..domain.model import Allocation, InterfaceInfo
 from . import keys
-from .pipelining import PipelinedConnection
+from .pipelining import OutcomeUnknownError, PipelinedConnection
 
 T = TypeVar("T")
+
+# Scripts that change nothing: their failures are plain "unavailable" whatever happened on the wire.
+_READ_ONLY = frozenset({"pool_state"})
 
 SCRIPTS = (
     "allocate_next",
@@ -83,7 +90,43 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
     ErrorReason.NO_TIMER_RUNNING: (FailedPrecondition, "no expiration timer runs for {ip}"),
     ErrorReason.EXPIRATION_UUID_MISMATCH: (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
     ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
+    ErrorReason.IDEMPOTENCY_KEY_IN_USE: (
+        FailedPrecondition,
+        "the idempotency key already holds another owner's, family's or address's allocation in pool {pool} "
+        "of node {node}; a key belongs to its first use until its addresses are released",
+    ),
 }
+
+
+@dataclass(slots=True)
+class CallScope:
+    """One caller's bounds on the store: the monotonic time by which the store must have answered."""
+
+    deadline: float | None
+
+
+_SCOPE: ContextVar[CallScope | None] = ContextVar("ipam_store_call_scope", default=None)
+
+# A Redis call ends this long before the caller's deadline, for the work after it.
+DEADLINE_MARGIN_S = 0.01
+
+
+@contextlib.contextmanager
+def call_scope(deadline: float | None) -> Iterator[CallScope]:
+    """Store calls made within bound their wait for Redis by `deadline` (time.monotonic())."""
+    scope = CallScope(deadline)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+def _outcome_unknown(waited: str) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"redis did not answer within {waited} after the change was sent: it may have been applied, or be "
+        "applied when redis answers; retry with the same idempotency key (or read back before acting again)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,11 +276,19 @@ class RedisStore:
     """Pools, allocations, owners, timers and node records in Redis."""
 
     def __init__(
-        self, client: RedisClient, *, reuse_cooldown_ms: int, pipelined: PipelinedConnection | None = None
+        self,
+        client: RedisClient,
+        *,
+        reuse_cooldown_ms: int,
+        pipelined: PipelinedConnection | None = None,
+        timeout_s: float = 1.0,
     ) -> None:
-        """`pipelined`: the connection the pool scripts go through (else `client`, e.g. a cluster)."""
+        """`pipelined`: the connection the pool scripts go through (else `client`, e.g. a cluster).
+        `timeout_s`: how long a call waits for Redis (the clients' own timeout), unless the caller's
+        deadline (`call_scope`) comes first."""
         self.client = client
         self._pipelined = pipelined
+        self.timeout_s = timeout_s
         self.reuse_cooldown_ms = reuse_cooldown_ms
         lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
         self._scripts = {
@@ -255,16 +306,56 @@ class RedisStore:
 
     # --- plumbing -------------------------------------------------------------------------
 
-    async def call(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Runs one Redis operation; an unreachable or not-ready Redis becomes `Unavailable`."""
+    def _budget(self) -> tuple[float, bool]:
+        """How long the next Redis call may wait, and whether the caller's deadline set that bound."""
+        scope = _SCOPE.get()
+        if scope is None or scope.deadline is None:
+            return self.timeout_s, False
+        left = scope.deadline - time.monotonic() - DEADLINE_MARGIN_S
+        return (left, True) if left < self.timeout_s else (self.timeout_s, False)
+
+    async def call(self, op: Callable[[], Awaitable[T]], *, change: bool = False, exact: bool = False) -> T:
+        """Runs one Redis operation within the caller's deadline.
+
+        An unreachable or not-ready Redis becomes `Unavailable` ("nothing happened"), except for a
+        `change` that may have reached Redis: that becomes `OutcomeUnknown`. Through redis-py a
+        timeout or a broken connection may come after the command was written, so a change failing
+        there is `OutcomeUnknown`; an `exact` operation (the pipelined connection) tells the two apart."""
+        budget, by_deadline = self._budget()
+        if budget <= 0:
+            raise self._unavailable(
+                "redis did not answer within the call's deadline (too little of it was left to ask redis "
+                "again): nothing was changed"
+            )
         try:
-            return await op()
+            async with asyncio.timeout(budget if by_deadline else None):
+                return await op()
+        except OutcomeUnknownError as exc:
+            if change:
+                raise _outcome_unknown(f"{budget:.2f} s") from exc
+            raise self._unavailable(f"redis is unreachable: {exc}") from exc
+        except TimeoutError as exc:  # the caller's deadline, cut short here
+            if change:
+                raise _outcome_unknown(f"{budget:.2f} s (the call's deadline)") from exc
+            raise self._unavailable(f"redis did not answer within {budget:.2f} s (the call's deadline)") from exc
         except (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError) as exc:
-            raise Unavailable(f"redis is unreachable: {type(exc).__name__}") from exc
+            if change and not exact:
+                raise _outcome_unknown(f"{self.timeout_s:g} s") from exc
+            raise self._unavailable(f"redis is unreachable: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
             if "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc) or "TRYAGAIN" in str(exc):
-                raise Unavailable(f"redis is not ready: {exc}") from exc
+                raise self._unavailable(f"redis is not ready: {exc}") from exc
             raise
+
+    def _unavailable(self, message: str) -> Unavailable:
+        """A "nothing happened" error; `final` when the caller's deadline leaves no room for a try as
+        long as this one, so that a retry could only end in a bare DEADLINE_EXCEEDED."""
+        error = Unavailable(message)
+        scope = _SCOPE.get()
+        error.final = (
+            scope is not None and scope.deadline is not None and (scope.deadline - time.monotonic() < self.timeout_s)
+        )
+        return error
 
     async def _run(
         self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
@@ -272,10 +363,11 @@ class RedisStore:
         argv = [pool, self.reuse_cooldown_ms, *args]
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
+        change = script not in _READ_ONLY
         if self._pipelined is not None:
-            raw = await self.call(lambda: self._eval_pipelined(runner, pool_keys, argv))
+            raw = await self.call(lambda: self._eval_pipelined(runner, pool_keys, argv), change=change, exact=True)
         else:
-            raw = await self.call(lambda: runner(keys=pool_keys, args=argv))
+            raw = await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
         result = json.loads(raw)
         failure = result.get("err")
         if failure:
@@ -293,12 +385,18 @@ class RedisStore:
 
     async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
         assert self._pipelined is not None
+        budget, by_deadline = self._budget()
+        timeout_s = budget if by_deadline else None
         try:
-            return await self._pipelined.execute("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+            return await self._pipelined.execute(
+                "EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv, timeout_s=timeout_s
+            )
         except NoScriptError:
             # Redis lost its script cache (a restart): load it and run this call again.
-            await self._pipelined.execute("SCRIPT", "LOAD", script.script)
-            return await self._pipelined.execute("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+            await self._pipelined.execute("SCRIPT", "LOAD", script.script, timeout_s=timeout_s)
+            return await self._pipelined.execute(
+                "EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv, timeout_s=timeout_s
+            )
 
     def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> ResourceExhausted:
         family = "IPv4" if result.get("family") == "4" else "IPv6"
@@ -337,13 +435,17 @@ class RedisStore:
         vpc = _text(result.get("vpc"))
         allocations = [_allocation(a, pool, vpc) for a in _as_list(result["allocations"])]
         if expiration_s and not result.get("replayed"):
-            await self._index_timer(node, pool, int(time.time() * 1000) + expiration_s * 1000)
+            # The allocation is made: a failure to index its timer must not fail the call (the
+            # sweeper's periodic full scan indexes it).
+            with contextlib.suppress(Unavailable, OutcomeUnknown):
+                await self._index_timer(node, pool, int(time.time() * 1000) + expiration_s * 1000)
         return AllocateOutcome(allocations, _pool_state(result["state"]), bool(result.get("replayed")))
 
-    async def allocate(self, node: str, pool: str, ip: str, owner: str) -> AllocateOutcome:
-        result = await self._run("allocate", node, pool, ip, owner, ip=ip)
+    async def allocate(self, node: str, pool: str, ip: str, owner: str, idempotency_key: str = "") -> AllocateOutcome:
+        result = await self._run("allocate", node, pool, ip, owner, idempotency_key, ip=ip)
         vpc = _text(result.get("vpc"))
-        return AllocateOutcome([_allocation(a, pool, vpc) for a in result["allocations"]], _pool_state(result["state"]))
+        allocations = [_allocation(a, pool, vpc) for a in _as_list(result["allocations"])]
+        return AllocateOutcome(allocations, _pool_state(result["state"]), bool(result.get("replayed")))
 
     async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
         mode, value = ("ip", ip) if ip is not None else ("owner", owner)
@@ -545,16 +647,16 @@ class RedisStore:
             first_interface_index,
         )
         # The registry is its own slot: written after the node, so a listed node always exists.
-        await self.call(lambda: self.client.sadd(keys.NODES_KEY, node))
+        await self.call(lambda: self.client.sadd(keys.NODES_KEY, node), change=True)
 
     async def delete_node(self, node: str) -> None:
         record = await self.node_record(node)
-        await self.call(lambda: self.client.srem(keys.NODES_KEY, node))
+        await self.call(lambda: self.client.srem(keys.NODES_KEY, node), change=True)
         doomed = [keys.node_key(node), keys.pools_key(node), keys.interfaces_key(node)]
         for pool in record.pools:
             doomed += keys.pool_keys(node, pool)[3:]
             await self.reindex_timer(node, pool, 0)
-        await self.call(lambda: self.client.delete(*doomed))
+        await self.call(lambda: self.client.delete(*doomed), change=True)
 
     # --- worker-facing -----------------------------------------------------------------------
 
@@ -610,7 +712,7 @@ class RedisStore:
             pipe.hset(keys.node_key(node), mapping=fields)
             return await pipe.execute()
 
-        await self.call(write)
+        await self.call(write, change=True)
 
     async def set_node_error(self, node: str, error: str) -> None:
         """Keeps the worker's last error on the node with the time it was set ("" clears both)."""

@@ -20,7 +20,7 @@ from services.core.reasons import ErrorReason
 from ..domain.errors import AlreadyExists, IpamError, Unavailable
 from ..domain.model import Allocation, parse_family
 from ..metrics import AllocatorMetrics
-from ..service import AllocatorService, NodeSettings, NodeView
+from ..service import AllocatorService, NodeSettings, NodeView, call_scope
 from .status import status_code_of, to_status
 
 Req = TypeVar("Req")
@@ -45,8 +45,10 @@ def rpc(handler: Handler) -> Handler:
         try:
             remaining = context.time_remaining()
             try:
-                async with asyncio.timeout(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)):
-                    return await handler(self, request, context)
+                # The store ends its own waits earlier (`_deadline`), saying whether a change may apply.
+                with call_scope(_deadline(context)):
+                    async with asyncio.timeout(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)):
+                        return await handler(self, request, context)
             except TimeoutError:
                 raise Unavailable(
                     "the store did not answer within the call's deadline", reason=ErrorReason.DEADLINE_TOO_SHORT
@@ -117,7 +119,12 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
         try:
             a = await self.service.allocate(
-                request.node, request.pool, request.ip, request.owner, skip_sync_upstream=request.skip_sync_upstream
+                request.node,
+                request.pool,
+                request.ip,
+                request.owner,
+                skip_sync_upstream=request.skip_sync_upstream,
+                idempotency_key=request.idempotency_key,
             )
         except AlreadyExists as error:
             holder = getattr(error, "current_owner", "")

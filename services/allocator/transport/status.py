@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -18,6 +20,9 @@ _CODES: dict[type[errors.IpamError], tuple[grpc.StatusCode, int]] = {
     errors.FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     errors.ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
     errors.Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+    # Not UNAVAILABLE, which clients retry as "nothing happened": ABORTED = retry at a higher level
+    # (with the same idempotency key).
+    errors.OutcomeUnknown: (grpc.StatusCode.ABORTED, code_pb2.ABORTED),
     errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, code_pb2.UNAUTHENTICATED),
     errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
 }
@@ -39,4 +44,17 @@ def to_status(error: errors.IpamError) -> grpc.Status:
             break
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=[detail]))
+    status = rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=[detail]))
+    if isinstance(error, errors.Unavailable) and error.final:
+        # gRPC's client-side retry stops on a negative pushback, so the caller gets this answer
+        # instead of a bare DEADLINE_EXCEEDED from a retry that had no time left.
+        metadata = (*status.trailing_metadata, ("grpc-retry-pushback-ms", "-1"))
+        status = _Status(status.code, status.details, metadata)
+    return status
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata

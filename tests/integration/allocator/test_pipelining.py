@@ -13,7 +13,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.allocator.store.pipelining import PipelinedConnection
+from services.allocator.store.pipelining import OutcomeUnknownError, PipelinedConnection
 from tests.support.redis_server import RedisServer
 
 T = TypeVar("T")
@@ -120,9 +120,31 @@ def test_a_stalled_redis_fails_the_callers_after_the_timeout_and_recovers() -> N
             return caught.type, waited, await connection.execute("PING")
 
         error, waited, after = run(test, server.url, timeout_s=0.3)
-        assert error is RedisTimeoutError
+        assert error is OutcomeUnknownError  # a RedisTimeoutError: the PING had been sent, redis may run it
         assert 0.3 <= waited < 2.0  # one timeout, up to one more for a call sent just after the timer was armed
         assert after == b"PONG"
+
+
+def test_a_call_s_own_timeout_fails_that_call_only_saying_it_was_sent() -> None:
+    with RedisServer() as server:
+        pid = server._processes[0].pid
+
+        async def test(connection: PipelinedConnection) -> tuple[float, bytes]:
+            assert await connection.execute("PING") == b"PONG"
+            os.kill(pid, signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                with pytest.raises(OutcomeUnknownError, match="redis did not answer within 0.20 s"):
+                    await connection.execute("INCR", "counter", timeout_s=0.2)
+                waited = loop.time() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return waited, await connection.execute("GET", "counter")
+
+        waited, counter = run(test, server.url, timeout_s=5.0)
+        assert waited < 1.0  # the call's own bound, not the connection's 5 s
+        assert counter == b"1"  # the INCR given up on ran when redis woke, on the same connection
 
 
 def test_only_plain_redis_urls_are_pipelined() -> None:

@@ -105,12 +105,14 @@ class Cni:
         )
 
     def plugin(
-        self, command: str, conf: dict[str, Any], container_id: str = "", ifname: str = "eth0"
+        self, command: str, conf: dict[str, Any], container_id: str = "", ifname: str = "eth0", args: str = ""
     ) -> subprocess.CompletedProcess[str]:
         """Runs our plugin as a main plugin runs its IPAM plugin (the same environment and stdin)."""
         env = {"CNI_COMMAND": command, "CNI_PATH": f"{PLUGIN.parent}:{REFERENCE_PLUGINS}", "PATH": os.environ["PATH"]}
         if container_id:
             env |= {"CNI_CONTAINERID": container_id, "CNI_IFNAME": ifname, "CNI_NETNS": "/run/netns/unused"}
+        if args:
+            env["CNI_ARGS"] = args
         return subprocess.run(
             [str(PLUGIN)], input=json.dumps(conf), env=env, capture_output=True, text=True, timeout=60
         )
@@ -215,7 +217,8 @@ def cni(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_add_configures_pool_addresses_in_two_namespaces_that_ping_each_other(cni: Cni) -> None:
     a, b = cni.add_netns(), cni.add_netns()
     added = {}
-    for ns, args in ((a, "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web-0"), (b, "")):
+    pod_args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=team;K8S_POD_NAME=web-0"
+    for ns, args in ((a, pod_args), (b, "")):
         result = cni.cnitool("add", ns, args=args)
         assert result.returncode == 0, result.stdout + result.stderr
         added[ns] = json.loads(result.stdout)
@@ -241,8 +244,9 @@ def test_add_configures_pool_addresses_in_two_namespaces_that_ping_each_other(cn
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
-    # A repeated ADD of the attachment (as the bridge asks its IPAM plugin) returns the same address.
-    again = cni.plugin("ADD", cni.plugin_conf(), container_id_of(a))
+    # A repeated ADD of the attachment (as the bridge asks its IPAM plugin, with the runtime's same
+    # CNI_ARGS: the owner is part of what the key belongs to) returns the same address.
+    again = cni.plugin("ADD", cni.plugin_conf(), container_id_of(a), args=pod_args)
     assert again.returncode == 0, again.stdout
     assert json.loads(again.stdout)["ips"][0]["address"] == added[a]["ips"][0]["address"]
     assert cni.keyed()[key_of(cni, container_id_of(a))] == ip_a

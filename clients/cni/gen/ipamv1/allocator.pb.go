@@ -196,10 +196,13 @@ type AllocateNextRequest struct {
 	Owner             string                 `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
 	ExpirationSeconds uint32                 `protobuf:"varint,5,opt,name=expiration_seconds,json=expirationSeconds,proto3" json:"expiration_seconds,omitempty"` // 0 = no timer
 	SkipSyncUpstream  bool                   `protobuf:"varint,6,opt,name=skip_sync_upstream,json=skipSyncUpstream,proto3" json:"skip_sync_upstream,omitempty"`  // do not publish a deficit/excess event
-	IdempotencyKey    string                 `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`           // a retry with the same key returns the same addresses
-	WaitForRefill     bool                   `protobuf:"varint,8,opt,name=wait_for_refill,json=waitForRefill,proto3" json:"wait_for_refill,omitempty"`           // wait (within the deadline) for a refill under way
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// A retry with the same key returns the same addresses, never new ones. The key belongs to the
+	// owner and family it was first used with, within the pool: another use is FAILED_PRECONDITION
+	// IDEMPOTENCY_KEY_IN_USE. It is free again once its addresses are released.
+	IdempotencyKey string `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	WaitForRefill  bool   `protobuf:"varint,8,opt,name=wait_for_refill,json=waitForRefill,proto3" json:"wait_for_refill,omitempty"` // wait (within the deadline) for a refill under way
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *AllocateNextRequest) Reset() {
@@ -347,6 +350,7 @@ type AllocateRequest struct {
 	Ip               string                 `protobuf:"bytes,3,opt,name=ip,proto3" json:"ip,omitempty"`
 	Owner            string                 `protobuf:"bytes,4,opt,name=owner,proto3" json:"owner,omitempty"`
 	SkipSyncUpstream bool                   `protobuf:"varint,5,opt,name=skip_sync_upstream,json=skipSyncUpstream,proto3" json:"skip_sync_upstream,omitempty"`
+	IdempotencyKey   string                 `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"` // as AllocateNext's: a retry returns the same result
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -414,6 +418,13 @@ func (x *AllocateRequest) GetSkipSyncUpstream() bool {
 		return x.SkipSyncUpstream
 	}
 	return false
+}
+
+func (x *AllocateRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 type AllocateResponse struct {
@@ -1569,13 +1580,14 @@ const file_ipam_v1_allocator_proto_rawDesc = "" +
 	"\x0fwait_for_refill\x18\b \x01(\bR\rwaitForRefill\"t\n" +
 	"\x14AllocateNextResponse\x12-\n" +
 	"\x04ipv4\x18\x01 \x01(\v2\x19.ipam.v1.AllocationResultR\x04ipv4\x12-\n" +
-	"\x04ipv6\x18\x02 \x01(\v2\x19.ipam.v1.AllocationResultR\x04ipv6\"\x8d\x01\n" +
+	"\x04ipv6\x18\x02 \x01(\v2\x19.ipam.v1.AllocationResultR\x04ipv6\"\xb6\x01\n" +
 	"\x0fAllocateRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04pool\x18\x02 \x01(\tR\x04pool\x12\x0e\n" +
 	"\x02ip\x18\x03 \x01(\tR\x02ip\x12\x14\n" +
 	"\x05owner\x18\x04 \x01(\tR\x05owner\x12,\n" +
-	"\x12skip_sync_upstream\x18\x05 \x01(\bR\x10skipSyncUpstream\"E\n" +
+	"\x12skip_sync_upstream\x18\x05 \x01(\bR\x10skipSyncUpstream\x12'\n" +
+	"\x0fidempotency_key\x18\x06 \x01(\tR\x0eidempotencyKey\"E\n" +
 	"\x10AllocateResponse\x121\n" +
 	"\x06result\x18\x01 \x01(\v2\x19.ipam.v1.AllocationResultR\x06result\"\x9a\x01\n" +
 	"\x0eReleaseRequest\x12\x12\n" +

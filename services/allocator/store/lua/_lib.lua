@@ -119,6 +119,27 @@ local function restore_free(ip, f)
   return true
 end
 
+-- The allocations held under an idempotency key ({ip, f, owner, uuid} each); nil when the key is
+-- free: unknown, or its addresses are gone (then the stale entry is dropped).
+local function keyed(idem)
+  local prior = redis.call('HGET', K_IDEM, idem)
+  if not prior then return nil end
+  local held = {}
+  for _, ip in ipairs(words(prior)) do
+    local f = family_of(ip)
+    local v = redis.call('HGET', K_ALLOC[f], ip)
+    if v then
+      local o, u, k = unpack_alloc(v)
+      if k == idem then held[#held + 1] = {ip = ip, f = f, owner = o, uuid = u} end
+    end
+  end
+  if #held == 0 then
+    redis.call('HDEL', K_IDEM, idem)
+    return nil
+  end
+  return held
+end
+
 -- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
 local function describe(ip, f, owner, uuid)
   local iface = redis.call('HGET', K_ADDRS[f], ip) or ''

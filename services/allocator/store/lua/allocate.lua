@@ -1,10 +1,20 @@
--- Allocates one specific address. ARGV[3] ip, [4] owner.
+-- Allocates one specific address. ARGV[3] ip, [4] owner, [5] idempotency key ("" = none).
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
 local now = now_ms()
-local ip, owner = ARGV[3], ARGV[4]
+local ip, owner, idem = ARGV[3], ARGV[4], ARGV[5] or ''
 local f = family_of(ip)
 if f == '6' and redis.call('HGET', K_NODE, 'v6') ~= '1' then return fail('IPV6_DISABLED') end
+local vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''
+if idem ~= '' then
+  local held = keyed(idem)
+  if held then
+    -- A retry gets what the first try took; any other use of the key is refused.
+    local h = held[1]
+    if #held > 1 or h.ip ~= ip or h.owner ~= owner then return fail('IDEMPOTENCY_KEY_IN_USE') end
+    return ok({allocations = {describe(ip, f, owner, h.uuid)}, replayed = true, vpc = vpc}, now)
+  end
+end
 local current = redis.call('HGET', K_ALLOC[f], ip)
 if current then
   local o = unpack_alloc(current)
@@ -14,6 +24,7 @@ if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then return fail('IP_NOT_IN_POOL')
 if redis.call('HEXISTS', K_EXCLUDED, ip) == 1 then return fail('IP_EXCLUDED') end
 if redis.call('HEXISTS', K_RESERVED[f], ip) == 1 then return fail('IP_RESERVED_FOR_RELEASE') end
 redis.call('ZREM', K_FREE[f], ip)
-redis.call('HSET', K_ALLOC[f], ip, owner .. '\t\t')
+redis.call('HSET', K_ALLOC[f], ip, owner .. '\t\t' .. idem)
 owners_add(owner, ip)
-return ok({allocations = {describe(ip, f, owner, '')}, vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''}, now)
+if idem ~= '' then redis.call('HSET', K_IDEM, idem, ip) end
+return ok({allocations = {describe(ip, f, owner, '')}, replayed = false, vpc = vpc}, now)

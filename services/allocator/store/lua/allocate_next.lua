@@ -6,27 +6,30 @@ local now = now_ms()
 local owner, idem, expiration_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local timer_uuid = {['4'] = ARGV[7], ['6'] = ARGV[8]}
 
-if idem ~= '' then
-  local prior = redis.call('HGET', K_IDEM, idem)
-  if prior then
-    local out = {}
-    for _, ip in ipairs(words(prior)) do
-      local f = family_of(ip)
-      local v = redis.call('HGET', K_ALLOC[f], ip)
-      if v then
-        local o, u = unpack_alloc(v)
-        out[#out + 1] = describe(ip, f, o, u)
-      end
-    end
-    return ok({allocations = out, replayed = true, vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''}, now)
-  end
-end
-
 -- Dual-stack ("64") means the families enabled on the allocator and on the node.
 local families = ARGV[3]
 if redis.call('HGET', K_NODE, 'v6') ~= '1' then
   if string.len(families) > 1 then families = '4'
   elseif families == '6' then return fail('IPV6_DISABLED') end  -- refused: no refill would ever come
+end
+
+if idem ~= '' then
+  local held = keyed(idem)
+  if held then
+    -- A retry: the same owner asking for the same families gets what the first try took.
+    local out, got = {}, {}
+    for _, h in ipairs(held) do
+      if h.owner ~= owner then return fail('IDEMPOTENCY_KEY_IN_USE') end
+      got[h.f] = true
+      out[#out + 1] = describe(h.ip, h.f, h.owner, h.uuid)
+    end
+    for f in string.gmatch(families, '%d') do
+      if not got[f] then return fail('IDEMPOTENCY_KEY_IN_USE') end
+      got[f] = nil
+    end
+    if next(got) then return fail('IDEMPOTENCY_KEY_IN_USE') end
+    return ok({allocations = out, replayed = true, vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''}, now)
+  end
 end
 
 -- Pick every family first, so a dual-stack call takes both addresses or none.

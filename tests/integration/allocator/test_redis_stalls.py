@@ -1,0 +1,113 @@
+"""Redis frozen with SIGSTOP while calls are in flight, then continued: a change sent to Redis is
+never answered "nothing happened"."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+
+from ipam.v1 import allocator_pb2 as pb
+from services.core.reasons import ErrorReason
+from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
+from tests.support.api import Api, reason_of
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[RedisServer, AllocatorProcess]]:
+    # A Redis of its own: freezing it must not stall the rest of the suite.
+    with RedisServer() as server, AllocatorProcess(server.url) as allocator:
+        yield server, allocator
+
+
+@pytest.fixture
+def api(stack: tuple[RedisServer, AllocatorProcess]) -> Iterator[Api]:
+    client = Api(stack[1].address)
+    yield client
+    client.close()
+
+
+@contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    pid = server._processes[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def settled_dump(server: RedisServer, api: Api, node: str) -> dict[str, str]:
+    """The pool's IPv4 allocations once Redis has run what was queued while it was frozen.
+
+    Redis runs every connection's queued commands as soon as it is continued; a round trip on a
+    connection of our own after that leaves nothing of the freeze still unread."""
+    server.client().ping()
+    return api.dump(node)[0]
+
+
+def warm(api: Api, node: str) -> None:
+    """Runs allocate_next and release once, so Redis has their scripts: a frozen Redis's first use of
+    a script would answer NOSCRIPT on waking instead of running it."""
+    api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="warm-up", family=pb.FAMILY_IPV4), timeout=5)
+    api.alloc.Release(pb.ReleaseRequest(node=node, owner="warm-up"), timeout=5)
+
+
+def held_by(dump: dict[str, str], owner: str) -> set[str]:
+    return {ip for ip, o in dump.items() if o == owner}
+
+
+def test_a_change_sent_to_a_frozen_redis_is_answered_outcome_unknown_not_unavailable(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, _ = stack
+    node = api.node_with_pool(v4=8, pre_allocate=0)
+    warm(api, node)
+    request = pb.AllocateNextRequest(node=node, owner="orphan", family=pb.FAMILY_IPV4)
+    with frozen(server), pytest.raises(grpc.RpcError) as caught:
+        api.alloc.AllocateNext(request, timeout=10)  # a plain stub: no retries
+    assert caught.value.code() == grpc.StatusCode.ABORTED, caught.value.details()
+    assert reason_of(caught.value) == ErrorReason.OUTCOME_UNKNOWN
+    assert "may have been applied" in (caught.value.details() or "")
+    # And so it was: Redis ran the script when it woke. UNAVAILABLE ("nothing happened") would have lied.
+    assert len(held_by(settled_dump(server, api, node), "orphan")) == 1
+
+
+def test_a_read_of_a_frozen_redis_is_unavailable_within_the_deadline(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, _ = stack
+    node = api.node_with_pool(v4=2, pre_allocate=0)
+    with frozen(server), pytest.raises(grpc.RpcError) as caught:
+        api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=0.5)  # shorter than the 1 s Redis timeout
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert reason_of(caught.value) == ErrorReason.STORE_UNAVAILABLE
+    assert "redis did not answer within" in (caught.value.details() or "")
+
+
+def test_ipamctl_dump_against_a_frozen_redis_says_what_it_waited_for(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, allocator = stack
+    node = api.node_with_pool(v4=2, pre_allocate=0)
+    env = {**os.environ, "IPAM_GRPC_ADDRESS": allocator.address, "IPAM_TOKEN": ADMIN_TOKEN}
+    with frozen(server):
+        result = subprocess.run(
+            [sys.executable, "-m", "clients.ipamctl", "dump", node, "--timeout", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert "UNAVAILABLE STORE_UNAVAILABLE" in result.stderr, result.stderr
+    assert "redis did not answer within" in result.stderr, result.stderr
+    assert "DEADLINE_EXCEEDED" not in result.stderr
