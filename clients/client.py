@@ -10,12 +10,21 @@ UNAVAILABLE (the channel's service config), balancing across replicas (`round_ro
 
 Every failed call raises `IpamClientError` with the status code and the server's stable reason (an
 `ErrorReason` of `services.core.reasons` when the server sent one this client knows).
+
+Retries: grpc retries UNAVAILABLE, which the allocator answers only when nothing was changed. A change
+that reached Redis without an answer comes back as ABORTED `OUTCOME_UNKNOWN` ("it may have been
+applied"), which only `allocate_next` and `allocate` retry: each logical call carries an idempotency
+key (the caller's, else one made here) that all its tries share, so a retry gets the first try's
+address and never a second one. Other calls raise it; read back (Dump) before acting again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
@@ -224,6 +233,22 @@ def _release_request(
     return pb.ReleaseRequest(node=node, pool=pool, owner=owner, skip_sync_upstream=skip_sync_upstream)
 
 
+def _key_of(idempotency_key: str) -> str:
+    """The caller's key, else a fresh one for this logical call (shared by all its tries)."""
+    return idempotency_key or f"ipam-client-{uuid.uuid4().hex}"
+
+
+def _retry_delay(error: IpamClientError, attempt: int, max_attempts: int, deadline: float | None) -> float | None:
+    """How long to wait before retrying a keyed call that failed with `error` on try `attempt`
+    (1-based); None to give up (another failure, no tries or no time left)."""
+    if error.reason != ErrorReason.OUTCOME_UNKNOWN or attempt >= max_attempts:
+        return None
+    delay = min(0.1 * 2 ** (attempt - 1), 2.0)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
+
+
 def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path is not None else None
 
@@ -261,6 +286,7 @@ class _ClientBase:
             self._credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
             )
+        self.max_attempts = max_attempts
         self._options = [*channel_options(max_attempts, tls_server_name), *options]
         self.channel = self._connect()
         self._allocator = allocator_pb2_grpc.AllocatorStub(self.channel)
@@ -272,6 +298,11 @@ class _ClientBase:
 
     def _call_options(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The monotonic end of a logical call (all its tries)."""
+        effective = self.timeout if timeout is None else timeout
+        return None if effective is None else time.monotonic() + effective
 
 
 class IpamClient(_ClientBase):
@@ -302,6 +333,21 @@ class IpamClient(_ClientBase):
         except grpc.RpcError as error:
             raise IpamClientError.from_rpc_error(error) from error
 
+    def _keyed_call(self, rpc: Callable[..., _R], request: Any, timeout: float | None) -> _R:
+        """`_call`, retried on OUTCOME_UNKNOWN: the request carries an idempotency key."""
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return self._call(rpc, request, left)
+            except IpamClientError as error:
+                delay = _retry_delay(error, attempt, self.max_attempts, deadline)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
     # -- Allocator ---------------------------------------------------------------------------------
 
     def allocate_next(
@@ -319,8 +365,10 @@ class IpamClient(_ClientBase):
     ) -> pb.AllocateNextResponse:
         """The next free address(es) of the pool: `ipv4` and/or `ipv6` (check with `HasField`).
 
-        With an `idempotency_key`, a retry returns the same addresses; with `wait_for_refill`, an empty
-        pool being refilled is waited for within the deadline instead of failing at once.
+        A retry with the same `idempotency_key` returns the same addresses (the key belongs to this
+        owner and family until they are released; without one, this call makes its own, so its own
+        retries are safe). With `wait_for_refill`, an empty pool being refilled is waited for within
+        the deadline instead of failing at once.
         """
         request = pb.AllocateNextRequest(
             node=node,
@@ -329,10 +377,10 @@ class IpamClient(_ClientBase):
             owner=owner,
             expiration_seconds=expiration_seconds,
             skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=idempotency_key,
+            idempotency_key=_key_of(idempotency_key),
             wait_for_refill=wait_for_refill,
         )
-        return self._call(self._allocator.AllocateNext, request, timeout)
+        return self._keyed_call(self._allocator.AllocateNext, request, timeout)
 
     def allocate(
         self,
@@ -342,11 +390,19 @@ class IpamClient(_ClientBase):
         pool: str = "",
         *,
         skip_sync_upstream: bool = False,
+        idempotency_key: str = "",
         timeout: float | None = None,
     ) -> pb.AllocationResult:
-        """Allocate one specific address."""
-        request = pb.AllocateRequest(node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream)
-        return self._call(self._allocator.Allocate, request, timeout).result
+        """Allocate one specific address (a retry with the same `idempotency_key` gets the same result)."""
+        request = pb.AllocateRequest(
+            node=node,
+            pool=pool,
+            ip=ip,
+            owner=owner,
+            skip_sync_upstream=skip_sync_upstream,
+            idempotency_key=_key_of(idempotency_key),
+        )
+        return self._keyed_call(self._allocator.Allocate, request, timeout).result
 
     def release(
         self,
@@ -508,6 +564,21 @@ class AsyncIpamClient(_ClientBase):
         except grpc.RpcError as error:
             raise IpamClientError.from_rpc_error(error) from error
 
+    async def _keyed_call(self, rpc: Callable[..., Awaitable[_R]], request: Any, timeout: float | None) -> _R:
+        """See `IpamClient._keyed_call`."""
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return await self._call(rpc, request, left)
+            except IpamClientError as error:
+                delay = _retry_delay(error, attempt, self.max_attempts, deadline)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
     # -- Allocator ---------------------------------------------------------------------------------
 
     async def allocate_next(
@@ -531,10 +602,10 @@ class AsyncIpamClient(_ClientBase):
             owner=owner,
             expiration_seconds=expiration_seconds,
             skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=idempotency_key,
+            idempotency_key=_key_of(idempotency_key),
             wait_for_refill=wait_for_refill,
         )
-        return await self._call(self._allocator.AllocateNext, request, timeout)
+        return await self._keyed_call(self._allocator.AllocateNext, request, timeout)
 
     async def allocate(
         self,
@@ -544,11 +615,19 @@ class AsyncIpamClient(_ClientBase):
         pool: str = "",
         *,
         skip_sync_upstream: bool = False,
+        idempotency_key: str = "",
         timeout: float | None = None,
     ) -> pb.AllocationResult:
-        """Allocate one specific address."""
-        request = pb.AllocateRequest(node=node, pool=pool, ip=ip, owner=owner, skip_sync_upstream=skip_sync_upstream)
-        return (await self._call(self._allocator.Allocate, request, timeout)).result
+        """Allocate one specific address (a retry with the same `idempotency_key` gets the same result)."""
+        request = pb.AllocateRequest(
+            node=node,
+            pool=pool,
+            ip=ip,
+            owner=owner,
+            skip_sync_upstream=skip_sync_upstream,
+            idempotency_key=_key_of(idempotency_key),
+        )
+        return (await self._keyed_call(self._allocator.Allocate, request, timeout)).result
 
     async def release(
         self,

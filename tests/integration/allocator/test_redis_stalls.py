@@ -1,5 +1,5 @@
 """Redis frozen with SIGSTOP while calls are in flight, then continued: a change sent to Redis is
-never answered "nothing happened"."""
+never answered "nothing happened", and the client's retries of one call never cost a second address."""
 
 from __future__ import annotations
 
@@ -7,17 +7,25 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
 
+from clients.client import Family, IpamClient, IpamClientError
 from ipam.v1 import allocator_pb2 as pb
 from services.core.reasons import ErrorReason
-from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
+from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.redis_server import RedisServer
+
+# How long Redis stays frozen while a call is in flight: longer than the allocator's 1 s Redis
+# timeout, so the call's first tries fail and its retries go out while Redis is still frozen.
+STALL_S = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,20 @@ def settled_dump(server: RedisServer, api: Api, node: str) -> dict[str, str]:
     connection of our own after that leaves nothing of the freeze still unread."""
     server.client().ping()
     return api.dump(node)[0]
+
+
+def in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = call()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
 
 
 def warm(api: Api, node: str) -> None:
@@ -90,6 +112,52 @@ def test_a_read_of_a_frozen_redis_is_unavailable_within_the_deadline(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
     assert reason_of(caught.value) == ErrorReason.STORE_UNAVAILABLE
     assert "redis did not answer within" in (caught.value.details() or "")
+
+
+def test_the_client_s_retries_of_one_allocate_next_hold_one_address_and_return_it(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, allocator = stack
+    node = api.node_with_pool(v4=8, pre_allocate=0)
+    with IpamClient(allocator.address, token=CLIENT_TOKEN, timeout=15) as client:
+        with frozen(server):
+            thread, out = in_thread(lambda: client.allocate_next(node, owner="hung", family=Family.IPV4))
+            time.sleep(STALL_S)  # the stall itself (the stimulus), not a wait for a condition
+        thread.join(20)
+    assert "error" not in out, out.get("error")
+    held = held_by(settled_dump(server, api, node), "hung")
+    assert held == {out["result"].ipv4.ip}
+
+
+def test_the_client_s_retries_of_one_allocate_return_its_result(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, allocator = stack
+    node = api.create_node(pre_allocate=0)
+    ip = api.seed(node, v4=4)[0]
+    with IpamClient(allocator.address, token=CLIENT_TOKEN, timeout=15) as client:
+        with frozen(server):
+            thread, out = in_thread(lambda: client.allocate(node, ip, "hung-specific"))
+            time.sleep(STALL_S)
+        thread.join(20)
+    # Without a shared key, the retry after the first try had run answered IP_ALREADY_ALLOCATED.
+    assert "error" not in out, out.get("error")
+    assert out["result"].ip == ip
+    assert held_by(settled_dump(server, api, node), "hung-specific") == {ip}
+
+
+def test_a_release_sent_to_a_frozen_redis_is_not_retried_by_the_client(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, allocator = stack
+    node = api.node_with_pool(v4=4, pre_allocate=0)
+    warm(api, node)
+    with IpamClient(allocator.address, token=CLIENT_TOKEN, timeout=15) as client:
+        ip = client.allocate_next(node, owner="leaving", family=Family.IPV4).ipv4.ip
+        with frozen(server), pytest.raises(IpamClientError) as caught:
+            client.release(node, ip=ip)
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.ABORTED, ErrorReason.OUTCOME_UNKNOWN)
+    assert ip not in settled_dump(server, api, node)  # it was applied when Redis woke
 
 
 def test_ipamctl_dump_against_a_frozen_redis_says_what_it_waited_for(
