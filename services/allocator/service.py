@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -41,7 +42,15 @@ from .domain.model import (
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
 from .refill import RefillWatcher
-from .store.redis_store import KeyedAllocation, NodeRecord, PoolState, RedisStore, RemoveOutcome, call_scope
+from .store.redis_store import (
+    KeyedAllocation,
+    NodeRecord,
+    PoolState,
+    RedisStore,
+    RemoveOutcome,
+    call_key,
+    call_scope,
+)
 
 __all__ = ["AllocatorService", "NodeSettings", "NodeView", "call_scope"]
 
@@ -88,6 +97,7 @@ class AllocatorService:
         self.ipv4_enabled = ipv4_enabled
         self.ipv6_enabled = ipv6_enabled
         self.metrics = metrics
+        self._rollbacks: set[asyncio.Task[None]] = set()
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -153,6 +163,8 @@ class AllocatorService:
         idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=False)
         expiration_seconds = validate_timeout(expiration_seconds, "expiration_seconds")
         families = self._families(family)
+        own_key = not idempotency_key
+        idempotency_key = idempotency_key or call_key()  # so that a lost try can be found and given back
         waiter = ""  # set while this call is counted among the callers waiting for a refill
         try:
             while True:
@@ -160,6 +172,8 @@ class AllocatorService:
                     outcome = await self.store.allocate_next(
                         node, pool, families, owner, idempotency_key, expiration_seconds
                     )
+                except OutcomeUnknown as exc:
+                    raise self._given_back(exc, node, pool, idempotency_key) if own_key else exc from exc
                 except ResourceExhausted as exc:
                     state: PoolState = exc.state  # type: ignore[attr-defined]
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
@@ -198,10 +212,46 @@ class AllocatorService:
         idempotency_key = validate_text(idempotency_key, "idempotency key", MAX_KEY_LENGTH, required=False)
         ip, family = parse_ip(ip)
         self._check_family_enabled(family)
-        outcome = await self.store.allocate(node, pool, ip, owner, idempotency_key)
+        own_key = not idempotency_key
+        idempotency_key = idempotency_key or call_key()
+        try:
+            outcome = await self.store.allocate(node, pool, ip, owner, idempotency_key)
+        except OutcomeUnknown as exc:
+            raise self._given_back(exc, node, pool, idempotency_key) if own_key else exc from exc
         if not outcome.replayed:
             await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
         return outcome.allocations[0]
+
+    def _given_back(self, exc: OutcomeUnknown, node: str, pool: str, key: str) -> OutcomeUnknown:
+        """A call without a key of its own whose script may still run: what it takes is given back
+        in the background once Redis answers, and the caller is told so."""
+        # A fresh context: the task must not inherit this call's deadline.
+        task = asyncio.create_task(self._cancel_call(node, pool, key), context=contextvars.Context())
+        self._rollbacks.add(task)
+        task.add_done_callback(self._rollbacks.discard)
+        return OutcomeUnknown(
+            f"redis did not answer within {exc.metadata.get('waited', '?')} after the allocation was sent; the "
+            "call had no idempotency key, so the allocator gives back whatever it took once redis answers "
+            "(give a key to get the same address from a retry)"
+        )
+
+    async def _cancel_call(self, node: str, pool: str, key: str, give_up_s: float = 600.0) -> None:
+        give_up = time.monotonic() + give_up_s
+        while True:
+            try:
+                outcome = await self.store.cancel_call(node, pool, key)
+            except NotFound:  # the node or pool went away, and what it held with it
+                return
+            except (Unavailable, OutcomeUnknown) as exc:  # running it again is the same as once
+                if time.monotonic() > give_up:
+                    log.error("gave up giving back an unanswered allocation in %s/%s: %s", node, pool, exc.message)
+                    return
+                await asyncio.sleep(0.5)
+                continue
+            if outcome.ips:
+                log.warning("gave back %s, taken by a call answered OUTCOME_UNKNOWN", " ".join(outcome.ips))
+                await self.after_change(node, pool, outcome.state)
+            return
 
     async def release(
         self,

@@ -104,6 +104,8 @@ class ErrorReason(StrEnum):
     NO_TIMER_RUNNING = "NO_TIMER_RUNNING"
     EXPIRATION_UUID_MISMATCH = "EXPIRATION_UUID_MISMATCH"
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    # A script of a call given up (and rolled back) while Redis did not answer; no caller sees it.
+    CALL_CANCELLED = "CALL_CANCELLED"
 
     @classmethod
     def required(cls, what: str) -> ErrorReason:

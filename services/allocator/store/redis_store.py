@@ -61,7 +61,18 @@ SCRIPTS = (
     "put_node",
     "pool_state",
     "release_by_key",
+    "cancel_call",
 )
+
+# Keys the allocator makes for calls that came without one. Callers' keys are printable, so they
+# never start with this; such keys are shown as "" (`keyed_allocations`).
+CALL_KEY_PREFIX = "\x1fcall-"
+
+
+def call_key() -> str:
+    """A key of the allocator's own for one call made without an idempotency key."""
+    return f"{CALL_KEY_PREFIX}{uuid.uuid4().hex}"
+
 
 # Why a pool is empty, by its error reason (the end of the message).
 _POOL_EMPTY_WHY: dict[ErrorReason, str] = {
@@ -90,6 +101,7 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
     ErrorReason.NO_TIMER_RUNNING: (FailedPrecondition, "no expiration timer runs for {ip}"),
     ErrorReason.EXPIRATION_UUID_MISMATCH: (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
     ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
+    ErrorReason.CALL_CANCELLED: (Unavailable, "the call was given up while redis did not answer"),
     ErrorReason.IDEMPOTENCY_KEY_IN_USE: (
         FailedPrecondition,
         "the idempotency key already holds another owner's, family's or address's allocation in pool {pool} "
@@ -125,7 +137,8 @@ def call_scope(deadline: float | None) -> Iterator[CallScope]:
 def _outcome_unknown(waited: str) -> OutcomeUnknown:
     return OutcomeUnknown(
         f"redis did not answer within {waited} after the change was sent: it may have been applied, or be "
-        "applied when redis answers; retry with the same idempotency key (or read back before acting again)"
+        "applied when redis answers; retry with the same idempotency key (or read back before acting again)",
+        waited=waited,
     )
 
 
@@ -456,6 +469,11 @@ class RedisStore:
         result = await self._run("release_by_key", node, pool, idempotency_key)
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
 
+    async def cancel_call(self, node: str, pool: str, key: str) -> ChangeOutcome:
+        """Gives back what the call under `key` took, or makes its script take nothing (see cancel_call.lua)."""
+        result = await self._run("cancel_call", node, pool, key)
+        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
+
     async def exclude(self, node: str, pool: str, ip: str, owner: str) -> ChangeOutcome:
         result = await self._run("exclude", node, pool, ip, owner, ip=ip)
         return ChangeOutcome(_pool_state(result["state"]))
@@ -561,6 +579,8 @@ class RedisStore:
         for family, alloc in zip((Family.IPV4, Family.IPV6), await self.call(read), strict=True):
             for ip, value in alloc.items():
                 owner, _, idem = (_text(value).split("\t", 2) + ["", ""])[:3]
+                if idem.startswith(CALL_KEY_PREFIX):
+                    idem = ""  # made without a key
                 if idem.startswith(key_prefix):
                     out.append(KeyedAllocation(_text(ip), family, owner, idem))
         return sorted(out, key=lambda a: (a.family, a.ip))

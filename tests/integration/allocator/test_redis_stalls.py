@@ -21,6 +21,7 @@ from ipam.v1 import allocator_pb2 as pb
 from services.core.reasons import ErrorReason
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
+from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 
 # How long Redis stays frozen while a call is in flight: longer than the allocator's 1 s Redis
@@ -92,14 +93,38 @@ def test_a_change_sent_to_a_frozen_redis_is_answered_outcome_unknown_not_unavail
     server, _ = stack
     node = api.node_with_pool(v4=8, pre_allocate=0)
     warm(api, node)
-    request = pb.AllocateNextRequest(node=node, owner="orphan", family=pb.FAMILY_IPV4)
+    request = pb.AllocateNextRequest(node=node, owner="keyed", family=pb.FAMILY_IPV4, idempotency_key="k-1")
     with frozen(server), pytest.raises(grpc.RpcError) as caught:
         api.alloc.AllocateNext(request, timeout=10)  # a plain stub: no retries
     assert caught.value.code() == grpc.StatusCode.ABORTED, caught.value.details()
     assert reason_of(caught.value) == ErrorReason.OUTCOME_UNKNOWN
     assert "may have been applied" in (caught.value.details() or "")
     # And so it was: Redis ran the script when it woke. UNAVAILABLE ("nothing happened") would have lied.
-    assert len(held_by(settled_dump(server, api, node), "orphan")) == 1
+    held = held_by(settled_dump(server, api, node), "keyed")
+    assert len(held) == 1
+    # The retry with the same key gets that address.
+    assert api.alloc.AllocateNext(request, timeout=5).ipv4.ip in held
+
+
+def test_an_unanswered_allocation_without_a_key_is_given_back_once_redis_answers(
+    stack: tuple[RedisServer, AllocatorProcess], api: Api
+) -> None:
+    server, _ = stack
+    node = api.node_with_pool(v4=8, pre_allocate=0)
+    warm(api, node)
+    requests = [
+        (api.alloc.AllocateNext, pb.AllocateNextRequest(node=node, owner="keyless", family=pb.FAMILY_IPV4)),
+        (api.alloc.Allocate, pb.AllocateRequest(node=node, owner="keyless", ip="10.20.0.17")),
+    ]
+    for call, request in requests:
+        with frozen(server), pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=10)
+        assert (caught.value.code(), reason_of(caught.value)) == (grpc.StatusCode.ABORTED, "OUTCOME_UNKNOWN")
+        assert "gives back whatever it took once redis answers" in (caught.value.details() or "")
+        # Once Redis has run what it held (the round trip of `settled_dump`), the allocator gives
+        # back what the script took: no address stays held for a caller who was never told of it.
+        settled_dump(server, api, node)
+        poll(lambda: not held_by(api.dump(node)[0], "keyless"), timeout=10)
 
 
 def test_a_read_of_a_frozen_redis_is_unavailable_within_the_deadline(

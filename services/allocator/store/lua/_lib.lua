@@ -119,6 +119,17 @@ local function restore_free(ip, f)
   return true
 end
 
+-- A call given up while Redis did not answer leaves this mark under its key (`cancel_call`), so that
+-- its script, if it runs later, takes nothing.
+local CANCELLED = '-'
+
+-- True (and the mark dropped: a call's script runs once) when the call under this key was given up.
+local function cancelled(idem)
+  if redis.call('HGET', K_IDEM, idem) ~= CANCELLED then return false end
+  redis.call('HDEL', K_IDEM, idem)
+  return true
+end
+
 -- The allocations held under an idempotency key ({ip, f, owner, uuid} each); nil when the key is
 -- free: unknown, or its addresses are gone (then the stale entry is dropped).
 local function keyed(idem)

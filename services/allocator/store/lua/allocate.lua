@@ -7,6 +7,7 @@ local f = family_of(ip)
 if f == '6' and redis.call('HGET', K_NODE, 'v6') ~= '1' then return fail('IPV6_DISABLED') end
 local vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''
 if idem ~= '' then
+  if cancelled(idem) then return fail('CALL_CANCELLED') end
   local held = keyed(idem)
   if held then
     -- A retry gets what the first try took; any other use of the key is refused.

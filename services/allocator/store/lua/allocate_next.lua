@@ -14,6 +14,7 @@ if redis.call('HGET', K_NODE, 'v6') ~= '1' then
 end
 
 if idem ~= '' then
+  if cancelled(idem) then return fail('CALL_CANCELLED') end
   local held = keyed(idem)
   if held then
     -- A retry: the same owner asking for the same families gets what the first try took.
