@@ -250,7 +250,7 @@ class AllocatorService:
                 continue
             if outcome.ips:
                 log.warning("gave back %s, taken by a call answered OUTCOME_UNKNOWN", " ".join(outcome.ips))
-                await self.after_change(node, pool, outcome.state)
+                await self.publish_if_needed(node, pool, outcome.state)
             return
 
     async def release(
