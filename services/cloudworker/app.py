@@ -27,6 +27,7 @@ from .metrics import WorkerMetrics
 from .providers.aws import build_aws_provider
 from .providers.base import CloudProvider
 from .queue import Delivery, EventSource, RedisStreamSource
+from .ratelimit import Ec2Budget, Priority, RedisRateLimiter, at_priority, connect_sync
 from .settings import WorkerSettings
 
 log = logging.getLogger("ipam.cloudworker")
@@ -129,7 +130,9 @@ class Worker:
         # holds the node, it maintains the node again once it is done (see maintain_node).
         await self.source.take(delivery)
         try:
-            if not await self.maintain_node(event.node):
+            with at_priority(Priority.REFILL):  # until the node's state says otherwise
+                maintained = await self.maintain_node(event.node)
+            if not maintained:
                 await self.source.ack(delivery)
                 self.metrics.events.labels("node-busy").inc()
                 return
@@ -184,7 +187,10 @@ class Worker:
                 return
             async with self._slots:
                 try:
-                    await self.maintain_node(node.spec.name, settle=True, wait_for_lock=self.settings.node_lock_seconds)
+                    with at_priority(Priority.HOUSEKEEPING):  # until the node's state says otherwise
+                        await self.maintain_node(
+                            node.spec.name, settle=True, wait_for_lock=self.settings.node_lock_seconds
+                        )
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
                     log.warning("resync of node %s failed: %s", node.spec.name, exc)
                     if not isinstance(exc, IpamClientError):
@@ -225,6 +231,10 @@ class Worker:
         """Deletes our interfaces found detached (and past their grace period since creation) by two
         collections in a row, at most 25 a run, as Cilium: one detached for a moment survives.
         Returns how many this run found leaked."""
+        with at_priority(Priority.HOUSEKEEPING):
+            return await self._collect_leaked_interfaces()
+
+    async def _collect_leaked_interfaces(self) -> int:
         leaked = await asyncio.to_thread(
             self.provider.list_leaked_interfaces, self.settings.leaked_interface_grace_seconds
         )
@@ -271,6 +281,13 @@ def build_worker(
     `provider` replaces the AWS provider the settings describe; `Worker.close` closes the rest."""
     metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
     if provider is None:
+        budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
+        limiter = RedisRateLimiter(
+            connect_sync(settings.redis_url, cluster=settings.redis_cluster),
+            budget,
+            scope=f"ec2:{settings.aws_region}",
+            observer=metrics.ec2,
+        )
         provider = build_aws_provider(
             cluster=settings.cluster_name,
             region=settings.aws_region,
@@ -280,6 +297,7 @@ def build_worker(
             qps=settings.ec2_qps,
             burst=settings.ec2_burst,
             observer=metrics.ec2,
+            limiter=limiter,
         )
     redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
     allocator = AsyncIpamClient(
@@ -325,13 +343,14 @@ async def run(settings: WorkerSettings) -> None:
         asyncio.create_task(worker.every(30.0, "trim_events")),
     ]
     log.info(
-        "worker %s consuming %s for the allocator at %s (EC2 %s, %.1f qps, burst %d)",
+        "worker %s consuming %s for the allocator at %s (EC2 %s, %s)",
         settings.consumer_name,
         contract.EVENTS_STREAM,
         settings.grpc_address,
         settings.ec2_endpoint_url or "AWS",
-        settings.ec2_qps,
-        settings.ec2_burst,
+        f"{settings.ec2_qps:.1f} qps, burst {settings.ec2_burst}"
+        if settings.ec2_qps > 0
+        else f"{settings.ec2_account_share:g} of EC2's request buckets",
     )
     await worker.stopping.wait()
     log.info("worker stopping: finishing the nodes in progress")

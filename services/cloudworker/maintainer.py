@@ -26,6 +26,7 @@ from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
 from .providers.errors import LimitExceeded, NotFound, ProviderError, SubnetFull, Transient
+from .ratelimit import Priority, current_priority
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +78,16 @@ def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
     )
 
 
+def priority_of(node: npb.Node) -> Priority:
+    """A pool short of addresses (or with callers waiting) is refilled first, excess comes next."""
+    stats = node.stats
+    if stats.needed_ips > 0 or stats.needed_ipv6 > 0 or stats.waiting_ips > 0:
+        return Priority.REFILL
+    if stats.excess_ips > 0 or stats.excess_ipv6 > 0:
+        return Priority.EXCESS
+    return Priority.HOUSEKEEPING
+
+
 class NodeMaintainer:
     """Brings one node's pool to its watermark against the cloud."""
 
@@ -126,6 +137,8 @@ class NodeMaintainer:
             node, pool = await asyncio.gather(
                 self.allocator.get_node(name, CLOUD_POOL), self.allocator.dump(name, CLOUD_POOL)
             )
+        # From here on the node's own need sets the priority of its cloud calls: refills first.
+        current_priority.set(priority_of(node))
         spec = node.spec
         if not spec.instance_id or not spec.instance_type:
             outcome.reason = DeficitReason.NO_INSTANCE

@@ -34,7 +34,8 @@ class NullObserver:
 
 
 class Ec2Metrics:
-    """Prometheus histograms of EC2 call durations and rate-limiter waits (an `ApiObserver`)."""
+    """EC2 call durations, rate-limiter waits, calls by bucket, tokens left and throttled answers
+    (an `ApiObserver` and a `BudgetObserver`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.api_duration_seconds = Histogram(
@@ -52,8 +53,42 @@ class Ec2Metrics:
             registry=registry,
         )
 
+        self.calls = Counter(
+            "ipam_worker_ec2_calls_total",
+            "EC2 calls made (each attempt and Describe page), by operation and the token bucket they took from",
+            ["operation", "bucket"],
+            registry=registry,
+        )
+        self.bucket_tokens = Gauge(
+            "ipam_worker_ec2_bucket_tokens",
+            "Tokens left in an EC2 token bucket (shared by every replica) after this worker's last take",
+            ["bucket"],
+            registry=registry,
+        )
+        self.bucket_rate_factor = Gauge(
+            "ipam_worker_ec2_bucket_rate_factor",
+            "Share of its rate an EC2 token bucket refills at now: lowered by throttled answers, climbs back",
+            ["bucket"],
+            registry=registry,
+        )
+        self.throttled = Counter(
+            "ipam_worker_ec2_throttled_total",
+            "EC2 answers that throttled a call (RequestLimitExceeded and the like), by operation and bucket",
+            ["operation", "bucket"],
+            registry=registry,
+        )
+
     def observe_api_call(self, operation: str, response_code: str, seconds: float) -> None:
         self.api_duration_seconds.labels(operation, response_code).observe(seconds)
+
+    def observe_take(self, operation: str, bucket: str, tokens_left: float, rate_factor: float) -> None:
+        self.calls.labels(operation, bucket).inc()
+        self.bucket_tokens.labels(bucket).set(tokens_left)
+        self.bucket_rate_factor.labels(bucket).set(rate_factor)
+
+    def observe_throttled(self, operation: str, bucket: str, rate_factor: float) -> None:
+        self.throttled.labels(operation, bucket).inc()
+        self.bucket_rate_factor.labels(bucket).set(rate_factor)
 
     def observe_rate_limit_wait(self, operation: str, seconds: float) -> None:
         self.rate_limit_wait_seconds.labels(operation).observe(seconds)

@@ -35,8 +35,19 @@ class WorkerSettings(BaseSettings):
     aws_access_key_id: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
     aws_secret_access_key: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
     cluster_name: str = Field("ipam", description="tags our interfaces, so leaked ones of this cluster are found")
-    ec2_qps: float = Field(4.0, description="EC2 calls per second (one token bucket for every call)")
-    ec2_burst: int = Field(20, description="EC2 calls allowed in a burst")
+    ec2_account_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the account's EC2 request budget (EC2's token buckets per Region) "
+        "this cluster's workers use together",
+    )
+    ec2_qps: float = Field(
+        0.0,
+        ge=0,
+        description="override: EC2 calls per second in one bucket for every call; 0 = EC2's own buckets",
+    )
+    ec2_burst: int = Field(20, ge=1, description="with ec2_qps: EC2 calls allowed in a burst")
     consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")

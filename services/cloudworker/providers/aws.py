@@ -1,9 +1,10 @@
 """`CloudProvider` for AWS EC2, with boto3.
 
-Every EC2 call (each Describe page included) goes through `_call`: one token from the shared
-`TokenBucket`, throttling retried with exponential backoff, every `ClientError` turned into a
-`ProviderError`, and the duration and limiter wait reported to an `ApiObserver`. botocore's own
-retries are switched off (`make_ec2_client`) so that every attempt passes the bucket.
+Every EC2 call (each Describe page included) goes through `_call`: one token from the `Limiter`
+(EC2's token buckets, shared in Redis), throttling slowing the bucket down and retried with
+exponential backoff, every `ClientError` turned into a `ProviderError`, and the duration and
+limiter wait reported to an `ApiObserver`. botocore's own retries are switched off
+(`make_ec2_client`) so that every attempt passes the bucket.
 
 The moto server (the local EC2) enforces no instance or subnet limits and answers some calls
 loosely (assigns return every address of the interface, not only the new ones), so every change
@@ -45,7 +46,7 @@ from services.cloudworker.providers.errors import (
     Throttled,
     Transient,
 )
-from services.cloudworker.ratelimit import TokenBucket
+from services.cloudworker.ratelimit import Limiter, TokenBucket
 from services.core.family import Family
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class AwsProvider(CloudProvider):
         client: BaseClient,
         *,
         cluster: str,
-        limiter: TokenBucket,
+        limiter: Limiter,
         retry: RetryPolicy = RetryPolicy(),
         observer: ApiObserver | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -437,7 +438,7 @@ class AwsProvider(CloudProvider):
         method = getattr(self.client, xform_name(operation))  # the boto3 method name
         attempt = 1
         while True:
-            self._observer.observe_rate_limit_wait(operation, self.limiter.acquire())
+            self._observer.observe_rate_limit_wait(operation, self.limiter.acquire(operation, params))
             started = time.perf_counter()
             cause: Exception
             try:
@@ -452,6 +453,8 @@ class AwsProvider(CloudProvider):
                 self._observer.observe_api_call(operation, "OK", time.perf_counter() - started)
                 return response
             self._observer.observe_api_call(operation, error.code, time.perf_counter() - started)
+            if isinstance(error, Throttled):
+                self.limiter.throttled(operation, params)
             if attempt >= self._retry.max_attempts or not _retryable(error, operation):
                 raise error from cause
             delay = self._retry.delay(attempt)
@@ -508,15 +511,17 @@ def build_aws_provider(
     qps: float = 4.0,
     burst: int = 20,
     observer: ApiObserver | None = None,
+    limiter: Limiter | None = None,
 ) -> AwsProvider:
-    """An `AwsProvider` with its own client and token bucket (Cilium's defaults: 4 QPS, burst 20)."""
+    """An `AwsProvider` with its own client; its calls go through `limiter`, else a token bucket of
+    its own at `qps`/`burst` (Cilium's defaults: 4 QPS, burst 20)."""
     client = make_ec2_client(
         region=region,
         endpoint_url=endpoint_url,
         access_key_id=access_key_id,
         secret_access_key=secret_access_key,
     )
-    return AwsProvider(client, cluster=cluster, limiter=TokenBucket(qps, burst), observer=observer)
+    return AwsProvider(client, cluster=cluster, limiter=limiter or TokenBucket(qps, burst), observer=observer)
 
 
 def _retryable(error: ProviderError, operation: str) -> bool:

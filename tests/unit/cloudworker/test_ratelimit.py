@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from services.cloudworker.ratelimit import TokenBucket
+from services.cloudworker.ratelimit import Bucket, Ec2Budget, Priority, TokenBucket, at_priority, current_priority
 
 
 class FakeClock:
@@ -90,3 +90,34 @@ def test_concurrent_callers_queue_up_without_losing_a_token() -> None:
 def test_invalid_settings_are_refused(qps: float, burst: int) -> None:
     with pytest.raises(ValueError):
         TokenBucket(qps, burst)
+
+
+def test_ec2_budget_puts_each_call_in_its_documented_bucket() -> None:
+    budget = Ec2Budget(1.0)
+    assert budget.bucket_for("AssignPrivateIpAddresses") == Bucket("AssignPrivateIpAddresses", 100, 5)
+    assert budget.bucket_for("CreateTags") == Bucket("CreateTags", 100, 10)
+    assert budget.bucket_for("AttachNetworkInterface").name == "mutating"
+    assert budget.bucket_for("DescribeNetworkInterfaces", {"Filters": [], "MaxResults": 1000}).name == "non-mutating"
+    assert budget.bucket_for("DescribeSubnets", {"SubnetIds": ["subnet-1"]}).name == "non-mutating"
+    assert budget.bucket_for("DescribeVpcs", {}).name == "unfiltered-describe"
+
+
+def test_ec2_budget_scales_by_the_share_and_the_override_replaces_the_model() -> None:
+    assert Ec2Budget(0.5).bucket_for("AttachNetworkInterface") == Bucket("mutating", 25, 2.5)
+    override = Ec2Budget(0.5, qps=4, burst=20)
+    assert override.bucket_for("AssignPrivateIpAddresses") == Bucket("all", 20, 4)
+    assert override.buckets() == [Bucket("all", 20, 4)]
+    assert {b.name for b in Ec2Budget(1.0).buckets()} >= {"non-mutating", "mutating", "unfiltered-describe"}
+
+
+@pytest.mark.parametrize(("share", "qps", "burst"), [(0, 0, 0), (1.5, 0, 0), (1, -1, 5), (1, 5, 0)])
+def test_ec2_budget_refuses_nonsense(share: float, qps: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        Ec2Budget(share, qps=qps, burst=burst)
+
+
+def test_priority_is_a_context_variable_restored_after_the_block() -> None:
+    assert current_priority.get() is Priority.EXCESS
+    with at_priority(Priority.HOUSEKEEPING):
+        assert current_priority.get() is Priority.HOUSEKEEPING
+    assert current_priority.get() is Priority.EXCESS
