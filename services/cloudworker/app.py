@@ -22,6 +22,7 @@ from services.core.reasons import DeficitReason, ErrorReason
 from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 
+from .cloud_view import CloudView
 from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
 from .providers.aws import build_aws_provider
@@ -182,6 +183,20 @@ class Worker:
         started = time.monotonic()
         nodes = await self.allocator.list_nodes(order_by_watermark=True)
         self.node_gauges(nodes)
+        with at_priority(Priority.HOUSEKEEPING):
+            try:
+                cost = await asyncio.to_thread(
+                    self.maintainer.view.refresh, [n.spec.instance_id for n in nodes if n.spec.instance_id]
+                )
+                log.info(
+                    "cloud view refreshed: %d VPC(s), %d interface(s), %d instance(s) described, %.2f s",
+                    cost.vpcs,
+                    cost.interfaces,
+                    cost.instances_described,
+                    cost.seconds,
+                )
+            except Exception as exc:  # noqa: BLE001 - the nodes are then read one by one
+                log.warning("cloud view refresh failed (%s): nodes are read one by one", exc)
         for node in nodes:
             if self.stopping.is_set():
                 return
@@ -315,6 +330,8 @@ def build_worker(
         claim_idle_ms=int(settings.claim_idle_seconds * 1000),
         on_dead_letter=lambda _: metrics.events_dead_lettered.inc(),
     )
+    view = CloudView(provider, max_age_seconds=settings.cloud_view_max_age_seconds)
+    metrics.cloud_view_age.set_function(lambda: min(view.age(), 1e9))
     maintainer = NodeMaintainer(
         provider,
         allocator,
@@ -322,6 +339,7 @@ def build_worker(
         stale_reservation_seconds=settings.stale_reservation_seconds,
         check_conflicts=settings.check_address_conflicts,
         excess_release_delay_seconds=settings.excess_release_delay_seconds,
+        view=view,
     )
     return Worker(settings, redis, source, maintainer, provider, allocator, metrics)
 

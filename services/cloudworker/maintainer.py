@@ -22,6 +22,7 @@ from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
 from .allocator_client import AllocatorClient
+from .cloud_view import CloudView
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from .providers.base import CloudProvider
@@ -33,6 +34,7 @@ T = TypeVar("T")
 
 MAX_ROUNDS = 12
 CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
+DEFAULT_VIEW_AGE_S = 120.0  # a view entry older than this is read again before it is used
 SECURITY_GROUPS_TTL_S = 60.0  # security groups looked up by tags are read again after this (Cilium: each resync)
 
 
@@ -100,17 +102,18 @@ class NodeMaintainer:
         stale_reservation_seconds: float,
         check_conflicts: bool = True,
         excess_release_delay_seconds: float = 0.0,
+        view: CloudView | None = None,
     ) -> None:
+        """`view`: the cloud view shared with the resync (one of its own, never refreshed, if none)."""
         self.provider = provider
+        self.view = view or CloudView(provider, max_age_seconds=DEFAULT_VIEW_AGE_S)
         self.excess_release_delay_s = excess_release_delay_seconds
         self._excess_since: dict[str, float] = {}  # node -> when its pool was first seen in excess
         self.check_conflicts = check_conflicts
         self.allocator = allocator
         self.metrics = metrics
         self.stale_reservation_ms = int(stale_reservation_seconds * 1000)
-        self._instances: dict[str, Instance] = {}
         self._node_instances: dict[str, str] = {}  # node name -> instance id, as last seen
-        self._vpc_cidrs: dict[str, list[str]] = {}
         self._security_groups: dict[str, tuple[float, list[SecurityGroup]]] = {}  # vpc -> (read at, groups)
 
     async def _cloud(self, outcome: Outcome, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -124,10 +127,11 @@ class NodeMaintainer:
         """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError."""
         started = time.perf_counter()
         outcome = Outcome(name)
-        # A node seen before: its interfaces are read while the allocator answers, not after.
+        # A node seen before and not in the view: its interfaces are read while the allocator
+        # answers, not after.
         known_instance = self._node_instances.get(name)
         first_read: list[NetworkInterface] | None = None
-        if known_instance:
+        if known_instance and self.view.interfaces(known_instance) is None:
             node, pool, first_read = await asyncio.gather(
                 self.allocator.get_node(name, CLOUD_POOL),
                 self.allocator.dump(name, CLOUD_POOL),
@@ -147,6 +151,10 @@ class NodeMaintainer:
             return outcome
         if spec.instance_id != known_instance:
             first_read = None
+        if first_read is not None:
+            self.view.put_interfaces(spec.instance_id, first_read)
+        else:
+            first_read = self._viewed_interfaces(node, pool)
         self._node_instances[name] = spec.instance_id
         try:
             limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
@@ -158,7 +166,7 @@ class NodeMaintainer:
             await self._report(node, None, outcome)
             return outcome
         try:
-            instance = self._instances.get(spec.instance_id) or await self._cloud(
+            instance = self.view.instance(spec.instance_id) or await self._cloud(
                 outcome, self.provider.describe_instance, spec.instance_id
             )
         except NotFound as exc:
@@ -168,10 +176,11 @@ class NodeMaintainer:
             outcome.reason, outcome.detail = DeficitReason.INSTANCE_NOT_FOUND, str(exc)
             await self._report(node, None, outcome)
             return outcome
-        self._instances[spec.instance_id] = instance
-        if instance.vpc_id not in self._vpc_cidrs:
-            self._vpc_cidrs[instance.vpc_id] = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
-        cidrs = self._vpc_cidrs[instance.vpc_id]
+        self.view.put_instance(instance)
+        cidrs = self.view.vpc_cidrs(instance.vpc_id)
+        if cidrs is None:
+            cidrs = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
+            self.view.put_vpc_cidrs(instance.vpc_id, cidrs)
         plan_spec = planner_spec(spec, instance)
         if plan_spec.release_excess and not self._excess_due(name, node):
             plan_spec = replace(plan_spec, release_excess=False)  # not yet: the next resync looks again
@@ -186,19 +195,24 @@ class NodeMaintainer:
         ambiguous_seen = False  # a mutating call whose outcome is unknown was answered once already
         for _ in range(MAX_ROUNDS):
             if interfaces is None:
-                interfaces = first_read or await self._cloud(outcome, self.provider.list_interfaces, instance.id)
-                first_read = None
+                if first_read is None:
+                    first_read = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
+                    self.view.put_interfaces(instance.id, first_read)
+                interfaces, first_read = first_read, None
                 node, interfaces = await self._reconcile(
                     node, pool, interfaces, limits, cidrs, settle_reservations, outcome
                 )
+                for interface in interfaces:
+                    self.view.put_interface(instance.id, interface)
                 pool = None  # read again if the cloud is read again
                 settle_reservations = False
             if subnets is None:
-                subnets = await self._subnets(instance, outcome)
+                subnets = await self._subnets(instance, outcome, fresh=bool(full_subnets))
             if spec.ipv6_enabled and node.stats.needed_ipv6 + node.stats.waiting_ipv6 > 0:
                 updated = await self._assign_ipv6(node, interfaces, limits, outcome)
                 if updated is not None:
                     interfaces = _replacing(interfaces, updated)
+                    self.view.put_interface(instance.id, updated)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
             # IPv6 switched off: every free IPv6 address goes back, release_excess or not.
@@ -207,6 +221,7 @@ class NodeMaintainer:
                 released = await self._release_ipv6(node, plan_spec, interfaces, outcome)
                 if released is not None:
                     interfaces, released_some = _replacing(interfaces, released), True
+                    self.view.put_interface(instance.id, released)
                     node = await self.allocator.get_node(name, CLOUD_POOL)
                     continue
                 ipv6_releasable = False
@@ -224,8 +239,10 @@ class NodeMaintainer:
                         replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
                         for s in subnets
                     ]
+                    self.view.spend(action.subnet_id, spent)
                 elif isinstance(action, planner.ReleaseAction):
-                    released = await self._release(node, action, outcome)
+                    known = next((i for i in interfaces if i.id == action.interface_id), None)
+                    released = await self._release(node, action, outcome, known)
                     if released is None:
                         outcome.reason = DeficitReason.NOTHING_RELEASABLE
                         break
@@ -234,6 +251,7 @@ class NodeMaintainer:
                     outcome.reason, outcome.detail = action.reason, action.detail
                     break
                 interfaces = _replacing(interfaces, updated)
+                self.view.put_interface(instance.id, updated)
             except SubnetFull as exc:
                 subnet = getattr(action, "subnet_id", "")
                 log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
@@ -241,6 +259,7 @@ class NodeMaintainer:
                 subnets = None
             except LimitExceeded as exc:
                 log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
+                self.view.forget(instance.id)
                 interfaces = subnets = None
                 after = None
             except Transient as exc:
@@ -250,6 +269,7 @@ class NodeMaintainer:
                     raise
                 ambiguous_seen = True
                 log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
+                self.view.forget(instance.id)
                 interfaces = subnets = None
                 after = None
             node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
@@ -277,11 +297,15 @@ class NodeMaintainer:
         if spec.security_group_ids or not spec.security_group_tags:
             return action
         vpc_id = spec.vpc_id or instance.vpc_id
+        # The view's groups when they match; none matching may mean groups tagged since: read again.
+        viewed = self.view.security_groups(vpc_id) or []
+        matching = planner.security_groups_by_tags(viewed, vpc_id, spec.security_group_tags)
         cached = self._security_groups.get(vpc_id)
-        if cached is None or time.monotonic() - cached[0] > SECURITY_GROUPS_TTL_S:
+        if not matching and (cached is None or time.monotonic() - cached[0] > SECURITY_GROUPS_TTL_S):
             groups = await self._cloud(outcome, self.provider.list_security_groups, vpc_id)
             cached = self._security_groups[vpc_id] = (time.monotonic(), groups)
-        matching = planner.security_groups_by_tags(cached[1], vpc_id, spec.security_group_tags)
+        if not matching and cached is not None:
+            matching = planner.security_groups_by_tags(cached[1], vpc_id, spec.security_group_tags)
         if not matching:
             log.warning(
                 "node %s: no security group of %s carries the tags %s; the new interface gets those of the primary",
@@ -292,8 +316,30 @@ class NodeMaintainer:
             return action
         return replace(action, security_group_ids=matching)
 
-    async def _subnets(self, instance: Instance, outcome: Outcome) -> list[Subnet]:
+    def _viewed_interfaces(self, node: npb.Node, pool: pb.DumpResponse) -> list[NetworkInterface] | None:
+        """The node's interfaces from the view, when it is fresh and holds exactly the pool's
+        addresses. Any difference (another replica changed the node, someone behind our back) is
+        settled from the instance read alone, never from the view: nothing leaves or enters the
+        pool on the view's word."""
+        viewed = self.view.interfaces(node.spec.instance_id)
+        if viewed is None:
+            return None
+        first = node.spec.first_interface_index
+        in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.ipv4, *i.ipv6)]
+        reserved = {ip for r in node.reservations for ip in r.ips}
+        known = {*pool.ipv4, *pool.ipv6, *pool.free_ipv4, *pool.free_ipv6} | reserved
+        if len(in_view) != len(set(in_view)) or set(in_view) != known:
+            return None
+        return viewed
+
+    async def _subnets(self, instance: Instance, outcome: Outcome, *, fresh: bool = False) -> list[Subnet]:
+        """The zone's subnets from the view; read from the cloud when the view has none, or `fresh`
+        (the cloud said one is full: the free counts are stale)."""
+        viewed = None if fresh else self.view.subnets(instance.vpc_id, instance.availability_zone)
+        if viewed is not None:
+            return viewed
         subnets = await self._cloud(outcome, self.provider.list_subnets, instance.vpc_id, instance.availability_zone)
+        self.view.put_subnets(subnets)
         for subnet in subnets:
             self.metrics.available_ips_per_subnet.labels(subnet.id, subnet.availability_zone).set(subnet.free_addresses)
         return subnets
@@ -417,8 +463,13 @@ class NodeMaintainer:
     async def _give_back_conflicts(
         self, name: str, interface: NetworkInterface, ips: list[str], outcome: Outcome
     ) -> tuple[NetworkInterface, list[str]]:
-        """Unassigns what the cloud handed out twice or reserved; returns the interface and the rest."""
-        conflicts = await self._cloud(outcome, self.provider.conflicting_addresses, interface, ips)
+        """Unassigns what the cloud handed out twice or reserved; returns the interface and the rest.
+        What the view knows another interface holds is checked always (it costs no call); the
+        cloud is read too when conflicts are checked."""
+        instance = self.view.instance(self._node_instances.get(name, ""))
+        conflicts = self.view.holders(instance.vpc_id, ips, but=interface.id) if instance is not None else set()
+        if self.check_conflicts:
+            conflicts |= await self._cloud(outcome, self.provider.conflicting_addresses, interface, ips)
         if not conflicts:
             return interface, ips
         log.warning(
@@ -427,7 +478,9 @@ class NodeMaintainer:
             len(conflicts),
             ", ".join(sorted(conflicts)),
         )
-        given_back = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, sorted(conflicts))
+        given_back = await self._cloud(
+            outcome, self.provider.unassign_addresses, interface.id, sorted(conflicts), known=interface
+        )
         self.metrics.conflict_give_backs.inc()
         self.metrics.conflicting_addresses.inc(len(conflicts))
         return given_back.interface, [ip for ip in ips if ip not in conflicts]
@@ -494,7 +547,7 @@ class NodeMaintainer:
                     outcome, self.provider.assign_addresses, action.interface_id, action.count, known=known
                 )
                 interface, added = change.interface, list(change.addresses)
-            if self.check_conflicts and added:
+            if added:
                 interface, added = await self._give_back_conflicts(name, interface, added, outcome)
             reply = await self.allocator.add_addresses(
                 npb.AddAddressesRequest(
@@ -515,7 +568,11 @@ class NodeMaintainer:
             self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
 
     async def _release(
-        self, node: npb.Node, action: planner.ReleaseAction, outcome: Outcome
+        self,
+        node: npb.Node,
+        action: planner.ReleaseAction,
+        outcome: Outcome,
+        known: NetworkInterface | None = None,
     ) -> NetworkInterface | None:
         """The handshake: reserve (never handed out again) -> unassign -> complete. Returns the
         interface as the cloud holds it now, None when nothing could be released.
@@ -539,7 +596,9 @@ class NodeMaintainer:
             return None
         started = time.perf_counter()
         try:
-            change = await self._cloud(outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips))
+            change = await self._cloud(
+                outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips), known=known
+            )
         except ProviderError as exc:
             self.metrics.release_ops.labels(action.subnet_id, "error").inc()
             await self._settle_failed_release(node, action.interface_id, reply, exc, outcome)
@@ -611,7 +670,8 @@ class NodeMaintainer:
         action = planner.plan_ipv6_release(plan_spec, counts, states)
         if not isinstance(action, planner.ReleaseAction):
             return None
-        return await self._release(node, action, outcome)
+        known = next((i for i in interfaces if i.id == action.interface_id), None)
+        return await self._release(node, action, outcome, known)
 
     async def _assign_ipv6(
         self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits, outcome: Outcome

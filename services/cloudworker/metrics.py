@@ -185,6 +185,11 @@ class WorkerMetrics:
         self.resync_duration = Gauge(
             "ipam_worker_resync_duration_seconds", "How long the last full resync took", registry=registry
         )
+        self.cloud_view_age = Gauge(
+            "ipam_worker_cloud_view_age_seconds",
+            "Seconds since the cloud view was last read in full (1e9 before the first read)",
+            registry=registry,
+        )
         self.resync_interval = Gauge(
             "ipam_worker_resync_interval_seconds", "The resync interval this worker runs at", registry=registry
         )

@@ -58,6 +58,12 @@ class WorkerSettings(BaseSettings):
         description="lease of the per-node lock, renewed every step; a dead worker's lock frees itself after this long",
     )
     resync_interval_seconds: float = Field(60.0, description="full resync of every node against the cloud")
+    cloud_view_max_age_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="an instance's interfaces in the cloud view older than this are read again before "
+        "a maintenance uses them (the view is read in full every resync)",
+    )
     stale_reservation_seconds: float = Field(
         120.0,
         description="a release reservation older than this was "

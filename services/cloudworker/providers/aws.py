@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import boto3
@@ -222,19 +222,38 @@ class AwsProvider(CloudProvider):
         found = [i for r in response.get("Reservations", []) for i in r.get("Instances", [])]
         if not found:
             raise NotFound(f"instance {instance_id} not found", operation="DescribeInstances")
-        raw = found[0]
-        primary = next(
-            (n for n in raw.get("NetworkInterfaces", []) if n.get("Attachment", {}).get("DeviceIndex") == 0),
-            {},
+        return _parse_instance(found[0])
+
+    def describe_instances(self, instance_ids: Sequence[str]) -> list[Instance]:
+        if not instance_ids:
+            return []
+        try:
+            response = self._call("DescribeInstances", InstanceIds=list(instance_ids))
+        except NotFound:
+            # One id unknown fails the whole batch: the rest are described one by one.
+            found = []
+            for instance_id in instance_ids:
+                try:
+                    found.append(self.describe_instance(instance_id))
+                except NotFound:
+                    continue
+            return found
+        return [_parse_instance(i) for r in response.get("Reservations", []) for i in r.get("Instances", [])]
+
+    def list_vpc_interfaces(self, vpc_id: str) -> list[tuple[str, NetworkInterface]]:
+        raws = self._paginate(
+            "DescribeNetworkInterfaces",
+            "NetworkInterfaces",
+            Filters=[{"Name": "vpc-id", "Values": [vpc_id]}],
+            MaxResults=self._page_size,
         )
-        groups = primary.get("Groups") or raw.get("SecurityGroups", [])
-        return Instance(
-            id=raw["InstanceId"],
-            instance_type=raw.get("InstanceType", ""),
-            availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
-            vpc_id=raw.get("VpcId", ""),
-            subnet_id=raw.get("SubnetId", ""),
-            security_group_ids=tuple(g["GroupId"] for g in groups),
+        attached = [r for r in raws if (r.get("Attachment") or {}).get("InstanceId")]
+        return list(
+            zip(
+                [r["Attachment"]["InstanceId"] for r in attached],
+                self._parse_interfaces(attached),
+                strict=True,
+            )
         )
 
     def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
@@ -301,7 +320,8 @@ class AwsProvider(CloudProvider):
             params["Groups"] = list(security_group_ids)
         if ipv4_count > 0:  # requested in the same call: no second round trip
             params["SecondaryPrivateIpAddressCount"] = ipv4_count
-        interface_id = self._call("CreateNetworkInterface", **params)["NetworkInterface"]["NetworkInterfaceId"]
+        created = self._call("CreateNetworkInterface", **params)["NetworkInterface"]
+        interface_id = created["NetworkInterfaceId"]
 
         try:
             attachment_id = self._call(
@@ -327,6 +347,10 @@ class AwsProvider(CloudProvider):
             # Keep it: it is attached and usable. Should the instance go away, the interface turns
             # `available` and, being tagged, is deleted by the leaked-interface collector.
             log.warning("could not set DeleteOnTermination on %s: %s", interface_id, exc)
+        answered = self._parse_interfaces([created])[0]
+        if len(answered.ipv4) == ipv4_count and answered.primary_ip:
+            # The creation's answer says it all; the attachment we made gives the rest: no read-back.
+            return replace(answered, device_index=device_index, status="in-use")
         return self._read_interface(interface_id)
 
     def assign_addresses(
@@ -336,21 +360,30 @@ class AwsProvider(CloudProvider):
             raise ValueError(f"count must be positive, got {count}")
         before = known if known is not None and known.id == interface_id else self._read_interface(interface_id)
         if family is Family.IPV4:
-            self._call(
+            answer = self._call(
                 "AssignPrivateIpAddresses",
                 NetworkInterfaceId=interface_id,
                 SecondaryPrivateIpAddressCount=count,
             )
+            answered = [a.get("PrivateIpAddress", "") for a in answer.get("AssignedPrivateIpAddresses", [])]
         elif family is Family.IPV6:
-            self._call("AssignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6AddressCount=count)
+            answer = self._call("AssignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6AddressCount=count)
+            answered = [str(ipaddress.ip_address(ip)) for ip in answer.get("AssignedIpv6Addresses", [])]
         else:
             raise ValueError(f"family must be IPV4 or IPV6, got {family!r}")
-        after = self._read_interface(interface_id)
-        # moto answers with every address of the interface, not only the new ones: diff instead.
+        # moto answers with every address of the interface, EC2 with the new ones: diff either way.
         old = set(_addresses(before, family))
+        new = [ip for ip in dict.fromkeys(answered) if ip and ip not in old and ip != before.primary_ip]
+        if len(new) == count:  # the answer says it all: no read-back
+            if family is Family.IPV4:
+                return AddressChange(tuple(new), replace(before, ipv4=(*before.ipv4, *new)))
+            return AddressChange(tuple(new), replace(before, ipv6=(*before.ipv6, *new)))
+        after = self._read_interface(interface_id)
         return AddressChange(tuple(ip for ip in _addresses(after, family) if ip not in old), after)
 
-    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
+    def unassign_addresses(
+        self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
+    ) -> AddressChange:
         if not ips:
             raise ValueError("no addresses to unassign")
         wanted = [str(ipaddress.ip_address(ip)) for ip in ips]
@@ -360,6 +393,15 @@ class AwsProvider(CloudProvider):
             self._call("UnassignPrivateIpAddresses", NetworkInterfaceId=interface_id, PrivateIpAddresses=ipv4)
         if ipv6:
             self._call("UnassignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6Addresses=ipv6)
+        if known is not None and known.id == interface_id:
+            # Both calls answered success: EC2 unassigns all the addresses named or none.
+            gone = set(wanted)
+            after = replace(
+                known,
+                ipv4=tuple(ip for ip in known.ipv4 if ip not in gone),
+                ipv6=tuple(ip for ip in known.ipv6 if ip not in gone),
+            )
+            return AddressChange(tuple(wanted), after)
         after = self._read_interface(interface_id)
         remaining = {after.primary_ip, *after.ipv4, *after.ipv6}
         return AddressChange(tuple(ip for ip in wanted if ip not in remaining), after)
@@ -535,6 +577,22 @@ def _from_client_error(exc: ClientError, operation: str) -> ProviderError:
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400) or 400)
     kind = classify_error(code, status)
     return kind(f"{operation}: {code}: {error.get('Message', '')}", code=code, operation=operation)
+
+
+def _parse_instance(raw: dict[str, Any]) -> Instance:
+    primary = next(
+        (n for n in raw.get("NetworkInterfaces", []) if n.get("Attachment", {}).get("DeviceIndex") == 0),
+        {},
+    )
+    groups = primary.get("Groups") or raw.get("SecurityGroups", [])
+    return Instance(
+        id=raw["InstanceId"],
+        instance_type=raw.get("InstanceType", ""),
+        availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
+        vpc_id=raw.get("VpcId", ""),
+        subnet_id=raw.get("SubnetId", ""),
+        security_group_ids=tuple(g["GroupId"] for g in groups),
+    )
 
 
 def _parse_subnet(raw: dict[str, Any]) -> Subnet:

@@ -32,6 +32,14 @@ class CloudProvider(Protocol):
         """Zone, VPC, primary subnet and security groups of an instance."""
         ...
 
+    def describe_instances(self, instance_ids: Sequence[str]) -> list[Instance]:
+        """Several instances in one call; ids the cloud does not know are left out."""
+        ...
+
+    def list_vpc_interfaces(self, vpc_id: str) -> list[tuple[str, NetworkInterface]]:
+        """Every attached interface of a VPC, with the id of its instance (paginated)."""
+        ...
+
     def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
         """Subnets of a VPC (of one zone when given), with their free address counts."""
         ...
@@ -65,8 +73,11 @@ class CloudProvider(Protocol):
         `known`: the interface as last read, when the caller holds it (spares a read)."""
         ...
 
-    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
-        """Unassign these addresses (either family); returns those really gone and the interface."""
+    def unassign_addresses(
+        self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
+    ) -> AddressChange:
+        """Unassign these addresses (either family); returns those really gone and the interface.
+        `known`: the interface as last read (the answer then updates it: no read-back)."""
         ...
 
     def conflicting_addresses(self, interface: NetworkInterface, ips: Sequence[str]) -> set[str]:
