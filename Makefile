@@ -16,7 +16,7 @@ PROTOC_GEN_GO_GRPC := $(GOBIN)/protoc-gen-go-grpc
 CNI_PLUGIN := $(GOBIN)/cni/ipam-cni
 CNI_GO_MODULE := ipam/clients/cni
 
-.PHONY: setup proto run test lint bench bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
+.PHONY: setup proto run test lint bench bench-scale bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
 
 # Debian's packages, installed only when missing (apt-get update once, then install): redis-server,
 # and prometheus for promtool (it checks deploy/'s alert rules).
@@ -105,6 +105,11 @@ ghz: $(GHZ)
 # Allocator throughput against a no-op ceiling, memory, and the worker's burst scenario.
 bench: setup $(GHZ)
 	$(PY) -m bench.run_bench --ghz $(GHZ)
+	$(PY) -m bench.scale
+
+# The cloud worker at cluster scale: one full resync at 100, 300 and 1,000 nodes (bench/scale.py).
+bench-scale: setup
+	$(PY) -m bench.scale
 
 # The CNI plugin against host-local: ADD then DEL, sequential and 8 in parallel (bench/cni.py).
 bench-cni: cni-system setup cni $(CNITOOL)
