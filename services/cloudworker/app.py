@@ -197,19 +197,25 @@ class Worker:
                 )
             except Exception as exc:  # noqa: BLE001 - the nodes are then read one by one
                 log.warning("cloud view refresh failed (%s): nodes are read one by one", exc)
-        for node in nodes:
-            if self.stopping.is_set():
-                return
-            async with self._slots:
+        # Several nodes at once (the view spares their cloud reads, the allocator's round trips
+        # remain), in order, but never more than half the slots: events keep the rest.
+        resync_slots = asyncio.Semaphore(max(1, self.settings.parallel_nodes // 2))
+
+        async def visit(name: str) -> None:
+            async with resync_slots, self._slots:
+                if self.stopping.is_set():
+                    return
                 try:
                     with at_priority(Priority.HOUSEKEEPING):  # until the node's state says otherwise
-                        await self.maintain_node(
-                            node.spec.name, settle=True, wait_for_lock=self.settings.node_lock_seconds
-                        )
+                        await self.maintain_node(name, settle=True, wait_for_lock=self.settings.node_lock_seconds)
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
-                    log.warning("resync of node %s failed: %s", node.spec.name, exc)
+                    log.warning("resync of node %s failed: %s", name, exc)
                     if not isinstance(exc, IpamClientError):
-                        await self._keep_error(node.spec.name, exc)
+                        await self._keep_error(name, exc)
+
+        await asyncio.gather(*(visit(node.spec.name) for node in nodes))
+        if self.stopping.is_set():
+            return
         self.metrics.resync_total.inc()
         self.metrics.resync_duration.set(time.monotonic() - started)
 

@@ -46,6 +46,7 @@ class CloudView:
         self._instances: dict[str, Instance] = {}
         self._interfaces: dict[str, tuple[float, list[NetworkInterface]]] = {}  # instance -> (read at, list)
         self._subnets: dict[str, Subnet] = {}
+        self._subnets_read: set[tuple[str, str]] = set()  # (vpc, zone) read; zone "" = every zone
         self._vpc_cidrs: dict[str, list[str]] = {}
         self._security_groups: dict[str, list[SecurityGroup]] = {}
         self.refreshed_at: float | None = None
@@ -76,6 +77,7 @@ class CloudView:
                 interfaces += 1
             with self._lock:
                 self._subnets.update((s.id, s) for s in subnets)
+                self._subnets_read.add((vpc_id, ""))
                 self._vpc_cidrs[vpc_id] = cidrs
                 self._security_groups[vpc_id] = groups
                 for instance_id in wanted:
@@ -105,11 +107,11 @@ class CloudView:
         return list(entry[1])
 
     def subnets(self, vpc_id: str, availability_zone: str) -> list[Subnet] | None:
-        """The VPC's subnets of one zone; None before the VPC was read or once too old."""
+        """The VPC's subnets of one zone; None before they were read or once too old."""
         if self.age() > self.max_age_seconds:
             return None
         with self._lock:
-            if vpc_id not in self._vpc_cidrs:
+            if not {(vpc_id, ""), (vpc_id, availability_zone)} & self._subnets_read:
                 return None
             return [
                 s for s in self._subnets.values() if s.vpc_id == vpc_id and s.availability_zone == availability_zone
@@ -151,9 +153,11 @@ class CloudView:
         with self._lock:
             self._vpc_cidrs[vpc_id] = list(cidrs)
 
-    def put_subnets(self, subnets: Iterable[Subnet]) -> None:
+    def put_subnets(self, vpc_id: str, availability_zone: str, subnets: Iterable[Subnet]) -> None:
+        """The subnets of a VPC's zone as just read."""
         with self._lock:
             self._subnets.update((s.id, s) for s in subnets)
+            self._subnets_read.add((vpc_id, availability_zone))
 
     def spend(self, subnet_id: str, addresses: int) -> None:
         """`addresses` of the subnet were just taken (by an assign or a new interface)."""

@@ -339,7 +339,7 @@ class NodeMaintainer:
         if viewed is not None:
             return viewed
         subnets = await self._cloud(outcome, self.provider.list_subnets, instance.vpc_id, instance.availability_zone)
-        self.view.put_subnets(subnets)
+        self.view.put_subnets(instance.vpc_id, instance.availability_zone, subnets)
         for subnet in subnets:
             self.metrics.available_ips_per_subnet.labels(subnet.id, subnet.availability_zone).set(subnet.free_addresses)
         return subnets
