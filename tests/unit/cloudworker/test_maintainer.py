@@ -66,6 +66,14 @@ class FakeCloud:
         self.calls.append("describe_instance")
         return INSTANCE
 
+    def describe_instances(self, instance_ids: Sequence[str]) -> list[Instance]:
+        self.calls.append("describe_instances")
+        return [INSTANCE] if INSTANCE.id in instance_ids else []
+
+    def list_vpc_interfaces(self, vpc_id: str) -> list[tuple[str, NetworkInterface]]:
+        self.calls.append("list_vpc_interfaces")
+        return [(INSTANCE.id, i) for i in self.interfaces.values() if i.device_index >= 0]
+
     def list_subnets(self, vpc_id: str, availability_zone: str = "") -> list[Subnet]:
         self.calls.append("list_subnets")
         return [SUBNET]
@@ -111,7 +119,9 @@ class FakeCloud:
         interface = self.interfaces[interface_id] = replace(interface, ipv4=interface.ipv4 + added)
         return AddressChange(added, interface)
 
-    def unassign_addresses(self, interface_id: str, ips: Sequence[str]) -> AddressChange:
+    def unassign_addresses(
+        self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
+    ) -> AddressChange:
         self.calls.append("unassign_addresses")
         interface = self.interfaces[interface_id]
         gone = tuple(ip for ip in interface.ipv4 if ip in ips)
