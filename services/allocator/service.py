@@ -33,6 +33,8 @@ from .domain.model import (
     MAX_KEY_LENGTH,
     MAX_OWNER_LENGTH,
     Allocation,
+    check_inside_vpc,
+    parse_cidrs,
     parse_ip,
     pool_or_default,
     validate_name,
@@ -438,8 +440,13 @@ class AllocatorService:
     ) -> tuple[list[str], NodeView]:
         """Adds what the worker attached; returns the new addresses and the node afterwards."""
         node, pool = self._target(node, pool)
+        ips = self._worker_ips(ips)
+        # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
+        # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
+        cidrs = parse_cidrs(vpc_cidrs) if vpc_cidrs else parse_cidrs(await self.store.vpc_cidrs(node))
+        check_inside_vpc(ips, cidrs)
         outcome = await self.store.add_addresses(
-            node, pool, interface, self._worker_ips(ips), list(vpc_cidrs), max_interfaces, ipv4_per_interface
+            node, pool, interface, ips, list(vpc_cidrs), max_interfaces, ipv4_per_interface
         )
         if outcome.ips and self.refills:
             await self.refills.notify(node, pool, len(outcome.ips))

@@ -76,6 +76,8 @@ class ErrorReason(StrEnum):
     INVALID_TIMEOUT = "INVALID_TIMEOUT"
     INVALID_SPEC = "INVALID_SPEC"
     INVALID_COUNT = "INVALID_COUNT"
+    INVALID_CIDR = "INVALID_CIDR"
+    IP_OUTSIDE_VPC = "IP_OUTSIDE_VPC"  # an added address in none of the node's VPC CIDRs of its family
     # Credentials.
     INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
     # Deadlines.

@@ -98,8 +98,9 @@ class Api:
             subnet_cidr=f"{base}/16",
             gateway_ip=str(start4 + 1),
         )
+        vpc_cidrs = ["10.20.0.0/16"] + ([f"{base}/16"] if not base.startswith("10.20.") else [])
         reply = self.nodes.AddAddresses(
-            npb.AddAddressesRequest(node=node, pool=pool, interface=interface, ips=ips, vpc_cidrs=["10.20.0.0/16"]),
+            npb.AddAddressesRequest(node=node, pool=pool, interface=interface, ips=ips, vpc_cidrs=vpc_cidrs),
             timeout=5,
         )
         return list(reply.added_ips)

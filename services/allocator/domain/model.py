@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.core.family import Family
@@ -60,15 +61,38 @@ def validate_text(value: str, what: str, max_length: int, *, required: bool) -> 
 
 
 def parse_ip(value: str, family: Family | None = None) -> tuple[str, Family]:
-    """Normalise an address; refuse malformed ones and ones of another family than `family`."""
+    """Normalise an address; refuse malformed ones, IPv6 ones with a zone id and ones of another family
+    than `family`. Every address that enters the allocator passes here."""
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
         raise InvalidArgument(f"{value!r} is not an IP address", reason=ErrorReason.INVALID_IP) from None
+    if getattr(address, "scope_id", None):  # "fe80::1%eth0": a zone names a host's link, not a pool address
+        raise InvalidArgument(f"{value!r} carries an IPv6 zone id", reason=ErrorReason.INVALID_IP)
     found = Family.IPV4 if address.version == 4 else Family.IPV6
     if family not in (None, Family.UNSPECIFIED) and found != family:
         raise InvalidArgument(f"{value} is not an {family.name} address", reason=ErrorReason.WRONG_FAMILY)
     return str(address), found
+
+
+def parse_cidrs(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The VPC CIDRs a worker reports; a malformed one is refused."""
+    try:
+        return [ipaddress.ip_network(v, strict=False) for v in values]
+    except ValueError:
+        raise InvalidArgument(f"{list(values)!r} holds a malformed CIDR", reason=ErrorReason.INVALID_CIDR) from None
+
+
+def check_inside_vpc(ips: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+    """Refuses an address in none of the VPC's CIDRs of its family. A family of which no CIDR is known
+    (a VPC without an IPv6 block reported, or no CIDRs reported at all) is not checked."""
+    for ip in ips:
+        address = ipaddress.ip_address(ip)
+        mine = [c for c in cidrs if c.version == address.version]
+        if mine and not any(address in c for c in mine):
+            raise InvalidArgument(
+                f"{ip} lies outside the node's VPC CIDRs {[str(c) for c in mine]}", reason=ErrorReason.IP_OUTSIDE_VPC
+            )
 
 
 def validate_timeout(seconds: int, what: str = "timeout") -> int:

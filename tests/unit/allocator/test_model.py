@@ -28,6 +28,8 @@ def test_parse_ip_normalises(value: str, family: Family | None, expected: tuple[
         ("10.0.0.256", None, "INVALID_IP"),
         ("", None, "INVALID_IP"),
         ("10.0.0.1/24", None, "INVALID_IP"),
+        ("2001:db8::5%eth0", None, "INVALID_IP"),
+        ("fe80::1%eth0", Family.IPV6, "INVALID_IP"),
         ("10.0.0.1", Family.IPV6, "WRONG_FAMILY"),
         ("::1", Family.IPV4, "WRONG_FAMILY"),
     ],
