@@ -95,6 +95,7 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
     ErrorReason.IP_NOT_IN_POOL: (FailedPrecondition, "{ip} is not in pool {pool} of node {node}"),
     ErrorReason.IP_EXCLUDED: (FailedPrecondition, "{ip} is excluded from pool {pool} of node {node}"),
     ErrorReason.IP_RESERVED_FOR_RELEASE: (FailedPrecondition, "{ip} is being released to the cloud"),
+    ErrorReason.IP_COOLING_DOWN: (FailedPrecondition, "{ip} was released within the reuse cooldown"),
     ErrorReason.IP_NOT_ALLOCATED: (NotFound, "{ip} is not allocated in pool {pool} of node {node}"),
     ErrorReason.OWNER_NOT_FOUND: (NotFound, "owner {owner!r} holds no address in pool {pool} of node {node}"),
     ErrorReason.IPV6_DISABLED: (FailedPrecondition, "IPv6 is not enabled on node {node}"),

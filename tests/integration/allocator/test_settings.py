@@ -35,6 +35,15 @@ def test_reuse_cooldown_keeps_released_addresses_out_and_asks_for_a_refill(redis
             pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="b"), timeout=5
         ).ipv4.ip
         assert second != first
+        # The cooldown binds Allocate of the named address too, and the refusal changes nothing.
+        before = api.dump(node)
+        expect_error(
+            api.alloc.Allocate,
+            pb.AllocateRequest(node=node, ip=first, owner="x"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IP_COOLING_DOWN",
+        )
+        assert api.dump(node) == before
         stats = api.stats(node)
         # One free address, but cooling: it is no headroom, so the pool asks for one more.
         assert (stats.cooling_ips, stats.needed_ips) == (1, 1)
