@@ -30,10 +30,14 @@ from .store.pipelining import PipelinedConnection
 from .store.redis_store import RedisStore
 from .timers import TimerSweeper
 from .transport.auth import TokenAuthInterceptor
+from .transport.limits import ServerGuard
 from .transport.reflection import enable_reflection
 from .transport.servicer import AllocatorServicer, NodeManagerServicer
 
 log = logging.getLogger("ipam.allocator")
+
+# Calls gRPC core queues before the event loop takes them (its default starts dropping at 1,000).
+_MAX_PENDING_CALLS = 20_000
 
 SERVICE_NAMES = (
     allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
@@ -93,9 +97,17 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
             "no tokens configured: every caller may use every call (set IPAM_CLIENT_TOKENS and IPAM_ADMIN_TOKENS)"
         )
     server = grpc.aio.server(
-        interceptors=[auth],
-        options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        # The guard sheds load itself (with a reason, never the health checks), so gRPC's own
+        # maximum_concurrent_rpcs is not set.
+        interceptors=[ServerGuard(settings.max_concurrent_rpcs), auth],
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Calls the event loop has not picked up yet wait in gRPC core's queue, which drops some of
+            # them at random past 1,000 (as CANCELLED, with no reason): let them wait for the guard.
+            ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * _MAX_PENDING_CALLS),
+        ],
     )
     allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(service, metrics, auth.is_admin), server)
     nodes_pb2_grpc.add_NodeManagerServicer_to_server(NodeManagerServicer(service, metrics), server)

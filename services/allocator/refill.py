@@ -35,14 +35,17 @@ class RefillWatcher:
         message = f"{keys.node_pool(node, pool)}\x00{added}"
         await self._store.call(lambda: self._store.client.publish(keys.REFILL_CHANNEL, message))
 
-    async def wait(self, node: str, pool: str, timeout: float) -> None:
-        """Returns when (node, pool) was refilled for this caller, or after `timeout` seconds."""
+    async def wait(self, node: str, pool: str, timeout: float) -> bool:
+        """Returns True when (node, pool) was refilled for this caller, False after `timeout` seconds."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._waiters.setdefault((node, pool), [])
         queue.append(future)
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                return False
+            return True
         finally:
             if future in queue:
                 queue.remove(future)

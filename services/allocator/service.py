@@ -196,7 +196,14 @@ class AllocatorService:
                     await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
                     # It stops early enough to ask the store once more within the deadline.
-                    await self.refills.wait(node, pool, min(remaining - _ASK_AGAIN_S, 5.0))  # type: ignore[union-attr]
+                    wait_s = min(remaining - _ASK_AGAIN_S, 5.0)
+                    woken = await self.refills.wait(node, pool, wait_s)  # type: ignore[union-attr]
+                    if not woken and wait_s < 5.0:
+                        # The deadline came without a refill: the pool's reason at once, without that
+                        # last trip to Redis (when every waiter's deadline comes together, those trips
+                        # make them late); the waiter entry expires by itself now.
+                        waiter = ""
+                        raise
                     continue
                 if not outcome.replayed:
                     await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)

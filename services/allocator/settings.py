@@ -65,7 +65,11 @@ class AllocatorSettings(BaseSettings):
     pool_metrics_seconds: float = Field(
         5.0, description="how often per-node pool levels are sampled into the metrics (0 = never)"
     )
-    max_concurrent_rpcs: int = Field(0, description="shed load past this many calls in flight (0 = no limit)")
+    max_concurrent_rpcs: int = Field(
+        0,
+        description="shed calls past this many in flight with RESOURCE_EXHAUSTED SERVER_OVERLOADED; health "
+        "checks are never shed (0 = no limit)",
+    )
     shutdown_grace_seconds: float = Field(10.0, description="on SIGTERM, in-flight calls get this long to finish")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 

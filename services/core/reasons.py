@@ -78,8 +78,11 @@ class ErrorReason(StrEnum):
     INVALID_COUNT = "INVALID_COUNT"
     INVALID_CIDR = "INVALID_CIDR"
     IP_OUTSIDE_VPC = "IP_OUTSIDE_VPC"  # an added address in none of the node's VPC CIDRs of its family
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the request's bytes do not decode as its message
     # Credentials.
     INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
+    # The server's limits.
+    SERVER_OVERLOADED = "SERVER_OVERLOADED"  # past the calls the server takes at once
     # Deadlines.
     DEADLINE_TOO_SHORT = "DEADLINE_TOO_SHORT"
     # The allocator's configuration.

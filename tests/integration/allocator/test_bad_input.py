@@ -352,3 +352,19 @@ def test_admin_token_may_call_the_allocator_and_health_is_open(api: Api, allocat
             health_pb2.HealthCheckRequest(service="ipam.v1.Allocator"), timeout=5
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("method", ["/ipam.v1.Allocator/AllocateNext", "/ipam.v1.NodeManager/AddAddresses"])
+def test_undecodable_request_is_invalid_argument(api: Api, method: str) -> None:
+    from tests.support.allocator_process import ADMIN_TOKEN
+
+    node = api.node_with_pool(2)
+    before = _snapshot(api, node)
+    with grpc.insecure_channel(api.address) as ch:
+        raw = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\x0a\x05ab", timeout=5, metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert reason_of(info.value) == "MALFORMED_REQUEST"
+    assert "DecodeError" not in (info.value.details() or "")
+    assert _snapshot(api, node) == before
