@@ -3,12 +3,15 @@
 XREADGROUP hands each event to one worker; it is acknowledged (XACK) only after the node was
 maintained, so a worker that dies leaves it pending and another claims it (XAUTOCLAIM) once idle.
 An event delivered `max_deliveries` times goes to a dead-letter stream instead of looping forever.
+A consumer left with nothing pending and idle past the claim time (a dead worker, its entries
+claimed) is removed from the group, so that dead workers do not pile up in it.
 Trimming removes only entries every consumer has acknowledged.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,6 +71,7 @@ class RedisStreamSource:
         self.claim_idle_ms = claim_idle_ms
         self.stream = stream
         self._backlog = True  # first read our own pending entries (a restart after a crash)
+        self._pruned_at = 0.0  # monotonic time of the last look for dead consumers
 
     async def start(self) -> None:
         try:
@@ -100,7 +104,33 @@ class RedisStreamSource:
         )
         if claimed and claimed[1]:
             return await self._deliveries(claimed[1], redelivered=True)
+        if time.monotonic() - self._pruned_at >= self.claim_idle_ms / 1000:
+            self._pruned_at = time.monotonic()
+            await self.prune_consumers()
         return await self._deliveries(await self._read(">", count, block_ms), redelivered=False)
+
+    async def prune_consumers(self) -> list[str]:
+        """Removes the consumers with nothing pending, idle past the claim time; returns their names.
+        Whatever a dead worker held has been claimed by then (XAUTOCLAIM above); a live worker idle
+        that long is merely made again by its next read."""
+        removed = []
+        for consumer in await self.client.xinfo_consumers(self.stream, self.group):
+            name = _text(consumer["name"])
+            if name == self.consumer or int(consumer["pending"]) or int(consumer["idle"]) < self.claim_idle_ms:
+                continue
+            # DELCONSUMER drops the consumer's pending entries too: only one that still has none.
+            if await self._still_empty(name):
+                await self.client.xgroup_delconsumer(self.stream, self.group, name)
+                removed.append(name)
+        if removed:
+            log.info("removed %d idle consumers without pending events from %s: %s", len(removed), self.group, removed)
+        return removed
+
+    async def _still_empty(self, consumer: str) -> bool:
+        pending = await self.client.xpending_range(
+            self.stream, self.group, min="-", max="+", count=1, consumername=consumer
+        )
+        return not pending
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[Any]:
         reply = await self.client.xreadgroup(

@@ -108,3 +108,39 @@ def test_trimming_keeps_every_unacknowledged_event(redis_server: RedisServer, st
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_dead_consumer_is_removed_once_its_events_are_claimed(redis_server: RedisServer, stream: str) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        dead, alive = _source(client, stream, "dead"), _source(client, stream, "alive")
+        await dead.start()
+        await _publish(client, stream, "n1")
+        assert [d.event.node for d in await dead.fetch(10, block_ms=100)] == ["n1"]
+        claimed: list = []
+        for _ in range(100):  # each fetch claims what is idle, then looks for dead consumers
+            claimed += await alive.fetch(10, block_ms=20)
+            if claimed and {c["name"] for c in await client.xinfo_consumers(stream, "workers")} == {b"alive"}:
+                break
+        # "dead" held its entry until "alive" claimed it, and is gone from the group afterwards.
+        assert [d.event.node for d in claimed] == ["n1"]
+        assert {c["name"] for c in await client.xinfo_consumers(stream, "workers")} == {b"alive"}
+        assert (await client.xpending(stream, "workers"))["pending"] == 1  # the claimed entry, now alive's
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_consumer_with_pending_events_is_kept(redis_server: RedisServer, stream: str) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        busy, other = _source(client, stream, "busy", claim_idle_ms=60_000), _source(client, stream, "other")
+        await busy.start()
+        await _publish(client, stream, "n1")
+        assert len(await busy.fetch(10, block_ms=100)) == 1
+        await asyncio.sleep(0.1)  # idle past other's claim time (50 ms), but it still holds its entry
+        assert await other.prune_consumers() == []
+        assert b"busy" in {c["name"] for c in await client.xinfo_consumers(stream, "workers")}
+        await client.aclose()
+
+    asyncio.run(run())
