@@ -49,6 +49,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# DELCONSUMER drops a consumer's pending entries with it: delete it only while it has none, atomically
+# (a worker that is alive after all may read an entry between a check and the delete).
+_DELETE_IF_EMPTY = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class RedisStreamSource:
     """A consumer of `ipam:events` in a consumer group."""
 
@@ -118,19 +128,11 @@ class RedisStreamSource:
             name = _text(consumer["name"])
             if name == self.consumer or int(consumer["pending"]) or int(consumer["idle"]) < self.claim_idle_ms:
                 continue
-            # DELCONSUMER drops the consumer's pending entries too: only one that still has none.
-            if await self._still_empty(name):
-                await self.client.xgroup_delconsumer(self.stream, self.group, name)
+            if await self.client.eval(_DELETE_IF_EMPTY, 1, self.stream, self.group, name):
                 removed.append(name)
         if removed:
             log.info("removed %d idle consumers without pending events from %s: %s", len(removed), self.group, removed)
         return removed
-
-    async def _still_empty(self, consumer: str) -> bool:
-        pending = await self.client.xpending_range(
-            self.stream, self.group, min="-", max="+", count=1, consumername=consumer
-        )
-        return not pending
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[Any]:
         reply = await self.client.xreadgroup(
