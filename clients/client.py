@@ -25,7 +25,7 @@ import ipaddress
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
@@ -470,10 +470,25 @@ class IpamClient(_ClientBase):
         """A node with its spec, interfaces and the stats of `pool`."""
         return self._call(self._nodes.GetNode, nodes_pb.GetNodeRequest(name=name, pool=pool), timeout)
 
+    def iter_nodes(
+        self, order_by_watermark: bool = False, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[nodes_pb.Node]:
+        """Every node, a page (ListNodes call, `timeout` each) at a time; by name, or with
+        `order_by_watermark` biggest deficit first within each page."""
+        token = ""
+        while True:
+            request = nodes_pb.ListNodesRequest(
+                order_by_watermark=order_by_watermark, page_size=page_size, page_token=token
+            )
+            reply = self._call(self._nodes.ListNodes, request, timeout)
+            yield from reply.nodes
+            token = reply.next_page_token
+            if not token:
+                return
+
     def list_nodes(self, order_by_watermark: bool = False, *, timeout: float | None = None) -> list[nodes_pb.Node]:
-        """Every node; with `order_by_watermark`, biggest deficit first."""
-        request = nodes_pb.ListNodesRequest(order_by_watermark=order_by_watermark)
-        return list(self._call(self._nodes.ListNodes, request, timeout).nodes)
+        """Every node (following the pages); with `order_by_watermark`, biggest deficit first."""
+        return _merge_pages(self.iter_nodes(order_by_watermark, timeout=timeout), order_by_watermark)
 
     def resync(self, *, timeout: float | None = None) -> nodes_pb.ResyncResponse:
         """Recompute every node and publish an event for each one whose pool needs work."""
@@ -697,12 +712,29 @@ class AsyncIpamClient(_ClientBase):
         """A node with its spec, interfaces and the stats of `pool`."""
         return await self._call(self._nodes.GetNode, nodes_pb.GetNodeRequest(name=name, pool=pool), timeout)
 
+    async def iter_nodes(
+        self, order_by_watermark: bool = False, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[nodes_pb.Node]:
+        """Every node, a page (ListNodes call, `timeout` each) at a time; by name, or with
+        `order_by_watermark` biggest deficit first within each page."""
+        token = ""
+        while True:
+            request = nodes_pb.ListNodesRequest(
+                order_by_watermark=order_by_watermark, page_size=page_size, page_token=token
+            )
+            reply = await self._call(self._nodes.ListNodes, request, timeout)
+            for node in reply.nodes:
+                yield node
+            token = reply.next_page_token
+            if not token:
+                return
+
     async def list_nodes(
         self, order_by_watermark: bool = False, *, timeout: float | None = None
     ) -> list[nodes_pb.Node]:
-        """Every node; with `order_by_watermark`, biggest deficit first."""
-        request = nodes_pb.ListNodesRequest(order_by_watermark=order_by_watermark)
-        return list((await self._call(self._nodes.ListNodes, request, timeout)).nodes)
+        """Every node (following the pages); with `order_by_watermark`, biggest deficit first."""
+        pages = [n async for n in self.iter_nodes(order_by_watermark, timeout=timeout)]
+        return _merge_pages(pages, order_by_watermark)
 
     async def resync(self, *, timeout: float | None = None) -> nodes_pb.ResyncResponse:
         """Recompute every node and publish an event for each one whose pool needs work."""
@@ -766,3 +798,12 @@ class AsyncIpamClient(_ClientBase):
     ) -> nodes_pb.RemoveAddressesResponse:
         """Addresses found gone from the cloud leave the pool (allocated ones are kept)."""
         return await self._call(self._nodes.RemoveAddresses, request, timeout)
+
+
+def _merge_pages(nodes: Iterable[nodes_pb.Node], order_by_watermark: bool) -> list[nodes_pb.Node]:
+    """One of each node (the last seen: a node can move between pages of the watermark order while
+    they are read), in the order asked for."""
+    by_name = {n.spec.name: n for n in nodes}
+    if not order_by_watermark:
+        return [by_name[name] for name in sorted(by_name)]
+    return sorted(by_name.values(), key=lambda n: (-n.stats.needed_ips, -n.stats.excess_ips, n.spec.name))

@@ -4,14 +4,15 @@ needs work. Speaks domain types only; the gRPC servicer translates to and from p
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ipam.v1 import events_pb2
@@ -38,6 +39,8 @@ from .domain.model import (
     parse_ip,
     pool_or_default,
     validate_name,
+    validate_page_size,
+    validate_spec_items,
     validate_text,
     validate_timeout,
 )
@@ -78,6 +81,8 @@ class NodeSettings:
     first_interface_index: int
     release_excess: bool
     ipv6_enabled: bool
+    # The spec's lists and maps by name (a map's entries as key=value), only to bound their sizes.
+    spec_items: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 class AllocatorService:
@@ -372,6 +377,7 @@ class AllocatorService:
         ):
             if value < 0 or value > 100_000:
                 raise InvalidArgument(f"{label} must be between 0 and 100000", reason=ErrorReason.INVALID_SPEC)
+        validate_spec_items(settings.spec_items)
         await self.store.put_node(
             name,
             create=create,
@@ -401,6 +407,16 @@ class AllocatorService:
         names = list(names) if names is not None else await self.store.node_names()
         views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
         return [v for v in views if isinstance(v, NodeView)]  # a node deleted meanwhile is skipped
+
+    async def node_page(self, page_size: int, after: str) -> tuple[list[NodeView], str]:
+        """Up to `page_size` nodes (0 = the default) by name, after the name `after` ("" = from the
+        first); and the name to continue after ("" when no node follows)."""
+        size = validate_page_size(page_size)
+        names = sorted(await self.store.node_names())
+        start = bisect.bisect_right(names, after) if after else 0
+        page = names[start : start + size]
+        more = start + size < len(names)
+        return await self.node_views(page), (page[-1] if more and page else "")
 
     async def pool_stats(
         self, pool: str = DEFAULT_POOL, *, names: Sequence[str] | None = None, chunk: int = 100

@@ -77,6 +77,8 @@ class ErrorReason(StrEnum):
     INVALID_SPEC = "INVALID_SPEC"
     INVALID_COUNT = "INVALID_COUNT"
     INVALID_CIDR = "INVALID_CIDR"
+    SPEC_TOO_LARGE = "SPEC_TOO_LARGE"  # a node spec's list or map past its bound
+    INVALID_PAGE = "INVALID_PAGE"  # a page size out of range or a page token not ours
     IP_OUTSIDE_VPC = "IP_OUTSIDE_VPC"  # an added address in none of the node's VPC CIDRs of its family
     MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the request's bytes do not decode as its message
     # Credentials.

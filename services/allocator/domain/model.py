@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.core.family import Family
@@ -17,6 +17,10 @@ MAX_NAME_LENGTH = 253
 MAX_OWNER_LENGTH = 256
 MAX_KEY_LENGTH = 256
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
+MAX_SPEC_ITEMS = 100  # entries of each list or map of a node spec (subnet ids, tags, security groups)
+MAX_SPEC_ITEM_LENGTH = 512  # an id, or a tag as key=value (EC2: keys up to 128, values up to 256)
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
@@ -93,6 +97,28 @@ def check_inside_vpc(ips: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network |
             raise InvalidArgument(
                 f"{ip} lies outside the node's VPC CIDRs {[str(c) for c in mine]}", reason=ErrorReason.IP_OUTSIDE_VPC
             )
+
+
+def validate_spec_items(items: Mapping[str, Sequence[str]]) -> None:
+    """Bounds a node spec's lists and maps (each entry of a map given as "key=value"), so that a
+    node stays well inside a message and a page of nodes inside gRPC's message limit."""
+    for what, values in items.items():
+        if len(values) > MAX_SPEC_ITEMS:
+            raise InvalidArgument(
+                f"{what} has {len(values)} entries, at most {MAX_SPEC_ITEMS}", reason=ErrorReason.SPEC_TOO_LARGE
+            )
+        if any(len(v) > MAX_SPEC_ITEM_LENGTH for v in values):
+            raise InvalidArgument(
+                f"an entry of {what} is longer than {MAX_SPEC_ITEM_LENGTH} characters",
+                reason=ErrorReason.SPEC_TOO_LARGE,
+            )
+
+
+def validate_page_size(size: int) -> int:
+    """0 = the default page size."""
+    if size < 0 or size > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}", reason=ErrorReason.INVALID_PAGE)
+    return size or DEFAULT_PAGE_SIZE
 
 
 def validate_timeout(seconds: int, what: str = "timeout") -> int:

@@ -17,8 +17,8 @@ from services.core.family import Family
 from services.core.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
 from services.core.reasons import ErrorReason
 
-from ..domain.errors import AlreadyExists, IpamError, Unavailable
-from ..domain.model import Allocation, parse_family
+from ..domain.errors import AlreadyExists, InvalidArgument, IpamError, Unavailable
+from ..domain.model import Allocation, parse_family, validate_page_size
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeSettings, NodeView, call_scope
 from .status import status_code_of, to_status
@@ -242,6 +242,7 @@ def node_settings(spec: npb.NodeSpec) -> NodeSettings:
         first_interface_index=spec.first_interface_index,
         release_excess=spec.release_excess,
         ipv6_enabled=spec.ipv6_enabled,
+        spec_items=_spec_items(spec),
     )
 
 
@@ -291,6 +292,27 @@ def _list(value: Any) -> list[str]:
     return list(value) if isinstance(value, list) else []  # cjson writes an empty list as {}
 
 
+# Page tokens say which order they continue: by name, the last name given; by watermark, an offset.
+_BY_NAME, _BY_WATERMARK = "name:", "watermark:"
+
+
+def _page_token_value(token: str, kind: str) -> str:
+    if not token:
+        return ""
+    if not token.startswith(kind):
+        raise InvalidArgument("page_token is not one of ours (or of another order)", reason=ErrorReason.INVALID_PAGE)
+    return token[len(kind) :]
+
+
+def _spec_items(spec: npb.NodeSpec) -> dict[str, list[str]]:
+    return {
+        "subnet_ids": list(spec.subnet_ids),
+        "subnet_tags": [f"{k}={v}" for k, v in spec.subnet_tags.items()],
+        "security_group_ids": list(spec.security_group_ids),
+        "security_group_tags": [f"{k}={v}" for k, v in spec.security_group_tags.items()],
+    }
+
+
 def _watermark_order(node: npb.Node) -> tuple[int, int, str]:
     # Biggest deficit first, then biggest excess (Cilium's GetNodesByIPWatermark).
     return (-node.stats.needed_ips, -node.stats.excess_ips, node.spec.name)
@@ -328,9 +350,27 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     async def ListNodes(
         self, request: npb.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> npb.ListNodesResponse:
-        nodes = [node_message(v) for v in await self.service.node_views()]
-        nodes.sort(key=_watermark_order if request.order_by_watermark else (lambda n: n.spec.name))
-        return npb.ListNodesResponse(nodes=nodes)
+        if request.order_by_watermark:
+            return await self._nodes_by_watermark(request)
+        after = _page_token_value(request.page_token, _BY_NAME)
+        views, last = await self.service.node_page(request.page_size, after)
+        nodes = [node_message(v) for v in views]
+        return npb.ListNodesResponse(nodes=nodes, next_page_token=_BY_NAME + last if last else "")
+
+    async def _nodes_by_watermark(self, request: npb.ListNodesRequest) -> npb.ListNodesResponse:
+        # The order needs every node's figures: pages are slices of the order at each call, so a
+        # node whose figures changed meanwhile may show on two pages or none (the client re-sorts
+        # and keeps one of each; the worker's resync repairs what an order missed).
+        size = validate_page_size(request.page_size)
+        token = _page_token_value(request.page_token, _BY_WATERMARK)
+        if token and not token.isdigit():
+            raise InvalidArgument("page_token is not one of ours", reason=ErrorReason.INVALID_PAGE)
+        start = int(token or 0)
+        nodes = sorted((node_message(v) for v in await self.service.node_views()), key=_watermark_order)
+        more = start + size < len(nodes)
+        return npb.ListNodesResponse(
+            nodes=nodes[start : start + size], next_page_token=f"{_BY_WATERMARK}{start + size}" if more else ""
+        )
 
     @rpc
     async def Resync(self, request: npb.ResyncRequest, context: grpc.aio.ServicerContext) -> npb.ResyncResponse:

@@ -231,6 +231,48 @@ CASES: list[tuple[str, str, str, Callable[[str], Any], grpc.StatusCode, str]] = 
         "INVALID_SPEC",
     ),
     (
+        "too many subnet ids",
+        "nodes",
+        "UpdateNode",
+        lambda n: npb.UpdateNodeRequest(spec=npb.NodeSpec(name=n, subnet_ids=[f"subnet-{i}" for i in range(101)])),
+        INVALID,
+        "SPEC_TOO_LARGE",
+    ),
+    (
+        "too many security group tags",
+        "nodes",
+        "UpdateNode",
+        lambda n: npb.UpdateNodeRequest(
+            spec=npb.NodeSpec(name=n, security_group_tags={f"k{i}": "v" for i in range(101)})
+        ),
+        INVALID,
+        "SPEC_TOO_LARGE",
+    ),
+    (
+        "oversized subnet tag",
+        "nodes",
+        "UpdateNode",
+        lambda n: npb.UpdateNodeRequest(spec=npb.NodeSpec(name=n, subnet_tags={"k": "v" * 600})),
+        INVALID,
+        "SPEC_TOO_LARGE",
+    ),
+    (
+        "page size too large",
+        "nodes",
+        "ListNodes",
+        lambda n: npb.ListNodesRequest(page_size=100_000),
+        INVALID,
+        "INVALID_PAGE",
+    ),
+    (
+        "page token not ours",
+        "nodes",
+        "ListNodes",
+        lambda n: npb.ListNodesRequest(order_by_watermark=True, page_token="name:x"),
+        INVALID,
+        "INVALID_PAGE",
+    ),
+    (
         "node name with a space",
         "nodes",
         "CreateNode",

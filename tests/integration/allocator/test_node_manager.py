@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from clients.client import IpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
+from tests.support.allocator_process import ADMIN_TOKEN
 from tests.support.api import Api, expect_error
 
 from .test_allocator_api import events_for, redis_client
@@ -38,8 +40,8 @@ def test_create_get_update_delete(api: Api) -> None:
         grpc.StatusCode.NOT_FOUND,
         "NODE_NOT_FOUND",
     )
-    names = {n.spec.name for n in api.nodes.ListNodes(npb.ListNodesRequest(), timeout=5).nodes}
-    assert name not in names
+    with _admin_client(api) as client:
+        assert name not in {n.spec.name for n in client.list_nodes()}
 
 
 def test_stats_follow_allocations(api: Api) -> None:
@@ -71,11 +73,36 @@ def test_list_nodes_by_watermark_puts_the_biggest_deficit_first(api: Api) -> Non
     small = api.node_with_pool(6)  # needs 2
     big = api.create_node()  # needs 8
     none = api.node_with_pool(20)  # needs 0
-    nodes = api.nodes.ListNodes(npb.ListNodesRequest(order_by_watermark=True), timeout=5).nodes
+    with _admin_client(api) as client:
+        nodes = client.list_nodes(order_by_watermark=True)
     order = [n.spec.name for n in nodes if n.spec.name in (small, big, none)]
     assert order == [big, small, none]
     needed = [n.stats.needed_ips for n in nodes]
     assert needed == sorted(needed, reverse=True)
+
+
+def _admin_client(api: Api) -> IpamClient:
+    return IpamClient(api.address, token=ADMIN_TOKEN, timeout=5)
+
+
+def test_list_nodes_comes_in_pages_that_the_client_follows(api: Api) -> None:
+    mine = {api.create_node() for _ in range(5)}
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        reply = api.nodes.ListNodes(npb.ListNodesRequest(page_size=2, page_token=token), timeout=5)
+        pages.append([n.spec.name for n in reply.nodes])
+        token = reply.next_page_token
+        if not token:
+            break
+    names = [n for page in pages for n in page]
+    assert all(1 <= len(p) <= 2 for p in pages)
+    assert names == sorted(set(names)) and mine <= set(names)  # by name, each node once
+    with _admin_client(api) as client:
+        assert [n.spec.name for n in client.iter_nodes(page_size=2)] == names
+        assert [n.spec.name for n in client.list_nodes()] == names
+        by_watermark = [n.spec.name for n in client.iter_nodes(order_by_watermark=True, page_size=3)]
+    assert sorted(by_watermark) == names
 
 
 def test_resync_republishes_a_lost_event(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
