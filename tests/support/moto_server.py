@@ -57,6 +57,12 @@ class MotoServer:
         """Where boto3 should send requests."""
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The process id of the running server (to SIGSTOP it)."""
+        assert self._process is not None
+        return self._process.pid
+
     def start(self) -> Self:
         """Start the server and wait until it answers; retries on a port taken in the meantime."""
         for _ in range(3):

@@ -149,6 +149,11 @@ class RedisServer:
         return self.dir / "redis.console"
 
     @property
+    def pid(self) -> int:
+        """The process id of the running server (to SIGSTOP it)."""
+        return self._processes[0].pid
+
+    @property
     def running(self) -> bool:
         return bool(self._processes) and self._processes[0].poll() is None
 

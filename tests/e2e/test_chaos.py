@@ -1,0 +1,359 @@
+"""Chaos: two allocators and two workers (real processes) under a random workload and random faults
+— kill -9 of each process, Redis and the local EC2 frozen with SIGSTOP, EC2 faults through a proxy
+(throttling, clean 500s, calls carried out and then answered 500) — then the invariants:
+
+- no address has two owners; nothing acknowledged is lost;
+- no address allocated throughout a sample (Dump, EC2, Dump) is missing from its node in EC2, and
+  no allocation is ever marked lost (only out-of-band changes make one);
+- at the end the pools equal EC2, no interface is leaked, the consumer group has nothing pending
+  and the dead letters are empty.
+
+The seed is printed; IPAM_CHAOS_SEED replays a run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from botocore.client import BaseClient
+
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from services.cloudworker.providers.aws import MANAGED_BY_TAG, MANAGED_BY_VALUE
+from services.core import contract
+from tests.support.allocator_process import AllocatorProcess
+from tests.support.api import Api, reason_of
+from tests.support.ec2_fault_proxy import Ec2FaultProxy, FaultRates
+from tests.support.moto_server import MotoServer, create_demo_network, ec2_client, run_instance
+from tests.support.polling import poll
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.service_process import ServiceProcess
+from tests.support.worker_process import WorkerProcess
+
+CHAOS_SECONDS = float(os.environ.get("IPAM_CHAOS_SECONDS", "50"))
+NODES = 2
+CLIENTS = 4
+# Answers after which the call may or may not have happened: the client cannot count on either.
+AMBIGUOUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+@dataclass
+class Ledger:
+    """What the workload was told: the acknowledged allocations, and every violation seen."""
+
+    held: dict[str, tuple[str, str]] = field(default_factory=dict)  # ip -> (node, owner)
+    unsure: set[str] = field(default_factory=set)  # ips whose last call's answer was ambiguous
+    violations: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+    def acknowledge(self, ip: str, node: str, owner: str) -> None:
+        with self.lock:
+            if ip in self.held and self.held[ip][1] != owner:
+                self.violations.append(
+                    f"{ip} handed to {owner} on {node} while {self.held[ip]} holds it ({time.monotonic():.1f})"
+                )
+            self.held[ip] = (node, owner)
+            self.unsure.discard(ip)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def secondaries(ec2: BaseClient, instance_id: str) -> set[str]:
+    reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
+    return {
+        a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"]
+    }
+
+
+class Cluster:
+    """The processes; each can be killed and started again on the same address."""
+
+    def __init__(self, redis: RedisServer, moto: MotoServer, proxy: Ec2FaultProxy) -> None:
+        self.redis, self.moto, self.proxy = redis, moto, proxy
+        self.ports = [free_port() for _ in range(2)]
+        self.allocators = [self._allocator(i) for i in range(2)]
+        self.workers = [self._worker(i) for i in range(2)]
+
+    def _allocator(self, i: int) -> AllocatorProcess:
+        return AllocatorProcess(self.redis.url, port=self.ports[i], redis_timeout_seconds=1)
+
+    def _worker(self, i: int) -> WorkerProcess:
+        return WorkerProcess(
+            self.redis.url,
+            self.allocators[i].address,
+            self.proxy.endpoint_url,
+            consumer_name=f"chaos-worker-{i}-{time.monotonic_ns()}",
+            resync_interval_seconds=5,
+            gc_interval_seconds=2,
+            leaked_interface_grace_seconds=2,
+            claim_idle_seconds=2,
+            node_lock_seconds=5,
+        )
+
+    def start(self) -> None:
+        for a in self.allocators:
+            a.start()
+        for w in self.workers:
+            w.start()
+
+    def restart_allocator(self, i: int) -> None:
+        self.allocators[i].kill()
+        self.allocators[i] = self._allocator(i)
+        self.allocators[i].spawn()  # not waited for: it starts while the chaos goes on
+
+    def restart_worker(self, i: int) -> None:
+        self.workers[i].kill()
+        self.workers[i] = self._worker(i)  # a new consumer name, as a new pod would have
+        self.workers[i].spawn()
+
+    def stop(self) -> list[ServiceProcess]:
+        processes: list[ServiceProcess] = [*self.workers, *self.allocators]
+        for p in processes:
+            p.stop()
+        return processes
+
+
+def _freeze(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the fault itself lasts this long
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _workload(
+    apis: list[Api], nodes: list[str], ledger: Ledger, stop: threading.Event, rng: random.Random, me: int
+) -> None:
+    serial = 0
+    mine: list[str] = []  # ips this client holds
+    while not stop.is_set():
+        api = rng.choice(apis)
+        node = rng.choice(nodes)
+        roll = rng.random()
+        try:
+            if not mine or (roll < 0.5 and len(mine) < 6):
+                serial += 1
+                owner, key = f"pod-{me}-{serial}", f"key-{me}-{serial}"
+                request = pb.AllocateNextRequest(
+                    node=node, family=pb.FAMILY_IPV4, owner=owner, idempotency_key=key, wait_for_refill=True
+                )
+                reply = api.alloc.AllocateNext(request, timeout=3)
+                ledger.acknowledge(reply.ipv4.ip, node, owner)
+                mine.append(reply.ipv4.ip)
+                ledger.count("allocate_next")
+            elif roll < 0.85:
+                ip = mine.pop(rng.randrange(len(mine)))
+                with ledger.lock:  # from the moment it is sent, the release may take effect
+                    held_node, owner = ledger.held.pop(ip, (node, "?"))
+                try:
+                    api.alloc.Release(pb.ReleaseRequest(node=held_node, ip=ip), timeout=3)
+                    ledger.count("release")
+                except grpc.RpcError as error:
+                    if error.code() in AMBIGUOUS:
+                        with ledger.lock:  # released or not: no longer counted on either way
+                            ledger.unsure.add(ip)
+                    elif reason_of(error) in ("IP_NOT_ALLOCATED", "OWNER_NOT_FOUND"):
+                        with ledger.lock:
+                            ledger.violations.append(f"{ip}, acknowledged to {owner}, was gone when released")
+                    else:
+                        ledger.acknowledge(ip, held_node, owner)  # refused: still held
+                        mine.append(ip)
+                    raise
+            else:
+                free = list(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=3).free_ipv4)
+                if not free:
+                    continue
+                serial += 1
+                owner = f"pod-{me}-{serial}"
+                ip = rng.choice(free)
+                reply = api.alloc.Allocate(pb.AllocateRequest(node=node, ip=ip, owner=owner), timeout=3)
+                ledger.acknowledge(reply.result.ip, node, owner)
+                mine.append(reply.result.ip)
+                ledger.count("allocate")
+        except grpc.RpcError as error:
+            ledger.count(f"{error.code().name} {reason_of(error)}".strip())
+            time.sleep(rng.uniform(0.05, 0.2))  # pacing: a failing client does not spin
+
+
+def _sample(api: Api, ec2: BaseClient, nodes: dict[str, str], ledger: Ledger) -> None:
+    """Dump, EC2, Dump: an address held by the same owner in both dumps was allocated all along, so
+    EC2 must hold it on the node; and no allocation is marked lost."""
+    for node, instance_id in nodes.items():
+        try:
+            before = dict(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=2).ipv4)
+            in_ec2 = secondaries(ec2, instance_id)
+            after = dict(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=2).ipv4)
+            lost = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=2).stats.lost_ips
+        except Exception:  # noqa: BLE001 - a frozen Redis or EC2, a killed allocator: no sample
+            ledger.count("sample skipped")
+            continue
+        ledger.count("sample")
+        for ip, owner in before.items():
+            if after.get(ip) == owner and ip not in in_ec2:
+                with ledger.lock:
+                    ledger.violations.append(f"{ip} allocated to {owner} on {node} but not on it in EC2")
+        if lost:
+            with ledger.lock:
+                ledger.violations.append(f"{node} has {lost} allocations marked lost")
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int(os.environ.get("IPAM_CHAOS_SEED") or random.SystemRandom().randrange(1 << 32))
+    print(f"\nchaos seed: IPAM_CHAOS_SEED={value}")
+    return value
+
+
+@pytest.fixture
+def stack(seed: int) -> Iterator[tuple[RedisServer, MotoServer, Ec2FaultProxy]]:
+    with RedisServer() as redis, MotoServer() as moto, Ec2FaultProxy(moto.endpoint_url, seed) as proxy:
+        yield redis, moto, proxy
+
+
+@pytest.mark.timeout(240)
+def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoServer, Ec2FaultProxy]) -> None:
+    redis, moto, proxy = stack
+    rng = random.Random(seed)
+    ec2 = ec2_client(moto.endpoint_url)
+    network = create_demo_network(ec2)
+    cluster = Cluster(redis, moto, proxy)
+    cluster.start()
+    apis = [Api(a.address) for a in cluster.allocators]
+    nodes: dict[str, str] = {}
+    for _ in range(NODES):
+        instance_id = run_instance(ec2, network, "m5.large")
+        name = apis[0].create_node(
+            instance_id=instance_id,
+            instance_type="m5.large",
+            vpc_id=network.vpc_id,
+            subnet_ids=[network.subnet_ids[0]],
+            security_group_ids=[network.security_group_id],
+            pre_allocate=4,
+            pre_allocate_set=True,
+            max_above_watermark=2,
+            release_excess=True,
+        )
+        nodes[name] = instance_id
+    for name in nodes:
+        poll(lambda n=name: apis[0].stats(n).available_ips >= 4, timeout=30)
+
+    ledger = Ledger()
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=_workload, args=(apis, list(nodes), ledger, stop, random.Random(seed + i), i))
+        for i in range(CLIENTS)
+    ]
+    for t in clients:
+        t.start()
+
+    faults: list[str] = []
+    proxy.rates = FaultRates(throttle=0.05, error=0.03, after_call=0.15)
+    faults_by_kind: dict[str, Callable[[], None]] = {
+        "kill allocator 0": lambda: cluster.restart_allocator(0),
+        "kill allocator 1": lambda: cluster.restart_allocator(1),
+        "kill worker 0": lambda: cluster.restart_worker(0),
+        "kill worker 1": lambda: cluster.restart_worker(1),
+        "freeze redis": lambda: _freeze(redis.pid, rng.uniform(1.0, 3.0)),
+        "freeze ec2": lambda: _freeze(moto.pid, rng.uniform(1.0, 3.0)),
+    }
+    end = time.monotonic() + CHAOS_SECONDS
+    while time.monotonic() < end:
+        kind = rng.choice(sorted(faults_by_kind))
+        faults.append(kind)
+        faults_by_kind[kind]()
+        pause_until = time.monotonic() + rng.uniform(2.0, 4.0)
+        while time.monotonic() < pause_until:
+            _sample(rng.choice(apis), ec2, nodes, ledger)
+            time.sleep(0.2)  # pacing of the samples
+    stop.set()
+    for t in clients:
+        t.join(timeout=30)
+    proxy.rates = FaultRates()
+    for a in cluster.allocators:
+        a.wait_serving()
+
+    unsettled: dict[str, object] = {}
+
+    def settled() -> bool:
+        unsettled.clear()
+        for node, instance_id in nodes.items():
+            dump = apis[0].admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+            pool, cloud = set(dump.ipv4) | set(dump.free_ipv4), secondaries(ec2, instance_id)
+            if pool != cloud:
+                unsettled[node] = {"pool only": pool - cloud, "EC2 only": cloud - pool}
+        pending = redis.client().xpending(contract.EVENTS_STREAM, contract.CONSUMER_GROUP)["pending"]
+        if pending:
+            unsettled["pending events"] = pending
+        return not unsettled
+
+    try:
+        if ledger.violations:
+            ip = ledger.violations[0].split()[0]
+            for p in [*cluster.workers, *cluster.allocators]:
+                print(p.module, [line for line in p.log_text().splitlines() if ip in line][-20:])
+        try:
+            poll(settled, timeout=60, interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"not settled: {unsettled}; seed {seed}; faults {faults}") from None
+        _sample(apis[0], ec2, nodes, ledger)
+        summary = f"seed {seed}; faults {faults}; proxy {proxy.counts}; calls {ledger.counts}"
+        print(summary)
+        assert ledger.violations == [], summary
+
+        # Nothing acknowledged is lost: every address held is still its owner's.
+        owners = {}
+        for node in nodes:
+            owners.update({ip: (node, o) for ip, o in apis[0].dump(node)[0].items()})
+        missing = {ip: v for ip, v in ledger.held.items() if owners.get(ip) != v}
+        assert missing == {}, summary
+        # No address in two pools.
+        pools = [
+            set(d.ipv4) | set(d.free_ipv4)
+            for d in (apis[0].admin_alloc.Dump(pb.DumpRequest(node=n), timeout=5) for n in nodes)
+        ]
+        assert not set.intersection(*pools), summary
+        # No leaked interface: every one of ours is attached.
+        ours = ec2.describe_network_interfaces(
+            Filters=[{"Name": f"tag:{MANAGED_BY_TAG}", "Values": [MANAGED_BY_VALUE]}]
+        )["NetworkInterfaces"]
+        poll(
+            lambda: all(
+                i.get("Attachment") and i["Status"] == "in-use"
+                for i in ec2.describe_network_interfaces(
+                    NetworkInterfaceIds=[o["NetworkInterfaceId"] for o in ours]
+                )["NetworkInterfaces"]
+            )
+            if ours
+            else True,
+            timeout=30,
+        )
+        client = redis.client()
+        assert client.xlen(contract.DEAD_LETTER_STREAM) == 0, summary
+        # The consumers of the workers killed are gone once their entries were claimed.
+        live = {w.env["IPAM_CONSUMER_NAME"] for w in cluster.workers}
+        poll(
+            lambda: {
+                _text(c["name"]) for c in client.xinfo_consumers(contract.EVENTS_STREAM, contract.CONSUMER_GROUP)
+            }
+            <= live,
+            timeout=30,
+        )
+    finally:
+        for api in apis:
+            api.close()
+        cluster.stop()
