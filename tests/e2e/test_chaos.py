@@ -103,6 +103,7 @@ class Cluster:
             leaked_interface_grace_seconds=2,
             claim_idle_seconds=2,
             node_lock_seconds=5,
+            excess_release_delay_seconds=1,  # excess is given back within the run
         )
 
     def start(self) -> None:
