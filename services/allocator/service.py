@@ -406,6 +406,9 @@ class AllocatorService:
     async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
         names = list(names) if names is not None else await self.store.node_names()
         views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
+        for v in views:
+            if isinstance(v, BaseException) and not isinstance(v, NotFound):
+                raise v  # a store that failed: never a list that silently lacks nodes
         return [v for v in views if isinstance(v, NodeView)]  # a node deleted meanwhile is skipped
 
     async def node_page(self, page_size: int, after: str) -> tuple[list[NodeView], str]:
