@@ -104,6 +104,7 @@ class Cluster:
             claim_idle_seconds=2,
             node_lock_seconds=5,
             excess_release_delay_seconds=1,  # excess is given back within the run
+            stale_reservation_seconds=10,  # a killed worker's reservation is settled within the run
         )
 
     def start(self) -> None:
