@@ -60,6 +60,7 @@ from .store.redis_store import (
 __all__ = ["AllocatorService", "NodeSettings", "NodeView", "call_scope"]
 
 log = logging.getLogger(__name__)
+NODE_VIEW_CHUNK = 50  # nodes whose views are read at once
 
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 # Of a waiting caller's deadline, what is kept to ask the store again after the wait.
@@ -405,7 +406,10 @@ class AllocatorService:
 
     async def node_views(self, names: Sequence[str] | None = None) -> list[NodeView]:
         names = list(names) if names is not None else await self.store.node_names()
-        views = await asyncio.gather(*(self.node_view(n, "") for n in names), return_exceptions=True)
+        views: list[NodeView | BaseException] = []
+        for start in range(0, len(names), NODE_VIEW_CHUNK):  # bounded: a page of 500 at once starves the pool
+            part = names[start : start + NODE_VIEW_CHUNK]
+            views += await asyncio.gather(*(self.node_view(n, "") for n in part), return_exceptions=True)
         for v in views:
             if isinstance(v, BaseException) and not isinstance(v, NotFound):
                 raise v  # a store that failed: never a list that silently lacks nodes
