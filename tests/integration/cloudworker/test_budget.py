@@ -131,7 +131,8 @@ def test_two_replicas_together_stay_within_the_configured_rate(setup: Setup) -> 
 
 def test_request_limit_exceeded_lowers_the_rate_the_refill_completes_and_the_rate_climbs_back(setup: Setup) -> None:
     budget = Ec2Budget(qps=50, burst=20)
-    replica = setup.replica(budget, f"test-{uuid.uuid4().hex}", recover_per_s=0.5)
+    # Slow enough a climb to sample the rate below 0.5 on a busy machine, fast enough to see it recover.
+    replica = setup.replica(budget, f"test-{uuid.uuid4().hex}", recover_per_s=0.2)
     throttled = Ec2Fault(replica.client, "AssignPrivateIpAddresses", "RequestLimitExceeded", times=3, status=503)
     (node,) = setup.nodes(1)
 
