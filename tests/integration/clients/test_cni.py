@@ -354,3 +354,17 @@ def test_fifty_parallel_adds_on_one_node_get_distinct_addresses_as_dump_shows(cn
     dump = cni.dump(node)
     assert {ip: dump.ipv4[ip] for ip in ips.values()} == {ip: cid for cid, ip in ips.items()}
     assert cni.keyed(node) == {key_of(cni, cid): ip for cid, ip in ips.items()}
+
+
+def test_the_plugin_is_built_static_and_without_grpc_trace() -> None:
+    """`make cni` builds for a short start: no dynamic loader or libc, no x/net/trace debug page."""
+    if not os.access(PLUGIN, os.X_OK):
+        pytest.fail(f"{PLUGIN} is missing: `make test` builds it (make cni)")
+    build = subprocess.run(["go", "version", "-m", str(PLUGIN)], capture_output=True, text=True, check=True).stdout
+    settings = dict(
+        line.split()[1].split("=", 1) for line in build.splitlines() if line.split()[:1] == ["build"] and "=" in line
+    )
+    assert settings.get("CGO_ENABLED") == "0", build
+    assert "grpcnotrace" in settings.get("-tags", "").split(","), build
+    with PLUGIN.open("rb") as elf:
+        assert b"/ld-linux" not in elf.read(4096), "the plugin asks for a dynamic loader"
