@@ -4,7 +4,8 @@
 Starts its own redis-server (AOF, `appendfsync always` as the native cluster runs it) and one
 allocator on free 127.0.0.1 ports, and gives one node a pool of addresses through the admin API (no
 cloud: the ADD path is measured, not a refill). Then, for our plugin and for host-local, ADD then
-DEL of `--containers` containers, sequentially and with `--parallel` at once, each one exec of the
+DEL of `--containers` containers, sequentially and with `--parallel` at once, the two plugins taking
+turns (one container each one at a time, a tenth of them each in parallel), each one exec of the
 plugin exactly as a main plugin (bridge, ptp) runs its IPAM plugin: network config on stdin,
 CNI_* variables. Reported per plugin: ADDs per second, p50/p99 of one ADD (and of one DEL), and the
 process start cost (the plugin's VERSION alone, no network); and the ratios ours / host-local.
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,37 +51,71 @@ def run_plugin(binary: Path, command: str, conf: str, container_id: str = "") ->
     return elapsed
 
 
-def add_del(binary: Path, conf: str, ids: list[str], parallel: int) -> dict[str, Any]:
-    """ADD every container, then DEL every one, `parallel` at a time."""
+@dataclass
+class Plugin:
+    """One plugin under test: its binary and the network config a main plugin would hand it."""
 
-    def each(command: str) -> tuple[list[float], float]:
-        started = time.perf_counter()
-        if parallel == 1:
-            times = [run_plugin(binary, command, conf, cid) for cid in ids]
-        else:
-            with ThreadPoolExecutor(max_workers=parallel) as pool:
-                times = list(pool.map(lambda cid: run_plugin(binary, command, conf, cid), ids))
-        return times, time.perf_counter() - started
-
-    adds, add_wall = each("ADD")
-    dels, del_wall = each("DEL")
-    return {
-        "parallel": parallel,
-        "containers": len(ids),
-        "adds_per_s": len(ids) / add_wall,
-        "add_p50_ms": percentile(adds, 50) * 1000,
-        "add_p99_ms": percentile(adds, 99) * 1000,
-        "dels_per_s": len(ids) / del_wall,
-        "del_p50_ms": percentile(dels, 50) * 1000,
-        "del_p99_ms": percentile(dels, 99) * 1000,
-    }
+    name: str
+    binary: Path
+    conf: str
 
 
-def start_cost(binary: Path, runs: int) -> dict[str, float]:
-    """VERSION alone: the exec, the runtime's start and the reply, with no network and no store."""
+# The plugins take turns, in rounds of this many containers (one at a time: one container each),
+# so that a change in the load of a shared machine during the run hits both alike.
+ROUNDS = 10
+
+
+def _rounds(ids: list[str], parallel: int) -> list[list[str]]:
+    size = 1 if parallel == 1 else max(1, len(ids) // ROUNDS)
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def add_del(plugins: list[Plugin], containers: int, parallel: int) -> dict[str, dict[str, Any]]:
+    """ADD every container, then DEL every one, `parallel` at a time, each plugin in turn per round."""
+    ids = {p.name: [f"bench-{p.name}-{parallel}-{i}" for i in range(containers)] for p in plugins}
+    times: dict[tuple[str, str], list[float]] = {}
+    walls: dict[tuple[str, str], float] = {}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for command in ("ADD", "DEL"):
+            batches = {p.name: _rounds(ids[p.name], parallel) for p in plugins}
+            for r in range(len(batches[plugins[0].name])):
+                for p in plugins:
+                    batch = batches[p.name][r]
+                    started = time.perf_counter()
+                    if parallel == 1:
+                        took = [run_plugin(p.binary, command, p.conf, cid) for cid in batch]
+                    else:
+                        took = list(pool.map(lambda cid, p=p, c=command: run_plugin(p.binary, c, p.conf, cid), batch))
+                    walls[p.name, command] = walls.get((p.name, command), 0.0) + time.perf_counter() - started
+                    times.setdefault((p.name, command), []).extend(took)
+    out = {}
+    for p in plugins:
+        adds, dels = times[p.name, "ADD"], times[p.name, "DEL"]
+        out[p.name] = {
+            "parallel": parallel,
+            "containers": containers,
+            "adds_per_s": containers / walls[p.name, "ADD"],
+            "add_p50_ms": percentile(adds, 50) * 1000,
+            "add_p99_ms": percentile(adds, 99) * 1000,
+            "dels_per_s": containers / walls[p.name, "DEL"],
+            "del_p50_ms": percentile(dels, 50) * 1000,
+            "del_p99_ms": percentile(dels, 99) * 1000,
+        }
+    return out
+
+
+def start_cost(plugins: list[Plugin], runs: int) -> dict[str, dict[str, float]]:
+    """VERSION alone, the plugins in turn: the exec, the runtime's start and the reply, with no
+    network and no store."""
     conf = json.dumps({"cniVersion": "1.0.0"})
-    times = [run_plugin(binary, "VERSION", conf) for _ in range(runs)]
-    return {"version_p50_ms": statistics.median(times) * 1000, "version_p99_ms": percentile(times, 99) * 1000}
+    times: dict[str, list[float]] = {p.name: [] for p in plugins}
+    for _ in range(runs):
+        for p in plugins:
+            times[p.name].append(run_plugin(p.binary, "VERSION", conf))
+    return {
+        name: {"version_p50_ms": statistics.median(t) * 1000, "version_p99_ms": percentile(t, 99) * 1000}
+        for name, t in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                     },
                 }
             )
-            for name, binary, conf in (("ours", plugin, ours), ("host-local", HOST_LOCAL, host_local)):
-                entry: dict[str, Any] = start_cost(binary, 50)
-                for parallel in (1, args.parallel):
-                    ids = [f"bench-{name}-{parallel}-{i}" for i in range(args.containers)]
-                    entry[f"p{parallel}"] = add_del(binary, conf, ids, parallel)
-                results[name] = entry
+            plugins = [Plugin("ours", plugin, ours), Plugin("host-local", HOST_LOCAL, host_local)]
+            for name, entry in start_cost(plugins, 50).items():
+                results[name] = dict(entry)
+            for parallel in (1, args.parallel):
+                for name, figures in add_del(plugins, args.containers, parallel).items():
+                    results[name][f"p{parallel}"] = figures
         finally:
             api.close()
             allocator.stop()
