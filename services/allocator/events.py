@@ -19,6 +19,7 @@ from ipam.v1 import events_pb2
 from services.core import contract
 from services.core.redis_client import RedisClient
 
+from .domain.pool import EventKind, PoolEvent
 from .store.redis_store import RedisStore
 
 
@@ -29,7 +30,7 @@ class DeadLetter:
     id: str
     entry_id: str
     deliveries: int
-    event: events_pb2.PoolEvent
+    event: PoolEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ class Consumer:
 class EventQueue(Protocol):
     """Where pool events go, and what operators see of them."""
 
-    async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
+    async def publish_once(self, event: PoolEvent) -> bool:
         """Publishes unless an event for the same (node, pool) is still pending; True if published."""
         ...
 
@@ -82,13 +83,15 @@ class RedisStreamQueue:
         self.stream = stream
         self.dead_stream = dead_stream
 
-    async def publish_once(self, event: events_pb2.PoolEvent) -> bool:
+    async def publish_once(self, event: PoolEvent) -> bool:
         marker = contract.pending_event_key(event.node, event.pool)
         fresh = await self._store.call(lambda: self._client.set(marker, b"1", nx=True, ex=self._coalesce_seconds))
         if not fresh:
             return False
-        event.published_at_ms = int(time.time() * 1000)
-        fields = {b"node": event.node.encode(), b"pool": event.pool.encode(), b"event": event.SerializeToString()}
+        message = events_pb2.PoolEvent(
+            node=event.node, pool=event.pool, kind=int(event.kind), published_at_ms=int(time.time() * 1000)
+        )
+        fields = {b"node": event.node.encode(), b"pool": event.pool.encode(), b"event": message.SerializeToString()}
         await self._store.call(lambda: self._client.xadd(self.stream, fields))
         return True
 
@@ -152,10 +155,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _event(raw: bytes) -> PoolEvent:
+    message = events_pb2.PoolEvent.FromString(raw)
+    kind = message.kind if message.kind in EventKind._value2member_map_ else EventKind.UNSPECIFIED
+    return PoolEvent(message.node, message.pool, EventKind(kind), message.published_at_ms)
+
+
 def _dead_letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
     return DeadLetter(
         id=_text(entry_id),
         entry_id=_text(fields.get(b"entry_id", b"")),
         deliveries=int(fields.get(b"deliveries", b"0") or 0),
-        event=events_pb2.PoolEvent.FromString(fields.get(b"event", b"")),
+        event=_event(fields.get(b"event", b"")),
     )

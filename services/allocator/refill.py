@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
 from services.core.tasks import cancel_until_done
 
@@ -18,6 +19,14 @@ from .store import keys
 from .store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
+
+
+class Refills(Protocol):
+    """How callers waiting for a refill are woken: what the service asks of `RefillWatcher`."""
+
+    async def notify(self, node: str, pool: str, added: int = 0) -> None: ...
+
+    async def wait(self, node: str, pool: str, timeout: float) -> bool: ...
 
 
 class RefillWatcher:

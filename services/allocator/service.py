@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ipam.v1 import events_pb2
 from services.core.family import Family
 from services.core.pool_math import Watermarks, pool_demand_ips, pool_excess_ips
 from services.core.reasons import DeficitReason, ErrorReason
@@ -26,7 +25,7 @@ from .domain.errors import (
     IpamError,
     NotFound,
     OutcomeUnknown,
-    ResourceExhausted,
+    PoolEmpty,
     Unavailable,
 )
 from .domain.model import (
@@ -44,18 +43,21 @@ from .domain.model import (
     validate_text,
     validate_timeout,
 )
+from .domain.pool import (
+    EventKind,
+    KeyedAllocation,
+    NodeInterface,
+    NodeRecord,
+    PoolEvent,
+    PoolState,
+    RemoveOutcome,
+    Reservation,
+)
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
-from .refill import RefillWatcher
-from .store.redis_store import (
-    KeyedAllocation,
-    NodeRecord,
-    PoolState,
-    RedisStore,
-    RemoveOutcome,
-    call_key,
-    call_scope,
-)
+from .refill import Refills
+from .store.base import PoolStore
+from .store.redis_store import call_key, call_scope
 
 __all__ = ["AllocatorService", "NodeSettings", "NodeView", "call_scope"]
 
@@ -65,13 +67,15 @@ NODE_VIEW_CHUNK = 50  # nodes whose views are read at once
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 # Of a waiting caller's deadline, what is kept to ask the store again after the wait.
 _ASK_AGAIN_S = 0.05
+# An empty pool's reasons worth waiting for: a refill is under way, or the cooldown ends.
+_REFILL_MAY_COME = (ErrorReason.POOL_EMPTY, ErrorReason.POOL_COOLING_DOWN)
 
 
 @dataclass(frozen=True, slots=True)
 class NodeView:
     record: NodeRecord
     stats: NodeStats
-    reservations: dict[str, dict[str, Any]]
+    reservations: list[Reservation]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +95,9 @@ class AllocatorService:
 
     def __init__(
         self,
-        store: RedisStore,
+        store: PoolStore,
         queue: EventQueue,
-        refills: RefillWatcher | None,
+        refills: Refills | None,
         *,
         ipv4_enabled: bool,
         ipv6_enabled: bool,
@@ -138,8 +142,8 @@ class AllocatorService:
         needed, excess = pool_work(state)
         if needed <= 0 and excess <= 0:
             return False
-        kind = events_pb2.PoolEvent.KIND_DEFICIT if needed > 0 else events_pb2.PoolEvent.KIND_EXCESS
-        event = events_pb2.PoolEvent(node=node, pool=pool, kind=kind)
+        kind = EventKind.DEFICIT if needed > 0 else EventKind.EXCESS
+        event = PoolEvent(node, pool, kind)
         try:
             published = await self.queue.publish_once(event)
         except (Unavailable, OutcomeUnknown) as exc:
@@ -148,7 +152,7 @@ class AllocatorService:
             log.warning("event for %s/%s not published: %s", node, pool, exc.message)
             return False
         if published and self.metrics is not None:
-            self.metrics.events_published.labels(kind=events_pb2.PoolEvent.Kind.Name(kind)).inc()
+            self.metrics.events_published.labels(kind=f"KIND_{kind.name}").inc()
         return published
 
     # --- Allocator --------------------------------------------------------------------------
@@ -182,20 +186,20 @@ class AllocatorService:
                     )
                 except OutcomeUnknown as exc:
                     raise self._given_back(exc, node, pool, idempotency_key) if own_key else exc from exc
-                except ResourceExhausted as exc:
-                    state: PoolState = exc.state  # type: ignore[attr-defined]
+                except PoolEmpty as exc:
+                    state = exc.state
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
-                    waits = wait_for_refill and self.refills is not None and remaining > 2 * _ASK_AGAIN_S
-                    if not (waits and exc.reason in (ErrorReason.POOL_EMPTY, ErrorReason.POOL_COOLING_DOWN)):
+                    waits = wait_for_refill and remaining > 2 * _ASK_AGAIN_S
+                    refills = self.refills if waits and exc.reason in _REFILL_MAY_COME else None
+                    if refills is None:
                         await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                         raise
                     if not waiter:
                         # Counted (for the family it lacks) before the event goes out, so the worker
                         # sizes its step for us too; an IPv6 waiter never makes IPv4 addresses come.
-                        empty: Family = getattr(exc, "family", Family.IPV4)
-                        waiter = self.store.waiter_id(empty, uuid.uuid4().hex)
+                        waiter = self.store.waiter_id(exc.family, uuid.uuid4().hex)
                         await self.store.add_waiter(node, pool, waiter, int((time.time() + remaining) * 1000))
-                        if empty is Family.IPV6:
+                        if exc.family is Family.IPV6:
                             state = replace(state, waiting_ipv6=state.waiting_ipv6 + 1)
                         else:
                             state = replace(state, waiting=state.waiting + 1)
@@ -203,7 +207,7 @@ class AllocatorService:
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
                     # It stops early enough to ask the store once more within the deadline.
                     wait_s = min(remaining - _ASK_AGAIN_S, 5.0)
-                    woken = await self.refills.wait(node, pool, wait_s)  # type: ignore[union-attr]
+                    woken = await refills.wait(node, pool, wait_s)
                     if not woken and wait_s < 5.0:
                         # The deadline came without a refill: the pool's reason at once, without that
                         # last trip to Redis (when every waiter's deadline comes together, those trips
@@ -462,7 +466,7 @@ class AllocatorService:
         self,
         node: str,
         pool: str,
-        interface: dict[str, Any],
+        interface: NodeInterface,
         ips: Sequence[str],
         vpc_cidrs: Sequence[str],
         max_interfaces: int,
@@ -485,7 +489,7 @@ class AllocatorService:
     async def set_interfaces(
         self,
         node: str,
-        interfaces: Sequence[dict[str, Any]],
+        interfaces: Sequence[NodeInterface],
         vpc_cidrs: Sequence[str],
         max_interfaces: int,
         ipv4_per_interface: int,

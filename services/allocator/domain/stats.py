@@ -3,10 +3,13 @@ the store holds."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+
+from .pool import NodeInterface
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +39,7 @@ def node_stats(
     watermarks: Watermarks,
     *,
     ipv6_enabled: bool,
-    interfaces: list[dict[str, Any]],
+    interfaces: Sequence[NodeInterface],
     max_interfaces: int,
     ipv4_per_interface: int,
     first_interface_index: int,
@@ -47,15 +50,14 @@ def node_stats(
     excluded: int = 0,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
-    used_devices = {int(i.get("device_index", 0)) for i in interfaces}
+    used_devices = {i.device_index for i in interfaces}
     empty_slots = sum(1 for d in range(first_interface_index, max(max_interfaces, 0)) if d not in used_devices)
     candidates = 0
     if ipv4_per_interface > 0:
         candidates = sum(
             1
             for i in interfaces
-            if int(i.get("device_index", 0)) >= first_interface_index
-            and len([a for a in i.get("addresses", []) if ":" not in a]) < ipv4_per_interface - 1
+            if i.device_index >= first_interface_index and i.address_count(Family.IPV4) < ipv4_per_interface - 1
         )
     return NodeStats(
         used_ips=v4.used,

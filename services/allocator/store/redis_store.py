@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -30,13 +30,24 @@ from services.core.redis_client import RedisClient
 from ..domain.errors import (
     AlreadyExists,
     FailedPrecondition,
+    IpAlreadyAllocated,
     IpamError,
     NotFound,
     OutcomeUnknown,
-    ResourceExhausted,
+    PoolEmpty,
     Unavailable,
 )
 from ..domain.model import Allocation, InterfaceInfo
+from ..domain.pool import (
+    AllocateOutcome,
+    ChangeOutcome,
+    KeyedAllocation,
+    NodeInterface,
+    NodeRecord,
+    PoolState,
+    RemoveOutcome,
+    Reservation,
+)
 from . import keys
 from .pipelining import OutcomeUnknownError, PipelinedConnection
 
@@ -85,6 +96,8 @@ _POOL_EMPTY_WHY: dict[ErrorReason, str] = {
     ErrorReason.POOL_AT_MAX_ALLOCATE: "it holds max_allocate addresses; more come only when some are released",
     ErrorReason.POOL_EMPTY: "a refill has been requested",
 }
+
+_FAMILY_NAME = {Family.IPV4: "IPv4", Family.IPV6: "IPv6"}
 
 # Lua failure reason -> (domain exception, message template).
 _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
@@ -143,79 +156,6 @@ def _outcome_unknown(waited: str) -> OutcomeUnknown:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PoolState:
-    """A pool's counts per family and its node's sizing, as a script left them."""
-
-    counts: dict[Family, PoolCounts]
-    watermarks: Watermarks
-    release_excess: bool
-    ipv6_enabled: bool
-    event_pending: bool
-    waiting: int = 0  # callers waiting for an IPv4 refill
-    waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
-    lost: int = 0  # allocated addresses the cloud no longer holds
-    reserved: int = 0  # reserved for release by the worker (both families)
-    excluded: int = 0  # never handed out (both families)
-    deficit_reason: str = ""  # why the worker could not meet the last deficit
-
-
-@dataclass(frozen=True, slots=True)
-class NodeRecord:
-    """What Redis holds about a node, apart from its pools' addresses."""
-
-    name: str
-    spec: bytes
-    interfaces: list[dict[str, Any]]
-    pools: list[str]
-    vpc_cidrs: list[str]
-    max_interfaces: int
-    ipv4_per_interface: int
-    deficit_reason: str
-    created_ms: int
-    first_interface_index: int
-    reservations: dict[str, dict[str, Any]] = field(default_factory=dict)  # of the pool asked for
-    last_error: str = ""  # the worker's last error maintaining the node
-    last_error_ms: int = 0
-
-
-@dataclass(slots=True)
-class AllocateOutcome:
-    allocations: list[Allocation]
-    state: PoolState
-    replayed: bool = False
-
-
-@dataclass(slots=True)
-class ChangeOutcome:
-    """Result of a mutating script: the addresses it touched and the pool state after it."""
-
-    state: PoolState
-    ips: list[str] = field(default_factory=list)
-    other_ips: list[str] = field(default_factory=list)
-    reservation_id: str = ""  # of reserve_for_release ("" when nothing was reserved)
-    next_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveOutcome:
-    """What dropping addresses the cloud no longer holds did."""
-
-    removed: list[str]  # left the pool
-    still_allocated: list[str]  # allocated, so kept for their owners (and marked lost)
-    newly_lost: list[str]  # of those, the ones not marked lost before
-
-
-@dataclass(frozen=True, slots=True)
-class KeyedAllocation:
-    """One allocated address with its owner and the idempotency key it was taken under."""
-
-    ip: str
-    family: Family
-    owner: str
-    idempotency_key: str
-
-
 def _as_list(value: Any) -> list[Any]:
     # cjson encodes an empty Lua table as {}.
     return list(value) if isinstance(value, list) else []
@@ -255,19 +195,31 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
     )
 
 
-def _interface(raw: bytes) -> dict[str, Any]:
+_INTERFACE_FIELDS = tuple(f.name for f in fields(NodeInterface))
+_INTERFACE_LISTS = ("addresses", "security_group_ids")
+
+
+def _interface(raw: bytes) -> NodeInterface:
     info = json.loads(raw)
-    for name in ("addresses", "security_group_ids"):
-        info[name] = _as_list(info.get(name))  # cjson writes an empty list as {}
-    return info
+    for name in _INTERFACE_LISTS:
+        info[name] = tuple(_as_list(info.get(name)))  # cjson writes an empty list as {}
+    return NodeInterface(**{name: info[name] for name in _INTERFACE_FIELDS if name in info})
 
 
-def interface_info(interface: dict[str, Any]) -> str:
+def interface_json(interface: NodeInterface) -> str:
+    """An interface as its row in `keys.interfaces_key` (the scripts read and merge it)."""
+    return json.dumps({name: getattr(interface, name) for name in _INTERFACE_FIELDS}, sort_keys=True)
+
+
+def interface_info(interface: NodeInterface) -> str:
     """The compact form allocation results read (see `keys.interface_info_key`)."""
-    return (
-        f"{interface.get('mac', '')}\t{int(interface.get('device_index', 0))}\t{interface.get('gateway_ip', '')}"
-        f"\t{interface.get('subnet_cidr', '')}"
-    )
+    i = interface
+    return f"{i.mac}\t{i.device_index}\t{i.gateway_ip}\t{i.subnet_cidr}"
+
+
+def _reservation(reservation_id: Any, raw: bytes) -> Reservation:
+    value = json.loads(raw)
+    return Reservation(_text(reservation_id), tuple(_as_list(value.get("ips"))), _int(value.get("ms")))
 
 
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
@@ -390,11 +342,9 @@ class RedisStore:
             reason = ErrorReason(failure)
             exc_type, template = _FAILURES[reason]
             message = template.format(node=node, pool=pool, ip=ip, owner=owner)
-            exc = exc_type(message, reason=reason, node=node, pool=pool)
             if reason == ErrorReason.IP_ALREADY_ALLOCATED:
-                # Only for admin callers: the transport decides whether to show it.
-                exc.current_owner = _text(result.get("owner"))  # type: ignore[attr-defined]
-            raise exc
+                raise IpAlreadyAllocated(message, current_owner=_text(result.get("owner")), node=node, pool=pool)
+            raise exc_type(message, reason=reason, node=node, pool=pool)
         return result
 
     async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
@@ -412,25 +362,22 @@ class RedisStore:
                 "EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv, timeout_s=timeout_s
             )
 
-    def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> ResourceExhausted:
-        family = "IPv4" if result.get("family") == "4" else "IPv6"
+    def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> PoolEmpty:
         hint = _text(result.get("reason_hint") or "")
         cooling = int(result.get("cooling", 0)) > 0
         state = _pool_state(result["state"])
         reason = ErrorReason.POOL_COOLING_DOWN if cooling else pool_empty_reason(hint)
-        w = state.watermarks
-        fam = Family.IPV4 if result.get("family") == "4" else Family.IPV6
-        if reason == ErrorReason.POOL_EMPTY and 0 < w.max_allocate <= state.counts[fam].available:
+        family = Family.IPV4 if result.get("family") == "4" else Family.IPV6
+        if reason == ErrorReason.POOL_EMPTY and 0 < state.watermarks.max_allocate <= state.counts[family].available:
             reason = ErrorReason.POOL_AT_MAX_ALLOCATE  # no refill may come: say so, not "requested"
-        exc = ResourceExhausted(
-            f"pool {pool} of node {node} has no free {family} address: {_POOL_EMPTY_WHY[reason]}",
+        return PoolEmpty(
+            f"pool {pool} of node {node} has no free {_FAMILY_NAME[family]} address: {_POOL_EMPTY_WHY[reason]}",
             reason=reason,
+            family=family,
+            state=state,
             node=node,
             pool=pool,
         )
-        exc.state = state  # type: ignore[attr-defined]
-        exc.family = fam  # type: ignore[attr-defined]
-        return exc
 
     # --- allocation -------------------------------------------------------------------------
 
@@ -622,7 +569,7 @@ class RedisStore:
         if not fields:
             raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
         f = {_text(k): v for k, v in fields.items()}
-        interfaces = sorted((_interface(v) for v in ifaces.values()), key=lambda i: int(i.get("device_index", 0)))
+        interfaces = sorted((_interface(v) for v in ifaces.values()), key=lambda i: i.device_index)
         return NodeRecord(
             name=node,
             spec=f.get("spec", b""),
@@ -634,7 +581,7 @@ class RedisStore:
             deficit_reason=_text(f.get("deficit_reason")),
             created_ms=_int(_text(f.get("created_ms"))),
             first_interface_index=_int(_text(f.get("fii"))),
-            reservations={_text(k): json.loads(v) for k, v in reservations.items()},
+            reservations=[_reservation(k, v) for k, v in reservations.items()],
             last_error=_text(f.get("last_error")),
             last_error_ms=_int(_text(f.get("last_error_ms"))),
         )
@@ -685,7 +632,7 @@ class RedisStore:
         self,
         node: str,
         pool: str,
-        interface: dict[str, Any],
+        interface: NodeInterface,
         ips: Sequence[str],
         vpc_cidrs: Sequence[str],
         max_interfaces: int,
@@ -695,8 +642,8 @@ class RedisStore:
             "add_addresses",
             node,
             pool,
-            interface.get("id", ""),
-            json.dumps(interface, sort_keys=True),
+            interface.id,
+            interface_json(interface),
             " ".join(vpc_cidrs),
             max_interfaces,
             ipv4_per_interface,
@@ -707,7 +654,7 @@ class RedisStore:
     async def set_interfaces(
         self,
         node: str,
-        interfaces: Sequence[dict[str, Any]],
+        interfaces: Sequence[NodeInterface],
         vpc_cidrs: Sequence[str],
         max_interfaces: int,
         ipv4_per_interface: int,
@@ -719,10 +666,8 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(keys.interfaces_key(node), keys.interface_info_key(node))
             if interfaces:
-                pipe.hset(
-                    keys.interfaces_key(node), mapping={i["id"]: json.dumps(i, sort_keys=True) for i in interfaces}
-                )
-                pipe.hset(keys.interface_info_key(node), mapping={i["id"]: interface_info(i) for i in interfaces})
+                pipe.hset(keys.interfaces_key(node), mapping={i.id: interface_json(i) for i in interfaces})
+                pipe.hset(keys.interface_info_key(node), mapping={i.id: interface_info(i) for i in interfaces})
             fields: dict[str, Any] = {"deficit_reason": deficit_reason}
             if vpc_cidrs:
                 fields["vpc_cidrs"] = " ".join(vpc_cidrs)

@@ -6,19 +6,21 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import fields
 from typing import Any, TypeVar
 
 import grpc
 
 from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
+from ipam.v1 import allocator_pb2_grpc, events_pb2, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
 from services.core.pool_math import DEFAULT_PRE_ALLOCATE, Watermarks
 from services.core.reasons import ErrorReason
 
-from ..domain.errors import AlreadyExists, InvalidArgument, IpamError, Unavailable
+from ..domain.errors import InvalidArgument, IpAlreadyAllocated, IpamError, Unavailable
 from ..domain.model import Allocation, parse_family, validate_page_size
+from ..domain.pool import NodeInterface, PoolEvent
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeSettings, NodeView, call_scope
 from .status import status_code_of, to_status
@@ -130,8 +132,8 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 skip_sync_upstream=request.skip_sync_upstream,
                 idempotency_key=request.idempotency_key,
             )
-        except AlreadyExists as error:
-            holder = getattr(error, "current_owner", "")
+        except IpAlreadyAllocated as error:
+            holder = error.current_owner
             if holder and self.is_admin(context.invocation_metadata()):
                 # Who holds an address is for operators, not for every client of the node.
                 error.message = f"{error.message} by owner {holder!r}"
@@ -219,20 +221,26 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return pb.PingResponse()
 
 
-_INTERFACE_FIELDS = tuple(f.name for f in npb.Interface.DESCRIPTOR.fields)
+_INTERFACE_FIELDS = tuple(f.name for f in fields(NodeInterface))  # the same names as npb.Interface's
 
 
-def _interface_dict(interface: npb.Interface) -> dict[str, Any]:
-    """The interface as the store keeps it (field by field: json_format is slow on this hot path)."""
-    return {name: _plain(getattr(interface, name)) for name in _INTERFACE_FIELDS}
+def node_interface(message: npb.Interface) -> NodeInterface:
+    """Field by field: json_format is slow on the worker's hot path."""
+    return NodeInterface(**{name: _plain(getattr(message, name)) for name in _INTERFACE_FIELDS})
 
 
 def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int) else list(value)
+    return value if isinstance(value, str | int) else tuple(value)
 
 
-def _interface_message(stored: dict[str, Any]) -> npb.Interface:
-    return npb.Interface(**{name: stored[name] for name in _INTERFACE_FIELDS if name in stored})
+def interface_message(interface: NodeInterface) -> npb.Interface:
+    return npb.Interface(**{name: getattr(interface, name) for name in _INTERFACE_FIELDS})
+
+
+def event_message(event: PoolEvent) -> events_pb2.PoolEvent:
+    return events_pb2.PoolEvent(
+        node=event.node, pool=event.pool, kind=int(event.kind), published_at_ms=event.published_at_ms
+    )
 
 
 def node_settings(spec: npb.NodeSpec) -> NodeSettings:
@@ -254,7 +262,7 @@ def node_message(view: NodeView) -> npb.Node:
         spec.pre_allocate = DEFAULT_PRE_ALLOCATE
     return npb.Node(
         spec=spec,
-        interfaces=[_interface_message(i) for i in r.interfaces],
+        interfaces=[interface_message(i) for i in r.interfaces],
         stats=npb.NodeStats(
             used_ips=s.used_ips,
             available_ips=s.available_ips,
@@ -280,16 +288,12 @@ def node_message(view: NodeView) -> npb.Node:
         max_interfaces=r.max_interfaces,
         ipv4_per_interface=r.ipv4_per_interface,
         reservations=[
-            npb.Reservation(id=rid, ips=_list(v.get("ips")), age_ms=max(now_ms - int(v.get("ms", now_ms)), 0))
-            for rid, v in view.reservations.items()
+            npb.Reservation(id=v.id, ips=v.ips, age_ms=max(now_ms - (v.created_ms or now_ms), 0))
+            for v in view.reservations
         ],
         last_error=r.last_error,
         last_error_ms=r.last_error_ms,
     )
-
-
-def _list(value: Any) -> list[str]:
-    return list(value) if isinstance(value, list) else []  # cjson writes an empty list as {}
 
 
 # Page tokens say which order they continue: by name, the last name given; by watermark, an offset.
@@ -385,7 +389,8 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         pending, total = await self.service.event_counts()
         return npb.ListDeadEventsResponse(
             events=[
-                npb.DeadEvent(id=d.id, entry_id=d.entry_id, deliveries=d.deliveries, event=d.event) for d in letters
+                npb.DeadEvent(id=d.id, entry_id=d.entry_id, deliveries=d.deliveries, event=event_message(d.event))
+                for d in letters
             ],
             total=total,
             pending=pending,
@@ -409,7 +414,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         added, view = await self.service.add_addresses(
             request.node,
             request.pool,
-            _interface_dict(request.interface),
+            node_interface(request.interface),
             list(request.ips),
             list(request.vpc_cidrs),
             request.max_interfaces,
@@ -423,7 +428,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     ) -> npb.SetInterfacesResponse:
         await self.service.set_interfaces(
             request.node,
-            [_interface_dict(i) for i in request.interfaces],
+            [node_interface(i) for i in request.interfaces],
             list(request.vpc_cidrs),
             request.max_interfaces,
             request.ipv4_per_interface,

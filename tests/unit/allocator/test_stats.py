@@ -4,38 +4,41 @@ from __future__ import annotations
 
 import pytest
 
+from services.allocator.domain.pool import NodeInterface
 from services.allocator.domain.stats import node_stats
 from services.core.pool_math import PoolCounts, Watermarks
 
 
-def interface(device: int, secondaries: int) -> dict[str, object]:
-    return {
-        "id": f"eni-{device}",
-        "device_index": device,
-        "addresses": [f"10.0.{device}.{i}" for i in range(secondaries)],
-    }
+def interface(device: int, secondaries: int, ipv6: int = 0) -> NodeInterface:
+    return NodeInterface(
+        id=f"eni-{device}",
+        device_index=device,
+        addresses=tuple(f"10.0.{device}.{i}" for i in range(secondaries))
+        + tuple(f"2001:db8:{device}::{i + 1:x}" for i in range(ipv6)),
+    )
 
 
-# first interface index, interfaces as (device, secondary addresses), (candidates, empty slots, remaining)
+# first interface index, interfaces as (device, secondary IPv4, IPv6), (candidates, empty slots, remaining)
 CASES = [
     (0, [(0, 0)], (1, 2, 3)),  # eth0 with room, two slots free
     (0, [(0, 9), (1, 9), (2, 3)], (1, 0, 1)),  # two full, one with room, no slot left
     (1, [(0, 0)], (0, 2, 2)),  # eth0 is not the pool's
     (1, [(0, 0), (2, 9)], (0, 1, 1)),  # device 2 full, device 1 free
     (0, [(0, 9), (1, 9), (2, 9)], (0, 0, 0)),  # at capacity
+    (0, [(0, 8, 4), (1, 9), (2, 9)], (1, 0, 1)),  # IPv6 addresses leave the IPv4 room as it is
 ]
 
 
 @pytest.mark.parametrize("first_index,interfaces,expected", CASES)
 def test_interface_statistics(
-    first_index: int, interfaces: list[tuple[int, int]], expected: tuple[int, int, int]
+    first_index: int, interfaces: list[tuple[int, ...]], expected: tuple[int, int, int]
 ) -> None:
     stats = node_stats(
         PoolCounts(0, 0),
         PoolCounts(0, 0),
         Watermarks(),
         ipv6_enabled=False,
-        interfaces=[interface(d, n) for d, n in interfaces],
+        interfaces=[interface(*i) for i in interfaces],
         max_interfaces=3,
         ipv4_per_interface=10,
         first_interface_index=first_index,

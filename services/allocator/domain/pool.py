@@ -1,0 +1,140 @@
+"""What the allocator knows of a node and its pools, as plain values (no I/O): the store answers
+with them, the service decides with them, the servicer turns them into messages."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks
+
+from .model import Allocation
+
+
+def family_of(ip: str) -> Family:
+    """The family of an address the store holds (already normalised when it entered)."""
+    return Family.IPV4 if ipaddress.ip_address(ip).version == 4 else Family.IPV6
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInterface:
+    """One network interface of a node as the worker reported it (fields as `ipam.v1.Interface`)."""
+
+    id: str = ""
+    mac: str = ""
+    device_index: int = 0
+    subnet_id: str = ""
+    subnet_cidr: str = ""
+    gateway_ip: str = ""
+    addresses: tuple[str, ...] = ()  # secondary addresses attached, both families
+    primary_ip: str = ""
+    security_group_ids: tuple[str, ...] = ()
+
+    def address_count(self, family: Family) -> int:
+        """How many of its secondary addresses are of `family`."""
+        return sum(1 for a in self.addresses if family_of(a) is family)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Addresses reserved for release by the worker, and when (ms since the epoch)."""
+
+    id: str
+    ips: tuple[str, ...]
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """A pool's counts per family and its node's sizing, as a script left them."""
+
+    counts: dict[Family, PoolCounts]
+    watermarks: Watermarks
+    release_excess: bool
+    ipv6_enabled: bool
+    event_pending: bool
+    waiting: int = 0  # callers waiting for an IPv4 refill
+    waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
+    lost: int = 0  # allocated addresses the cloud no longer holds
+    reserved: int = 0  # reserved for release by the worker (both families)
+    excluded: int = 0  # never handed out (both families)
+    deficit_reason: str = ""  # why the worker could not meet the last deficit
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """What the allocator keeps about a node, apart from its pools' addresses."""
+
+    name: str
+    spec: bytes
+    interfaces: list[NodeInterface]
+    pools: list[str]
+    vpc_cidrs: list[str]
+    max_interfaces: int
+    ipv4_per_interface: int
+    deficit_reason: str
+    created_ms: int
+    first_interface_index: int
+    reservations: list[Reservation] = field(default_factory=list)  # of the pool asked for
+    last_error: str = ""  # the worker's last error maintaining the node
+    last_error_ms: int = 0
+
+
+@dataclass(slots=True)
+class AllocateOutcome:
+    """What an allocation did: the addresses, the pool after it, and whether it only replayed an
+    earlier call with the same idempotency key (then it changed nothing)."""
+
+    allocations: list[Allocation]
+    state: PoolState
+    replayed: bool = False
+
+
+@dataclass(slots=True)
+class ChangeOutcome:
+    """Result of a mutating script: the addresses it touched and the pool state after it."""
+
+    state: PoolState
+    ips: list[str] = field(default_factory=list)
+    other_ips: list[str] = field(default_factory=list)
+    reservation_id: str = ""  # of reserve_for_release ("" when nothing was reserved)
+    next_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveOutcome:
+    """What dropping addresses the cloud no longer holds did."""
+
+    removed: list[str]  # left the pool
+    still_allocated: list[str]  # allocated, so kept for their owners (and marked lost)
+    newly_lost: list[str]  # of those, the ones not marked lost before
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedAllocation:
+    """One allocated address with its owner and the idempotency key it was taken under."""
+
+    ip: str
+    family: Family
+    owner: str
+    idempotency_key: str
+
+
+class EventKind(IntEnum):
+    """Why a pool event was published; values match `ipam.v1.PoolEvent.Kind`."""
+
+    UNSPECIFIED = 0  # only in events of a newer or older allocator
+    DEFICIT = 1
+    EXCESS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """ "Look at this node's pool": what the allocator publishes for the worker."""
+
+    node: str
+    pool: str
+    kind: EventKind
+    published_at_ms: int = 0

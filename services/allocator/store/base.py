@@ -1,0 +1,144 @@
+"""What the allocator's service asks of its store: the seam between the use cases and Redis, so the
+service can be tested against a fake. Every change is atomic per (node, pool); failures are the
+domain's exceptions (`PoolEmpty` carries the pool's state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from services.core.family import Family
+from services.core.pool_math import Watermarks
+
+from ..domain.pool import (
+    AllocateOutcome,
+    ChangeOutcome,
+    KeyedAllocation,
+    NodeInterface,
+    NodeRecord,
+    PoolState,
+    RemoveOutcome,
+)
+
+
+class PoolStore(Protocol):
+    """Pools, allocations, owners, timers and node records."""
+
+    # --- allocation ----------------------------------------------------------------------------
+
+    async def allocate_next(
+        self, node: str, pool: str, families: Sequence[Family], owner: str, idempotency_key: str, expiration_s: int
+    ) -> AllocateOutcome:
+        """One address of each family, all or none; a key used before replays its addresses."""
+        ...
+
+    async def allocate(self, node: str, pool: str, ip: str, owner: str, idempotency_key: str = "") -> AllocateOutcome:
+        """That address, if it is free in the pool."""
+        ...
+
+    async def cancel_call(self, node: str, pool: str, key: str) -> ChangeOutcome:
+        """Gives back what the call under `key` took, or makes it take nothing should it still run."""
+        ...
+
+    async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
+        """Releases one address, or every address of an owner."""
+        ...
+
+    async def release_by_key(self, node: str, pool: str, idempotency_key: str) -> ChangeOutcome: ...
+
+    async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]: ...
+
+    async def exclude(self, node: str, pool: str, ip: str, owner: str) -> ChangeOutcome: ...
+
+    # --- timers and waiting callers -------------------------------------------------------------
+
+    async def start_timer(self, node: str, pool: str, ip: str, timeout_s: int) -> str:
+        """Starts (or restarts) the address's expiration timer; its uuid."""
+        ...
+
+    async def stop_timer(self, node: str, pool: str, ip: str, expiration_uuid: str) -> None: ...
+
+    async def expire_due(self, node: str, pool: str, batch: int = 500) -> ChangeOutcome:
+        """Releases the addresses whose timer is due; `next_ms` is the next deadline (0 = none)."""
+        ...
+
+    async def due_timers(self, now_ms: int, limit: int = 100) -> list[tuple[str, str]]: ...
+
+    async def reindex_timer(self, node: str, pool: str, next_ms: int) -> None: ...
+
+    async def next_timer_deadline(self, node: str, pool: str) -> int: ...
+
+    def waiter_id(self, family: Family, call_id: str) -> str:
+        """The id under which a caller waiting for a refill of `family` is counted."""
+        ...
+
+    async def add_waiter(self, node: str, pool: str, call_id: str, deadline_ms: int) -> None: ...
+
+    async def remove_waiter(self, node: str, pool: str, call_id: str) -> None: ...
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def pool_state(self, node: str, pool: str) -> PoolState: ...
+
+    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
+        """Allocated addresses (ip -> owner) per family, and the free addresses per family."""
+        ...
+
+    async def node_names(self) -> list[str]: ...
+
+    async def pool_names(self, node: str) -> list[str]: ...
+
+    async def vpc_cidrs(self, node: str) -> list[str]: ...
+
+    async def node_record(self, node: str, pool: str = "default") -> NodeRecord: ...
+
+    # --- nodes and the worker's reports ------------------------------------------------------------
+
+    async def put_node(
+        self,
+        node: str,
+        *,
+        create: bool,
+        spec: bytes,
+        watermarks: Watermarks,
+        release_excess: bool,
+        ipv6_enabled: bool,
+        first_interface_index: int,
+    ) -> None: ...
+
+    async def delete_node(self, node: str) -> None: ...
+
+    async def add_addresses(
+        self,
+        node: str,
+        pool: str,
+        interface: NodeInterface,
+        ips: Sequence[str],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
+    ) -> ChangeOutcome: ...
+
+    async def set_interfaces(
+        self,
+        node: str,
+        interfaces: Sequence[NodeInterface],
+        vpc_cidrs: Sequence[str],
+        max_interfaces: int,
+        ipv4_per_interface: int,
+        deficit_reason: str,
+    ) -> None: ...
+
+    async def set_node_error(self, node: str, error: str) -> None: ...
+
+    async def reserve_for_release(
+        self, node: str, pool: str, family: Family, interface_id: str, count: int
+    ) -> ChangeOutcome: ...
+
+    async def complete_release(
+        self, node: str, pool: str, reservation_id: str, ips: Sequence[str]
+    ) -> ChangeOutcome: ...
+
+    async def abort_release(self, node: str, pool: str, reservation_id: str) -> ChangeOutcome: ...
+
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome: ...
