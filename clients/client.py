@@ -21,15 +21,17 @@ address and never a second one. Other calls raise it; read back (Dump) before ac
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ipaddress
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from enum import IntEnum
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -38,6 +40,7 @@ from grpc_status import rpc_status
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import allocator_pb2_grpc, nodes_pb2_grpc
 from ipam.v1 import nodes_pb2 as nodes_pb
+from services.core.family import Family
 from services.core.reasons import ErrorReason
 
 __all__ = [
@@ -58,14 +61,8 @@ SERVICES = ("ipam.v1.Allocator", "ipam.v1.NodeManager")
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 _R = TypeVar("_R")
-
-
-class Family(IntEnum):
-    """Address family; the values are those of `ipam.v1.Family`. UNSPECIFIED = every enabled family."""
-
-    UNSPECIFIED = 0
-    IPV4 = 1
-    IPV6 = 2
+_P = ParamSpec("_P")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class IpamClientError(Exception):
@@ -223,16 +220,6 @@ def node_spec(
     )
 
 
-def _release_request(
-    node: str, pool: str, ip: str | None, owner: str | None, skip_sync_upstream: bool
-) -> pb.ReleaseRequest:
-    if (ip is None) == (owner is None):
-        raise ValueError("release takes exactly one of ip or owner")
-    if ip is not None:
-        return pb.ReleaseRequest(node=node, pool=pool, ip=ip, skip_sync_upstream=skip_sync_upstream)
-    return pb.ReleaseRequest(node=node, pool=pool, owner=owner, skip_sync_upstream=skip_sync_upstream)
-
-
 def _key_of(idempotency_key: str) -> str:
     """The caller's key, else a fresh one for this logical call (shared by all its tries)."""
     return idempotency_key or f"ipam-client-{uuid.uuid4().hex}"
@@ -251,6 +238,278 @@ def _retry_delay(error: IpamClientError, attempt: int, max_attempts: int, deadli
 
 def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Request(Generic[_R]):
+    """One call as both clients make it: the stub's method, the request message, what of the answer
+    the caller gets, and whether the request carries an idempotency key (then OUTCOME_UNKNOWN is retried)."""
+
+    method: str  # e.g. "Allocator/AllocateNext"
+    message: Any
+    result: Callable[[Any], _R]
+    timeout: float | None = None
+    keyed: bool = False
+
+
+def _answer(response: _R) -> _R:
+    return response
+
+
+def _nothing(response: Any) -> None:
+    return None
+
+
+class _Build:
+    """Each call's request, built once: `IpamClient` sends them blocking, `AsyncIpamClient` awaits them
+    (as httpx's `BaseClient.build_request`). Every function here is a public method of both clients."""
+
+    # -- Allocator ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def allocate_next(
+        node: str,
+        pool: str = "",
+        family: Family = Family.UNSPECIFIED,
+        *,
+        owner: str,
+        expiration_seconds: int = 0,
+        idempotency_key: str = "",
+        wait_for_refill: bool = False,
+        skip_sync_upstream: bool = False,
+        timeout: float | None = None,
+    ) -> _Request[pb.AllocateNextResponse]:
+        """The next free address(es) of the pool: `ipv4` and/or `ipv6` (check with `HasField`).
+
+        A retry with the same `idempotency_key` returns the same addresses (the key belongs to this
+        owner and family until they are released; without one, this call makes its own, so its own
+        retries are safe). With `wait_for_refill`, an empty pool being refilled is waited for within
+        the deadline instead of failing at once.
+        """
+        request = pb.AllocateNextRequest(
+            node=node,
+            pool=pool,
+            family=int(family),
+            owner=owner,
+            expiration_seconds=expiration_seconds,
+            skip_sync_upstream=skip_sync_upstream,
+            idempotency_key=_key_of(idempotency_key),
+            wait_for_refill=wait_for_refill,
+        )
+        return _Request("Allocator/AllocateNext", request, _answer, timeout, keyed=True)
+
+    @staticmethod
+    def allocate(
+        node: str,
+        ip: str,
+        owner: str,
+        pool: str = "",
+        *,
+        skip_sync_upstream: bool = False,
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> _Request[pb.AllocationResult]:
+        """Allocate one specific address (a retry with the same `idempotency_key` gets the same result)."""
+        request = pb.AllocateRequest(
+            node=node,
+            pool=pool,
+            ip=ip,
+            owner=owner,
+            skip_sync_upstream=skip_sync_upstream,
+            idempotency_key=_key_of(idempotency_key),
+        )
+        return _Request("Allocator/Allocate", request, lambda r: r.result, timeout, keyed=True)
+
+    @staticmethod
+    def release(
+        node: str,
+        pool: str = "",
+        ip: str | None = None,
+        owner: str | None = None,
+        *,
+        skip_sync_upstream: bool = False,
+        timeout: float | None = None,
+    ) -> _Request[list[str]]:
+        """Release one address (`ip`) or every address of an `owner`; returns the released addresses."""
+        if (ip is None) == (owner is None):
+            raise ValueError("release takes exactly one of ip or owner")
+        target = {"ip": ip} if ip is not None else {"owner": owner}
+        request = pb.ReleaseRequest(node=node, pool=pool, skip_sync_upstream=skip_sync_upstream, **target)
+        return _Request("Allocator/Release", request, lambda r: list(r.released_ips), timeout)
+
+    @staticmethod
+    def exclude_ip(node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None) -> _Request[None]:
+        """Take an address out of circulation."""
+        request = pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner)
+        return _Request("Allocator/ExcludeIP", request, _nothing, timeout)
+
+    @staticmethod
+    def start_expiration_timer(
+        node: str, ip: str, timeout_seconds: int, pool: str = "", *, timeout: float | None = None
+    ) -> _Request[str]:
+        """(Re)start the expiration timer of an allocated address; returns the timer's uuid."""
+        request = pb.StartExpirationTimerRequest(node=node, pool=pool, ip=ip, timeout_seconds=timeout_seconds)
+        return _Request("Allocator/StartExpirationTimer", request, lambda r: r.expiration_uuid, timeout)
+
+    @staticmethod
+    def stop_expiration_timer(
+        node: str, ip: str, expiration_uuid: str, pool: str = "", *, timeout: float | None = None
+    ) -> _Request[None]:
+        """Stop a timer; `expiration_uuid` must be the running timer's."""
+        request = pb.StopExpirationTimerRequest(node=node, pool=pool, ip=ip, expiration_uuid=expiration_uuid)
+        return _Request("Allocator/StopExpirationTimer", request, _nothing, timeout)
+
+    @staticmethod
+    def dump(node: str, pool: str = "", *, timeout: float | None = None) -> _Request[pb.DumpResponse]:
+        """Every allocated address of the pool (`ipv4` / `ipv6`: ip → owner) and a status line."""
+        return _Request("Allocator/Dump", pb.DumpRequest(node=node, pool=pool), _answer, timeout)
+
+    @staticmethod
+    def debug_status(*, timeout: float | None = None) -> _Request[str]:
+        """A human-readable summary of the allocator's state."""
+        return _Request("Allocator/DebugStatus", pb.DebugStatusRequest(), lambda r: r.status, timeout)
+
+    @staticmethod
+    def get_vpc_cidrs(node: str, *, timeout: float | None = None) -> _Request[list[str]]:
+        """The VPC CIDRs the worker reported for the node."""
+        return _Request("Allocator/GetVpcCIDRs", pb.GetVpcCIDRsRequest(node=node), lambda r: list(r.cidrs), timeout)
+
+    @staticmethod
+    def ping(*, timeout: float | None = None) -> _Request[None]:
+        """A call that does nothing; raises if the allocator cannot be reached."""
+        return _Request("Allocator/Ping", pb.PingRequest(), _nothing, timeout)
+
+    # -- NodeManager (admin) -----------------------------------------------------------------------
+
+    @staticmethod
+    def create_node(spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> _Request[nodes_pb.Node]:
+        """Register a node (build the spec with `node_spec`)."""
+        return _Request("NodeManager/CreateNode", nodes_pb.CreateNodeRequest(spec=spec), _answer, timeout)
+
+    @staticmethod
+    def update_node(spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> _Request[nodes_pb.Node]:
+        """Replace a node's spec."""
+        return _Request("NodeManager/UpdateNode", nodes_pb.UpdateNodeRequest(spec=spec), _answer, timeout)
+
+    @staticmethod
+    def delete_node(name: str, *, timeout: float | None = None) -> _Request[None]:
+        """Forget a node and its pools."""
+        return _Request("NodeManager/DeleteNode", nodes_pb.DeleteNodeRequest(name=name), _nothing, timeout)
+
+    @staticmethod
+    def get_node(name: str, pool: str = "", *, timeout: float | None = None) -> _Request[nodes_pb.Node]:
+        """A node with its spec, interfaces and the stats of `pool`."""
+        return _Request("NodeManager/GetNode", nodes_pb.GetNodeRequest(name=name, pool=pool), _answer, timeout)
+
+    @staticmethod
+    def list_nodes_page(
+        order_by_watermark: bool, page_size: int, page_token: str, timeout: float | None
+    ) -> _Request[nodes_pb.ListNodesResponse]:
+        """One page of ListNodes (the clients' `iter_nodes` follows the pages)."""
+        request = nodes_pb.ListNodesRequest(
+            order_by_watermark=order_by_watermark, page_size=page_size, page_token=page_token
+        )
+        return _Request("NodeManager/ListNodes", request, _answer, timeout)
+
+    @staticmethod
+    def resync(*, timeout: float | None = None) -> _Request[nodes_pb.ResyncResponse]:
+        """Recompute every node and publish an event for each one whose pool needs work."""
+        return _Request("NodeManager/Resync", nodes_pb.ResyncRequest(), _answer, timeout)
+
+    # -- NodeManager, worker-facing (admin) --------------------------------------------------------
+
+    @staticmethod
+    def list_dead_events(limit: int = 0, *, timeout: float | None = None) -> _Request[nodes_pb.ListDeadEventsResponse]:
+        """Dead-lettered events (newest first), with the stream's pending count and its consumers."""
+        return _Request("NodeManager/ListDeadEvents", nodes_pb.ListDeadEventsRequest(limit=limit), _answer, timeout)
+
+    @staticmethod
+    def replay_dead_events(
+        ids: Sequence[str] = (), *, all: bool = False, timeout: float | None = None
+    ) -> _Request[nodes_pb.ReplayDeadEventsResponse]:
+        """Puts dead-lettered events back on the stream (these ids, or `all=True`)."""
+        request = nodes_pb.ReplayDeadEventsRequest(ids=list(ids), all=all)
+        return _Request("NodeManager/ReplayDeadEvents", request, _answer, timeout)
+
+    @staticmethod
+    def add_addresses(
+        request: nodes_pb.AddAddressesRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.AddAddressesResponse]:
+        """Addresses the worker attached in the cloud."""
+        return _Request("NodeManager/AddAddresses", request, _answer, timeout)
+
+    @staticmethod
+    def set_interfaces(
+        request: nodes_pb.SetInterfacesRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.SetInterfacesResponse]:
+        """The node's interfaces as the cloud holds them."""
+        return _Request("NodeManager/SetInterfaces", request, _answer, timeout)
+
+    @staticmethod
+    def set_node_error(
+        node: str, error: str, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.SetNodeErrorResponse]:
+        """The last error met maintaining the node ("" clears it)."""
+        request = nodes_pb.SetNodeErrorRequest(node=node, error=error)
+        return _Request("NodeManager/SetNodeError", request, _answer, timeout)
+
+    @staticmethod
+    def reserve_for_release(
+        request: nodes_pb.ReserveForReleaseRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.ReserveForReleaseResponse]:
+        """Reserve free addresses so they are no longer handed out (release handshake, step 1)."""
+        return _Request("NodeManager/ReserveForRelease", request, _answer, timeout)
+
+    @staticmethod
+    def complete_release(
+        request: nodes_pb.CompleteReleaseRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.CompleteReleaseResponse]:
+        """The reserved addresses were unassigned in the cloud: they leave the pool."""
+        return _Request("NodeManager/CompleteRelease", request, _answer, timeout)
+
+    @staticmethod
+    def abort_release(
+        request: nodes_pb.AbortReleaseRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.AbortReleaseResponse]:
+        """Give reserved addresses back to the pool."""
+        return _Request("NodeManager/AbortRelease", request, _answer, timeout)
+
+    @staticmethod
+    def remove_addresses(
+        request: nodes_pb.RemoveAddressesRequest, *, timeout: float | None = None
+    ) -> _Request[nodes_pb.RemoveAddressesResponse]:
+        """Addresses found gone from the cloud leave the pool (allocated ones are kept)."""
+        return _Request("NodeManager/RemoveAddresses", request, _answer, timeout)
+
+
+def _blocking(build: Callable[_P, _Request[_R]]) -> Callable[Concatenate[IpamClient, _P], _R]:
+    """`build`'s call as a method of `IpamClient`: its arguments, its docstring, the answer."""
+
+    @functools.wraps(build)
+    def method(self: IpamClient, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return self._send(build(*args, **kwargs))
+
+    return _as_method(method, build)
+
+
+def _awaitable(build: Callable[_P, _Request[_R]]) -> Callable[Concatenate[AsyncIpamClient, _P], Awaitable[_R]]:
+    """`build`'s call as a coroutine method of `AsyncIpamClient`."""
+
+    @functools.wraps(build)
+    async def method(self: AsyncIpamClient, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return await self._send(build(*args, **kwargs))
+
+    return _as_method(method, build)
+
+
+def _as_method(method: _F, build: Callable[..., Any]) -> _F:
+    """`help()` and `inspect.signature` show `build`'s parameters after `self`, without its `_Request`."""
+    signature = inspect.signature(build)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[this, *signature.parameters.values()], return_annotation=inspect.Signature.empty
+    )
+    return method
 
 
 class _ClientBase:
@@ -289,20 +548,38 @@ class _ClientBase:
         self.max_attempts = max_attempts
         self._options = [*channel_options(max_attempts, tls_server_name), *options]
         self.channel = self._connect()
-        self._allocator = allocator_pb2_grpc.AllocatorStub(self.channel)
-        self._nodes = nodes_pb2_grpc.NodeManagerStub(self.channel)
+        self._stubs = {
+            "Allocator": allocator_pb2_grpc.AllocatorStub(self.channel),
+            "NodeManager": nodes_pb2_grpc.NodeManagerStub(self.channel),
+        }
 
     def _connect(self) -> Any:
         """Open the channel: blocking in `IpamClient`, grpc.aio in `AsyncIpamClient`."""
         raise NotImplementedError
 
-    def _call_options(self, timeout: float | None) -> dict[str, Any]:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+    def _rpc(self, request: _Request[Any]) -> Any:
+        service, _, method = request.method.partition("/")
+        return getattr(self._stubs[service], method)
 
     def _deadline(self, timeout: float | None) -> float | None:
         """The monotonic end of a logical call (all its tries)."""
         effective = self.timeout if timeout is None else timeout
         return None if effective is None else time.monotonic() + effective
+
+    def _try_options(self, request: _Request[Any], deadline: float | None) -> dict[str, Any]:
+        """Deadline and metadata of one try: a keyed call's tries share the call's deadline."""
+        timeout = self.timeout if request.timeout is None else request.timeout
+        if request.keyed and deadline is not None:
+            timeout = max(deadline - time.monotonic(), 0.001)
+        return {"timeout": timeout, "metadata": self._metadata}
+
+    def _failed(
+        self, rpc_error: grpc.RpcError, request: _Request[Any], attempt: int, deadline: float | None
+    ) -> tuple[IpamClientError, float | None]:
+        """The error of a failed try, and how long to wait before the next one (None: no retry)."""
+        error = IpamClientError.from_rpc_error(rpc_error)
+        delay = _retry_delay(error, attempt, self.max_attempts, deadline) if request.keyed else None
+        return error, delay
 
 
 class IpamClient(_ClientBase):
@@ -327,148 +604,43 @@ class IpamClient(_ClientBase):
     ) -> None:
         self.close()
 
-    def _call(self, rpc: Callable[..., _R], request: Any, timeout: float | None) -> _R:
-        try:
-            return rpc(request, **self._call_options(timeout))
-        except grpc.RpcError as error:
-            raise IpamClientError.from_rpc_error(error) from error
-
-    def _keyed_call(self, rpc: Callable[..., _R], request: Any, timeout: float | None) -> _R:
-        """`_call`, retried on OUTCOME_UNKNOWN: the request carries an idempotency key."""
-        deadline = self._deadline(timeout)
-        attempt = 1
+    def _send(self, request: _Request[_R]) -> _R:
+        """Makes the call; a keyed one is retried on OUTCOME_UNKNOWN within its deadline."""
+        rpc, deadline, attempt = self._rpc(request), self._deadline(request.timeout), 0
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            try:
-                return self._call(rpc, request, left)
-            except IpamClientError as error:
-                delay = _retry_delay(error, attempt, self.max_attempts, deadline)
-                if delay is None:
-                    raise
-            time.sleep(delay)
             attempt += 1
+            try:
+                return request.result(rpc(request.message, **self._try_options(request, deadline)))
+            except grpc.RpcError as rpc_error:
+                error, delay = self._failed(rpc_error, request, attempt, deadline)
+                if delay is None:
+                    raise error from rpc_error
+            time.sleep(delay)
 
-    # -- Allocator ---------------------------------------------------------------------------------
-
-    def allocate_next(
-        self,
-        node: str,
-        pool: str = "",
-        family: Family = Family.UNSPECIFIED,
-        *,
-        owner: str,
-        expiration_seconds: int = 0,
-        idempotency_key: str = "",
-        wait_for_refill: bool = False,
-        skip_sync_upstream: bool = False,
-        timeout: float | None = None,
-    ) -> pb.AllocateNextResponse:
-        """The next free address(es) of the pool: `ipv4` and/or `ipv6` (check with `HasField`).
-
-        A retry with the same `idempotency_key` returns the same addresses (the key belongs to this
-        owner and family until they are released; without one, this call makes its own, so its own
-        retries are safe). With `wait_for_refill`, an empty pool being refilled is waited for within
-        the deadline instead of failing at once.
-        """
-        request = pb.AllocateNextRequest(
-            node=node,
-            pool=pool,
-            family=int(family),
-            owner=owner,
-            expiration_seconds=expiration_seconds,
-            skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=_key_of(idempotency_key),
-            wait_for_refill=wait_for_refill,
-        )
-        return self._keyed_call(self._allocator.AllocateNext, request, timeout)
-
-    def allocate(
-        self,
-        node: str,
-        ip: str,
-        owner: str,
-        pool: str = "",
-        *,
-        skip_sync_upstream: bool = False,
-        idempotency_key: str = "",
-        timeout: float | None = None,
-    ) -> pb.AllocationResult:
-        """Allocate one specific address (a retry with the same `idempotency_key` gets the same result)."""
-        request = pb.AllocateRequest(
-            node=node,
-            pool=pool,
-            ip=ip,
-            owner=owner,
-            skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=_key_of(idempotency_key),
-        )
-        return self._keyed_call(self._allocator.Allocate, request, timeout).result
-
-    def release(
-        self,
-        node: str,
-        pool: str = "",
-        ip: str | None = None,
-        owner: str | None = None,
-        *,
-        skip_sync_upstream: bool = False,
-        timeout: float | None = None,
-    ) -> list[str]:
-        """Release one address (`ip`) or every address of an `owner`; returns the released addresses."""
-        request = _release_request(node, pool, ip, owner, skip_sync_upstream)
-        return list(self._call(self._allocator.Release, request, timeout).released_ips)
-
-    def exclude_ip(self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None) -> None:
-        """Take an address out of circulation."""
-        self._call(self._allocator.ExcludeIP, pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner), timeout)
-
-    def start_expiration_timer(
-        self, node: str, ip: str, timeout_seconds: int, pool: str = "", *, timeout: float | None = None
-    ) -> str:
-        """(Re)start the expiration timer of an allocated address; returns the timer's uuid."""
-        request = pb.StartExpirationTimerRequest(node=node, pool=pool, ip=ip, timeout_seconds=timeout_seconds)
-        return self._call(self._allocator.StartExpirationTimer, request, timeout).expiration_uuid
-
-    def stop_expiration_timer(
-        self, node: str, ip: str, expiration_uuid: str, pool: str = "", *, timeout: float | None = None
-    ) -> None:
-        """Stop a timer; `expiration_uuid` must be the running timer's."""
-        request = pb.StopExpirationTimerRequest(node=node, pool=pool, ip=ip, expiration_uuid=expiration_uuid)
-        self._call(self._allocator.StopExpirationTimer, request, timeout)
-
-    def dump(self, node: str, pool: str = "", *, timeout: float | None = None) -> pb.DumpResponse:
-        """Every allocated address of the pool (`ipv4` / `ipv6`: ip → owner) and a status line."""
-        return self._call(self._allocator.Dump, pb.DumpRequest(node=node, pool=pool), timeout)
-
-    def debug_status(self, *, timeout: float | None = None) -> str:
-        """A human-readable summary of the allocator's state."""
-        return self._call(self._allocator.DebugStatus, pb.DebugStatusRequest(), timeout).status
-
-    def get_vpc_cidrs(self, node: str, *, timeout: float | None = None) -> list[str]:
-        """The VPC CIDRs the worker reported for the node."""
-        return list(self._call(self._allocator.GetVpcCIDRs, pb.GetVpcCIDRsRequest(node=node), timeout).cidrs)
-
-    def ping(self, *, timeout: float | None = None) -> None:
-        """A call that does nothing; raises if the allocator cannot be reached."""
-        self._call(self._allocator.Ping, pb.PingRequest(), timeout)
-
-    # -- NodeManager (admin) -----------------------------------------------------------------------
-
-    def create_node(self, spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> nodes_pb.Node:
-        """Register a node (build the spec with `node_spec`)."""
-        return self._call(self._nodes.CreateNode, nodes_pb.CreateNodeRequest(spec=spec), timeout)
-
-    def update_node(self, spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> nodes_pb.Node:
-        """Replace a node's spec."""
-        return self._call(self._nodes.UpdateNode, nodes_pb.UpdateNodeRequest(spec=spec), timeout)
-
-    def delete_node(self, name: str, *, timeout: float | None = None) -> None:
-        """Forget a node and its pools."""
-        self._call(self._nodes.DeleteNode, nodes_pb.DeleteNodeRequest(name=name), timeout)
-
-    def get_node(self, name: str, pool: str = "", *, timeout: float | None = None) -> nodes_pb.Node:
-        """A node with its spec, interfaces and the stats of `pool`."""
-        return self._call(self._nodes.GetNode, nodes_pb.GetNodeRequest(name=name, pool=pool), timeout)
+    allocate_next = _blocking(_Build.allocate_next)
+    allocate = _blocking(_Build.allocate)
+    release = _blocking(_Build.release)
+    exclude_ip = _blocking(_Build.exclude_ip)
+    start_expiration_timer = _blocking(_Build.start_expiration_timer)
+    stop_expiration_timer = _blocking(_Build.stop_expiration_timer)
+    dump = _blocking(_Build.dump)
+    debug_status = _blocking(_Build.debug_status)
+    get_vpc_cidrs = _blocking(_Build.get_vpc_cidrs)
+    ping = _blocking(_Build.ping)
+    create_node = _blocking(_Build.create_node)
+    update_node = _blocking(_Build.update_node)
+    delete_node = _blocking(_Build.delete_node)
+    get_node = _blocking(_Build.get_node)
+    resync = _blocking(_Build.resync)
+    list_dead_events = _blocking(_Build.list_dead_events)
+    replay_dead_events = _blocking(_Build.replay_dead_events)
+    add_addresses = _blocking(_Build.add_addresses)
+    set_interfaces = _blocking(_Build.set_interfaces)
+    set_node_error = _blocking(_Build.set_node_error)
+    reserve_for_release = _blocking(_Build.reserve_for_release)
+    complete_release = _blocking(_Build.complete_release)
+    abort_release = _blocking(_Build.abort_release)
+    remove_addresses = _blocking(_Build.remove_addresses)
 
     def iter_nodes(
         self, order_by_watermark: bool = False, *, page_size: int = 0, timeout: float | None = None
@@ -477,10 +649,7 @@ class IpamClient(_ClientBase):
         `order_by_watermark` biggest deficit first within each page."""
         token = ""
         while True:
-            request = nodes_pb.ListNodesRequest(
-                order_by_watermark=order_by_watermark, page_size=page_size, page_token=token
-            )
-            reply = self._call(self._nodes.ListNodes, request, timeout)
+            reply = self._send(_Build.list_nodes_page(order_by_watermark, page_size, token, timeout))
             yield from reply.nodes
             token = reply.next_page_token
             if not token:
@@ -489,63 +658,6 @@ class IpamClient(_ClientBase):
     def list_nodes(self, order_by_watermark: bool = False, *, timeout: float | None = None) -> list[nodes_pb.Node]:
         """Every node (following the pages); with `order_by_watermark`, biggest deficit first."""
         return _merge_pages(self.iter_nodes(order_by_watermark, timeout=timeout), order_by_watermark)
-
-    def resync(self, *, timeout: float | None = None) -> nodes_pb.ResyncResponse:
-        """Recompute every node and publish an event for each one whose pool needs work."""
-        return self._call(self._nodes.Resync, nodes_pb.ResyncRequest(), timeout)
-
-    # -- NodeManager, worker-facing (admin) --------------------------------------------------------
-
-    def list_dead_events(self, limit: int = 0, *, timeout: float | None = None) -> nodes_pb.ListDeadEventsResponse:
-        """Dead-lettered events (newest first), with the stream's pending count and its consumers."""
-        return self._call(self._nodes.ListDeadEvents, nodes_pb.ListDeadEventsRequest(limit=limit), timeout)
-
-    def replay_dead_events(
-        self, ids: Sequence[str] = (), *, all: bool = False, timeout: float | None = None
-    ) -> nodes_pb.ReplayDeadEventsResponse:
-        """Puts dead-lettered events back on the stream (these ids, or `all=True`)."""
-        request = nodes_pb.ReplayDeadEventsRequest(ids=list(ids), all=all)
-        return self._call(self._nodes.ReplayDeadEvents, request, timeout)
-
-    def add_addresses(
-        self, request: nodes_pb.AddAddressesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.AddAddressesResponse:
-        """Addresses the worker attached in the cloud."""
-        return self._call(self._nodes.AddAddresses, request, timeout)
-
-    def set_interfaces(
-        self, request: nodes_pb.SetInterfacesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.SetInterfacesResponse:
-        """The node's interfaces as the cloud holds them."""
-        return self._call(self._nodes.SetInterfaces, request, timeout)
-
-    def set_node_error(self, node: str, error: str, *, timeout: float | None = None) -> nodes_pb.SetNodeErrorResponse:
-        """The last error met maintaining the node ("" clears it)."""
-        return self._call(self._nodes.SetNodeError, nodes_pb.SetNodeErrorRequest(node=node, error=error), timeout)
-
-    def reserve_for_release(
-        self, request: nodes_pb.ReserveForReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.ReserveForReleaseResponse:
-        """Reserve free addresses so they are no longer handed out (release handshake, step 1)."""
-        return self._call(self._nodes.ReserveForRelease, request, timeout)
-
-    def complete_release(
-        self, request: nodes_pb.CompleteReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.CompleteReleaseResponse:
-        """The reserved addresses were unassigned in the cloud: they leave the pool."""
-        return self._call(self._nodes.CompleteRelease, request, timeout)
-
-    def abort_release(
-        self, request: nodes_pb.AbortReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.AbortReleaseResponse:
-        """Give reserved addresses back to the pool."""
-        return self._call(self._nodes.AbortRelease, request, timeout)
-
-    def remove_addresses(
-        self, request: nodes_pb.RemoveAddressesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.RemoveAddressesResponse:
-        """Addresses found gone from the cloud leave the pool (allocated ones are kept)."""
-        return self._call(self._nodes.RemoveAddresses, request, timeout)
 
 
 class AsyncIpamClient(_ClientBase):
@@ -573,156 +685,51 @@ class AsyncIpamClient(_ClientBase):
     ) -> None:
         await self.close()
 
-    async def _call(self, rpc: Callable[..., Awaitable[_R]], request: Any, timeout: float | None) -> _R:
-        try:
-            return await rpc(request, **self._call_options(timeout))
-        except grpc.RpcError as error:
-            raise IpamClientError.from_rpc_error(error) from error
-
-    async def _keyed_call(self, rpc: Callable[..., Awaitable[_R]], request: Any, timeout: float | None) -> _R:
-        """See `IpamClient._keyed_call`."""
-        deadline = self._deadline(timeout)
-        attempt = 1
+    async def _send(self, request: _Request[_R]) -> _R:
+        """See `IpamClient._send`."""
+        rpc, deadline, attempt = self._rpc(request), self._deadline(request.timeout), 0
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            try:
-                return await self._call(rpc, request, left)
-            except IpamClientError as error:
-                delay = _retry_delay(error, attempt, self.max_attempts, deadline)
-                if delay is None:
-                    raise
-            await asyncio.sleep(delay)
             attempt += 1
+            try:
+                return request.result(await rpc(request.message, **self._try_options(request, deadline)))
+            except grpc.RpcError as rpc_error:
+                error, delay = self._failed(rpc_error, request, attempt, deadline)
+                if delay is None:
+                    raise error from rpc_error
+            await asyncio.sleep(delay)
 
-    # -- Allocator ---------------------------------------------------------------------------------
-
-    async def allocate_next(
-        self,
-        node: str,
-        pool: str = "",
-        family: Family = Family.UNSPECIFIED,
-        *,
-        owner: str,
-        expiration_seconds: int = 0,
-        idempotency_key: str = "",
-        wait_for_refill: bool = False,
-        skip_sync_upstream: bool = False,
-        timeout: float | None = None,
-    ) -> pb.AllocateNextResponse:
-        """See `IpamClient.allocate_next`."""
-        request = pb.AllocateNextRequest(
-            node=node,
-            pool=pool,
-            family=int(family),
-            owner=owner,
-            expiration_seconds=expiration_seconds,
-            skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=_key_of(idempotency_key),
-            wait_for_refill=wait_for_refill,
-        )
-        return await self._keyed_call(self._allocator.AllocateNext, request, timeout)
-
-    async def allocate(
-        self,
-        node: str,
-        ip: str,
-        owner: str,
-        pool: str = "",
-        *,
-        skip_sync_upstream: bool = False,
-        idempotency_key: str = "",
-        timeout: float | None = None,
-    ) -> pb.AllocationResult:
-        """Allocate one specific address (a retry with the same `idempotency_key` gets the same result)."""
-        request = pb.AllocateRequest(
-            node=node,
-            pool=pool,
-            ip=ip,
-            owner=owner,
-            skip_sync_upstream=skip_sync_upstream,
-            idempotency_key=_key_of(idempotency_key),
-        )
-        return (await self._keyed_call(self._allocator.Allocate, request, timeout)).result
-
-    async def release(
-        self,
-        node: str,
-        pool: str = "",
-        ip: str | None = None,
-        owner: str | None = None,
-        *,
-        skip_sync_upstream: bool = False,
-        timeout: float | None = None,
-    ) -> list[str]:
-        """Release one address (`ip`) or every address of an `owner`; returns the released addresses."""
-        request = _release_request(node, pool, ip, owner, skip_sync_upstream)
-        return list((await self._call(self._allocator.Release, request, timeout)).released_ips)
-
-    async def exclude_ip(self, node: str, ip: str, owner: str, pool: str = "", *, timeout: float | None = None) -> None:
-        """Take an address out of circulation."""
-        request = pb.ExcludeIPRequest(node=node, pool=pool, ip=ip, owner=owner)
-        await self._call(self._allocator.ExcludeIP, request, timeout)
-
-    async def start_expiration_timer(
-        self, node: str, ip: str, timeout_seconds: int, pool: str = "", *, timeout: float | None = None
-    ) -> str:
-        """(Re)start the expiration timer of an allocated address; returns the timer's uuid."""
-        request = pb.StartExpirationTimerRequest(node=node, pool=pool, ip=ip, timeout_seconds=timeout_seconds)
-        return (await self._call(self._allocator.StartExpirationTimer, request, timeout)).expiration_uuid
-
-    async def stop_expiration_timer(
-        self, node: str, ip: str, expiration_uuid: str, pool: str = "", *, timeout: float | None = None
-    ) -> None:
-        """Stop a timer; `expiration_uuid` must be the running timer's."""
-        request = pb.StopExpirationTimerRequest(node=node, pool=pool, ip=ip, expiration_uuid=expiration_uuid)
-        await self._call(self._allocator.StopExpirationTimer, request, timeout)
-
-    async def dump(self, node: str, pool: str = "", *, timeout: float | None = None) -> pb.DumpResponse:
-        """Every allocated address of the pool (`ipv4` / `ipv6`: ip → owner) and a status line."""
-        return await self._call(self._allocator.Dump, pb.DumpRequest(node=node, pool=pool), timeout)
-
-    async def debug_status(self, *, timeout: float | None = None) -> str:
-        """A human-readable summary of the allocator's state."""
-        return (await self._call(self._allocator.DebugStatus, pb.DebugStatusRequest(), timeout)).status
-
-    async def get_vpc_cidrs(self, node: str, *, timeout: float | None = None) -> list[str]:
-        """The VPC CIDRs the worker reported for the node."""
-        response = await self._call(self._allocator.GetVpcCIDRs, pb.GetVpcCIDRsRequest(node=node), timeout)
-        return list(response.cidrs)
-
-    async def ping(self, *, timeout: float | None = None) -> None:
-        """A call that does nothing; raises if the allocator cannot be reached."""
-        await self._call(self._allocator.Ping, pb.PingRequest(), timeout)
-
-    # -- NodeManager (admin) -----------------------------------------------------------------------
-
-    async def create_node(self, spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> nodes_pb.Node:
-        """Register a node (build the spec with `node_spec`)."""
-        return await self._call(self._nodes.CreateNode, nodes_pb.CreateNodeRequest(spec=spec), timeout)
-
-    async def update_node(self, spec: nodes_pb.NodeSpec, *, timeout: float | None = None) -> nodes_pb.Node:
-        """Replace a node's spec."""
-        return await self._call(self._nodes.UpdateNode, nodes_pb.UpdateNodeRequest(spec=spec), timeout)
-
-    async def delete_node(self, name: str, *, timeout: float | None = None) -> None:
-        """Forget a node and its pools."""
-        await self._call(self._nodes.DeleteNode, nodes_pb.DeleteNodeRequest(name=name), timeout)
-
-    async def get_node(self, name: str, pool: str = "", *, timeout: float | None = None) -> nodes_pb.Node:
-        """A node with its spec, interfaces and the stats of `pool`."""
-        return await self._call(self._nodes.GetNode, nodes_pb.GetNodeRequest(name=name, pool=pool), timeout)
+    allocate_next = _awaitable(_Build.allocate_next)
+    allocate = _awaitable(_Build.allocate)
+    release = _awaitable(_Build.release)
+    exclude_ip = _awaitable(_Build.exclude_ip)
+    start_expiration_timer = _awaitable(_Build.start_expiration_timer)
+    stop_expiration_timer = _awaitable(_Build.stop_expiration_timer)
+    dump = _awaitable(_Build.dump)
+    debug_status = _awaitable(_Build.debug_status)
+    get_vpc_cidrs = _awaitable(_Build.get_vpc_cidrs)
+    ping = _awaitable(_Build.ping)
+    create_node = _awaitable(_Build.create_node)
+    update_node = _awaitable(_Build.update_node)
+    delete_node = _awaitable(_Build.delete_node)
+    get_node = _awaitable(_Build.get_node)
+    resync = _awaitable(_Build.resync)
+    list_dead_events = _awaitable(_Build.list_dead_events)
+    replay_dead_events = _awaitable(_Build.replay_dead_events)
+    add_addresses = _awaitable(_Build.add_addresses)
+    set_interfaces = _awaitable(_Build.set_interfaces)
+    set_node_error = _awaitable(_Build.set_node_error)
+    reserve_for_release = _awaitable(_Build.reserve_for_release)
+    complete_release = _awaitable(_Build.complete_release)
+    abort_release = _awaitable(_Build.abort_release)
+    remove_addresses = _awaitable(_Build.remove_addresses)
 
     async def iter_nodes(
         self, order_by_watermark: bool = False, *, page_size: int = 0, timeout: float | None = None
     ) -> AsyncIterator[nodes_pb.Node]:
-        """Every node, a page (ListNodes call, `timeout` each) at a time; by name, or with
-        `order_by_watermark` biggest deficit first within each page."""
+        """See `IpamClient.iter_nodes`."""
         token = ""
         while True:
-            request = nodes_pb.ListNodesRequest(
-                order_by_watermark=order_by_watermark, page_size=page_size, page_token=token
-            )
-            reply = await self._call(self._nodes.ListNodes, request, timeout)
+            reply = await self._send(_Build.list_nodes_page(order_by_watermark, page_size, token, timeout))
             for node in reply.nodes:
                 yield node
             token = reply.next_page_token
@@ -735,69 +742,6 @@ class AsyncIpamClient(_ClientBase):
         """Every node (following the pages); with `order_by_watermark`, biggest deficit first."""
         pages = [n async for n in self.iter_nodes(order_by_watermark, timeout=timeout)]
         return _merge_pages(pages, order_by_watermark)
-
-    async def resync(self, *, timeout: float | None = None) -> nodes_pb.ResyncResponse:
-        """Recompute every node and publish an event for each one whose pool needs work."""
-        return await self._call(self._nodes.Resync, nodes_pb.ResyncRequest(), timeout)
-
-    # -- NodeManager, worker-facing (admin) --------------------------------------------------------
-
-    async def list_dead_events(
-        self, limit: int = 0, *, timeout: float | None = None
-    ) -> nodes_pb.ListDeadEventsResponse:
-        """Dead-lettered events (newest first), with the stream's pending count and its consumers."""
-        return await self._call(self._nodes.ListDeadEvents, nodes_pb.ListDeadEventsRequest(limit=limit), timeout)
-
-    async def replay_dead_events(
-        self, ids: Sequence[str] = (), *, all: bool = False, timeout: float | None = None
-    ) -> nodes_pb.ReplayDeadEventsResponse:
-        """Puts dead-lettered events back on the stream (these ids, or `all=True`)."""
-        request = nodes_pb.ReplayDeadEventsRequest(ids=list(ids), all=all)
-        return await self._call(self._nodes.ReplayDeadEvents, request, timeout)
-
-    async def add_addresses(
-        self, request: nodes_pb.AddAddressesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.AddAddressesResponse:
-        """Addresses the worker attached in the cloud."""
-        return await self._call(self._nodes.AddAddresses, request, timeout)
-
-    async def set_interfaces(
-        self, request: nodes_pb.SetInterfacesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.SetInterfacesResponse:
-        """The node's interfaces as the cloud holds them."""
-        return await self._call(self._nodes.SetInterfaces, request, timeout)
-
-    async def set_node_error(
-        self, node: str, error: str, *, timeout: float | None = None
-    ) -> nodes_pb.SetNodeErrorResponse:
-        """The last error met maintaining the node ("" clears it)."""
-        return await self._call(
-            self._nodes.SetNodeError, nodes_pb.SetNodeErrorRequest(node=node, error=error), timeout
-        )
-
-    async def reserve_for_release(
-        self, request: nodes_pb.ReserveForReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.ReserveForReleaseResponse:
-        """Reserve free addresses so they are no longer handed out (release handshake, step 1)."""
-        return await self._call(self._nodes.ReserveForRelease, request, timeout)
-
-    async def complete_release(
-        self, request: nodes_pb.CompleteReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.CompleteReleaseResponse:
-        """The reserved addresses were unassigned in the cloud: they leave the pool."""
-        return await self._call(self._nodes.CompleteRelease, request, timeout)
-
-    async def abort_release(
-        self, request: nodes_pb.AbortReleaseRequest, *, timeout: float | None = None
-    ) -> nodes_pb.AbortReleaseResponse:
-        """Give reserved addresses back to the pool."""
-        return await self._call(self._nodes.AbortRelease, request, timeout)
-
-    async def remove_addresses(
-        self, request: nodes_pb.RemoveAddressesRequest, *, timeout: float | None = None
-    ) -> nodes_pb.RemoveAddressesResponse:
-        """Addresses found gone from the cloud leave the pool (allocated ones are kept)."""
-        return await self._call(self._nodes.RemoveAddresses, request, timeout)
 
 
 def _merge_pages(nodes: Iterable[nodes_pb.Node], order_by_watermark: bool) -> list[nodes_pb.Node]:
