@@ -277,3 +277,42 @@ def test_reserve_refuses_a_negative_count(api: Api, count: int) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_COUNT",
     )
+
+
+# The node's settings as the allocator wrote them before they had their full names.
+_SHORT_NAMES = {
+    "pre_allocate": "pre",
+    "min_allocate": "min",
+    "max_allocate": "max",
+    "max_above_watermark": "maw",
+    "release_excess": "rel",
+    "ipv6_enabled": "v6",
+    "first_interface_index": "fii",
+}
+
+
+def test_a_node_written_under_the_short_field_names_keeps_its_settings(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
+    name = api.create_node(pre_allocate=3, ipv6_enabled=True, release_excess=True, first_interface_index=1)
+    api.seed(name, 2, 1)
+    client = redis_client(backend)
+    key = f"ipam:{{{name}}}:node"
+    try:
+        settings = {field: client.hget(key, field) for field in _SHORT_NAMES}
+        assert settings["pre_allocate"] == b"3" and settings["first_interface_index"] == b"1"
+        client.hdel(key, *_SHORT_NAMES)  # as the older allocator left it
+        client.hset(key, mapping={_SHORT_NAMES[field]: value for field, value in settings.items()})
+        eth0 = npb.Interface(id="eni-test0", device_index=0, addresses=["10.20.0.10", "10.20.0.11"])
+        api.nodes.SetInterfaces(
+            npb.SetInterfacesRequest(node=name, interfaces=[eth0], max_interfaces=3, ipv4_per_interface=10), timeout=5
+        )
+        stats = api.stats(name)
+        assert stats.needed_ips == 1  # pre_allocate 3 (2 free), not the default 8
+        assert stats.interface_candidates == 0  # eth0 has room but is below first_interface_index 1
+        held = api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV6, owner="v6"), timeout=5)
+        assert held.ipv6.ip  # IPv6 still enabled
+        api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name, pre_allocate=4)), timeout=5)
+        fields = {f.decode() for f in client.hkeys(key)}
+        assert not fields & set(_SHORT_NAMES.values())  # rewritten under the full names
+        assert client.hget(key, "pre_allocate") == b"4"
+    finally:
+        client.close()

@@ -47,6 +47,27 @@ local function missing_node_or_pool()
   return nil
 end
 
+-- The node's settings (hash fields of K_NODE). A node written before they had these names holds
+-- them under the short ones, read too until put_node writes the node again.
+local SHORT_NAME = {pre_allocate = 'pre', min_allocate = 'min', max_allocate = 'max', max_above_watermark = 'maw',
+                    release_excess = 'rel', ipv6_enabled = 'v6', first_interface_index = 'fii'}
+local WATERMARK_FIELDS = {'pre_allocate', 'min_allocate', 'max_allocate', 'max_above_watermark', 'release_excess',
+                          'ipv6_enabled'}
+
+local function node_setting(name)
+  return redis.call('HGET', K_NODE, name) or redis.call('HGET', K_NODE, SHORT_NAME[name])
+end
+
+-- WATERMARK_FIELDS' values, in their order, in one read.
+local function watermark_settings()
+  local n, fields = #WATERMARK_FIELDS, {}
+  for i, name in ipairs(WATERMARK_FIELDS) do fields[i], fields[i + n] = name, SHORT_NAME[name] end
+  local values = redis.call('HMGET', K_NODE, unpack(fields))
+  local out = {}
+  for i = 1, n do out[i] = values[i] or values[i + n] end
+  return out
+end
+
 -- Counts per family for the watermark arithmetic (done by the caller, in the domain core).
 local function pool_state(now)
   local cutoff = now - COOLDOWN_MS
@@ -59,7 +80,7 @@ local function pool_state(now)
     if COOLDOWN_MS > 0 and free > 0 then cooling = redis.call('ZCOUNT', K_FREE[f], '(' .. cutoff, '+inf') end
     counts[f] = {available, available - free, cooling}
   end
-  local wm = redis.call('HMGET', K_NODE, 'pre', 'min', 'max', 'maw', 'rel', 'v6')
+  local wm = watermark_settings()
   -- Callers still waiting (deadline not passed), per family; an entry without a family is IPv4's.
   local waiting = {['4'] = 0, ['6'] = 0}
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_WAITING, '(' .. now, '+inf')) do

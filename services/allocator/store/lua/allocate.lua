@@ -4,7 +4,7 @@ if missing then return fail(missing) end
 local now = now_ms()
 local ip, owner, idem = ARGV[3], ARGV[4], ARGV[5] or ''
 local f = family_of(ip)
-if f == '6' and redis.call('HGET', K_NODE, 'v6') ~= '1' then return fail('IPV6_DISABLED') end
+if f == '6' and node_setting('ipv6_enabled') ~= '1' then return fail('IPV6_DISABLED') end
 local vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''
 if idem ~= '' then
   if cancelled(idem) then return fail('CALL_CANCELLED') end

@@ -8,7 +8,7 @@ local timer_uuid = {['4'] = ARGV[7], ['6'] = ARGV[8]}
 
 -- Dual-stack ("64") means the families enabled on the allocator and on the node.
 local families = ARGV[3]
-if redis.call('HGET', K_NODE, 'v6') ~= '1' then
+if node_setting('ipv6_enabled') ~= '1' then
   if string.len(families) > 1 then families = '4'
   elseif families == '6' then return fail('IPV6_DISABLED') end  -- refused: no refill would ever come
 end

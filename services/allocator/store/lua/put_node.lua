@@ -5,8 +5,11 @@ local exists = redis.call('EXISTS', K_NODE) == 1
 if ARGV[3] == 'create' and exists then return fail('NODE_ALREADY_EXISTS') end
 if ARGV[3] == 'update' and not exists then return fail('NODE_NOT_FOUND') end
 local now = now_ms()
-redis.call('HSET', K_NODE, 'spec', ARGV[4], 'pre', ARGV[5], 'min', ARGV[6], 'max', ARGV[7],
-           'maw', ARGV[8], 'rel', ARGV[9], 'v6', ARGV[10], 'fii', ARGV[11])
+redis.call('HSET', K_NODE, 'spec', ARGV[4], 'pre_allocate', ARGV[5], 'min_allocate', ARGV[6],
+           'max_allocate', ARGV[7], 'max_above_watermark', ARGV[8], 'release_excess', ARGV[9],
+           'ipv6_enabled', ARGV[10], 'first_interface_index', ARGV[11])
+-- A node written under the settings' short names now has them under the full ones only.
+for _, short in pairs(SHORT_NAME) do redis.call('HDEL', K_NODE, short) end
 if not exists then redis.call('HSET', K_NODE, 'created_ms', now) end
 redis.call('SADD', K_POOLS, POOL)
 return ok({}, now)
