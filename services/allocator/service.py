@@ -11,12 +11,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.core.family import Family
-from services.core.pool_math import Watermarks, pool_demand_ips, pool_excess_ips
+from services.core.pool_math import pool_demand_ips, pool_excess_ips
 from services.core.reasons import DeficitReason, ErrorReason
 
 from .domain.errors import (
@@ -44,10 +44,12 @@ from .domain.model import (
     validate_timeout,
 )
 from .domain.pool import (
+    CloudFacts,
     EventKind,
     KeyedAllocation,
     NodeInterface,
     NodeRecord,
+    NodeSettings,
     PoolEvent,
     PoolState,
     RemoveOutcome,
@@ -76,18 +78,6 @@ class NodeView:
     record: NodeRecord
     stats: NodeStats
     reservations: list[Reservation]
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSettings:
-    """The parts of a node's spec the allocator itself uses."""
-
-    watermarks: Watermarks
-    first_interface_index: int
-    release_excess: bool
-    ipv6_enabled: bool
-    # The spec's lists and maps by name (a map's entries as key=value), only to bound their sizes.
-    spec_items: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 class AllocatorService:
@@ -383,15 +373,7 @@ class AllocatorService:
             if value < 0 or value > 100_000:
                 raise InvalidArgument(f"{label} must be between 0 and 100000", reason=ErrorReason.INVALID_SPEC)
         validate_spec_items(settings.spec_items)
-        await self.store.put_node(
-            name,
-            create=create,
-            spec=spec,
-            watermarks=w,
-            release_excess=settings.release_excess,
-            ipv6_enabled=settings.ipv6_enabled,
-            first_interface_index=settings.first_interface_index,
-        )
+        await self.store.put_node(name, spec, settings, create=create)
         state = await self.store.pool_state(name, DEFAULT_POOL)
         await self.publish_if_needed(name, DEFAULT_POOL, state)
         return await self.node_view(name, DEFAULT_POOL, state)
@@ -463,40 +445,25 @@ class AllocatorService:
         return [parse_ip(ip)[0] for ip in ips]
 
     async def add_addresses(
-        self,
-        node: str,
-        pool: str,
-        interface: NodeInterface,
-        ips: Sequence[str],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
+        self, node: str, pool: str, interface: NodeInterface, ips: Sequence[str], facts: CloudFacts
     ) -> tuple[list[str], NodeView]:
         """Adds what the worker attached; returns the new addresses and the node afterwards."""
         node, pool = self._target(node, pool)
         ips = self._worker_ips(ips)
         # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
         # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
-        cidrs = parse_cidrs(vpc_cidrs) if vpc_cidrs else parse_cidrs(await self.store.vpc_cidrs(node))
-        check_inside_vpc(ips, cidrs)
-        outcome = await self.store.add_addresses(
-            node, pool, interface, ips, list(vpc_cidrs), max_interfaces, ipv4_per_interface
-        )
+        known = facts.vpc_cidrs or await self.store.vpc_cidrs(node)
+        check_inside_vpc(ips, parse_cidrs(known))
+        outcome = await self.store.add_addresses(node, pool, interface, ips, facts)
         if outcome.ips and self.refills:
             await self.refills.notify(node, pool, len(outcome.ips))
         return outcome.ips, await self.node_view(node, pool, outcome.state)
 
     async def set_interfaces(
-        self,
-        node: str,
-        interfaces: Sequence[NodeInterface],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
-        deficit_reason: str,
+        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
     ) -> None:
         node = validate_name(node, "node")
-        await self.store.set_interfaces(node, interfaces, vpc_cidrs, max_interfaces, ipv4_per_interface, deficit_reason)
+        await self.store.set_interfaces(node, interfaces, facts, deficit_reason)
         if deficit_reason and self.refills:
             await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
 

@@ -4,6 +4,7 @@ with them, the service decides with them, the servicer turns them into messages.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -35,6 +36,28 @@ class NodeInterface:
     def address_count(self, family: Family) -> int:
         """How many of its secondary addresses are of `family`."""
         return sum(1 for a in self.addresses if family_of(a) is family)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """The parts of a node's spec the allocator itself uses."""
+
+    watermarks: Watermarks
+    first_interface_index: int
+    release_excess: bool
+    ipv6_enabled: bool
+    # The spec's lists and maps by name (a map's entries as key=value), only to bound their sizes.
+    spec_items: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CloudFacts:
+    """What the worker reports of a node's cloud along with its addresses or interfaces: the VPC's
+    CIDRs and the instance's limits (empty or 0: unknown, what the node holds is kept)."""
+
+    vpc_cidrs: tuple[str, ...] = ()
+    max_interfaces: int = 0
+    ipv4_per_interface: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from services.core.family import Family
-from services.core.pool_math import Watermarks
 
 from ..domain.pool import (
     AllocateOutcome,
     ChangeOutcome,
+    CloudFacts,
     KeyedAllocation,
     NodeInterface,
     NodeRecord,
+    NodeSettings,
     PoolState,
     RemoveOutcome,
 )
@@ -94,17 +95,9 @@ class PoolStore(Protocol):
 
     # --- nodes and the worker's reports ------------------------------------------------------------
 
-    async def put_node(
-        self,
-        node: str,
-        *,
-        create: bool,
-        spec: bytes,
-        watermarks: Watermarks,
-        release_excess: bool,
-        ipv6_enabled: bool,
-        first_interface_index: int,
-    ) -> None: ...
+    async def put_node(self, node: str, spec: bytes, settings: NodeSettings, *, create: bool) -> None:
+        """Creates the node (`create`) or replaces the spec of a known one."""
+        ...
 
     async def delete_node(self, node: str) -> None: ...
 
@@ -114,19 +107,11 @@ class PoolStore(Protocol):
         pool: str,
         interface: NodeInterface,
         ips: Sequence[str],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
+        facts: CloudFacts,
     ) -> ChangeOutcome: ...
 
     async def set_interfaces(
-        self,
-        node: str,
-        interfaces: Sequence[NodeInterface],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
-        deficit_reason: str,
+        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
     ) -> None: ...
 
     async def set_node_error(self, node: str, error: str) -> None: ...

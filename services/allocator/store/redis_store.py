@@ -41,9 +41,11 @@ from ..domain.model import Allocation, InterfaceInfo
 from ..domain.pool import (
     AllocateOutcome,
     ChangeOutcome,
+    CloudFacts,
     KeyedAllocation,
     NodeInterface,
     NodeRecord,
+    NodeSettings,
     PoolState,
     RemoveOutcome,
     Reservation,
@@ -589,18 +591,8 @@ class RedisStore:
 
     # --- nodes -------------------------------------------------------------------------------
 
-    async def put_node(
-        self,
-        node: str,
-        *,
-        create: bool,
-        spec: bytes,
-        watermarks: Watermarks,
-        release_excess: bool,
-        ipv6_enabled: bool,
-        first_interface_index: int,
-    ) -> None:
-        w = watermarks
+    async def put_node(self, node: str, spec: bytes, settings: NodeSettings, *, create: bool) -> None:
+        w = settings.watermarks
         await self._run(
             "put_node",
             node,
@@ -611,9 +603,9 @@ class RedisStore:
             w.min_allocate,
             w.max_allocate,
             w.max_above_watermark,
-            int(release_excess),
-            int(ipv6_enabled),
-            first_interface_index,
+            int(settings.release_excess),
+            int(settings.ipv6_enabled),
+            settings.first_interface_index,
         )
         # The registry is its own slot: written after the node, so a listed node always exists.
         await self.call(lambda: self.client.sadd(keys.NODES_KEY, node), change=True)
@@ -635,9 +627,7 @@ class RedisStore:
         pool: str,
         interface: NodeInterface,
         ips: Sequence[str],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
+        facts: CloudFacts,
     ) -> ChangeOutcome:
         result = await self._run(
             "add_addresses",
@@ -645,21 +635,15 @@ class RedisStore:
             pool,
             interface.id,
             interface_json(interface),
-            " ".join(vpc_cidrs),
-            max_interfaces,
-            ipv4_per_interface,
+            " ".join(facts.vpc_cidrs),
+            facts.max_interfaces,
+            facts.ipv4_per_interface,
             *ips,
         )
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["added"]))
 
     async def set_interfaces(
-        self,
-        node: str,
-        interfaces: Sequence[NodeInterface],
-        vpc_cidrs: Sequence[str],
-        max_interfaces: int,
-        ipv4_per_interface: int,
-        deficit_reason: str,
+        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
     ) -> None:
         await self.node_record(node)  # NOT_FOUND for an unknown node
 
@@ -670,12 +654,12 @@ class RedisStore:
                 pipe.hset(keys.interfaces_key(node), mapping={i.id: interface_json(i) for i in interfaces})
                 pipe.hset(keys.interface_info_key(node), mapping={i.id: interface_info(i) for i in interfaces})
             fields: dict[str, Any] = {"deficit_reason": deficit_reason}
-            if vpc_cidrs:
-                fields["vpc_cidrs"] = " ".join(vpc_cidrs)
-            if max_interfaces:
-                fields["max_ifaces"] = max_interfaces
-            if ipv4_per_interface:
-                fields["ipv4_per_iface"] = ipv4_per_interface
+            if facts.vpc_cidrs:
+                fields["vpc_cidrs"] = " ".join(facts.vpc_cidrs)
+            if facts.max_interfaces:
+                fields["max_ifaces"] = facts.max_interfaces
+            if facts.ipv4_per_interface:
+                fields["ipv4_per_iface"] = facts.ipv4_per_interface
             pipe.hset(keys.node_key(node), mapping=fields)
             return await pipe.execute()
 

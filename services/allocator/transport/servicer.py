@@ -20,9 +20,9 @@ from services.core.reasons import ErrorReason
 
 from ..domain.errors import InvalidArgument, IpAlreadyAllocated, IpamError, Unavailable
 from ..domain.model import Allocation, parse_family, validate_page_size
-from ..domain.pool import NodeInterface, PoolEvent
+from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent
 from ..metrics import AllocatorMetrics
-from ..service import AllocatorService, NodeSettings, NodeView, call_scope
+from ..service import AllocatorService, NodeView, call_scope
 from .status import status_code_of, to_status
 
 Req = TypeVar("Req")
@@ -237,6 +237,10 @@ def interface_message(interface: NodeInterface) -> npb.Interface:
     return npb.Interface(**{name: getattr(interface, name) for name in _INTERFACE_FIELDS})
 
 
+def cloud_facts(request: npb.AddAddressesRequest | npb.SetInterfacesRequest) -> CloudFacts:
+    return CloudFacts(tuple(request.vpc_cidrs), request.max_interfaces, request.ipv4_per_interface)
+
+
 def event_message(event: PoolEvent) -> events_pb2.PoolEvent:
     return events_pb2.PoolEvent(
         node=event.node, pool=event.pool, kind=int(event.kind), published_at_ms=event.published_at_ms
@@ -416,9 +420,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             request.pool,
             node_interface(request.interface),
             list(request.ips),
-            list(request.vpc_cidrs),
-            request.max_interfaces,
-            request.ipv4_per_interface,
+            cloud_facts(request),
         )
         return npb.AddAddressesResponse(added_ips=added, node=node_message(view))
 
@@ -429,9 +431,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         await self.service.set_interfaces(
             request.node,
             [node_interface(i) for i in request.interfaces],
-            list(request.vpc_cidrs),
-            request.max_interfaces,
-            request.ipv4_per_interface,
+            cloud_facts(request),
             request.deficit_reason,
         )
         return npb.SetInterfacesResponse()
