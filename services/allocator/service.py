@@ -168,6 +168,7 @@ class AllocatorService:
         own_key = not idempotency_key
         idempotency_key = idempotency_key or call_key()  # so that a lost try can be found and given back
         waiter = ""  # set while this call is counted among the callers waiting for a refill
+        last_empty: PoolEmpty | None = None  # the pool's answer before the last wait
         try:
             while True:
                 try:
@@ -176,7 +177,14 @@ class AllocatorService:
                     )
                 except OutcomeUnknown as exc:
                     raise self._given_back(exc, node, pool, idempotency_key) if own_key else exc from exc
+                except Unavailable as exc:
+                    if last_empty is not None and exc.final:
+                        # Asking again after a wait, the deadline left Redis no time to answer, and
+                        # nothing was sent: what the pool last said is still the truthful answer.
+                        raise last_empty from exc
+                    raise
                 except PoolEmpty as exc:
+                    last_empty = exc
                     state = exc.state
                     remaining = (deadline - time.monotonic()) if deadline else 30.0
                     waits = wait_for_refill and remaining > 2 * _ASK_AGAIN_S

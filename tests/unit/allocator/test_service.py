@@ -337,3 +337,37 @@ def test_a_given_back_call_stops_when_the_node_is_gone() -> None:
     store.fail_next = NotFound("node node-a is not known", reason=ErrorReason.NODE_NOT_FOUND)
     run(svc._cancel_call(NODE, POOL, "k"))
     assert [name for name, _ in store.calls] == ["cancel_call"]
+
+
+class SlowAfterTheWait(FakeRefills):
+    """No refill comes, and when the caller asks again Redis cannot answer within its deadline."""
+
+    def __init__(self, pool: FakePool, store: FakeStore, error: Exception) -> None:
+        super().__init__(pool)
+        self.store, self.error = store, error
+
+    async def wait(self, node: str, pool: str, timeout: float) -> bool:
+        self.store.fail_next = self.error
+        return await super().wait(node, pool, 0)
+
+
+def _asking_again_fails(error: Exception) -> Exception:
+    pool = FakePool(watermarks=Watermarks(pre_allocate=0))
+    svc, store, _ = service(pool)
+    svc.refills = SlowAfterTheWait(pool, store, error)
+    deadline = time.monotonic() + 30  # long enough that the wait ends at its 5 s bound and asks again
+    with pytest.raises(Exception) as caught:
+        run(svc.allocate_next(NODE, POOL, Family.IPV4, "pod", wait_for_refill=True, deadline=deadline))
+    assert [name for name, _ in store.calls].count("allocate_next") == 2
+    return caught.value
+
+
+def test_a_waiting_call_whose_deadline_leaves_redis_no_time_gets_the_pools_answer() -> None:
+    unanswered = Unavailable("redis did not answer within the call's deadline")
+    unanswered.final = True
+    assert isinstance(_asking_again_fails(unanswered), PoolEmpty)
+
+
+def test_a_waiting_call_with_time_left_says_redis_is_unavailable() -> None:
+    error = _asking_again_fails(Unavailable("redis is unreachable"))  # a retry could do better: said so
+    assert isinstance(error, Unavailable)
