@@ -1,8 +1,9 @@
 """Per-node pool maintenance (Cilium's `Node.MaintainIPPool`, pkg/ipam/node.go): make the cloud
-and the allocator agree, then plan one step at a time until the pool is at its watermark, the node
-is full, or nothing can be done. Each round reads the truth again, so a duplicate event or a crash
-part-way never assigns addresses twice: what is already attached is found and handed to the
-allocator first."""
+and the allocator agree, then read the state, decide the next step (`planner.decide`, with the
+provider's policy), apply it through the provider, and again, until the pool is at its watermark,
+the node is full, or nothing can be done. The cloud is reconciled with the pool before the first
+step and after every refusal, so a duplicate event or a crash part-way never assigns addresses
+twice: what is already attached is found and handed to the allocator first."""
 
 from __future__ import annotations
 
@@ -53,6 +54,31 @@ class Outcome:
     actions: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Maintenance:
+    """What one maintenance has read and learnt so far; each round's `planner.NodeState` is made
+    from it. None means "read it (again)"."""
+
+    node: npb.Node
+    instance: Instance
+    limits: InstanceLimits
+    cidrs: list[str]
+    plan_spec: planner.NodeSpec
+    pool: pb.DumpResponse | None  # the Dump read with the node, for the first reconcile
+    first_read: list[NetworkInterface] | None  # the interfaces read (or viewed) with the node
+    settle_reservations: bool
+    interfaces: list[NetworkInterface] | None = None  # reconciled with the pool
+    subnets: list[Subnet] | None = None
+    full_subnets: set[str] = field(default_factory=set)  # refused as full in this maintenance
+    allocated_ipv4: frozenset[str] | None = None  # from a Dump the decision asked for
+    free_ipv6: frozenset[str] | None = None
+    tagged_security_groups: tuple[str, ...] | None = None
+    ipv6_assign_tried: bool = False  # an IPv6 assign brought nothing
+    ipv6_release_tried: bool = False  # an IPv6 release found nothing to reserve
+    ambiguous_seen: bool = False  # a mutating call whose outcome is unknown was answered once already
+    released_some: bool = False  # AddAddresses keeps the allocator's interface table; a release does not
+
+
 def _interface_message(interface: NetworkInterface) -> npb.Interface:
     return npb.Interface(
         id=interface.id,
@@ -74,6 +100,7 @@ def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
         subnet_ids=tuple(spec.subnet_ids),
         subnet_tags=dict(spec.subnet_tags),
         security_group_ids=tuple(spec.security_group_ids) or instance.security_group_ids,
+        security_group_tags={} if spec.security_group_ids else dict(spec.security_group_tags),  # ids win
         vpc_id=spec.vpc_id or instance.vpc_id,
         availability_zone=spec.availability_zone or instance.availability_zone,
         release_excess=spec.release_excess,
@@ -124,9 +151,33 @@ class NodeMaintainer:
             outcome.cloud_seconds += time.perf_counter() - started
 
     async def maintain(self, name: str, *, settle_reservations: bool = False) -> Outcome:
-        """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError."""
+        """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError.
+
+        Read the state (the pool from the allocator, the cloud from the view or a read), decide the
+        next step (`planner.decide`, pure, with the provider's policy), apply it through the
+        provider, and again, until nothing is left to do or `MAX_ROUNDS` steps were taken."""
         started = time.perf_counter()
         outcome = Outcome(name)
+        node_ = await self._setup(name, outcome, settle_reservations)
+        if node_ is None:
+            return outcome
+        for _ in range(MAX_ROUNDS):
+            state = await self._read_state(node_, outcome)
+            step = planner.decide(state, self.provider)
+            if isinstance(step, planner.NoAction):
+                outcome.reason, outcome.detail = step.reason, step.detail
+                break
+            if not await self._apply(node_, step, outcome):
+                break
+        await self._report(node_.node, node_.interfaces if node_.released_some else None, outcome)
+        outcome.seconds = time.perf_counter() - started
+        if outcome.assigned:
+            self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
+        return outcome
+
+    async def _setup(self, name: str, outcome: Outcome, settle_reservations: bool) -> _Maintenance | None:
+        """The node, its pool, its instance, the type's limits and the VPC's CIDRs; None (with the
+        reason in `outcome`, told to the allocator) when the node cannot be maintained."""
         # A node seen before and not in the view: its interfaces are read while the allocator
         # answers, not after.
         known_instance = self._node_instances.get(name)
@@ -148,7 +199,7 @@ class NodeMaintainer:
             outcome.reason = DeficitReason.NO_INSTANCE
             outcome.detail = "the node's spec names no instance id or type"
             await self._report(node, None, outcome)
-            return outcome
+            return None
         if spec.instance_id != known_instance:
             first_read = None
         if first_read is not None:
@@ -164,7 +215,7 @@ class NodeMaintainer:
             log.warning("node %s: %s", name, exc)
             outcome.reason, outcome.detail = DeficitReason.INSTANCE_TYPE_UNKNOWN, str(exc)
             await self._report(node, None, outcome)
-            return outcome
+            return None
         try:
             instance = self.view.instance(spec.instance_id) or await self._cloud(
                 outcome, self.provider.describe_instance, spec.instance_id
@@ -175,7 +226,7 @@ class NodeMaintainer:
             log.warning("node %s: %s", name, exc)
             outcome.reason, outcome.detail = DeficitReason.INSTANCE_NOT_FOUND, str(exc)
             await self._report(node, None, outcome)
-            return outcome
+            return None
         self.view.put_instance(instance)
         cidrs = self.view.vpc_cidrs(instance.vpc_id)
         if cidrs is None:
@@ -184,101 +235,138 @@ class NodeMaintainer:
         plan_spec = planner_spec(spec, instance)
         if plan_spec.release_excess and not self._excess_due(name, node):
             plan_spec = replace(plan_spec, release_excess=False)  # not yet: the next resync looks again
-        full_subnets: set[str] = set()
+        return _Maintenance(
+            node=node,
+            instance=instance,
+            limits=limits,
+            cidrs=cidrs,
+            plan_spec=plan_spec,
+            pool=pool,
+            first_read=first_read,
+            settle_reservations=settle_reservations,
+        )
 
-        # The cloud is read at the start (and again after a refusal); in between, each action's
-        # read-back keeps the local view current, so a step costs one mutating call, not three.
-        interfaces: list[NetworkInterface] | None = None
-        subnets: list[Subnet] | None = None
-        released_some = False  # AddAddresses keeps the allocator's interface table; a release does not
-        ipv6_releasable = True  # until a look found nothing to give back (it reads the pool's Dump)
-        ambiguous_seen = False  # a mutating call whose outcome is unknown was answered once already
-        for _ in range(MAX_ROUNDS):
+    async def _read_state(self, m: _Maintenance, outcome: Outcome) -> planner.NodeState:
+        """The node as the next decision sees it. The cloud is read at the start (and again after a
+        refusal); in between, each step's answer keeps the local view current, so a step costs one
+        mutating call, not three."""
+        if m.interfaces is None:
+            interfaces = m.first_read
             if interfaces is None:
-                if first_read is None:
-                    first_read = await self._cloud(outcome, self.provider.list_interfaces, instance.id)
-                    self.view.put_interfaces(instance.id, first_read)
-                interfaces, first_read = first_read, None
-                node, interfaces = await self._reconcile(
-                    node, pool, interfaces, limits, cidrs, settle_reservations, outcome
-                )
-                for interface in interfaces:
-                    self.view.put_interface(instance.id, interface)
-                pool = None  # read again if the cloud is read again
-                settle_reservations = False
-            if subnets is None:
-                subnets = await self._subnets(instance, outcome, fresh=bool(full_subnets))
-            if spec.ipv6_enabled and node.stats.needed_ipv6 + node.stats.waiting_ipv6 > 0:
-                updated = await self._assign_ipv6(node, interfaces, limits, outcome)
-                if updated is not None:
-                    interfaces = _replacing(interfaces, updated)
-                    self.view.put_interface(instance.id, updated)
-                    node = await self.allocator.get_node(name, CLOUD_POOL)
-                    continue
-            # IPv6 switched off: every free IPv6 address goes back, release_excess or not.
-            gives_back_ipv6 = plan_spec.release_excess or not spec.ipv6_enabled
-            if ipv6_releasable and gives_back_ipv6 and node.stats.excess_ipv6 > 0:
-                released = await self._release_ipv6(node, plan_spec, interfaces, outcome)
-                if released is not None:
-                    interfaces, released_some = _replacing(interfaces, released), True
-                    self.view.put_interface(instance.id, released)
-                    node = await self.allocator.get_node(name, CLOUD_POOL)
-                    continue
-                ipv6_releasable = False
-            usable = [s for s in subnets if s.id not in full_subnets]
-            action = await self._plan(node, plan_spec, interfaces, limits, usable)
-            if isinstance(action, planner.AllocationAction) and action.creates_interface:
-                action = await self._groups_for_new_interface(spec, instance, action, outcome)
-            try:
-                after: npb.Node | None = None
-                if isinstance(action, planner.AllocationAction):
-                    known = next((i for i in interfaces if i.id == action.interface_id), None)
-                    updated, after = await self._allocate(node, instance, cidrs, action, outcome, known)
-                    spent = action.count + (1 if action.creates_interface else 0)  # a new interface's primary too
-                    subnets = [
-                        replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
-                        for s in subnets
-                    ]
-                    self.view.spend(action.subnet_id, spent)
-                elif isinstance(action, planner.ReleaseAction):
-                    known = next((i for i in interfaces if i.id == action.interface_id), None)
-                    released = await self._release(node, action, outcome, known)
-                    if released is None:
-                        outcome.reason = DeficitReason.NOTHING_RELEASABLE
-                        break
-                    updated, released_some = released, True
-                else:
-                    outcome.reason, outcome.detail = action.reason, action.detail
-                    break
-                interfaces = _replacing(interfaces, updated)
-                self.view.put_interface(instance.id, updated)
-            except SubnetFull as exc:
-                subnet = getattr(action, "subnet_id", "")
-                log.info("node %s: subnet %s is full (%s); trying the next one", name, subnet, exc)
-                full_subnets.add(subnet)
-                subnets = None
-            except LimitExceeded as exc:
-                log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
-                self.view.forget(instance.id)
-                interfaces = subnets = None
-                after = None
-            except Transient as exc:
-                # An assign or a create that failed this way may still have been carried out: read the
-                # truth again (reconciling adds what is there) before planning, once per maintenance.
-                if ambiguous_seen or not isinstance(action, planner.AllocationAction):
-                    raise
-                ambiguous_seen = True
-                log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
-                self.view.forget(instance.id)
-                interfaces = subnets = None
-                after = None
-            node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
+                interfaces = await self._cloud(outcome, self.provider.list_interfaces, m.instance.id)
+                self.view.put_interfaces(m.instance.id, interfaces)
+            m.first_read = None
+            m.node, interfaces = await self._reconcile(
+                m.node, m.pool, interfaces, m.limits, m.cidrs, m.settle_reservations, outcome
+            )
+            for interface in interfaces:
+                self.view.put_interface(m.instance.id, interface)
+            m.interfaces = interfaces
+            m.pool = None  # read again if the cloud is read again
+            m.settle_reservations = False
+            m.allocated_ipv4 = m.free_ipv6 = None
+        if m.subnets is None:
+            m.subnets = await self._subnets(m.instance, outcome, fresh=bool(m.full_subnets))
+        stats = m.node.stats
+        return planner.NodeState(
+            spec=m.plan_spec,
+            limits=m.limits,
+            interfaces=tuple(m.interfaces),
+            subnets=tuple(s for s in m.subnets if s.id not in m.full_subnets),
+            ipv4=PoolCounts(stats.available_ips, stats.used_ips, stats.cooling_ips),
+            needed_ipv4=int(stats.needed_ips),
+            excess_ipv4=int(stats.excess_ips),
+            waiting_ipv4=int(stats.waiting_ips),
+            ipv6_enabled=m.node.spec.ipv6_enabled,
+            ipv6=PoolCounts(stats.available_ipv6, stats.used_ipv6),
+            needed_ipv6=int(stats.needed_ipv6),
+            excess_ipv6=int(stats.excess_ipv6),
+            waiting_ipv6=int(stats.waiting_ipv6),
+            allocated_ipv4=m.allocated_ipv4,
+            free_ipv6=m.free_ipv6,
+            ipv6_assign_tried=m.ipv6_assign_tried,
+            ipv6_release_tried=m.ipv6_release_tried,
+            tagged_security_groups=m.tagged_security_groups,
+        )
 
-        await self._report(node, interfaces if released_some else None, outcome)
-        outcome.seconds = time.perf_counter() - started
-        if outcome.assigned:
-            self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
-        return outcome
+    async def _apply(self, m: _Maintenance, step: planner.Step, outcome: Outcome) -> bool:
+        """Carries out one step; False when the maintenance ends here (`outcome.reason` says why)."""
+        name = m.node.spec.name
+        assert m.interfaces is not None and m.subnets is not None  # _read_state read them
+        if isinstance(step, planner.ReadPool):
+            dump = await self.allocator.dump(name, CLOUD_POOL)
+            m.allocated_ipv4, m.free_ipv6 = frozenset(dump.ipv4), frozenset(dump.free_ipv6)
+            return True
+        if isinstance(step, planner.ReadSecurityGroups):
+            m.tagged_security_groups = await self._tagged_security_groups(m.node.spec, m.instance, outcome)
+            return True
+        if isinstance(step, planner.AssignIPv6):
+            updated = await self._assign_ipv6(m.node, step, outcome)
+            if updated is None:
+                m.ipv6_assign_tried = True
+                return True
+            self._replace_interface(m, updated)
+            m.node = await self.allocator.get_node(name, CLOUD_POOL)
+            return True
+        if isinstance(step, planner.ReleaseAction) and step.family is Family.IPV6:
+            released = await self._release(m.node, step, outcome, self._interface(m, step.interface_id))
+            m.allocated_ipv4 = m.free_ipv6 = None
+            if released is None:
+                m.ipv6_release_tried = True
+                return True
+            self._replace_interface(m, released)
+            m.released_some = True
+            m.node = await self.allocator.get_node(name, CLOUD_POOL)
+            return True
+        after: npb.Node | None = None
+        try:
+            if isinstance(step, planner.AllocationAction):
+                updated, after = await self._allocate(
+                    m.node, m.instance, m.cidrs, step, outcome, self._interface(m, step.interface_id)
+                )
+                spent = step.count + (1 if step.creates_interface else 0)  # a new interface's primary too
+                m.subnets = [
+                    replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == step.subnet_id else s
+                    for s in m.subnets
+                ]
+                self.view.spend(step.subnet_id, spent)
+            else:
+                released = await self._release(m.node, step, outcome, self._interface(m, step.interface_id))
+                m.allocated_ipv4 = m.free_ipv6 = None
+                if released is None:
+                    outcome.reason = DeficitReason.NOTHING_RELEASABLE
+                    return False
+                updated, m.released_some = released, True
+            self._replace_interface(m, updated)
+        except SubnetFull as exc:
+            log.info("node %s: subnet %s is full (%s); trying the next one", name, step.subnet_id, exc)
+            m.full_subnets.add(step.subnet_id)
+            m.subnets = None
+        except LimitExceeded as exc:
+            log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
+            self.view.forget(m.instance.id)
+            m.interfaces = m.subnets = None
+        except Transient as exc:
+            # An assign or a create that failed this way may still have been carried out: read the
+            # truth again (reconciling adds what is there) before deciding, once per maintenance.
+            if m.ambiguous_seen or not isinstance(step, planner.AllocationAction):
+                raise
+            m.ambiguous_seen = True
+            log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
+            self.view.forget(m.instance.id)
+            m.interfaces = m.subnets = None
+        m.node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
+        return True
+
+    @staticmethod
+    def _interface(m: _Maintenance, interface_id: str) -> NetworkInterface | None:
+        """The interface as last read, if the maintenance holds it."""
+        return next((i for i in m.interfaces or () if i.id == interface_id), None)
+
+    def _replace_interface(self, m: _Maintenance, updated: NetworkInterface) -> None:
+        """A step's answer: the interface as the cloud holds it now, in the maintenance and the view."""
+        m.interfaces = _replacing(m.interfaces or [], updated)
+        self.view.put_interface(m.instance.id, updated)
 
     def _excess_due(self, name: str, node: npb.Node) -> bool:
         """Whether the node's excess has lasted the release delay (the clock starts when it is first
@@ -289,13 +377,11 @@ class NodeMaintainer:
         since = self._excess_since.setdefault(name, time.monotonic())
         return time.monotonic() - since >= self.excess_release_delay_s
 
-    async def _groups_for_new_interface(
-        self, spec: npb.NodeSpec, instance: Instance, action: planner.AllocationAction, outcome: Outcome
-    ) -> planner.AllocationAction:
-        """Security groups by ids, else by tags, else the primary interface's (as Cilium): the
-        planner settled ids and the fallback; the groups carrying the tags are looked up here."""
-        if spec.security_group_ids or not spec.security_group_tags:
-            return action
+    async def _tagged_security_groups(
+        self, spec: npb.NodeSpec, instance: Instance, outcome: Outcome
+    ) -> tuple[str, ...]:
+        """The groups of the node's VPC carrying every one of the spec's security group tags (none
+        found: the policy falls back)."""
         vpc_id = spec.vpc_id or instance.vpc_id
         # The view's groups when they match; none matching may mean groups tagged since: read again.
         viewed = self.view.security_groups(vpc_id) or []
@@ -313,8 +399,7 @@ class NodeMaintainer:
                 vpc_id,
                 dict(spec.security_group_tags),
             )
-            return action
-        return replace(action, security_group_ids=matching)
+        return matching
 
     def _viewed_interfaces(self, node: npb.Node, pool: pb.DumpResponse) -> list[NetworkInterface] | None:
         """The node's interfaces from the view, when it is fresh and holds exactly the pool's
@@ -343,25 +428,6 @@ class NodeMaintainer:
         for subnet in subnets:
             self.metrics.available_ips_per_subnet.labels(subnet.id, subnet.availability_zone).set(subnet.free_addresses)
         return subnets
-
-    async def _plan(
-        self,
-        node: npb.Node,
-        plan_spec: planner.NodeSpec,
-        interfaces: list[NetworkInterface],
-        limits: InstanceLimits,
-        subnets: list[Subnet],
-    ) -> planner.Action:
-        counts = PoolCounts(node.stats.available_ips, node.stats.used_ips, node.stats.cooling_ips)
-        releasing = plan_spec.release_excess and node.stats.excess_ips > 0 and node.stats.needed_ips <= 0
-        # Which addresses of an interface are free matters only to a release: read them only then.
-        allocated = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).ipv4) if releasing else set()
-        states = [
-            planner.InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
-            for i in interfaces
-            if i.device_index >= 0
-        ]
-        return planner.plan(plan_spec, counts, states, limits, subnets, surge=int(node.stats.waiting_ips))
 
     async def _reconcile(
         self,
@@ -653,46 +719,12 @@ class NodeMaintainer:
             len(reservation.ips),
         )
 
-    async def _release_ipv6(
-        self, node: npb.Node, plan_spec: planner.NodeSpec, interfaces: list[NetworkInterface], outcome: Outcome
-    ) -> NetworkInterface | None:
-        """Gives the pool's IPv6 excess back from the interface with the most free IPv6 addresses;
-        the interface as it is now, None when there was nothing to release."""
-        free = set((await self.allocator.dump(node.spec.name, CLOUD_POOL)).free_ipv6)
-        states = [
-            planner.InterfaceState.from_cloud(i, free_ipv6=sum(1 for a in i.ipv6 if a in free))
-            for i in interfaces
-            if i.device_index >= 0
-        ]
-        counts = PoolCounts(node.stats.available_ipv6, node.stats.used_ipv6)
-        if not node.spec.ipv6_enabled:  # switched off: nothing is kept free
-            plan_spec = replace(plan_spec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
-        action = planner.plan_ipv6_release(plan_spec, counts, states)
-        if not isinstance(action, planner.ReleaseAction):
-            return None
-        known = next((i for i in interfaces if i.id == action.interface_id), None)
-        return await self._release(node, action, outcome, known)
-
     async def _assign_ipv6(
-        self, node: npb.Node, interfaces: list[NetworkInterface], limits: InstanceLimits, outcome: Outcome
+        self, node: npb.Node, step: planner.AssignIPv6, outcome: Outcome
     ) -> NetworkInterface | None:
-        """Assigns the IPv6 addresses the pool needs on the first usable interface with room
-        (within the instance type's IPv6 addresses per interface)."""
-        usable = [
-            i
-            for i in interfaces
-            if i.device_index >= node.spec.first_interface_index and len(i.ipv6) < limits.ipv6_per_interface
-        ]
-        if not usable:
-            return None
-        room = limits.ipv6_per_interface - len(usable[0].ipv6)
-        change = await self._cloud(
-            outcome,
-            self.provider.assign_addresses,
-            usable[0].id,
-            min(int(node.stats.needed_ipv6 + node.stats.waiting_ipv6), room),  # IPv6 waiters are its surge
-            Family.IPV6,
-        )
+        """Assigns IPv6 addresses as the policy chose; the interface as it is now, None when the
+        cloud gave none."""
+        change = await self._cloud(outcome, self.provider.assign_addresses, step.interface_id, step.count, Family.IPV6)
         await self.allocator.add_addresses(
             npb.AddAddressesRequest(
                 node=node.spec.name,

@@ -1,4 +1,5 @@
-"""What the cloud holds: value types shared by the planner and the cloud providers (no I/O)."""
+"""What the cloud holds and what a step does to it: value types shared by the planner and the
+cloud providers (no I/O)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.core.pool_math import interface_capacity
+from services.core.family import Family
+from services.core.pool_math import Watermarks, interface_capacity
+from services.core.reasons import DeficitReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,3 +93,95 @@ class AddressChange:
 
     addresses: tuple[str, ...]
     interface: NetworkInterface
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """What planning needs of a node's spec (the proto `NodeSpec`, minus names and ids)."""
+
+    watermarks: Watermarks = field(default_factory=Watermarks)
+    first_interface_index: int = 0
+    subnet_ids: tuple[str, ...] = ()
+    subnet_tags: Mapping[str, str] = field(default_factory=dict)
+    security_group_ids: tuple[str, ...] = ()  # the spec's, else the instance's
+    # Groups carrying these tags go before `security_group_ids` (set only when the spec names no ids).
+    security_group_tags: Mapping[str, str] = field(default_factory=dict)
+    vpc_id: str = ""  # "" = do not filter subnets by VPC
+    availability_zone: str = ""  # "" = do not filter subnets by zone
+    release_excess: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceState:
+    """One interface of the node, as far as planning goes."""
+
+    id: str
+    device_index: int
+    subnet_id: str
+    ipv4_addresses: int  # IPv4 addresses attached, the primary included
+    free_ipv4: int = 0  # of those, how many the pool holds free (releasable)
+    security_group_ids: tuple[str, ...] = ()
+    free_ipv6: int = 0  # IPv6 addresses of the interface the pool holds free (releasable)
+
+    @classmethod
+    def from_cloud(cls, interface: NetworkInterface, free_ipv4: int = 0, free_ipv6: int = 0) -> InterfaceState:
+        """The planning view of an interface read from the provider."""
+        return cls(
+            id=interface.id,
+            device_index=interface.device_index,
+            subnet_id=interface.subnet_id,
+            ipv4_addresses=interface.ipv4_count,
+            free_ipv4=free_ipv4,
+            security_group_ids=interface.security_group_ids,
+            free_ipv6=free_ipv6,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationAction:
+    """Add `count` secondary IPv4 addresses.
+
+    With `interface_id` set: assign them on that existing interface. With `interface_id` empty:
+    create an interface in `subnet_id` with `security_group_ids`, holding `count` secondaries,
+    and attach it at `device_index`.
+    """
+
+    count: int
+    subnet_id: str
+    device_index: int
+    interface_id: str = ""
+    security_group_ids: tuple[str, ...] = ()
+
+    @property
+    def creates_interface(self) -> bool:
+        """True when the action creates a new interface."""
+        return not self.interface_id
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseAction:
+    """Give `count` free addresses of `family` of interface `interface_id` back to the cloud."""
+
+    interface_id: str
+    subnet_id: str
+    count: int
+    family: Family = Family.IPV4
+
+
+@dataclass(frozen=True, slots=True)
+class NoAction:
+    """Nothing to do now, and why; `detail` is for humans."""
+
+    reason: DeficitReason
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AssignIPv6:
+    """Assign `count` IPv6 addresses on the existing interface `interface_id`."""
+
+    interface_id: str
+    count: int
+
+
+Action = AllocationAction | ReleaseAction | NoAction

@@ -1,5 +1,12 @@
 """`CloudProvider` for AWS EC2, with boto3.
 
+`Ec2Policy` holds EC2's choices (as Cilium's pkg/aws/eni/node.go): the lowest interface with a
+free slot in a subnet with free addresses; else a new interface at the lowest free device index
+at or above `first_interface_index`, in the subnet chosen by ids, else tags, else the node's own
+(most free addresses wins), with the groups carrying the spec's tags, else the spec's, else the
+primary interface's, holding at most the per-interface limit less its primary address; excess
+given back from the interface with the most free addresses. It makes no call.
+
 Every EC2 call (each Describe page included) goes through `_call`: one token from the `Limiter`
 (EC2's token buckets, shared in Redis), throttling slowing the bucket down and retried with
 exponential backoff, every `ClientError` turned into a `ProviderError`, and the duration and
@@ -31,9 +38,15 @@ from botocore.parsers import ResponseParserError
 from services.cloudworker.metrics import ApiObserver, NullObserver
 from services.cloudworker.model import (
     AddressChange,
+    AllocationAction,
+    AssignIPv6,
     Instance,
     InstanceLimits,
+    InterfaceState,
     NetworkInterface,
+    NoAction,
+    NodeSpec,
+    ReleaseAction,
     SecurityGroup,
     Subnet,
 )
@@ -48,6 +61,7 @@ from services.cloudworker.providers.errors import (
 )
 from services.cloudworker.ratelimit import Limiter, TokenBucket
 from services.core.family import Family
+from services.core.reasons import DeficitReason
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +170,136 @@ def make_ec2_client(
     )
 
 
-class AwsProvider(CloudProvider):
-    """EC2 as a `CloudProvider` for one cluster. Thread-safe: boto3 clients and the bucket are."""
+class Ec2Policy:
+    """EC2's choices for a step (`CloudPolicy`); pure."""
+
+    def prepare_allocation(
+        self,
+        spec: NodeSpec,
+        wanted: int,
+        interfaces: Sequence[InterfaceState],
+        limits: InstanceLimits,
+        subnets: Sequence[Subnet],
+        tagged_security_groups: Sequence[str] = (),
+    ) -> AllocationAction | NoAction:
+        # An existing interface with a free slot, in a subnet with free addresses, lowest device first.
+        subnets_by_id = {s.id: s for s in subnets}
+        blocked_by_subnet = False
+        for interface in sorted(interfaces, key=lambda i: i.device_index):
+            room = limits.ipv4_per_interface - interface.ipv4_addresses
+            if interface.device_index < spec.first_interface_index or room <= 0:
+                continue
+            subnet = subnets_by_id.get(interface.subnet_id)
+            if subnet is None:
+                continue
+            if subnet.free_addresses <= 0:
+                blocked_by_subnet = True
+                continue
+            return AllocationAction(
+                count=min(wanted, room, subnet.free_addresses),
+                subnet_id=subnet.id,
+                device_index=interface.device_index,
+                interface_id=interface.id,
+            )
+
+        # Else a new interface at the lowest free device index.
+        free_indexes = _free_device_indexes(spec, interfaces, limits)
+        if not free_indexes:
+            if blocked_by_subnet:
+                return NoAction(DeficitReason.SUBNET_FULL, "interfaces with free slots are in full subnets")
+            return NoAction(
+                DeficitReason.AT_CAPACITY,
+                f"{limits.capacity(spec.first_interface_index)} usable addresses, all attached",
+            )
+        subnet = _subnet_for_new_interface(spec, interfaces, limits, subnets)
+        if subnet is None:
+            return NoAction(DeficitReason.SUBNET_FULL, "no subnet the node may use has free addresses")
+        return AllocationAction(
+            # The new interface's primary address also comes out of the subnet.
+            count=min(wanted, limits.ipv4_per_interface - 1, subnet.free_addresses - 1),
+            subnet_id=subnet.id,
+            device_index=free_indexes[0],
+            security_group_ids=tuple(tagged_security_groups) or _security_groups(spec, interfaces),
+        )
+
+    def prepare_release(
+        self, spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int, family: Family
+    ) -> ReleaseAction | NoAction:
+        """From the interface with the most free addresses (ties: lowest device index)."""
+
+        def free(interface: InterfaceState) -> int:
+            return interface.free_ipv6 if family is Family.IPV6 else interface.free_ipv4
+
+        best: InterfaceState | None = None
+        for interface in sorted(interfaces, key=lambda i: i.device_index):
+            if interface.device_index < spec.first_interface_index or free(interface) <= 0:
+                continue
+            if best is None or free(interface) > free(best):
+                best = interface
+        if best is None:
+            return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
+        return ReleaseAction(best.id, best.subnet_id, min(free(best), excess), family)
+
+    def prepare_ipv6_allocation(
+        self, spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits, wanted: int
+    ) -> AssignIPv6 | None:
+        """On the lowest usable interface with room, within the type's IPv6 addresses per interface."""
+        for interface in interfaces:
+            room = limits.ipv6_per_interface - len(interface.ipv6)
+            if interface.device_index >= spec.first_interface_index and room > 0:
+                return AssignIPv6(interface.id, min(wanted, room))
+        return None
+
+
+def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> list[int]:
+    """Device indexes in [first_interface_index, max_interfaces) without an interface."""
+    slots_left = limits.max_interfaces - len(interfaces)
+    if slots_left <= 0:
+        return []
+    taken = {i.device_index for i in interfaces}
+    free = [d for d in range(spec.first_interface_index, limits.max_interfaces) if d not in taken]
+    return free[:slots_left]
+
+
+def _subnet_for_new_interface(
+    spec: NodeSpec,
+    interfaces: Sequence[InterfaceState],
+    limits: InstanceLimits,
+    subnets: Sequence[Subnet],
+) -> Subnet | None:
+    """By subnet ids, else by subnet tags (never widened); else the node's own subnet if it can
+    fill a whole interface, else the subnet of the node's VPC and zone with the most free addresses.
+    Among candidates the most free addresses wins. A subnet needs 2 free addresses: primary + 1."""
+    usable = [
+        s
+        for s in subnets
+        if s.free_addresses > 1
+        and (not spec.vpc_id or s.vpc_id == spec.vpc_id)
+        and (not spec.availability_zone or s.availability_zone == spec.availability_zone)
+    ]
+    if spec.subnet_ids:
+        candidates = [s for s in usable if s.id in spec.subnet_ids]
+    elif spec.subnet_tags:
+        candidates = [s for s in usable if all(s.tags.get(k) == v for k, v in spec.subnet_tags.items())]
+    else:
+        node_subnet_id = next((i.subnet_id for i in interfaces if i.device_index == 0), "")
+        for s in usable:
+            if s.id == node_subnet_id and s.free_addresses >= limits.ipv4_per_interface:
+                return s
+        candidates = usable
+    return min(candidates, key=lambda s: (-s.free_addresses, s.id), default=None)
+
+
+def _security_groups(spec: NodeSpec, interfaces: Sequence[InterfaceState]) -> tuple[str, ...]:
+    """The spec's security groups, else those of the primary interface."""
+    if spec.security_group_ids:
+        return spec.security_group_ids
+    return next((i.security_group_ids for i in interfaces if i.device_index == 0), ())
+
+
+class AwsProvider(Ec2Policy, CloudProvider):
+    """EC2 as a `CloudProvider` for one cluster: its calls, and `Ec2Policy`'s choices. Thread-safe:
+    boto3 clients and the bucket are."""
 
     def __init__(
         self,

@@ -1,8 +1,12 @@
 """The cloud-provider interface of the worker (Cilium's NodeOperations / AllocationImplementation).
 
-A provider is synchronous and blocking; the worker calls it from asyncio through
-`asyncio.to_thread`. Every method returns what the cloud holds after the call (read back), and
-raises only `providers.errors.ProviderError` subclasses.
+A provider is two things. Its `CloudPolicy` half holds the cloud's choices, pure and without I/O
+(which interface gets the addresses, which subnet, device index and security groups a new one
+gets, how many a new interface takes besides its primary address, where excess is given back):
+the planner asks it as Cilium's node loop asks `PrepareIPAllocation` / `PrepareIPRelease`. Its
+calls are synchronous and blocking; the worker calls them from asyncio through
+`asyncio.to_thread`. Every call returns what the cloud holds after it, and raises only
+`providers.errors.ProviderError` subclasses.
 """
 
 from __future__ import annotations
@@ -12,17 +16,53 @@ from typing import Protocol
 
 from services.cloudworker.model import (
     AddressChange,
+    AllocationAction,
+    AssignIPv6,
     Instance,
     InstanceLimits,
+    InterfaceState,
     NetworkInterface,
+    NoAction,
+    NodeSpec,
+    ReleaseAction,
     SecurityGroup,
     Subnet,
 )
 from services.core.family import Family
 
 
-class CloudProvider(Protocol):
-    """What the worker needs from a cloud."""
+class CloudPolicy(Protocol):
+    """The cloud's choices for one step (pure: no I/O, no state)."""
+
+    def prepare_allocation(
+        self,
+        spec: NodeSpec,
+        wanted: int,
+        interfaces: Sequence[InterfaceState],
+        limits: InstanceLimits,
+        subnets: Sequence[Subnet],
+        tagged_security_groups: Sequence[str] = (),
+    ) -> AllocationAction | NoAction:
+        """Where up to `wanted` more IPv4 addresses go: an existing interface with room, else a new
+        interface (subnet, device index, security groups, how many addresses), else why none.
+        `tagged_security_groups`: the groups carrying the spec's tags, when it names some."""
+        ...
+
+    def prepare_release(
+        self, spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int, family: Family
+    ) -> ReleaseAction | NoAction:
+        """Which interface gives back how many of the `excess` free addresses of `family`."""
+        ...
+
+    def prepare_ipv6_allocation(
+        self, spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits, wanted: int
+    ) -> AssignIPv6 | None:
+        """Which interface gets up to `wanted` IPv6 addresses; None when none has room."""
+        ...
+
+
+class CloudProvider(CloudPolicy, Protocol):
+    """What the worker needs from a cloud: its choices (`CloudPolicy`) and its calls."""
 
     def instance_limits(self, instance_type: str) -> InstanceLimits:
         """Interfaces and addresses per interface of an instance type; raises `NotFound` if unknown."""

@@ -24,6 +24,7 @@ from services.cloudworker.model import (
     SecurityGroup,
     Subnet,
 )
+from services.cloudworker.providers.aws import Ec2Policy
 from services.cloudworker.providers.errors import NotFound
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
@@ -36,8 +37,9 @@ MUTATING = ("create_interface", "assign_addresses", "unassign_addresses", "delet
 
 
 @dataclass
-class FakeCloud:
-    """One instance in one subnet; addresses handed out in order; records every call by name."""
+class FakeCloud(Ec2Policy):
+    """One instance in one subnet, with EC2's choices; addresses handed out in order; records every
+    call by name."""
 
     known_types: tuple[str, ...] = ("small",)
     hand_out_twice: set[str] = field(default_factory=set)  # what conflicting_addresses reports (once)

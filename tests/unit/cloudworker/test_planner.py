@@ -1,13 +1,15 @@
-"""The planner, one scenario per row: what it should do for a node in a given state."""
+"""The planner with EC2's policy, one scenario per row: what it should do for a node in a given state."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
+from services.cloudworker import planner
 from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
 from services.cloudworker.planner import (
     Action,
@@ -18,12 +20,22 @@ from services.cloudworker.planner import (
     PoolCounts,
     ReleaseAction,
     Watermarks,
-    plan,
-    plan_ipv6_release,
     security_groups_by_tags,
 )
+from services.cloudworker.providers.aws import Ec2Policy
 from services.core.family import Family
 from services.core.reasons import DeficitReason
+
+EC2 = Ec2Policy()  # the planner's arithmetic with EC2's choices
+
+
+def plan(*args: Any, **kwargs: Any) -> Action:
+    return planner.plan(*args, policy=EC2, **kwargs)
+
+
+def plan_ipv6_release(*args: Any) -> Action:
+    return planner.plan_ipv6_release(*args, policy=EC2)
+
 
 M5_LARGE = InstanceLimits(max_interfaces=3, ipv4_per_interface=10, ipv6_per_interface=10)
 VPC, ZONE = "vpc-1", "us-east-1a"
