@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -25,10 +25,10 @@ from services.core.tasks import cancel_until_done
 from .cloud_view import CloudView
 from .maintainer import CLOUD_POOL, NodeMaintainer
 from .metrics import WorkerMetrics
-from .providers.aws import build_aws_provider
 from .providers.base import CloudProvider
+from .providers.registry import build_provider
 from .queue import Delivery, EventSource, RedisStreamSource
-from .ratelimit import Ec2Budget, Priority, RedisRateLimiter, at_priority, connect_sync
+from .ratelimit import Priority, at_priority
 from .settings import WorkerSettings
 
 log = logging.getLogger("ipam.cloudworker")
@@ -48,8 +48,12 @@ class Worker:
         provider: CloudProvider,
         allocator: AsyncIpamClient,
         metrics: WorkerMetrics,
+        *,
+        close_provider: Callable[[], None] = lambda: None,
     ) -> None:
+        """`close_provider` closes what the provider opened (its rate limiter's Redis client)."""
         self.settings = settings
+        self._close_provider = close_provider
         self.redis = redis
         self.source = source
         self.maintainer = maintainer
@@ -279,9 +283,10 @@ class Worker:
         await self.source.trim()
 
     async def close(self) -> None:
-        """Closes the allocator client and the Redis connections (after `drain`)."""
+        """Closes the allocator client, the Redis connections and the provider's (after `drain`)."""
         await self.allocator.close()
         await self.redis.aclose()
+        await asyncio.to_thread(self._close_provider)
 
     async def drain(self, timeout: float) -> None:
         """Lets the nodes in progress finish for up to `timeout` seconds, then cancels the rest
@@ -301,25 +306,10 @@ def build_worker(
     """The worker and everything it talks to, from its settings: `run` and the tests build it here.
     `provider` replaces the AWS provider the settings describe; `Worker.close` closes the rest."""
     metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
+    close_provider: Callable[[], None] = _nothing
     if provider is None:
-        budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
-        limiter = RedisRateLimiter(
-            connect_sync(settings.redis_url, cluster=settings.redis_cluster),
-            budget,
-            scope=f"ec2:{settings.aws_region}",
-            observer=metrics.ec2,
-        )
-        provider = build_aws_provider(
-            cluster=settings.cluster_name,
-            region=settings.aws_region,
-            endpoint_url=settings.ec2_endpoint_url or None,
-            access_key_id=settings.aws_access_key_id.get_secret_value() or None,
-            secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
-            qps=settings.ec2_qps,
-            burst=settings.ec2_burst,
-            observer=metrics.ec2,
-            limiter=limiter,
-        )
+        built = build_provider(settings, metrics)
+        provider, close_provider = built.provider, built.close
     redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
     allocator = AsyncIpamClient(
         settings.grpc_address,
@@ -347,7 +337,11 @@ def build_worker(
         excess_release_delay_seconds=settings.excess_release_delay_seconds,
         view=view,
     )
-    return Worker(settings, redis, source, maintainer, provider, allocator, metrics)
+    return Worker(settings, redis, source, maintainer, provider, allocator, metrics, close_provider=close_provider)
+
+
+def _nothing() -> None:
+    """A provider given from outside is closed by whoever made it."""
 
 
 async def run(settings: WorkerSettings) -> None:

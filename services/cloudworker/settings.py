@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core import contract
@@ -30,6 +30,7 @@ class WorkerSettings(BaseSettings):
     metrics_address: str = Field(
         "127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it"
     )
+    cloud: str = Field("aws", description="the cloud the addresses come from: aws (the one provider so far)")
     ec2_endpoint_url: str = Field("", description="EC2 endpoint (the moto server locally); empty = real AWS")
     aws_region: str = Field("us-east-1", description="AWS region")
     aws_access_key_id: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
@@ -86,3 +87,13 @@ class WorkerSettings(BaseSettings):
         "local EC2 does; AWS does not, so it may be turned off there)",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("cloud")
+    @classmethod
+    def _known_cloud(cls, name: str) -> str:
+        # Read here, not at import: the registry builds providers, which need these settings.
+        from services.cloudworker.providers.registry import CLOUDS, unknown_cloud
+
+        if name not in CLOUDS:
+            raise ValueError(unknown_cloud(name))
+        return name

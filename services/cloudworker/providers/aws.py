@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore import exceptions as botocore_errors
@@ -35,7 +35,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError
 
-from services.cloudworker.metrics import ApiObserver, NullObserver
+from services.cloudworker.metrics import ApiObserver, NullObserver, WorkerMetrics
 from services.cloudworker.model import (
     AddressChange,
     AllocationAction,
@@ -59,9 +59,15 @@ from services.cloudworker.providers.errors import (
     Throttled,
     Transient,
 )
-from services.cloudworker.ratelimit import Limiter, TokenBucket
+from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket, connect_sync
 from services.core.family import Family
 from services.core.reasons import DeficitReason
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.cluster import RedisCluster
+
+    from services.cloudworker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -706,6 +712,26 @@ def build_aws_provider(
         secret_access_key=secret_access_key,
     )
     return AwsProvider(client, cluster=cluster, limiter=limiter or TokenBucket(qps, burst), observer=observer)
+
+
+def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[AwsProvider, Redis | RedisCluster]:
+    """The worker's AWS provider: EC2's buckets (or the QPS override) kept in Redis for every
+    replica. Returns the limiter's Redis client too, for the caller to close."""
+    budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
+    limiter_client = connect_sync(settings.redis_url, cluster=settings.redis_cluster)
+    limiter = RedisRateLimiter(limiter_client, budget, scope=f"ec2:{settings.aws_region}", observer=metrics.ec2)
+    provider = build_aws_provider(
+        cluster=settings.cluster_name,
+        region=settings.aws_region,
+        endpoint_url=settings.ec2_endpoint_url or None,
+        access_key_id=settings.aws_access_key_id.get_secret_value() or None,
+        secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
+        qps=settings.ec2_qps,
+        burst=settings.ec2_burst,
+        observer=metrics.ec2,
+        limiter=limiter,
+    )
+    return provider, limiter_client
 
 
 def _retryable(error: ProviderError, operation: str) -> bool:

@@ -10,16 +10,22 @@ from typing import Any
 import pytest
 
 from services.cloudworker import planner
-from services.cloudworker.model import InstanceLimits, SecurityGroup, Subnet
+from services.cloudworker.model import InstanceLimits, NetworkInterface, SecurityGroup, Subnet
 from services.cloudworker.planner import (
     Action,
     AllocationAction,
+    AssignIPv6,
     InterfaceState,
     NoAction,
     NodeSpec,
+    NodeState,
     PoolCounts,
+    ReadPool,
+    ReadSecurityGroups,
     ReleaseAction,
+    Step,
     Watermarks,
+    decide,
     security_groups_by_tags,
 )
 from services.cloudworker.providers.aws import Ec2Policy
@@ -420,3 +426,169 @@ GROUPS = (
 )
 def test_security_groups_by_tags(vpc_id: str, tags: dict[str, str], expected: tuple[str, ...]) -> None:
     assert security_groups_by_tags(GROUPS, vpc_id, tags) == expected
+
+
+# --- decide: the maintenance's next step, against a fake policy ----------------------------------
+
+
+@dataclass
+class FakePolicy:
+    """Answers what it is told to and records what it was asked (the policy's arguments)."""
+
+    allocation: AllocationAction | NoAction = field(default_factory=lambda: allocate_on(0, 1))
+    ipv6: AssignIPv6 | None = None
+    asked: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def prepare_allocation(
+        self,
+        spec: NodeSpec,
+        wanted: int,
+        interfaces: Any,
+        limits: InstanceLimits,
+        subnets: Any,
+        tagged_security_groups: Any = (),
+    ) -> AllocationAction | NoAction:
+        self.asked.append(("allocation", (wanted, tuple(tagged_security_groups))))
+        return self.allocation
+
+    def prepare_release(self, spec: NodeSpec, interfaces: Any, excess: int, family: Family) -> ReleaseAction | NoAction:
+        free = {i.id: (i.free_ipv4 if family is Family.IPV4 else i.free_ipv6) for i in interfaces}
+        self.asked.append(("release", (excess, family, free)))
+        return ReleaseAction("eni-0", "node", excess, family)
+
+    def prepare_ipv6_allocation(
+        self, spec: NodeSpec, interfaces: Any, limits: InstanceLimits, wanted: int
+    ) -> AssignIPv6 | None:
+        self.asked.append(("ipv6", (wanted,)))
+        return self.ipv6
+
+
+ENI0 = NetworkInterface("eni-0", "02:00", 0, "node", "10.0.0.0/20", "10.0.0.10", ipv4=("10.0.0.11", "10.0.0.12"))
+ENI0_V6 = replace(ENI0, ipv6=("2001:db8::1", "2001:db8::2", "2001:db8::3"))
+NEW_INTERFACE = AllocationAction(count=5, subnet_id="node", device_index=1)
+TAGGED = replace(SPEC, security_group_ids=("sg-instance",), security_group_tags={"role": "pods"})
+
+
+def state(**fields: Any) -> NodeState:
+    defaults: dict[str, Any] = dict(
+        spec=SPEC, limits=M5_LARGE, interfaces=(ENI0,), subnets=(NODE_SUBNET,), ipv4=PoolCounts(8, 0)
+    )
+    return NodeState(**{**defaults, **fields})
+
+
+@dataclass(frozen=True)
+class DecideCase:
+    state: NodeState
+    expected: Step
+    asked: tuple[tuple[str, tuple[Any, ...]], ...]  # what the policy must have been asked, in order
+    policy: FakePolicy = field(default_factory=FakePolicy)
+
+
+DECIDE_CASES = {
+    "at the watermark: nothing, the policy not asked": DecideCase(
+        state(), NoAction(DeficitReason.NOTHING_NEEDED), ()
+    ),
+    "a deficit: where the policy says, for the deficit and the room above the watermark": DecideCase(
+        state(spec=replace(SPEC, watermarks=Watermarks(max_above_watermark=2)), ipv4=PoolCounts(3, 0)),
+        allocate_on(0, 1),
+        (("allocation", (7, ())),),
+    ),
+    "waiting callers are added to the deficit": DecideCase(
+        state(ipv4=PoolCounts(8, 8), waiting_ipv4=3), allocate_on(0, 1), (("allocation", (11, ())),)
+    ),
+    "max_allocate reached: the policy is not asked": DecideCase(
+        state(spec=replace(SPEC, watermarks=Watermarks(max_allocate=4)), ipv4=PoolCounts(4, 2)),
+        NoAction(DeficitReason.MAX_ALLOCATE),
+        (),
+    ),
+    "the policy's dead end is the answer": DecideCase(
+        state(ipv4=PoolCounts(0, 0)),
+        NoAction(DeficitReason.AT_CAPACITY),
+        (("allocation", (8, ())),),
+        FakePolicy(allocation=NoAction(DeficitReason.AT_CAPACITY)),
+    ),
+    "excess to give back, the pool not read: read it first": DecideCase(
+        state(spec=RELEASING, ipv4=PoolCounts(20, 0), excess_ipv4=12), ReadPool(), ()
+    ),
+    "excess to give back, the pool read: allocated addresses are not free": DecideCase(
+        state(spec=RELEASING, ipv4=PoolCounts(20, 0), excess_ipv4=12, allocated_ipv4=frozenset({"10.0.0.11"})),
+        ReleaseAction("eni-0", "node", 12, Family.IPV4),
+        (("release", (12, Family.IPV4, {"eni-0": 1})),),
+    ),
+    "excess without release_excess: nothing, the pool not read": DecideCase(
+        state(ipv4=PoolCounts(20, 0), excess_ipv4=12), NoAction(DeficitReason.NOTHING_NEEDED), ()
+    ),
+    "IPv6 needed: assigned where the policy says, before IPv4's deficit": DecideCase(
+        state(ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8, waiting_ipv6=2),
+        AssignIPv6("eni-0", 10),
+        (("ipv6", (10,)),),
+        FakePolicy(ipv6=AssignIPv6("eni-0", 10)),
+    ),
+    "IPv6 needed but no interface has room: IPv4's step": DecideCase(
+        state(ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8),
+        allocate_on(0, 1),
+        (("ipv6", (8,)), ("allocation", (8, ()))),
+    ),
+    "an IPv6 assign brought nothing in this maintenance: not asked again": DecideCase(
+        state(ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8, ipv6_assign_tried=True),
+        allocate_on(0, 1),
+        (("allocation", (8, ())),),
+        FakePolicy(ipv6=AssignIPv6("eni-0", 8)),
+    ),
+    "IPv6 excess, the pool not read: read it first": DecideCase(
+        state(spec=RELEASING, ipv6_enabled=True, ipv6=PoolCounts(20, 0), excess_ipv6=12), ReadPool(), ()
+    ),
+    "IPv6 switched off: its free addresses go back without release_excess": DecideCase(
+        state(ipv6=PoolCounts(3, 1), excess_ipv6=2, interfaces=(ENI0_V6,), free_ipv6=frozenset({"2001:db8::1"})),
+        ReleaseAction("eni-0", "node", 2, Family.IPV6),
+        (("release", (2, Family.IPV6, {"eni-0": 1})),),
+    ),
+    "an IPv6 release found nothing to reserve: IPv4's step": DecideCase(
+        state(ipv6=PoolCounts(3, 1), excess_ipv6=2, free_ipv6=frozenset(), ipv6_release_tried=True),
+        NoAction(DeficitReason.NOTHING_NEEDED),
+        (),
+    ),
+    "a new interface with groups by tags, not read yet: read them first": DecideCase(
+        state(spec=TAGGED, ipv4=PoolCounts(0, 0)),
+        ReadSecurityGroups(),
+        (("allocation", (8, ())),),
+        FakePolicy(allocation=NEW_INTERFACE),
+    ),
+    "a new interface with groups by tags, read: the policy gets them": DecideCase(
+        state(spec=TAGGED, ipv4=PoolCounts(0, 0), tagged_security_groups=("sg-pods",)),
+        NEW_INTERFACE,
+        (("allocation", (8, ("sg-pods",))),),
+        FakePolicy(allocation=NEW_INTERFACE),
+    ),
+    "an existing interface with groups by tags: nothing to read": DecideCase(
+        state(spec=TAGGED, ipv4=PoolCounts(0, 0)), allocate_on(0, 1), (("allocation", (8, ())),)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DECIDE_CASES.values(), ids=DECIDE_CASES.keys())
+def test_decide(case: DecideCase) -> None:
+    step = decide(case.state, case.policy)
+    if isinstance(case.expected, NoAction):
+        assert isinstance(step, NoAction) and step.reason == case.expected.reason, step
+    else:
+        assert step == case.expected
+    assert tuple(case.policy.asked) == case.asked
+
+
+def test_decide_with_ec2_s_policy_fills_an_empty_node_then_stops() -> None:
+    """decide and Ec2Policy together, the maintainer's loop played by hand: eth0 first, then a new interface."""
+    interfaces = [NetworkInterface("eth0", "02:00", 0, "node", "10.0.0.0/20", "10.0.0.10")]
+    available = 0
+    for _ in range(5):
+        step = decide(state(interfaces=tuple(interfaces), ipv4=PoolCounts(available, 0)), EC2)
+        if not isinstance(step, AllocationAction):
+            break
+        added = tuple(f"10.0.1.{available + n}" for n in range(step.count))
+        if step.creates_interface:
+            interfaces.append(NetworkInterface("eth1", "02:01", step.device_index, step.subnet_id, "", "10.0.2.1", added))
+        else:
+            interfaces[0] = replace(interfaces[0], ipv4=interfaces[0].ipv4 + added)
+        available += step.count
+    assert step == NoAction(DeficitReason.NOTHING_NEEDED)
+    assert available == 8 and len(interfaces) == 1  # 9 free slots on an m5.large's eth0: no new interface
