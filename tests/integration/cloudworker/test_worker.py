@@ -739,3 +739,29 @@ def test_an_assignment_ec2_carried_out_but_answered_500_is_found_and_not_repeate
     in_ec2 = secondaries(cloud.ec2, instance_id)
     assert set(in_ec2) == pool_addresses(cloud.api, node) and len(in_ec2) == len(set(in_ec2))
     assert cloud.api.stats(node).available_ips == len(in_ec2) >= (4 if operation.startswith("Assign") else 12)
+
+
+def test_closing_the_worker_closes_its_rate_limiter_s_redis_connections(moto_server: MotoServer) -> None:
+    """The provider the factory builds from the settings spends EC2's budget in Redis over a client
+    of its own: `Worker.close` closes it too (it was left open)."""
+    with RedisServer() as redis_server, redis_server.client() as observer:
+
+        def limiter_connections() -> int:
+            return len(observer.client_list()) - 1  # the observer's own left out
+
+        async def scenario() -> tuple[int, int]:
+            settings = WorkerSettings(
+                redis_url=redis_server.url,
+                grpc_address=f"127.0.0.1:{free_port()}",
+                metrics_address="",
+                ec2_endpoint_url=moto_server.endpoint_url,
+            )
+            worker = build_worker(settings)
+            assert isinstance(worker.provider, AwsProvider)
+            await asyncio.to_thread(worker.provider.limiter.acquire, "DescribeVpcs", {"VpcIds": ["vpc-1"]})
+            opened = limiter_connections()
+            await worker.close()
+            return opened, limiter_connections()
+
+        opened, after_close = asyncio.run(scenario())
+        assert (opened, after_close) == (1, 0)
