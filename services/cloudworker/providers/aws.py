@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -332,6 +333,8 @@ class AwsProvider(Ec2Policy, CloudProvider):
         self._page_size = page_size
         # Never change once known. Plain dicts: a race only costs a duplicate lookup.
         self._limits: dict[str, InstanceLimits] = {}
+        # Nodes of one type maintained at once ask for its limits together: one asks EC2.
+        self._limits_lock = threading.Lock()
         self._subnet_cidrs: dict[str, str] = {}
 
     # --- CloudProvider -------------------------------------------------------------------------
@@ -340,6 +343,11 @@ class AwsProvider(Ec2Policy, CloudProvider):
         cached = self._limits.get(instance_type)
         if cached is not None:
             return cached
+        with self._limits_lock:
+            cached = self._limits.get(instance_type)
+            return cached if cached is not None else self._describe_instance_type(instance_type)
+
+    def _describe_instance_type(self, instance_type: str) -> InstanceLimits:
         try:
             types = self._call("DescribeInstanceTypes", InstanceTypes=[instance_type]).get("InstanceTypes", [])
         except NotFound as exc:

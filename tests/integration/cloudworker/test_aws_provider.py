@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -125,6 +126,17 @@ def test_instance_limits_come_from_describe_instance_types_and_are_cached(harnes
     assert harness.provider.instance_limits("m5.large").capacity() == 27
     assert harness.attempts("DescribeInstanceTypes", "OK") == 2
     assert harness.limiter.taken == 2
+
+
+def test_nodes_of_one_type_asking_its_limits_at_once_cost_one_describe(harness: Harness) -> None:
+    """A resync's first visits ask for one type's limits together (it cost one call each)."""
+    harness.ec2.meta.events.register(
+        "before-send.ec2.DescribeInstanceTypes", lambda **_: time.sleep(0.3)  # the first still in flight
+    )
+    with ThreadPoolExecutor(4) as pool:
+        limits = list(pool.map(harness.provider.instance_limits, ["m5.xlarge"] * 4))
+    assert limits == [InstanceLimits(4, 15, 15)] * 4
+    assert harness.attempts("DescribeInstanceTypes", "OK") == 1
 
 
 def test_security_groups_of_a_vpc_come_with_their_tags(harness: Harness) -> None:
