@@ -33,7 +33,7 @@ from .ratelimit import Priority, current_priority
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_ROUNDS = 12
+MAX_ROUNDS = 12  # steps of one maintenance (reads it asks for not counted)
 CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
 DEFAULT_VIEW_AGE_S = 120.0  # a view entry older than this is read again before it is used
 SECURITY_GROUPS_TTL_S = 60.0  # security groups looked up by tags are read again after this (Cilium: each resync)
@@ -155,21 +155,25 @@ class NodeMaintainer:
 
         Read the state (the pool from the allocator, the cloud from the view or a read), decide the
         next step (`planner.decide`, pure, with the provider's policy), apply it through the
-        provider, and again, until nothing is left to do or `MAX_ROUNDS` steps were taken."""
+        provider, and again, until nothing is left to do or `MAX_ROUNDS` steps were taken (the budget
+        of one maintenance: what is left waits for the next event or resync)."""
         started = time.perf_counter()
         outcome = Outcome(name)
-        node_ = await self._setup(name, outcome, settle_reservations)
-        if node_ is None:
+        m = await self._setup(name, outcome, settle_reservations)
+        if m is None:
             return outcome
-        for _ in range(MAX_ROUNDS):
-            state = await self._read_state(node_, outcome)
+        steps = 0
+        while steps < MAX_ROUNDS:
+            state = await self._read_state(m, outcome)
             step = planner.decide(state, self.provider)
             if isinstance(step, planner.NoAction):
                 outcome.reason, outcome.detail = step.reason, step.detail
                 break
-            if not await self._apply(node_, step, outcome):
+            if not isinstance(step, planner.ReadPool | planner.ReadSecurityGroups):
+                steps += 1  # a read asked for is answered once (it fills the state): not a step
+            if not await self._apply(m, step, outcome):
                 break
-        await self._report(node_.node, node_.interfaces if node_.released_some else None, outcome)
+        await self._report(m.node, m.interfaces if m.released_some else None, outcome)
         outcome.seconds = time.perf_counter() - started
         if outcome.assigned:
             self.metrics.own_overhead.observe(max(outcome.seconds - outcome.cloud_seconds, 0.0))
