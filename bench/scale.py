@@ -26,6 +26,7 @@ too (the definition that ignores the per-action buckets).
 Prints the tables, writes bench/out/scale-<time>.json.
 
     .venv/bin/python -m bench.scale [--nodes 100 300 1000] [--skip-resync] [--skip-burst]
+        [--worker-setting check_address_conflicts=false]
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def idle_both(redis: RedisServer, workers: list[WorkerProcess]) -> None:
         time.sleep(1.0)
 
 
-def burst_two_replicas(moto: MotoServer, nodes: int, allocations: int) -> dict[str, Any]:
+def burst_two_replicas(moto: MotoServer, nodes: int, allocations: int, settings: dict[str, str]) -> dict[str, Any]:
     cfg = burst_bench.BurstConfig(
         nodes=nodes,
         allocations=allocations,
@@ -231,7 +232,7 @@ def burst_two_replicas(moto: MotoServer, nodes: int, allocations: int) -> dict[s
         deadline_s=300.0,
         ec2_qps=0,
         ec2_burst=20,
-        worker_settings={},
+        worker_settings=settings,
         out_dir=OUT,
     )
     ec2 = ec2_client(moto.endpoint_url)
@@ -241,7 +242,9 @@ def burst_two_replicas(moto: MotoServer, nodes: int, allocations: int) -> dict[s
     budget = Ec2Budget(defaults.ec2_account_share)
     with RedisServer() as redis, AllocatorProcess(redis.url) as allocator:
         workers = [
-            WorkerProcess(redis.url, allocator.address, moto.endpoint_url, ec2_qps=0, gc_interval_seconds=3600).start()
+            WorkerProcess(
+                redis.url, allocator.address, moto.endpoint_url, ec2_qps=0, gc_interval_seconds=3600, **settings
+            ).start()
             for _ in range(2)
         ]
         try:
@@ -320,6 +323,7 @@ def burst_figures(
     return {
         "nodes": cfg.nodes,
         "allocations": cfg.allocations,
+        "worker_settings": cfg.worker_settings,
         "calls_per_second": per_second,
         "all_succeeded_s": round(stats.wall_s, 2),
         "idle_after_s": round(idle_s, 2),
@@ -356,8 +360,9 @@ def burst_figures(
 
 
 def print_burst(b: dict[str, Any]) -> None:
+    extra = "".join(f" IPAM_{k.upper()}={v}" for k, v in b["worker_settings"].items())
     print(
-        f"\nburst: {b['allocations']} AllocateNext over {b['nodes']} nodes, two replicas: all succeeded in "
+        f"\nburst{extra}: {b['allocations']} AllocateNext over {b['nodes']} nodes, two replicas: all succeeded in "
         f"{b['all_succeeded_s']} s; floor {b['floor_s']} s (slowest bucket; {b['minimum']['total']} mutating calls "
         f"at the mutating category's rate alone: {b['floor_category_s']} s) -> {b['ratio_to_floor']} x "
         f"(target <= {BURST_TARGET})"
@@ -385,12 +390,25 @@ def main() -> int:
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument("--burst-nodes", type=int, default=20)
     parser.add_argument("--allocations", type=int, default=1000)
+    parser.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the burst's workers, e.g. check_address_conflicts=false",
+    )
     args = parser.parse_args()
+    settings = {}
+    for item in args.worker_setting:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--worker-setting takes NAME=VALUE, got {item!r}")
+        settings[name.strip().lower().removeprefix("ipam_")] = value.strip()
     results = []
     burst: dict[str, Any] = {}
     with MotoServer() as moto:
         if not args.skip_burst:
-            burst = burst_two_replicas(moto, args.burst_nodes, args.allocations)
+            burst = burst_two_replicas(moto, args.burst_nodes, args.allocations, settings)
             print_burst(burst)
         for nodes in [] if args.skip_resync else args.nodes:
             results.append(one_size(moto, nodes))
