@@ -333,7 +333,7 @@ def build_worker(
         allocator,
         metrics,
         stale_reservation_seconds=settings.stale_reservation_seconds,
-        check_conflicts=settings.check_address_conflicts,
+        check_conflicts=settings.checks_address_conflicts,
         excess_release_delay_seconds=settings.excess_release_delay_seconds,
         view=view,
     )

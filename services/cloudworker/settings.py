@@ -80,12 +80,19 @@ class WorkerSettings(BaseSettings):
         300.0, description="our detached interfaces older than this are deleted"
     )
     gc_interval_seconds: float = Field(300.0, description="how often leaked interfaces are looked for")
-    check_address_conflicts: bool = Field(
-        True,
-        description="after each assignment, read the subnet's interfaces "
-        "and give back addresses the cloud handed out twice or reserved (the "
-        "local EC2 does; AWS does not, so it may be turned off there)",
+    check_address_conflicts: bool | None = Field(
+        None,
+        description="after each assignment, read the subnet's interfaces and give back addresses the "
+        "cloud handed out twice or reserved; the local EC2 does that, AWS does not, so unset it is on "
+        "with an EC2 endpoint URL and off against AWS",
     )
+
+    @property
+    def checks_address_conflicts(self) -> bool:
+        """Whether each assignment is followed by a read of its subnet (see check_address_conflicts)."""
+        if self.check_address_conflicts is None:
+            return bool(self.ec2_endpoint_url)
+        return self.check_address_conflicts
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("cloud")
