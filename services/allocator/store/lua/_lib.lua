@@ -48,7 +48,7 @@ local function missing_node_or_pool()
 end
 
 -- The node's settings (hash fields of K_NODE). A node written before they had these names holds
--- them under the short ones, read too until put_node writes the node again.
+-- them under the short ones only, read too; put_node writes both (the older release reads the short).
 local SHORT_NAME = {pre_allocate = 'pre', min_allocate = 'min', max_allocate = 'max', max_above_watermark = 'maw',
                     release_excess = 'rel', ipv6_enabled = 'v6', first_interface_index = 'fii'}
 local WATERMARK_FIELDS = {'pre_allocate', 'min_allocate', 'max_allocate', 'max_above_watermark', 'release_excess',

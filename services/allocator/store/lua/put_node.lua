@@ -8,8 +8,12 @@ local now = now_ms()
 redis.call('HSET', K_NODE, 'spec', ARGV[4], 'pre_allocate', ARGV[5], 'min_allocate', ARGV[6],
            'max_allocate', ARGV[7], 'max_above_watermark', ARGV[8], 'release_excess', ARGV[9],
            'ipv6_enabled', ARGV[10], 'first_interface_index', ARGV[11])
--- A node written under the settings' short names now has them under the full ones only.
-for _, short in pairs(SHORT_NAME) do redis.call('HDEL', K_NODE, short) end
+-- The short names too, mirrored: an allocator of the release before, still serving beside this one
+-- during a rolling upgrade, reads the settings only from them (and would see the defaults).
+local written = {pre_allocate = ARGV[5], min_allocate = ARGV[6], max_allocate = ARGV[7],
+                 max_above_watermark = ARGV[8], release_excess = ARGV[9], ipv6_enabled = ARGV[10],
+                 first_interface_index = ARGV[11]}
+for name, short in pairs(SHORT_NAME) do redis.call('HSET', K_NODE, short, written[name]) end
 if not exists then redis.call('HSET', K_NODE, 'created_ms', now) end
 redis.call('SADD', K_POOLS, POOL)
 return ok({}, now)
