@@ -38,16 +38,13 @@ import math
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench import burst as burst_bench
-from bench.harness import machine
+from bench.harness import SampleKey, counter_total, machine, metric_samples, metrics_url, scrape
 from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.ratelimit import Ec2Budget, is_read
 from services.cloudworker.settings import WorkerSettings
@@ -70,27 +67,24 @@ BURST_TARGET = 1.3  # x its floor
 DESCRIBE_TARGET = 0.1  # per mutating call
 
 
-def samples(worker: WorkerProcess) -> dict[str, list[tuple[dict[str, str], float]]]:
+def samples(worker: WorkerProcess) -> dict[SampleKey, float]:
+    """Every sample the worker exports ({} while it is not listening yet)."""
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10).read().decode()
-    except OSError:  # not listening yet
+        return metric_samples(scrape(metrics_url(worker), timeout=10))
+    except OSError:
         return {}
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return found
 
 
 def calls(worker: WorkerProcess) -> Counter[str]:
+    """Operation -> EC2 calls so far, from the worker's own counter."""
     counted: Counter[str] = Counter()
-    for labels, value in samples(worker).get("ipam_worker_ec2_calls_total", []):
-        counted[labels["operation"]] += int(value)
+    for (operation, _), value in calls_by_bucket(worker).items():
+        counted[operation] += value
     return counted
 
 
 def gauge(worker: WorkerProcess, name: str) -> float:
-    return sum(v for _, v in samples(worker).get(name, []))
+    return counter_total(samples(worker), name)
 
 
 def all_at_watermark(api: Api) -> bool:
@@ -170,8 +164,10 @@ def one_size(moto: MotoServer, nodes: int) -> dict[str, Any]:
 def calls_by_bucket(worker: WorkerProcess) -> Counter[tuple[str, str]]:
     """(operation, bucket) -> calls so far, from the worker's own counter."""
     counted: Counter[tuple[str, str]] = Counter()
-    for labels, value in samples(worker).get("ipam_worker_ec2_calls_total", []):
-        counted[(labels["operation"], labels["bucket"])] += int(value)
+    for (name, labels), value in samples(worker).items():
+        if name == "ipam_worker_ec2_calls_total":
+            named = dict(labels)
+            counted[(named["operation"], named["bucket"])] += int(value)
     return counted
 
 
