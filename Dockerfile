@@ -1,6 +1,7 @@
 # Images of ipam's Python services, one multi-stage file:
-#   runtime — the allocator, the worker and the seed: the package and its dependencies only;
-#   dev     — runtime plus the dev extras (moto for the local EC2, pytest, ruff, matplotlib), ghz and bench/.
+#   runtime — the allocator and the worker: the package and its dependencies only;
+#   dev     — runtime plus the dev extras (moto, pytest, ruff, matplotlib), ghz, dev/ (the local EC2, the
+#             demo seed) and bench/.
 
 # ghz for the load profiles; keep in step with the Makefile's GHZ_VERSION.
 FROM golang:1.23 AS ghz
@@ -31,5 +32,6 @@ USER root
 RUN pip install --no-cache-dir '.[dev]' && rm -rf build \
  && mkdir -p /data && chown nobody /data
 COPY --from=ghz /out/ghz /usr/local/bin/ghz
+COPY dev ./dev
 COPY bench ./bench
 USER nobody

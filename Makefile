@@ -92,14 +92,14 @@ proto:
 	@touch gen/ipam/__init__.py gen/ipam/v1/__init__.py
 
 run: setup
-	$(PY) -m services.devcluster
+	$(PY) -m dev.devcluster
 
 test: cni-system setup cni $(CNITOOL)
 	cd clients/cni && CGO_ENABLED=0 go test -tags grpcnotrace ./...
 	IPAM_TESTS_REQUIRE_REDIS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(VENV)/bin/ruff check services clients tests bench
+	$(VENV)/bin/ruff check services clients dev tests bench
 
 $(GHZ):
 	GOBIN=$(GOBIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)

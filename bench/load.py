@@ -56,10 +56,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import percentile, run_ghz, scrape
 from clients.client import IpamClient, IpamClientError
+from dev.devcluster import read_env_file
 from ipam.v1 import nodes_pb2
 from services.core.pool_math import interface_capacity
 from services.core.reasons import DeficitReason
-from services.devcluster import read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GHZ_CONFIGS = Path(__file__).resolve().parent / "ghz"

@@ -45,10 +45,10 @@ from typing import Any
 
 from bench import burst as burst_bench
 from bench.harness import SampleKey, counter_total, machine, metric_samples, metrics_url, scrape
+from dev.demo_seed import DEMO_IMAGE_ID, create_demo_network, run_instance
 from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.ratelimit import Ec2Budget, is_read
 from services.cloudworker.settings import WorkerSettings
-from services.demo_seed import DEMO_IMAGE_ID, create_demo_network, run_instance
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.moto_server import MotoServer, ec2_client

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from clients.client import AsyncIpamClient, Family, IpamClient, IpamClientError, node_spec
-from services.demo_seed import POD_SUBNET_TAGS, find_demo_network, run_instance
-from services.devcluster import ROOT, NativeCluster, load_compose, native_services
+from dev.demo_seed import POD_SUBNET_TAGS, find_demo_network, run_instance
+from dev.devcluster import ROOT, NativeCluster, load_compose, native_services
 from tests.support.moto_server import ec2_client
 from tests.support.polling import poll
 from tests.support.redis_server import free_port, require_redis_server

@@ -27,7 +27,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from services.demo_seed import (  # noqa: F401 - re-exported for the tests
+from dev.demo_seed import (  # noqa: F401 - re-exported for the tests
     AVAILABILITY_ZONE,
     DEMO_IMAGE_ID,
     POD_SUBNET_TAGS,

@@ -56,6 +56,9 @@ def test_the_scan_sees_imports() -> None:
         ("services.cloudworker", ("services.allocator",)),
         ("services.allocator", ("services.cloudworker",)),
         ("services.core", ("services.allocator", "services.cloudworker", "clients", "grpc", "ipam")),
+        ("services", ("dev", "bench", "tests")),  # the runtime image holds services/ without them
+        ("clients", ("dev", "bench", "tests")),
+        ("dev", ("bench", "tests")),
     ],
 )
 def test_packages_import_only_what_they_may(package: str, forbidden: tuple[str, ...]) -> None:

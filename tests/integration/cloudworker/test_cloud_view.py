@@ -13,10 +13,10 @@ import pytest
 from botocore.client import BaseClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from dev.demo_seed import DEMO_IMAGE_ID, DemoNetwork, create_demo_network
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.ratelimit import is_read
-from services.demo_seed import DEMO_IMAGE_ID, DemoNetwork, create_demo_network
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.moto_server import MotoServer, ec2_client

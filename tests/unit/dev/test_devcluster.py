@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devcluster import COMPOSE_FILE, ROOT, load_compose, native_services, read_env_file
+from dev.devcluster import COMPOSE_FILE, ROOT, load_compose, native_services, read_env_file
 
 ENV_FILE = ROOT / ".env.example"
 
@@ -62,7 +62,9 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
     return value
 
 
-def test_native_commands_and_settings_are_the_compose_ones(compose: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+def test_native_commands_and_settings_are_the_compose_ones(
+    compose: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[type-arg]
     names = set(compose["services"])
     variables = read_env_file(ENV_FILE)
     for name in variables:
@@ -138,3 +140,18 @@ def test_the_compose_file_publishes_on_loopback_and_keeps_the_cloud_keys_from_th
     assert ".env" not in (compose["services"]["allocator"].get("env_file") or [])
     assert compose["services"]["allocator"]["build"]["target"] == "runtime"
     assert not any("ipam-allocator-" in str(arg) for arg in compose["services"]["load"]["command"])
+
+
+def _dockerfile_stage(name: str) -> str:
+    """The lines of one stage of the Dockerfile (from its FROM to the next)."""
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    return next(s for s in stages if re.match(rf"\S+ AS {name}\b", s))
+
+
+def test_development_tools_stay_out_of_the_runtime_image(compose: dict) -> None:  # type: ignore[type-arg]
+    assert "COPY dev " not in _dockerfile_stage("runtime")
+    assert "COPY dev ./dev" in _dockerfile_stage("dev")
+    for name, spec in compose["services"].items():
+        commands = [spec.get("command") or [], (spec.get("healthcheck") or {}).get("test") or []]
+        if any(str(arg).startswith("dev.") for command in commands for arg in command):
+            assert spec["build"]["target"] == "dev", name

@@ -1,4 +1,4 @@
-"""`python -m services.local_ec2`: the local EC2 (the moto server) that keeps its state across restarts.
+"""`python -m dev.local_ec2`: the local EC2 (the moto server) that keeps its state across restarts.
 
 The moto server holds everything in memory. With `--state-file`, it records every request it
 serves (moto's recorder) into that file, and on start replays the file before it opens its port,

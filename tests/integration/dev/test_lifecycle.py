@@ -3,7 +3,7 @@
 restarted, and the exit code says whether the cluster stopped because something failed.
 
 The cluster here is a small compose file (Redis and a two-replica stand-in service on free ports)
-run by `python -m services.devcluster` itself, so each test costs about a second.
+run by `python -m dev.devcluster` itself, so each test costs about a second.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.devcluster import ROOT
+from dev.devcluster import ROOT
 from tests.support.polling import poll
 from tests.support.redis_server import free_port
 
@@ -60,7 +60,7 @@ def _compose(redis_port: int, web_port: int, *, seed_exit: int = 0) -> dict:  # 
 
 @dataclass
 class Run:
-    """One `python -m services.devcluster` with its output read line by line."""
+    """One `python -m dev.devcluster` with its output read line by line."""
 
     process: subprocess.Popen[str]
     var: Path
@@ -111,8 +111,17 @@ def _start(tmp_path: Path, *, seed_exit: int = 0, wait: bool = True, only_summar
     env_file = tmp_path / ".env"
     env_file.write_text("IPAM_LOG_LEVEL=INFO\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.devcluster", "--compose-file", str(compose), "--var", str(tmp_path / "var"),
-         "--env-file", str(env_file)],
+        [
+            sys.executable,
+            "-m",
+            "dev.devcluster",
+            "--compose-file",
+            str(compose),
+            "--var",
+            str(tmp_path / "var"),
+            "--env-file",
+            str(env_file),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -184,9 +193,21 @@ def test_a_start_on_taken_ports_is_refused_naming_the_port_and_its_holder(tmp_pa
     compose.write_text(yaml.safe_dump(_compose(free_port(), web_port)))
     with holder:
         result = subprocess.run(
-            [sys.executable, "-m", "services.devcluster", "--compose-file", str(compose), "--var",
-             str(tmp_path / "var2"), "--env-file", str(tmp_path / ".env")],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "dev.devcluster",
+                "--compose-file",
+                str(compose),
+                "--var",
+                str(tmp_path / "var2"),
+                "--env-file",
+                str(tmp_path / ".env"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode == 1
     assert f"port {web_port + 10} (web) is taken by pid {os.getpid()}" in result.stderr

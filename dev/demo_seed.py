@@ -1,4 +1,4 @@
-"""`python -m services.demo_seed`: the demo cluster's cloud and nodes.
+"""`python -m dev.demo_seed`: the demo cluster's cloud and nodes.
 
 In the local EC2 (the moto server) it creates a dual-stack VPC with /18 subnets (large, since
 moto may hand out colliding addresses in small ones), a security group and instances of real

@@ -621,7 +621,7 @@ def _hints(services: list[NativeService], env_file: Path, var: Path) -> Iterator
         "  (or token = ... in ~/.config/ipam/config)"
     )
     yield f"  then: .venv/bin/ipamctl --address {address} status"
-    if any("services.local_ec2" in s.command for s in services):
+    if any("dev.local_ec2" in s.command for s in services):
         yield (
             f"  state: Redis and the local EC2 keep theirs in {var / 'data'} across restarts"
             f" (the EC2 by replaying its recorded requests); rm -r {var} starts afresh"
