@@ -8,6 +8,7 @@ import math
 import operator
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -130,6 +131,28 @@ def child_pids(parent: int) -> list[int]:
     return sorted(pids)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes so far (/proc/<pid>/stat), 0 for one that is gone."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / _CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's children that ended and were waited for (ghz runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def exit_on_signal(signum: int, _frame: object) -> None:
     """A SIGTERM handler: unwinds through the caller's ExitStack, so every process is stopped."""
     raise SystemExit(128 + signum)
@@ -241,4 +264,3 @@ def run_ghz(binary: Path, args: Sequence[str], *, output: Path, timeout: float, 
     report: dict[str, Any] = json.loads(output.read_text())
     report.get("options", {}).pop("metadata", None)  # the token
     return report
-

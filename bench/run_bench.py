@@ -8,7 +8,12 @@ server with ghz:
   1. Ping                      the ceiling: the same server stack (interceptors) doing nothing
   2. AllocateNext              IPv4, one owner per call ("bench-<n>"), spread over the nodes
   3. Release                   by owner, the same owners: every address of phase 2 goes back
-  4. AllocateNext @ half rate  `--rps` = half the peak of phase 2: the p99 of a busy, unsaturated server
+  4. AllocateNext, Release one at a time (ghz -c 1): the scripts' own cost in Redis, uncontended
+  5. AllocateNext @ half rate  `--rps` = half the peak of phase 2: the p99 of a busy, unsaturated server
+
+Each phase also splits the cost of a call: CPU of the allocator, Redis and ghz (from /proc over the
+phase, divided by its calls), and Redis's commands per call and µs per EVALSHA (`INFO commandstats`
+after `CONFIG RESETSTAT`).
 
 then FLUSHALL and 1,000 nodes x 100 addresses through AddAddresses, for Redis bytes per pooled
 address, and the resident memory of each allocator worker. Prints a table, writes every figure to
@@ -36,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Awaitable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +54,8 @@ from bench.harness import (
     ROOT,
     Target,
     child_pids,
+    children_cpu_seconds,
+    cpu_seconds,
     exit_on_signal,
     machine,
     metrics_url,
@@ -69,6 +76,11 @@ MIN_RATIO = 0.8  # AllocateNext requests/s over Ping requests/s
 MAX_HALF_P99_MS = 5.0  # p99 of AllocateNext at half its peak rate
 MAX_BYTES_PER_ADDRESS = 300  # Redis used_memory per pooled address
 MAX_WORKER_RSS_MB = 120.0  # VmRSS of each allocator worker process
+# What one AllocateNext may cost (the hot path).
+MAX_ALLOCATOR_CPU_RATIO = 1.4  # allocator CPU per AllocateNext over per Ping
+MAX_SCRIPT_COMMANDS = 12  # Redis commands run inside the allocate_next script
+MAX_SCRIPT_US = 20.0  # µs per EVALSHA of allocate_next, one call at a time
+MAX_REDIS_CPU_US = 45.0  # Redis CPU per AllocateNext at the peak rate
 
 SERVICE = "ipam.v1.Allocator"
 VPC_CIDR = "10.0.0.0/8"
@@ -124,6 +136,13 @@ class Phase:
     rate_limit: int = 0  # --rps, 0 = none
     calls_per_worker: list[int] = field(default_factory=list)
     server_p99_ms: float = float("nan")  # bound from the allocator's own duration histogram (time in the handler)
+    calls: int = 0  # every call of the phase, warm-up included: what CPU and commands are divided by
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU per call (µs): allocator, redis, ghz
+    scripts_per_call: float = 0.0  # EVALSHA per call
+    script_commands: float = 0.0  # Redis commands run inside the scripts, per EVALSHA
+    script_us: float = float("nan")  # µs per EVALSHA by Redis's own clock
+    redis_commands: dict[str, int] = field(default_factory=dict)  # every command Redis ran, by name
+    load_average: tuple[float, ...] = ()  # of the machine (1, 5, 15 minutes) at the phase's end
 
     @property
     def failed(self) -> bool:
@@ -150,6 +169,47 @@ def allocator_memory(allocator: AllocatorProcess) -> dict[str, Any]:
         "parent_rss_mb": round(rss_mb(parent), 1),
         "worker_rss_mb": [round(rss_mb(pid), 1) for pid in workers],
     }
+
+
+class CostMeter:
+    """The cost of one phase's calls: CPU of the allocator's processes, Redis and ghz (the bench's
+    children that ended: its ghz runs), and the commands Redis ran (`INFO commandstats`)."""
+
+    # Commands that are not the scripts' own: the meter's and the allocator's scripts themselves.
+    _OUTSIDE = ("evalsha", "eval", "evalsha_ro", "eval_ro", "info", "config")
+
+    def __init__(self, redis_server: RedisServer, allocator: AllocatorProcess) -> None:
+        assert allocator.process is not None
+        self.redis_server = redis_server
+        self.allocator_pids = [allocator.process.pid, *child_pids(allocator.process.pid)]
+        self._start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def _cpu(self) -> tuple[float, float, float]:
+        return cpu_seconds(self.allocator_pids), cpu_seconds([self.redis_server.pid]), children_cpu_seconds()
+
+    def start(self) -> None:
+        with self.redis_server.client() as redis:
+            redis.config_resetstat()
+        self._start = self._cpu()
+
+    def stop(self, phase: Phase) -> None:
+        """Fills in `phase`'s cost (its `calls` set)."""
+        cpu = self._cpu()
+        with self.redis_server.client() as redis:
+            stats = redis.info("commandstats")
+        calls = max(phase.calls, 1)
+        phase.cpu_us = {
+            name: round((after - before) * 1e6 / calls, 1)
+            for name, before, after in zip(("allocator", "redis", "ghz"), self._start, cpu, strict=True)
+        }
+        commands = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        scripts = commands.get("evalsha", 0)
+        inside = sum(n for name, n in commands.items() if name.split("|")[0] not in self._OUTSIDE)
+        phase.redis_commands = commands
+        phase.scripts_per_call = scripts / calls
+        phase.script_commands = inside / scripts if scripts else 0.0
+        phase.script_us = float(stats["cmdstat_evalsha"]["usec_per_call"]) if scripts else float("nan")
+        phase.load_average = tuple(round(x, 2) for x in os.getloadavg())
 
 
 def method_samples(allocator: AllocatorProcess, workers: int, method: str) -> list[list[Sample]]:
@@ -338,15 +398,18 @@ def _epoch_ns(timestamp: str) -> int:
     return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, "0")[:9])
 
 
-def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], int]:
-    """Ping, AllocateNext, Release at full speed, then AllocateNext at half the measured peak rate.
-    Also returns how many addresses the Release phase left allocated (0 when every owner was found)."""
+def load_phases(cfg: Config, allocator: AllocatorProcess, meter: CostMeter) -> tuple[list[Phase], int]:
+    """Ping, AllocateNext, Release at full speed; AllocateNext and Release one at a time; then
+    AllocateNext at half the measured peak rate. Also returns how many addresses the Release phase
+    left allocated (0 when every owner was found)."""
 
-    def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0) -> Phase:
+    def phase(name: str, method: str, owners: str, total: int, skip: int, rate: int = 0, serial: bool = False) -> Phase:
         print(f"  {name} ...", flush=True)
         before = method_samples(allocator, cfg.workers, method)
+        meter.start()
+        run = replace(cfg, concurrency=1, connections=1) if serial else cfg
         result = ghz_phase(
-            cfg,
+            run,
             allocator.address,
             name,
             method,
@@ -355,6 +418,8 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
             skip_first=skip,
             rate_limit=rate,
         )
+        result.calls = total
+        meter.stop(result)
         after = method_samples(allocator, cfg.workers, method)
         result.calls_per_worker = [
             a - b for a, b in zip(calls_per_worker(after), calls_per_worker(before), strict=True)
@@ -365,6 +430,11 @@ def load_phases(cfg: Config, allocator: AllocatorProcess) -> tuple[list[Phase], 
     total, skip = cfg.requests + cfg.skip_first, cfg.skip_first
     phases = [phase(method, method, "bench", total, skip) for method in ("Ping", "AllocateNext", "Release")]
     left = allocated(allocator.address, BENCH_PREFIX, cfg.nodes)
+    serial = max(200, cfg.requests // 10)
+    phases += [
+        phase(f"{method}, one at a time", method, "serial", serial, serial // 10, serial=True)
+        for method in ("AllocateNext", "Release")
+    ]
     half_rate = max(1, int(phases[1].ok_rps / 2))
     # Bounded by the pool, less a margin so that no node falls below its watermark (no refill events).
     half_total = min(int(half_rate * cfg.half_seconds), int(cfg.ips_per_node * cfg.nodes * 0.9))
@@ -402,12 +472,23 @@ def memory_phase(cfg: Config, redis_server: RedisServer, allocator: AllocatorPro
 
 
 def targets(phases: list[Phase], memory: dict[str, Any], rss: dict[str, Any]) -> list[Target]:
-    ping, alloc, _, half = phases
+    ping, alloc, _, serial, _, half = phases
     workers = rss["worker_rss_mb"]
     return [
         Target(
             "AllocateNext / Ping requests/s", alloc.ok_rps / ping.ok_rps if ping.ok_rps else 0.0, ">=", MIN_RATIO, ""
         ),
+        Target(
+            "allocator CPU AllocateNext / Ping",
+            alloc.cpu_us["allocator"] / ping.cpu_us["allocator"] if ping.cpu_us.get("allocator") else 0.0,
+            "<=",
+            MAX_ALLOCATOR_CPU_RATIO,
+            "",
+            f"({alloc.cpu_us['allocator']:.0f} / {ping.cpu_us['allocator']:.0f} µs per call)",
+        ),
+        Target("Redis commands in allocate_next", serial.script_commands, "<=", MAX_SCRIPT_COMMANDS, "", "(+ EVALSHA)"),
+        Target("allocate_next µs, one at a time", serial.script_us, "<=", MAX_SCRIPT_US, "µs", "(INFO commandstats)"),
+        Target("Redis CPU per AllocateNext", alloc.cpu_us["redis"], "<=", MAX_REDIS_CPU_US, "µs", "(at the peak rate)"),
         Target("p99 at half rate", half.p99_ms, "<", MAX_HALF_P99_MS, "ms", f"({half.rate_limit} AllocateNext/s)"),
         Target(
             "Redis used_memory per address",
@@ -455,6 +536,20 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
         lines.append(
             f"{name:<34}{p.ok_rps:>10.0f}{p.ok:>8}{sum(p.errors.values()):>8}{p.p50_ms:>9.2f}{p.p99_ms:>9.2f}"
             f"{server:>12}  {split}"
+        )
+    lines += [
+        "",
+        f"{'cost per call':<34}{'allocator':>10}{'redis':>8}{'ghz':>8}{'EVALSHA':>9}{'cmds in':>9}"
+        f"{'µs per':>8}  load average",
+        f"{'':<34}{'CPU µs':>10}{'CPU µs':>8}{'CPU µs':>8}{'':>9}{'script':>9}{'EVALSHA':>8}",
+    ]
+    for p in phases:
+        name = f"{p.name} ({p.rate_limit}/s)" if p.rate_limit else p.name
+        script_us = "-" if p.script_us != p.script_us else f"{p.script_us:.1f}"
+        lines.append(
+            f"{name:<34}{p.cpu_us.get('allocator', 0):>10.0f}{p.cpu_us.get('redis', 0):>8.0f}"
+            f"{p.cpu_us.get('ghz', 0):>8.0f}{p.scripts_per_call:>9.2f}{p.script_commands:>9.1f}{script_us:>8}  "
+            + " ".join(f"{x:.2f}" for x in p.load_average)
         )
     return "\n".join([*lines, "", *(check.line() for check in checks)])
 
@@ -547,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_seconds = time.perf_counter() - seeding
 
         print("ghz:", flush=True)
-        phases, left_allocated = load_phases(cfg, allocator)
+        phases, left_allocated = load_phases(cfg, allocator, CostMeter(redis_server, allocator))
         rss_after_load = allocator_memory(allocator)
         print(f"memory: FLUSHALL, {cfg.memory_nodes} nodes x {cfg.memory_ips} addresses ...", flush=True)
         memory = memory_phase(cfg, redis_server, allocator)
