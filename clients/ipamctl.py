@@ -41,7 +41,6 @@ FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6, "dual": Family.UNSPECIFIED
 Handler = Callable[[IpamClient, argparse.Namespace], tuple[Message | dict[str, Any], str]]
 CONFIG_ENV = "IPAM_CONFIG"
 DEFAULT_CONFIG = Path("~/.config/ipam/config")
-WORKER_IDLE_MS = 30_000  # a consumer that has not read the stream for this long is taken as gone
 
 
 class UsageError(Exception):
@@ -312,9 +311,16 @@ def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dic
     by_state: dict[str, list[str]] = {"ok": [], "in-deficit": [], "at-capacity": [], "excess": []}
     for node in nodes:
         by_state[node_state(node)].append(node.spec.name)
+    # A worker is alive while its heartbeat is; a dead one is shown only while it holds events.
     workers = [
-        {"name": c.name, "reachable": c.idle_ms < WORKER_IDLE_MS, "idle_ms": c.idle_ms, "pending": c.pending}
+        {
+            "name": c.name,
+            "alive": c.alive,
+            "heartbeat_expires_in_ms": c.heartbeat_expires_in_ms,
+            "pending": c.pending,
+        }
         for c in events.consumers
+        if c.alive or c.pending
     ]
     result = {
         "allocators": allocators,
@@ -332,12 +338,15 @@ def format_status(status: Mapping[str, Any], nodes: Sequence[nodes_pb.Node]) -> 
         state = f"reachable ({a['ms']} ms)" if a["reachable"] else f"UNREACHABLE: {a['error']}"
         lines.append(f"  {a['address']:<24} {state}")
     lines.append("workers")
-    live = [w for w in status["workers"] if w["reachable"]]
+    live = [w for w in status["workers"] if w["alive"]]
     for w in status["workers"]:
-        state = "reading" if w["reachable"] else "gone"
-        lines.append(f"  {w['name']:<24} {state} (idle {w['idle_ms'] / 1000:.0f} s, {w['pending']} taken)")
+        if w["alive"]:
+            state = f"alive (heartbeat good for {w['heartbeat_expires_in_ms'] / 1000:.0f} s more)"
+        else:
+            state = "gone (another worker claims what it took)"
+        lines.append(f"  {w['name']:<24} {state}, {w['pending']} taken")
     if not live:
-        lines.append("  none reading the events stream: pools are not refilled")
+        lines.append("  none alive: pools are not refilled")
     counts = status["nodes"]
     lines.append(
         f"nodes  {counts['total']} total: {counts['ok']} ok, {counts['in-deficit']} in deficit, "

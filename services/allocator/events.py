@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from redis.exceptions import ResponseError
 
 from ipam.v1 import events_pb2
-from services.core import contract
+from services.core import contract, liveness
 from services.core.redis_client import RedisClient
 
 from .domain.pool import EventKind, PoolEvent
@@ -35,11 +35,15 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Consumer:
-    """A worker reading the stream: its name, events it holds unacknowledged, ms since it last read."""
+    """A worker: its name, events it holds unacknowledged, ms since it last read the stream (as Redis
+    counts it: an empty blocking read does not reset it on Redis 7.0), whether its heartbeat is live
+    and the ms until that heartbeat expires."""
 
     name: str
     pending: int
     idle_ms: int
+    alive: bool = False
+    heartbeat_ms: int = 0
 
 
 class EventQueue(Protocol):
@@ -58,7 +62,7 @@ class EventQueue(Protocol):
         ...
 
     async def consumers(self) -> list[Consumer]:
-        """The stream's consumers (workers) in every group."""
+        """The workers: the stream's consumers in every group and those with a live heartbeat."""
         ...
 
     async def replay(self, ids: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -110,14 +114,27 @@ class RedisStreamQueue:
 
     async def consumers(self) -> list[Consumer]:
         async def read() -> list[Consumer]:
+            alive = await liveness.alive(self._client)
             try:
                 groups = await self._client.xinfo_groups(self.stream)
             except ResponseError:  # no stream yet
-                return []
+                groups = []
             found = []
             for group in groups:
                 for c in await self._client.xinfo_consumers(self.stream, _text(group["name"])):
-                    found.append(Consumer(_text(c["name"]), int(c.get("pending") or 0), int(c.get("idle") or 0)))
+                    name = _text(c["name"])
+                    found.append(
+                        Consumer(
+                            name,
+                            int(c.get("pending") or 0),
+                            int(c.get("idle") or 0),
+                            alive=name in alive,
+                            heartbeat_ms=alive.get(name, 0),
+                        )
+                    )
+            # A live worker not in a group (not read yet, or removed by a worker of an older release).
+            named = {c.name for c in found}
+            found += [Consumer(n, 0, 0, alive=True, heartbeat_ms=ms) for n, ms in alive.items() if n not in named]
             return found
 
         return await self._store.call(read)

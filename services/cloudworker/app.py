@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
 
 from clients.client import AsyncIpamClient, IpamClientError
-from services.core import contract, redis_client
+from services.core import contract, liveness, redis_client
 from services.core.metrics import WORKER_EXPORTER_KEY, ExporterLease
 from services.core.net import split_host_port
 from services.core.reasons import DeficitReason, ErrorReason
@@ -282,6 +282,16 @@ class Worker:
     async def trim_events(self) -> None:
         await self.source.trim()
 
+    async def heartbeat(self) -> None:
+        """Renews this worker's heartbeat: while it lives, status shows the worker alive and no other
+        worker removes it from the consumer group."""
+        await liveness.beat(self.redis, self.settings.consumer_name, self.settings.heartbeat_seconds)
+
+    async def leave(self) -> None:
+        """Drops the heartbeat at a clean stop: status shows the worker gone at once."""
+        with contextlib.suppress(Exception):
+            await liveness.leave(self.redis, self.settings.consumer_name)
+
     async def close(self) -> None:
         """Closes the allocator client, the Redis connections and the provider's (after `drain`)."""
         await self.allocator.close()
@@ -359,6 +369,7 @@ async def run(settings: WorkerSettings) -> None:
         asyncio.create_task(worker.every(EXPORTER_LEASE_SECONDS / 3, "export_cluster_gauges")),
         asyncio.create_task(worker.every(settings.gc_interval_seconds, "collect_leaked_interfaces")),
         asyncio.create_task(worker.every(30.0, "trim_events")),
+        asyncio.create_task(worker.every(settings.heartbeat_seconds / 3, "heartbeat")),
     ]
     log.info(
         "worker %s consuming %s for the allocator at %s (EC2 %s, %s)",
@@ -375,4 +386,5 @@ async def run(settings: WorkerSettings) -> None:
     await worker.drain(timeout=30.0)
     if await cancel_until_done(tasks, timeout=10.0):
         log.warning("worker: background tasks still running 10 s after the stop")
+    await worker.leave()
     await worker.close()

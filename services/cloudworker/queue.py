@@ -3,8 +3,10 @@
 XREADGROUP hands each event to one worker; it is acknowledged (XACK) only after the node was
 maintained, so a worker that dies leaves it pending and another claims it (XAUTOCLAIM) once idle.
 An event delivered `max_deliveries` times goes to a dead-letter stream instead of looping forever.
-A consumer left with nothing pending and idle past the claim time (a dead worker, its entries
-claimed) is removed from the group, so that dead workers do not pile up in it.
+A consumer left with nothing pending, idle past the claim time and without a live heartbeat (a
+dead worker, its entries claimed) is removed from the group, so that dead workers do not pile up in
+it. The heartbeat decides, not the idle time: on Redis 7.0 an empty blocking read does not reset it,
+so a live worker of an idle cluster looks idle forever.
 Trimming removes only entries every consumer has acknowledged.
 """
 
@@ -21,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from ipam.v1 import events_pb2
-from services.core import contract
+from services.core import contract, liveness
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +122,18 @@ class RedisStreamSource:
         return await self._deliveries(await self._read(">", count, block_ms), redelivered=False)
 
     async def prune_consumers(self) -> list[str]:
-        """Removes the consumers with nothing pending, idle past the claim time; returns their names.
-        Whatever a dead worker held has been claimed by then (XAUTOCLAIM above); a live worker idle
-        that long is merely made again by its next read."""
+        """Removes the consumers with nothing pending, idle past the claim time and without a live
+        heartbeat; returns their names. Whatever a dead worker held has been claimed by then
+        (XAUTOCLAIM above). A worker of a release without heartbeats, idle that long, is removed
+        too, and made again by its next read."""
         removed = []
-        for consumer in await self.client.xinfo_consumers(self.stream, self.group):
+        consumers = await self.client.xinfo_consumers(self.stream, self.group)
+        alive = await liveness.alive(self.client) if consumers else {}
+        for consumer in consumers:
             name = _text(consumer["name"])
-            if name == self.consumer or int(consumer["pending"]) or int(consumer["idle"]) < self.claim_idle_ms:
+            if name == self.consumer or name in alive:
+                continue
+            if int(consumer["pending"]) or int(consumer["idle"]) < self.claim_idle_ms:
                 continue
             if await self.client.eval(_DELETE_IF_EMPTY, 1, self.stream, self.group, name):
                 removed.append(name)

@@ -52,7 +52,18 @@ class WorkerSettings(BaseSettings):
     consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")
-    claim_idle_seconds: float = Field(15.0, description="events pending this long with a dead worker are claimed")
+    claim_idle_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="events pending this long with a dead worker are claimed; a consumer idle this long, "
+        "with nothing pending and no heartbeat, is removed from the group",
+    )
+    heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="a worker's heartbeat lives this long and is renewed every third of it: a worker "
+        "silent longer is taken as gone (ipamctl status, the consumer group's clean-up)",
+    )
     parallel_nodes: int = Field(8, description="nodes maintained at once by this worker")
     node_lock_seconds: float = Field(
         20.0,
@@ -93,6 +104,7 @@ class WorkerSettings(BaseSettings):
         if self.check_address_conflicts is None:
             return bool(self.ec2_endpoint_url)
         return self.check_address_conflicts
+
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("cloud")

@@ -7,6 +7,7 @@ from __future__ import annotations
 EVENTS_STREAM = "ipam:events"  # the allocator publishes here, the worker consumes
 DEAD_LETTER_STREAM = "ipam:events:dead"  # events the worker gave up on after too many deliveries
 CONSUMER_GROUP = "ipam-workers"  # the worker's default consumer group on EVENTS_STREAM
+WORKER_HEARTBEATS = "ipam:workers:heartbeats"  # workers by heartbeat deadline (core/liveness.py)
 
 
 def node_prefix(node: str) -> str:

@@ -399,7 +399,13 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             total=total,
             pending=pending,
             consumers=[
-                npb.EventConsumer(name=c.name, pending=c.pending, idle_ms=c.idle_ms)
+                npb.EventConsumer(
+                    name=c.name,
+                    pending=c.pending,
+                    idle_ms=c.idle_ms,
+                    alive=c.alive,
+                    heartbeat_expires_in_ms=c.heartbeat_ms,
+                )
                 for c in await self.service.event_consumers()
             ],
         )

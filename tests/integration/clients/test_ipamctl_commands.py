@@ -116,7 +116,7 @@ def test_status_shows_allocators_workers_nodes_and_events(cluster: Cluster) -> N
     )
     reachable = {a["address"]: a["reachable"] for a in status["allocators"]}
     assert reachable == {cluster.allocator.address: True, dead_address: False}
-    workers = {w["name"]: w["reachable"] for w in status["workers"]}
+    workers = {w["name"]: w["alive"] for w in status["workers"]}
     assert workers.get(WORKER) is True
     assert in_deficit in status["nodes_by_state"]["in-deficit"]
     assert status["nodes"]["total"] >= 1

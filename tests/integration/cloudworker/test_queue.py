@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from ipam.v1 import events_pb2
 from services.cloudworker.queue import RedisStreamSource
+from services.core import liveness
 from services.core.contract import DEAD_LETTER_STREAM
 from tests.support.redis_server import RedisServer
 
@@ -141,6 +142,24 @@ def test_a_consumer_with_pending_events_is_kept(redis_server: RedisServer, strea
         await asyncio.sleep(0.1)  # idle past other's claim time (50 ms), but it still holds its entry
         assert await other.prune_consumers() == []
         assert b"busy" in {c["name"] for c in await client.xinfo_consumers(stream, "workers")}
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_idle_consumer_is_kept_while_its_heartbeat_lives(redis_server: RedisServer, stream: str) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        name = f"idle-{stream}"
+        idle, other = _source(client, stream, name), _source(client, stream, "other")
+        await idle.start()
+        assert await idle.fetch(10, block_ms=10) == []  # in the group, nothing read
+        await liveness.beat(client, name, ttl_seconds=60)
+        await asyncio.sleep(0.1)  # the scenario: idle past other's claim time (50 ms), nothing pending
+        assert await other.prune_consumers() == []
+        assert name.encode() in {c["name"] for c in await client.xinfo_consumers(stream, "workers")}
+        await liveness.leave(client, name)  # no heartbeat: now it is taken as gone
+        assert await other.prune_consumers() == [name]
         await client.aclose()
 
     asyncio.run(run())
