@@ -582,8 +582,7 @@ class RedisStore:
             ipv4_per_interface=_int(_text(f.get("ipv4_per_iface"))),
             deficit_reason=_text(f.get("deficit_reason")),
             created_ms=_int(_text(f.get("created_ms"))),
-            # A node written before the field had its full name holds it as "fii".
-            first_interface_index=_int(_text(f.get("first_interface_index", f.get("fii")))),
+            first_interface_index=_int(_text(f.get("first_interface_index"))),
             reservations=[_reservation(k, v) for k, v in reservations.items()],
             last_error=_text(f.get("last_error")),
             last_error_ms=_int(_text(f.get("last_error_ms"))),

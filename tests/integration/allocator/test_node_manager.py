@@ -144,9 +144,7 @@ def test_stats_count_the_reserved_and_the_excluded_addresses(api: Api) -> None:
     assert (api.stats(name).reserved_ips, api.stats(name).excluded_ips) == (0, 0)
     api.alloc.ExcludeIP(pb.ExcludeIPRequest(node=name, ip="10.20.0.10", owner="ops"), timeout=5)
     v4 = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=2), timeout=5)
-    v6 = api.nodes.ReserveForRelease(
-        npb.ReserveForReleaseRequest(node=name, count=1, family=pb.FAMILY_IPV6), timeout=5
-    )
+    v6 = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=name, count=1, family=pb.FAMILY_IPV6), timeout=5)
     assert (len(v4.ips), len(v6.ips)) == (2, 1)
     stats = api.stats(name)
     assert (stats.reserved_ips, stats.excluded_ips) == (3, 1)
@@ -262,7 +260,9 @@ def test_an_address_excluded_while_reserved_stays_out_when_the_reservation_ends(
         )
     assert ip not in api.admin_alloc.Dump(pb.DumpRequest(node=name), timeout=5).free_ipv4
     owners = {
-        api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5).ipv4.ip
+        api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5
+        ).ipv4.ip
         for i in range(2)
     }
     assert ip not in owners
@@ -279,43 +279,20 @@ def test_reserve_refuses_a_negative_count(api: Api, count: int) -> None:
     )
 
 
-# The node's settings as the allocator wrote them before they had their full names.
-_SHORT_NAMES = {
-    "pre_allocate": "pre",
-    "min_allocate": "min",
-    "max_allocate": "max",
-    "max_above_watermark": "maw",
-    "release_excess": "rel",
-    "ipv6_enabled": "v6",
-    "first_interface_index": "fii",
-}
-
-
-def test_a_node_under_the_short_field_names_keeps_its_settings_and_a_write_mirrors_them_there(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
+def test_a_node_keeps_each_setting_once_under_its_full_name(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
     name = api.create_node(pre_allocate=3, ipv6_enabled=True, release_excess=True, first_interface_index=1)
-    api.seed(name, 2, 1)
     client = redis_client(backend)
-    key = f"ipam:{{{name}}}:node"
     try:
-        settings = {field: client.hget(key, field) for field in _SHORT_NAMES}
-        assert settings["pre_allocate"] == b"3" and settings["first_interface_index"] == b"1"
-        client.hdel(key, *_SHORT_NAMES)  # as the older allocator left it
-        client.hset(key, mapping={_SHORT_NAMES[field]: value for field, value in settings.items()})
-        eth0 = npb.Interface(id="eni-test0", device_index=0, addresses=["10.20.0.10", "10.20.0.11"])
-        api.nodes.SetInterfaces(
-            npb.SetInterfacesRequest(node=name, interfaces=[eth0], max_interfaces=3, ipv4_per_interface=10), timeout=5
-        )
-        stats = api.stats(name)
-        assert stats.needed_ips == 1  # pre_allocate 3 (2 free), not the default 8
-        assert stats.interface_candidates == 0  # eth0 has room but is below first_interface_index 1
-        held = api.alloc.AllocateNext(pb.AllocateNextRequest(node=name, family=pb.FAMILY_IPV6, owner="v6"), timeout=5)
-        assert held.ipv6.ip  # IPv6 still enabled
-        api.nodes.UpdateNode(npb.UpdateNodeRequest(spec=npb.NodeSpec(name=name, pre_allocate=4)), timeout=5)
-        # Rewritten under the full names, and mirrored under the short ones that an allocator of the
-        # release before, serving beside this one during an upgrade, reads.
-        assert client.hget(key, "pre_allocate") == b"4" and client.hget(key, "pre") == b"4"
-        assert {f: client.hget(key, f) for f in _SHORT_NAMES} == {
-            f: client.hget(key, short) for f, short in _SHORT_NAMES.items()
-        }
+        fields = {k.decode(): v for k, v in client.hgetall(f"ipam:{{{name}}}:node").items() if k != b"spec"}
     finally:
         client.close()
+    assert fields == {
+        "pre_allocate": b"3",
+        "min_allocate": b"0",
+        "max_allocate": b"0",
+        "max_above_watermark": b"0",
+        "release_excess": b"1",
+        "ipv6_enabled": b"1",
+        "first_interface_index": b"1",
+        "created_ms": fields["created_ms"],
+    }

@@ -47,25 +47,17 @@ local function missing_node_or_pool()
   return nil
 end
 
--- The node's settings (hash fields of K_NODE). A node written before they had these names holds
--- them under the short ones only, read too; put_node writes both (the older release reads the short).
-local SHORT_NAME = {pre_allocate = 'pre', min_allocate = 'min', max_allocate = 'max', max_above_watermark = 'maw',
-                    release_excess = 'rel', ipv6_enabled = 'v6', first_interface_index = 'fii'}
+-- The node's settings used by the watermark arithmetic (hash fields of K_NODE), in their order.
 local WATERMARK_FIELDS = {'pre_allocate', 'min_allocate', 'max_allocate', 'max_above_watermark', 'release_excess',
                           'ipv6_enabled'}
 
 local function node_setting(name)
-  return redis.call('HGET', K_NODE, name) or redis.call('HGET', K_NODE, SHORT_NAME[name])
+  return redis.call('HGET', K_NODE, name)
 end
 
 -- WATERMARK_FIELDS' values, in their order, in one read.
 local function watermark_settings()
-  local n, fields = #WATERMARK_FIELDS, {}
-  for i, name in ipairs(WATERMARK_FIELDS) do fields[i], fields[i + n] = name, SHORT_NAME[name] end
-  local values = redis.call('HMGET', K_NODE, unpack(fields))
-  local out = {}
-  for i = 1, n do out[i] = values[i] or values[i + n] end
-  return out
+  return redis.call('HMGET', K_NODE, unpack(WATERMARK_FIELDS))
 end
 
 -- Counts per family for the watermark arithmetic (done by the caller, in the domain core).

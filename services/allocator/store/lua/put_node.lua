@@ -5,13 +5,9 @@ local exists = redis.call('EXISTS', K_NODE) == 1
 if ARGV[3] == 'create' and exists then return fail('NODE_ALREADY_EXISTS') end
 if ARGV[3] == 'update' and not exists then return fail('NODE_NOT_FOUND') end
 local now = now_ms()
-local settings = {pre_allocate = ARGV[5], min_allocate = ARGV[6], max_allocate = ARGV[7],
-                  max_above_watermark = ARGV[8], release_excess = ARGV[9], ipv6_enabled = ARGV[10],
-                  first_interface_index = ARGV[11]}
-redis.call('HSET', K_NODE, 'spec', ARGV[4])
--- Under the full names and, mirrored, the short ones: an allocator of the release before, still
--- serving beside this one during a rolling upgrade, reads the settings only from those.
-for name, short in pairs(SHORT_NAME) do redis.call('HSET', K_NODE, name, settings[name], short, settings[name]) end
+redis.call('HSET', K_NODE, 'spec', ARGV[4], 'pre_allocate', ARGV[5], 'min_allocate', ARGV[6], 'max_allocate', ARGV[7],
+           'max_above_watermark', ARGV[8], 'release_excess', ARGV[9], 'ipv6_enabled', ARGV[10],
+           'first_interface_index', ARGV[11])
 if not exists then redis.call('HSET', K_NODE, 'created_ms', now) end
 redis.call('SADD', K_POOLS, POOL)
 return ok({}, now)
