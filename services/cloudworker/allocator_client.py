@@ -1,45 +1,147 @@
-"""What the worker asks of the allocator: the calls the node maintainer makes (AsyncIpamClient
-implements them over gRPC; unit tests put a fake behind the same Protocol)."""
+"""What the worker asks of the allocator, in the worker's own values: the calls the node maintainer
+and the periodic jobs make. `allocator_grpc.GrpcAllocator` implements them over gRPC (the one
+place protobuf is translated); unit tests put a fake behind the same Protocol."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as npb
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks
+
+from .model import InstanceLimits, NetworkInterface
+
+CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node's spec as the allocator holds it."""
+
+    name: str
+    instance_id: str = ""
+    instance_type: str = ""
+    watermarks: Watermarks = field(default_factory=Watermarks)
+    first_interface_index: int = 0
+    subnet_ids: tuple[str, ...] = ()
+    subnet_tags: Mapping[str, str] = field(default_factory=dict)
+    security_group_ids: tuple[str, ...] = ()
+    security_group_tags: Mapping[str, str] = field(default_factory=dict)
+    vpc_id: str = ""
+    availability_zone: str = ""
+    release_excess: bool = False
+    ipv6_enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The cloud pool's statistics as the allocator computes them."""
+
+    ipv4: PoolCounts = field(default_factory=lambda: PoolCounts(0, 0))
+    needed_ipv4: int = 0
+    excess_ipv4: int = 0
+    waiting_ipv4: int = 0  # callers waiting for a refill
+    ipv6: PoolCounts = field(default_factory=lambda: PoolCounts(0, 0))
+    needed_ipv6: int = 0
+    excess_ipv6: int = 0
+    waiting_ipv6: int = 0
+    deficit_reason: str = ""
+    remaining_interfaces: int = 0
+    interface_candidates: int = 0
+    empty_interface_slots: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Addresses reserved for release (step one of the handshake), and how long ago."""
+
+    id: str
+    ips: tuple[str, ...] = ()
+    age_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolNode:
+    """A node as the allocator holds it: its spec, its cloud pool, and what the worker last told it."""
+
+    config: NodeConfig
+    stats: PoolStats = field(default_factory=PoolStats)
+    interfaces: tuple[NetworkInterface, ...] = ()  # the allocator's interface table
+    limits: InstanceLimits = field(default_factory=lambda: InstanceLimits(0, 0))  # as last reported
+    vpc_cidrs: tuple[str, ...] = ()
+    reservations: tuple[Reservation, ...] = ()
+    last_error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def reserved(self) -> set[str]:
+        """Every address reserved for release."""
+        return {ip for r in self.reservations for ip in r.ips}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolAddresses:
+    """The cloud pool's addresses (its Dump): those allocated and those free, by family."""
+
+    allocated_ipv4: frozenset[str] = frozenset()
+    allocated_ipv6: frozenset[str] = frozenset()
+    free_ipv4: frozenset[str] = frozenset()
+    free_ipv6: frozenset[str] = frozenset()
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Every address the pool holds, allocated or free (reserved ones excluded)."""
+        return self.allocated_ipv4 | self.allocated_ipv6 | self.free_ipv4 | self.free_ipv6
 
 
 class AllocatorClient(Protocol):
-    """The allocator's node and pool calls the maintainer makes."""
+    """The allocator's node and pool calls the worker makes, on each node's cloud pool."""
 
-    async def get_node(self, name: str, pool: str = "", *, timeout: float | None = None) -> npb.Node: ...
+    async def get_node(self, name: str) -> PoolNode: ...
 
-    async def dump(self, node: str, pool: str = "", *, timeout: float | None = None) -> pb.DumpResponse: ...
+    async def list_nodes(self, *, order_by_watermark: bool = False) -> list[PoolNode]: ...
+
+    async def dump(self, node: str) -> PoolAddresses: ...
 
     async def add_addresses(
-        self, request: npb.AddAddressesRequest, *, timeout: float | None = None
-    ) -> npb.AddAddressesResponse: ...
+        self,
+        node: str,
+        interface: NetworkInterface,
+        ips: Sequence[str],
+        *,
+        vpc_cidrs: Sequence[str] = (),
+        limits: InstanceLimits | None = None,
+    ) -> PoolNode:
+        """Addresses attached in the cloud join the pool; returns the node afterwards."""
+        ...
 
     async def set_interfaces(
-        self, request: npb.SetInterfacesRequest, *, timeout: float | None = None
-    ) -> npb.SetInterfacesResponse: ...
+        self,
+        node: str,
+        interfaces: Sequence[NetworkInterface],
+        *,
+        vpc_cidrs: Sequence[str],
+        limits: InstanceLimits,
+        deficit_reason: str,
+    ) -> None: ...
 
-    async def set_node_error(
-        self, node: str, error: str, *, timeout: float | None = None
-    ) -> npb.SetNodeErrorResponse: ...
+    async def set_node_error(self, node: str, error: str) -> None: ...
 
-    async def remove_addresses(
-        self, request: npb.RemoveAddressesRequest, *, timeout: float | None = None
-    ) -> npb.RemoveAddressesResponse: ...
+    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
+        """Addresses gone from the cloud leave the pool; returns those newly marked lost."""
+        ...
 
-    async def reserve_for_release(
-        self, request: npb.ReserveForReleaseRequest, *, timeout: float | None = None
-    ) -> npb.ReserveForReleaseResponse: ...
+    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation: ...
 
-    async def complete_release(
-        self, request: npb.CompleteReleaseRequest, *, timeout: float | None = None
-    ) -> npb.CompleteReleaseResponse: ...
+    async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
+        """The reserved `ips` were unassigned: they leave the pool; returns those released."""
+        ...
 
-    async def abort_release(
-        self, request: npb.AbortReleaseRequest, *, timeout: float | None = None
-    ) -> npb.AbortReleaseResponse: ...
+    async def abort_release(self, node: str, reservation_id: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -9,7 +9,6 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
@@ -22,8 +21,10 @@ from services.core.reasons import DeficitReason, ErrorReason
 from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 
+from .allocator_client import CLOUD_POOL, AllocatorClient, PoolNode
+from .allocator_grpc import GrpcAllocator
 from .cloud_view import CloudView
-from .maintainer import CLOUD_POOL, NodeMaintainer
+from .maintainer import NodeMaintainer
 from .metrics import WorkerMetrics
 from .providers.base import CloudProvider
 from .providers.registry import build_provider
@@ -46,7 +47,7 @@ class Worker:
         source: EventSource,
         maintainer: NodeMaintainer,
         provider: CloudProvider,
-        allocator: AsyncIpamClient,
+        allocator: AllocatorClient,
         metrics: WorkerMetrics,
         *,
         close_provider: Callable[[], None] = lambda: None,
@@ -190,7 +191,7 @@ class Worker:
         with at_priority(Priority.HOUSEKEEPING):
             try:
                 cost = await asyncio.to_thread(
-                    self.maintainer.view.refresh, [n.spec.instance_id for n in nodes if n.spec.instance_id]
+                    self.maintainer.view.refresh, [n.config.instance_id for n in nodes if n.config.instance_id]
                 )
                 log.info(
                     "cloud view refreshed: %d VPC(s), %d interface(s), %d instance(s) described, %.2f s",
@@ -217,7 +218,7 @@ class Worker:
                     if not isinstance(exc, IpamClientError):
                         await self._keep_error(name, exc)
 
-        await asyncio.gather(*(visit(node.spec.name) for node in nodes))
+        await asyncio.gather(*(visit(node.name) for node in nodes))
         if self.stopping.is_set():
             return
         self.metrics.resync_total.inc()
@@ -229,10 +230,10 @@ class Worker:
         where = f" in {operation}" if operation else ""
         await self.maintainer.report_error(node, f"{type(exc).__name__}{where}: {exc}")
 
-    def node_gauges(self, nodes: Sequence[Any]) -> None:
+    def node_gauges(self, nodes: Sequence[PoolNode]) -> None:
         """Nodes by category and each node's interfaces, from the allocator's view of them."""
         self.metrics.nodes.labels("total").set(len(nodes))
-        self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ips > 0))
+        self.metrics.nodes.labels("in-deficit").set(sum(1 for n in nodes if n.stats.needed_ipv4 > 0))
         at_capacity = sum(1 for n in nodes if n.stats.deficit_reason == DeficitReason.AT_CAPACITY)
         self.metrics.nodes.labels(DeficitReason.AT_CAPACITY).set(at_capacity)
         self.metrics.interfaces.clear()
@@ -243,7 +244,7 @@ class Worker:
                 ("remaining", n.stats.remaining_interfaces),
                 ("empty-slots", n.stats.empty_interface_slots),
             ):
-                self.metrics.interfaces.labels(n.spec.name, state).set(value)
+                self.metrics.interfaces.labels(n.name, state).set(value)
 
     async def export_cluster_gauges(self) -> None:
         """Takes or renews the exporter lease; the holder refreshes the node gauges between resyncs."""
@@ -321,12 +322,14 @@ def build_worker(
         built = build_provider(settings, metrics)
         provider, close_provider = built.provider, built.close
     redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
-    allocator = AsyncIpamClient(
-        settings.grpc_address,
-        token=settings.admin_token.get_secret_value() or None,
-        timeout=10.0,
-        tls=bool(settings.tls_ca_file),
-        tls_ca=settings.tls_ca_file or None,
+    allocator = GrpcAllocator(
+        AsyncIpamClient(
+            settings.grpc_address,
+            token=settings.admin_token.get_secret_value() or None,
+            timeout=10.0,
+            tls=bool(settings.tls_ca_file),
+            tls_ca=settings.tls_ca_file or None,
+        )
     )
     source = RedisStreamSource(
         redis,

@@ -15,14 +15,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from clients.client import IpamClientError
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
-from services.core.pool_math import PoolCounts, Watermarks
 from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
-from .allocator_client import AllocatorClient
+from .allocator_client import AllocatorClient, NodeConfig, PoolAddresses, PoolNode, Reservation
 from .cloud_view import CloudView
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
@@ -34,7 +31,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ROUNDS = 12  # steps of one maintenance (reads it asks for not counted)
-CLOUD_POOL = "default"  # the pool the cloud fills (ENI mode has one pool per node)
 DEFAULT_VIEW_AGE_S = 120.0  # a view entry older than this is read again before it is used
 SECURITY_GROUPS_TTL_S = 60.0  # security groups looked up by tags are read again after this (Cilium: each resync)
 
@@ -59,12 +55,12 @@ class _Maintenance:
     """What one maintenance has read and learnt so far; each round's `planner.NodeState` is made
     from it. None means "read it (again)"."""
 
-    node: npb.Node
+    node: PoolNode
     instance: Instance
     limits: InstanceLimits
     cidrs: list[str]
     plan_spec: planner.NodeSpec
-    pool: pb.DumpResponse | None  # the Dump read with the node, for the first reconcile
+    pool: PoolAddresses | None  # the Dump read with the node, for the first reconcile
     first_read: list[NetworkInterface] | None  # the interfaces read (or viewed) with the node
     settle_reservations: bool
     interfaces: list[NetworkInterface] | None = None  # reconciled with the pool
@@ -79,27 +75,14 @@ class _Maintenance:
     released_some: bool = False  # AddAddresses keeps the allocator's interface table; a release does not
 
 
-def _interface_message(interface: NetworkInterface) -> npb.Interface:
-    return npb.Interface(
-        id=interface.id,
-        mac=interface.mac,
-        device_index=interface.device_index,
-        subnet_id=interface.subnet_id,
-        subnet_cidr=interface.subnet_cidr,
-        gateway_ip=interface.gateway_ip,
-        primary_ip=interface.primary_ip,
-        addresses=[*interface.ipv4, *interface.ipv6],
-        security_group_ids=list(interface.security_group_ids),
-    )
-
-
-def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
+def planner_spec(spec: NodeConfig, instance: Instance) -> planner.NodeSpec:
+    """What planning needs of the node's spec, the instance filling in what the spec leaves open."""
     return planner.NodeSpec(
-        watermarks=Watermarks(spec.pre_allocate, spec.min_allocate, spec.max_allocate, spec.max_above_watermark),
+        watermarks=spec.watermarks,
         first_interface_index=spec.first_interface_index,
-        subnet_ids=tuple(spec.subnet_ids),
+        subnet_ids=spec.subnet_ids,
         subnet_tags=dict(spec.subnet_tags),
-        security_group_ids=tuple(spec.security_group_ids) or instance.security_group_ids,
+        security_group_ids=spec.security_group_ids or instance.security_group_ids,
         security_group_tags={} if spec.security_group_ids else dict(spec.security_group_tags),  # ids win
         vpc_id=spec.vpc_id or instance.vpc_id,
         availability_zone=spec.availability_zone or instance.availability_zone,
@@ -107,12 +90,12 @@ def planner_spec(spec: npb.NodeSpec, instance: Instance) -> planner.NodeSpec:
     )
 
 
-def priority_of(node: npb.Node) -> Priority:
+def priority_of(node: PoolNode) -> Priority:
     """A pool short of addresses (or with callers waiting) is refilled first, excess comes next."""
     stats = node.stats
-    if stats.needed_ips > 0 or stats.needed_ipv6 > 0 or stats.waiting_ips > 0:
+    if stats.needed_ipv4 > 0 or stats.needed_ipv6 > 0 or stats.waiting_ipv4 > 0:
         return Priority.REFILL
-    if stats.excess_ips > 0 or stats.excess_ipv6 > 0:
+    if stats.excess_ipv4 > 0 or stats.excess_ipv6 > 0:
         return Priority.EXCESS
     return Priority.HOUSEKEEPING
 
@@ -188,17 +171,15 @@ class NodeMaintainer:
         first_read: list[NetworkInterface] | None = None
         if known_instance and self.view.interfaces(known_instance) is None:
             node, pool, first_read = await asyncio.gather(
-                self.allocator.get_node(name, CLOUD_POOL),
-                self.allocator.dump(name, CLOUD_POOL),
+                self.allocator.get_node(name),
+                self.allocator.dump(name),
                 self._cloud(outcome, self.provider.list_interfaces, known_instance),
             )
         else:
-            node, pool = await asyncio.gather(
-                self.allocator.get_node(name, CLOUD_POOL), self.allocator.dump(name, CLOUD_POOL)
-            )
+            node, pool = await asyncio.gather(self.allocator.get_node(name), self.allocator.dump(name))
         # From here on the node's own need sets the priority of its cloud calls: refills first.
         current_priority.set(priority_of(node))
-        spec = node.spec
+        spec = node.config
         if not spec.instance_id or not spec.instance_type:
             outcome.reason = DeficitReason.NO_INSTANCE
             outcome.detail = "the node's spec names no instance id or type"
@@ -277,15 +258,15 @@ class NodeMaintainer:
             limits=m.limits,
             interfaces=tuple(m.interfaces),
             subnets=tuple(s for s in m.subnets if s.id not in m.full_subnets),
-            ipv4=PoolCounts(stats.available_ips, stats.used_ips, stats.cooling_ips),
-            needed_ipv4=int(stats.needed_ips),
-            excess_ipv4=int(stats.excess_ips),
-            waiting_ipv4=int(stats.waiting_ips),
-            ipv6_enabled=m.node.spec.ipv6_enabled,
-            ipv6=PoolCounts(stats.available_ipv6, stats.used_ipv6),
-            needed_ipv6=int(stats.needed_ipv6),
-            excess_ipv6=int(stats.excess_ipv6),
-            waiting_ipv6=int(stats.waiting_ipv6),
+            ipv4=stats.ipv4,
+            needed_ipv4=stats.needed_ipv4,
+            excess_ipv4=stats.excess_ipv4,
+            waiting_ipv4=stats.waiting_ipv4,
+            ipv6_enabled=m.node.config.ipv6_enabled,
+            ipv6=stats.ipv6,
+            needed_ipv6=stats.needed_ipv6,
+            excess_ipv6=stats.excess_ipv6,
+            waiting_ipv6=stats.waiting_ipv6,
             allocated_ipv4=m.allocated_ipv4,
             free_ipv6=m.free_ipv6,
             ipv6_assign_tried=m.ipv6_assign_tried,
@@ -295,14 +276,14 @@ class NodeMaintainer:
 
     async def _apply(self, m: _Maintenance, step: planner.Step, outcome: Outcome) -> bool:
         """Carries out one step; False when the maintenance ends here (`outcome.reason` says why)."""
-        name = m.node.spec.name
+        name = m.node.name
         assert m.interfaces is not None and m.subnets is not None  # _read_state read them
         if isinstance(step, planner.ReadPool):
-            dump = await self.allocator.dump(name, CLOUD_POOL)
-            m.allocated_ipv4, m.free_ipv6 = frozenset(dump.ipv4), frozenset(dump.free_ipv6)
+            dump = await self.allocator.dump(name)
+            m.allocated_ipv4, m.free_ipv6 = dump.allocated_ipv4, dump.free_ipv6
             return True
         if isinstance(step, planner.ReadSecurityGroups):
-            m.tagged_security_groups = await self._tagged_security_groups(m.node.spec, m.instance, outcome)
+            m.tagged_security_groups = await self._tagged_security_groups(m.node.config, m.instance, outcome)
             return True
         if isinstance(step, planner.AssignIPv6):
             updated = await self._assign_ipv6(m.node, step, outcome)
@@ -310,7 +291,7 @@ class NodeMaintainer:
                 m.ipv6_assign_tried = True
                 return True
             self._replace_interface(m, updated)
-            m.node = await self.allocator.get_node(name, CLOUD_POOL)
+            m.node = await self.allocator.get_node(name)
             return True
         if isinstance(step, planner.ReleaseAction) and step.family is Family.IPV6:
             released = await self._release(m.node, step, outcome, self._interface(m, step.interface_id))
@@ -320,9 +301,9 @@ class NodeMaintainer:
                 return True
             self._replace_interface(m, released)
             m.released_some = True
-            m.node = await self.allocator.get_node(name, CLOUD_POOL)
+            m.node = await self.allocator.get_node(name)
             return True
-        after: npb.Node | None = None
+        after: PoolNode | None = None
         try:
             if isinstance(step, planner.AllocationAction):
                 updated, after = await self._allocate(
@@ -359,7 +340,7 @@ class NodeMaintainer:
             log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
             self.view.forget(m.instance.id)
             m.interfaces = m.subnets = None
-        m.node = after if after is not None else await self.allocator.get_node(name, CLOUD_POOL)
+        m.node = after if after is not None else await self.allocator.get_node(name)
         return True
 
     @staticmethod
@@ -372,18 +353,16 @@ class NodeMaintainer:
         m.interfaces = _replacing(m.interfaces or [], updated)
         self.view.put_interface(m.instance.id, updated)
 
-    def _excess_due(self, name: str, node: npb.Node) -> bool:
+    def _excess_due(self, name: str, node: PoolNode) -> bool:
         """Whether the node's excess has lasted the release delay (the clock starts when it is first
         seen, and stops when there is none)."""
-        if node.stats.excess_ips <= 0 and node.stats.excess_ipv6 <= 0:
+        if node.stats.excess_ipv4 <= 0 and node.stats.excess_ipv6 <= 0:
             self._excess_since.pop(name, None)
             return True
         since = self._excess_since.setdefault(name, time.monotonic())
         return time.monotonic() - since >= self.excess_release_delay_s
 
-    async def _tagged_security_groups(
-        self, spec: npb.NodeSpec, instance: Instance, outcome: Outcome
-    ) -> tuple[str, ...]:
+    async def _tagged_security_groups(self, spec: NodeConfig, instance: Instance, outcome: Outcome) -> tuple[str, ...]:
         """The groups of the node's VPC carrying every one of the spec's security group tags (none
         found: the policy falls back)."""
         vpc_id = spec.vpc_id or instance.vpc_id
@@ -405,18 +384,17 @@ class NodeMaintainer:
             )
         return matching
 
-    def _viewed_interfaces(self, node: npb.Node, pool: pb.DumpResponse) -> list[NetworkInterface] | None:
+    def _viewed_interfaces(self, node: PoolNode, pool: PoolAddresses) -> list[NetworkInterface] | None:
         """The node's interfaces from the view, when it is fresh and holds exactly the pool's
         addresses. Any difference (another replica changed the node, someone behind our back) is
         settled from the instance read alone, never from the view: nothing leaves or enters the
         pool on the view's word."""
-        viewed = self.view.interfaces(node.spec.instance_id)
+        viewed = self.view.interfaces(node.config.instance_id)
         if viewed is None:
             return None
-        first = node.spec.first_interface_index
+        first = node.config.first_interface_index
         in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.ipv4, *i.ipv6)]
-        reserved = {ip for r in node.reservations for ip in r.ips}
-        known = {*pool.ipv4, *pool.ipv6, *pool.free_ipv4, *pool.free_ipv6} | reserved
+        known = pool.held | node.reserved
         if len(in_view) != len(set(in_view)) or set(in_view) != known:
             return None
         return viewed
@@ -435,23 +413,23 @@ class NodeMaintainer:
 
     async def _reconcile(
         self,
-        node: npb.Node,
-        pool: pb.DumpResponse | None,
+        node: PoolNode,
+        pool: PoolAddresses | None,
         interfaces: list[NetworkInterface],
         limits: InstanceLimits,
         cidrs: list[str],
         settle_reservations: bool,
         outcome: Outcome,
-    ) -> tuple[npb.Node, list[NetworkInterface]]:
+    ) -> tuple[PoolNode, list[NetworkInterface]]:
         """Makes the allocator's pool match what the cloud holds; returns the node read afterwards
         and the interfaces as they are now. `pool`: the pool's Dump, when already read."""
-        name, first = node.spec.name, node.spec.first_interface_index
+        name, first = node.name, node.config.first_interface_index
         current: list[NetworkInterface] = []
         # What the pool holds, not the allocator's interface table: the table lists every address an
         # interface held when it was last reported, also those a crashed worker never added.
-        dump = pool if pool is not None else await self.allocator.dump(name, CLOUD_POOL)
-        reserved = {ip for r in node.reservations for ip in r.ips}
-        known = {*dump.ipv4, *dump.ipv6, *dump.free_ipv4, *dump.free_ipv6} | reserved
+        dump = pool if pool is not None else await self.allocator.dump(name)
+        reserved = node.reserved
+        known = dump.held | reserved
         in_cloud: set[str] = set()
         added = False
         for interface in interfaces:
@@ -480,17 +458,7 @@ class NodeMaintainer:
             in_cloud.update(held)
             if missing or interface.id not in {i.id for i in node.interfaces}:
                 added = True
-                await self.allocator.add_addresses(
-                    npb.AddAddressesRequest(
-                        node=name,
-                        pool=CLOUD_POOL,
-                        interface=_interface_message(interface),
-                        ips=missing,
-                        vpc_cidrs=cidrs,
-                        max_interfaces=limits.max_interfaces,
-                        ipv4_per_interface=limits.ipv4_per_interface,
-                    )
-                )
+                await self.allocator.add_addresses(name, interface, missing, vpc_cidrs=cidrs, limits=limits)
                 if missing:
                     log.info(
                         "node %s: %d address(es) on %s found in the cloud, added to the pool",
@@ -500,35 +468,24 @@ class NodeMaintainer:
                     )
         gone = sorted(known - in_cloud - reserved)
         if gone:
-            reply = await self.allocator.remove_addresses(
-                npb.RemoveAddressesRequest(node=name, pool=CLOUD_POOL, ips=gone)
-            )
-            if reply.newly_lost:
+            newly_lost = await self.allocator.remove_addresses(name, gone)
+            if newly_lost:
                 # Their owners keep them (the node's status counts them), but none is handed out again.
-                self.metrics.addresses_lost.inc(len(reply.newly_lost))
-                log.warning(
-                    "node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(reply.newly_lost)
-                )
+                self.metrics.addresses_lost.inc(len(newly_lost))
+                log.warning("node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(newly_lost))
         settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
         table = _allocator_interfaces(current, first)
         same_table = _comparable(table) == _comparable(node.interfaces) and (
-            node.max_interfaces,
-            node.ipv4_per_interface,
+            node.limits.max_interfaces,
+            node.limits.ipv4_per_interface,
         ) == (limits.max_interfaces, limits.ipv4_per_interface)
         if same_table and not (added or gone or settled):
             return node, current  # the allocator already agrees with the cloud
         if not same_table:
             await self.allocator.set_interfaces(
-                npb.SetInterfacesRequest(
-                    node=name,
-                    interfaces=table,
-                    vpc_cidrs=cidrs,
-                    max_interfaces=limits.max_interfaces,
-                    ipv4_per_interface=limits.ipv4_per_interface,
-                    deficit_reason=node.stats.deficit_reason,
-                )
+                name, table, vpc_cidrs=cidrs, limits=limits, deficit_reason=node.stats.deficit_reason
             )
-        return await self.allocator.get_node(name, CLOUD_POOL), current
+        return await self.allocator.get_node(name), current
 
     async def _give_back_conflicts(
         self, name: str, interface: NetworkInterface, ips: list[str], outcome: Outcome
@@ -555,7 +512,7 @@ class NodeMaintainer:
         self.metrics.conflicting_addresses.inc(len(conflicts))
         return given_back.interface, [ip for ip in ips if ip not in conflicts]
 
-    async def _settle_reservations(self, node: npb.Node, in_cloud: set[str]) -> bool:
+    async def _settle_reservations(self, node: PoolNode, in_cloud: set[str]) -> bool:
         """A reservation left by a crashed worker: what the cloud no longer holds leaves the pool,
         the rest returns to it. True when any was settled."""
         settled = False
@@ -563,8 +520,8 @@ class NodeMaintainer:
             if reservation.age_ms < self.stale_reservation_ms:
                 continue
             settled = True
-            gone = await self._settle_reservation(node.spec.name, reservation.id, reservation.ips, in_cloud)
-            log.info("node %s: settled stale reservation %s (%d unassigned)", node.spec.name, reservation.id, len(gone))
+            gone = await self._settle_reservation(node.name, reservation.id, reservation.ips, in_cloud)
+            log.info("node %s: settled stale reservation %s (%d unassigned)", node.name, reservation.id, len(gone))
         return settled
 
     async def _settle_reservation(
@@ -574,27 +531,23 @@ class NodeMaintainer:
         still attached return to it. Returns the addresses gone."""
         gone = [ip for ip in reserved if ip not in in_cloud]
         if gone:
-            await self.allocator.complete_release(
-                npb.CompleteReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reservation_id, ips=gone)
-            )
+            await self.allocator.complete_release(name, reservation_id, gone)
         else:  # CompleteRelease without addresses would take the whole reservation as unassigned
-            await self.allocator.abort_release(
-                npb.AbortReleaseRequest(node=name, pool=CLOUD_POOL, reservation_id=reservation_id)
-            )
+            await self.allocator.abort_release(name, reservation_id)
         return gone
 
     async def _allocate(
         self,
-        node: npb.Node,
+        node: PoolNode,
         instance: Instance,
         cidrs: list[str],
         action: planner.AllocationAction,
         outcome: Outcome,
         known: NetworkInterface | None,
-    ) -> tuple[NetworkInterface, npb.Node]:
+    ) -> tuple[NetworkInterface, PoolNode]:
         """Assigns on an interface (`known`: as last read) or creates one; returns the interface as the
         cloud holds it now and the node as the allocator holds it afterwards."""
-        name = node.spec.name
+        name = node.name
         kind = "create" if action.creates_interface else "allocate"
         started = time.perf_counter()
         status = "error"
@@ -619,16 +572,12 @@ class NodeMaintainer:
                 interface, added = change.interface, list(change.addresses)
             if added:
                 interface, added = await self._give_back_conflicts(name, interface, added, outcome)
-            reply = await self.allocator.add_addresses(
-                npb.AddAddressesRequest(
-                    node=name, pool=CLOUD_POOL, interface=_interface_message(interface), ips=added, vpc_cidrs=cidrs
-                )
-            )
+            after = await self.allocator.add_addresses(name, interface, added, vpc_cidrs=cidrs)
             status = "success"
             outcome.assigned += len(added)
             outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
-            return interface, reply.node
+            return interface, after
         except ProviderError:
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
             raise
@@ -639,7 +588,7 @@ class NodeMaintainer:
 
     async def _release(
         self,
-        node: npb.Node,
+        node: PoolNode,
         action: planner.ReleaseAction,
         outcome: Outcome,
         known: NetworkInterface | None = None,
@@ -652,16 +601,8 @@ class NodeMaintainer:
         the pool and only what is still attached returns to it. When the truth cannot be read, or
         the call was cancelled while its thread may still be running, the reservation stays: its
         addresses are never handed out, and the resync settles it against the cloud once stale."""
-        name = node.spec.name
-        reply = await self.allocator.reserve_for_release(
-            npb.ReserveForReleaseRequest(
-                node=name,
-                pool=CLOUD_POOL,
-                interface_id=action.interface_id,
-                count=action.count,
-                family=pb.FAMILY_IPV6 if action.family is Family.IPV6 else pb.FAMILY_IPV4,
-            )
-        )
+        name = node.name
+        reply = await self.allocator.reserve_for_release(name, action.interface_id, action.count, action.family)
         if not reply.ips:
             return None
         started = time.perf_counter()
@@ -675,33 +616,29 @@ class NodeMaintainer:
             raise
         except BaseException:
             self.metrics.release_ops.labels(action.subnet_id, "error").inc()
-            log.warning("node %s: release %s interrupted: left for the resync to settle", name, reply.reservation_id)
+            log.warning("node %s: release %s interrupted: left for the resync to settle", name, reply.id)
             raise
-        done = await self.allocator.complete_release(
-            npb.CompleteReleaseRequest(
-                node=name, pool=CLOUD_POOL, reservation_id=reply.reservation_id, ips=list(change.addresses)
-            )
-        )
-        outcome.released += len(done.released_ips)
-        outcome.actions.append(f"release {len(done.released_ips)} from {action.interface_id}")
-        self.metrics.release_ops.labels(action.subnet_id, "success").inc(len(done.released_ips))
+        released = await self.allocator.complete_release(name, reply.id, change.addresses)
+        outcome.released += len(released)
+        outcome.actions.append(f"release {len(released)} from {action.interface_id}")
+        self.metrics.release_ops.labels(action.subnet_id, "success").inc(len(released))
         self.metrics.action_duration.labels("release", "success", action.subnet_id).observe(
             time.perf_counter() - started
         )
-        return change.interface if done.released_ips else None
+        return change.interface if released else None
 
     async def _settle_failed_release(
         self,
-        node: npb.Node,
+        node: PoolNode,
         interface_id: str,
-        reservation: npb.ReserveForReleaseResponse,
+        reservation: Reservation,
         error: ProviderError,
         outcome: Outcome,
     ) -> None:
         """After an unassign that failed: settles the reservation by what the interface holds now."""
-        name = node.spec.name
+        name = node.name
         try:
-            interfaces = await self._cloud(outcome, self.provider.list_interfaces, node.spec.instance_id)
+            interfaces = await self._cloud(outcome, self.provider.list_interfaces, node.config.instance_id)
         except ProviderError as exc:
             log.warning(
                 "node %s: unassign failed (%s) and the interface could not be read (%s): reservation %s left "
@@ -709,12 +646,12 @@ class NodeMaintainer:
                 name,
                 error,
                 exc,
-                reservation.reservation_id,
+                reservation.id,
             )
             return
         # An interface no longer attached holds none of the node's addresses.
         held = {ip for i in interfaces if i.id == interface_id for ip in (i.primary_ip, *i.ipv4, *i.ipv6)}
-        gone = await self._settle_reservation(name, reservation.reservation_id, reservation.ips, held)
+        gone = await self._settle_reservation(name, reservation.id, reservation.ips, held)
         log.warning(
             "node %s: unassign failed (%s); read again: %d of %d address(es) gone, the rest back in the pool",
             name,
@@ -723,50 +660,32 @@ class NodeMaintainer:
             len(reservation.ips),
         )
 
-    async def _assign_ipv6(
-        self, node: npb.Node, step: planner.AssignIPv6, outcome: Outcome
-    ) -> NetworkInterface | None:
+    async def _assign_ipv6(self, node: PoolNode, step: planner.AssignIPv6, outcome: Outcome) -> NetworkInterface | None:
         """Assigns IPv6 addresses as the policy chose; the interface as it is now, None when the
         cloud gave none."""
         change = await self._cloud(outcome, self.provider.assign_addresses, step.interface_id, step.count, Family.IPV6)
-        await self.allocator.add_addresses(
-            npb.AddAddressesRequest(
-                node=node.spec.name,
-                pool=CLOUD_POOL,
-                interface=_interface_message(change.interface),
-                ips=list(change.addresses),
-            )
-        )
+        await self.allocator.add_addresses(node.name, change.interface, change.addresses)
         outcome.assigned += len(change.addresses)
         return change.interface if change.addresses else None
 
-    async def _report(self, node: npb.Node, interfaces: list[NetworkInterface] | None, outcome: Outcome) -> None:
+    async def _report(self, node: PoolNode, interfaces: list[NetworkInterface] | None, outcome: Outcome) -> None:
         """Tells the allocator the interfaces as they are now (when they changed), why a deficit
         stays, if it does (so callers fail fast with that reason), and the node's last error: the
         blocking reason's, or none after a maintenance that met no error."""
         blocking = outcome.reason if outcome.reason in BLOCKING_REASONS else ""
         error = f"{blocking}: {outcome.detail}" if blocking and outcome.detail else blocking
         if error != node.last_error:
-            await self.report_error(node.spec.name, error)
+            await self.report_error(node.name, error)
         if interfaces is None and blocking == node.stats.deficit_reason:
             return
-        first = node.spec.first_interface_index
+        first = node.config.first_interface_index
         table = _allocator_interfaces(interfaces, first) if interfaces is not None else list(node.interfaces)
         try:
             await self.allocator.set_interfaces(
-                npb.SetInterfacesRequest(
-                    node=node.spec.name,
-                    interfaces=table,
-                    vpc_cidrs=list(node.vpc_cidrs),
-                    max_interfaces=node.max_interfaces,
-                    ipv4_per_interface=node.ipv4_per_interface,
-                    deficit_reason=blocking,
-                )
+                node.name, table, vpc_cidrs=node.vpc_cidrs, limits=node.limits, deficit_reason=blocking
             )
         except IpamClientError as exc:
-            log.warning("node %s: could not report its interfaces: %s", node.spec.name, exc)
-
-
+            log.warning("node %s: could not report its interfaces: %s", node.name, exc)
 
     async def report_error(self, name: str, error: str) -> None:
         """Keeps `error` ("" clears it) as the node's last error, on one line; a failure is logged."""
@@ -776,14 +695,14 @@ class NodeMaintainer:
             log.warning("node %s: could not report its last error: %s", name, exc)
 
 
-def _allocator_interfaces(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[npb.Interface]:
+def _allocator_interfaces(interfaces: Iterable[NetworkInterface], first_interface_index: int) -> list[NetworkInterface]:
     """The allocator's interface table: the interfaces that hold the pool's addresses."""
-    return [_interface_message(i) for i in interfaces if i.device_index >= first_interface_index]
+    return [i for i in interfaces if i.device_index >= first_interface_index]
 
 
-def _comparable(interfaces: Iterable[npb.Interface]) -> dict[str, tuple[int, frozenset[str]]]:
+def _comparable(interfaces: Iterable[NetworkInterface]) -> dict[str, tuple[int, frozenset[str]]]:
     """What the allocator's interface table says, in a form to compare."""
-    return {i.id: (i.device_index, frozenset(i.addresses)) for i in interfaces}
+    return {i.id: (i.device_index, frozenset((*i.ipv4, *i.ipv6))) for i in interfaces}
 
 
 def _replacing(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:

@@ -16,6 +16,7 @@ from botocore.client import BaseClient
 from prometheus_client import CollectorRegistry
 
 from clients.client import AsyncIpamClient
+from services.cloudworker.allocator_grpc import GrpcAllocator
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers.aws import AwsProvider, RetryPolicy
@@ -62,7 +63,7 @@ class Replica:
             retry=RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.05),
         )
         async with AsyncIpamClient(allocator_address, token=ADMIN_TOKEN) as allocator:
-            maintainer = NodeMaintainer(provider, allocator, self.metrics, stale_reservation_seconds=60)
+            maintainer = NodeMaintainer(provider, GrpcAllocator(allocator), self.metrics, stale_reservation_seconds=60)
             await asyncio.gather(*(maintainer.maintain(node) for node in nodes))
 
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
+from services.cloudworker.allocator_grpc import GrpcAllocator
 from services.cloudworker.app import Worker, build_worker
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
@@ -317,7 +318,7 @@ def _maintain(
         async with AsyncIpamClient(cloud.allocator.address, token=ADMIN_TOKEN) as allocator:
             maintainer = NodeMaintainer(
                 provider,
-                allocator,
+                GrpcAllocator(allocator),
                 metrics or WorkerMetrics(CollectorRegistry()),
                 stale_reservation_seconds=stale_reservation_seconds,
             )
@@ -393,7 +394,8 @@ async def _in_process_worker(
     )
     worker = build_worker(settings, provider=AwsProvider(client, cluster=cluster, limiter=TokenBucket(100, 100)))
     try:
-        yield worker, worker.allocator
+        assert isinstance(worker.allocator, GrpcAllocator)
+        yield worker, worker.allocator.client
     finally:
         await worker.close()
 
@@ -656,8 +658,9 @@ def test_an_unassign_ec2_carried_out_but_answered_500_never_returns_its_addresse
     assert free_addresses(cloud.api, node) == in_ec2
     assert list(cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations) == []
     got = {
-        cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5)
-        .ipv4.ip
+        cloud.api.alloc.AllocateNext(
+            pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=f"o{i}"), timeout=5
+        ).ipv4.ip
         for i in range(2)
     }
     assert got == in_ec2

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
 
-from ipam.v1 import allocator_pb2 as pb
-from ipam.v1 import nodes_pb2 as npb
+from services.cloudworker.allocator_client import NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
 from services.cloudworker.maintainer import NodeMaintainer, Outcome
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.model import (
@@ -154,93 +153,99 @@ class FakeCloud(Ec2Policy):
 class FakeAllocator:
     """One node's default pool: attached addresses, the allocated ones, its interface table."""
 
-    spec: npb.NodeSpec
+    spec: NodeConfig
     attached: set[str] = field(default_factory=set)
     allocated: set[str] = field(default_factory=set)
-    interfaces: dict[str, npb.Interface] = field(default_factory=dict)
+    interfaces: dict[str, NetworkInterface] = field(default_factory=dict)
     deficit_reason: str = ""
     last_error: str = ""
-    limits: tuple[int, int] = (0, 0)
-    vpc_cidrs: list[str] = field(default_factory=list)
+    limits: InstanceLimits = field(default_factory=lambda: InstanceLimits(0, 0))
+    vpc_cidrs: tuple[str, ...] = ()
 
-    def node(self) -> npb.Node:
+    def node(self) -> PoolNode:
         counts = PoolCounts(len(self.attached), len(self.allocated), 0)
-        s = self.spec
-        watermarks = Watermarks(s.pre_allocate, s.min_allocate, s.max_allocate, s.max_above_watermark)
-        return npb.Node(
-            spec=self.spec,
-            interfaces=list(self.interfaces.values()),
-            stats=npb.NodeStats(
-                available_ips=counts.available,
-                used_ips=counts.used,
-                needed_ips=pool_needed_ips(counts, watermarks),
-                excess_ips=pool_excess_ips(counts, watermarks),
+        return PoolNode(
+            config=self.spec,
+            interfaces=tuple(self.interfaces.values()),
+            stats=PoolStats(
+                ipv4=counts,
+                needed_ipv4=pool_needed_ips(counts, self.spec.watermarks),
+                excess_ipv4=pool_excess_ips(counts, self.spec.watermarks),
                 deficit_reason=self.deficit_reason,
             ),
-            max_interfaces=self.limits[0],
-            ipv4_per_interface=self.limits[1],
+            limits=self.limits,
             vpc_cidrs=self.vpc_cidrs,
         )
 
-    async def get_node(self, name: str, pool: str = "", *, timeout: float | None = None) -> npb.Node:
+    async def get_node(self, name: str) -> PoolNode:
         return self.node()
 
-    async def dump(self, node: str, pool: str = "", *, timeout: float | None = None) -> pb.DumpResponse:
-        return pb.DumpResponse(
-            ipv4={ip: "pod" for ip in self.allocated}, free_ipv4=sorted(self.attached - self.allocated)
+    async def list_nodes(self, *, order_by_watermark: bool = False) -> list[PoolNode]:
+        return [self.node()]
+
+    async def dump(self, node: str) -> PoolAddresses:
+        return PoolAddresses(
+            allocated_ipv4=frozenset(self.allocated), free_ipv4=frozenset(self.attached - self.allocated)
         )
 
     async def add_addresses(
-        self, request: npb.AddAddressesRequest, *, timeout: float | None = None
-    ) -> npb.AddAddressesResponse:
-        new = [ip for ip in request.ips if ip not in self.attached]
-        self.attached.update(new)
-        self.interfaces[request.interface.id] = request.interface
-        self.vpc_cidrs = list(request.vpc_cidrs) or self.vpc_cidrs
-        if request.max_interfaces:
-            self.limits = (request.max_interfaces, request.ipv4_per_interface)
-        return npb.AddAddressesResponse(added_ips=new, node=self.node())
+        self,
+        node: str,
+        interface: NetworkInterface,
+        ips: Sequence[str],
+        *,
+        vpc_cidrs: Sequence[str] = (),
+        limits: InstanceLimits | None = None,
+    ) -> PoolNode:
+        self.attached.update(ips)
+        self.interfaces[interface.id] = interface
+        self.vpc_cidrs = tuple(vpc_cidrs) or self.vpc_cidrs
+        if limits is not None:
+            self.limits = limits
+        return self.node()
 
     async def set_interfaces(
-        self, request: npb.SetInterfacesRequest, *, timeout: float | None = None
-    ) -> npb.SetInterfacesResponse:
-        self.interfaces = {i.id: i for i in request.interfaces}
-        self.deficit_reason = request.deficit_reason
-        self.limits = (request.max_interfaces, request.ipv4_per_interface)
-        return npb.SetInterfacesResponse()
+        self,
+        node: str,
+        interfaces: Sequence[NetworkInterface],
+        *,
+        vpc_cidrs: Sequence[str],
+        limits: InstanceLimits,
+        deficit_reason: str,
+    ) -> None:
+        self.interfaces = {i.id: i for i in interfaces}
+        self.deficit_reason = deficit_reason
+        self.limits = limits
 
-    async def set_node_error(self, node: str, error: str, *, timeout: float | None = None) -> npb.SetNodeErrorResponse:
+    async def set_node_error(self, node: str, error: str) -> None:
         self.last_error = error
-        return npb.SetNodeErrorResponse()
 
-    async def remove_addresses(
-        self, request: npb.RemoveAddressesRequest, *, timeout: float | None = None
-    ) -> npb.RemoveAddressesResponse:
-        removed = [ip for ip in request.ips if ip in self.attached and ip not in self.allocated]
-        self.attached.difference_update(removed)
-        return npb.RemoveAddressesResponse(removed_ips=removed)
+    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
+        self.attached.difference_update(ip for ip in ips if ip not in self.allocated)
+        return []
 
-    async def reserve_for_release(
-        self, request: npb.ReserveForReleaseRequest, *, timeout: float | None = None
-    ) -> npb.ReserveForReleaseResponse:
+    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation:
         raise AssertionError("these nodes never release")
 
-    async def complete_release(
-        self, request: npb.CompleteReleaseRequest, *, timeout: float | None = None
-    ) -> npb.CompleteReleaseResponse:
+    async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
         raise AssertionError("these nodes never release")
 
-    async def abort_release(
-        self, request: npb.AbortReleaseRequest, *, timeout: float | None = None
-    ) -> npb.AbortReleaseResponse:
+    async def abort_release(self, node: str, reservation_id: str) -> None:
         raise AssertionError("these nodes never release")
 
+    async def close(self) -> None:
+        pass
 
-def _spec(**fields: object) -> npb.NodeSpec:
+
+def _spec(**fields: object) -> NodeConfig:
     defaults: dict[str, object] = dict(
-        name="node-a", instance_id=INSTANCE.id, instance_type=INSTANCE.instance_type, subnet_ids=[SUBNET.id]
+        name="node-a",
+        instance_id=INSTANCE.id,
+        instance_type=INSTANCE.instance_type,
+        subnet_ids=(SUBNET.id,),
+        watermarks=Watermarks(pre_allocate=int(fields.pop("pre_allocate", 4))),  # type: ignore[call-overload]
     )
-    return npb.NodeSpec(**{**defaults, "pre_allocate": 4, **fields})  # type: ignore[arg-type]
+    return NodeConfig(**{**defaults, **fields})  # type: ignore[arg-type]
 
 
 def _maintain(cloud: FakeCloud, allocator: FakeAllocator, maintainer: NodeMaintainer | None = None) -> Outcome:
@@ -254,14 +259,14 @@ def test_an_empty_pool_is_filled_to_its_watermark_with_what_the_cloud_assigned()
     cloud, allocator = FakeCloud(), FakeAllocator(_spec())
     outcome = _maintain(cloud, allocator)
     assert outcome.assigned >= 4 and outcome.reason == DeficitReason.NOTHING_NEEDED
-    assert allocator.node().stats.needed_ips == 0
+    assert allocator.node().stats.needed_ipv4 == 0
     assert allocator.attached == cloud.held()  # the pool holds exactly what the cloud assigned
 
 
 def test_a_new_interface_is_created_when_the_attached_ones_are_full() -> None:
     cloud, allocator = FakeCloud(), FakeAllocator(_spec(pre_allocate=8))  # eni-0 takes 4 secondaries
     outcome = _maintain(cloud, allocator)
-    assert outcome.interfaces_created == 1 and allocator.node().stats.needed_ips == 0
+    assert outcome.interfaces_created == 1 and allocator.node().stats.needed_ipv4 == 0
     assert allocator.attached == cloud.held() and set(allocator.interfaces) == set(cloud.interfaces)
 
 
@@ -283,7 +288,7 @@ def test_addresses_the_cloud_handed_out_twice_are_given_back_and_counted() -> No
     maintainer = NodeMaintainer(cloud, allocator, WorkerMetrics(registry), stale_reservation_seconds=60)
     _maintain(cloud, allocator, maintainer)
     assert "10.1.0.12" not in allocator.attached and "10.1.0.12" not in cloud.held()
-    assert allocator.node().stats.needed_ips == 0  # refilled with others
+    assert allocator.node().stats.needed_ipv4 == 0  # refilled with others
     assert registry.get_sample_value("ipam_worker_conflict_give_backs_total") == 1
     assert registry.get_sample_value("ipam_worker_conflicting_addresses_total") == 1
 

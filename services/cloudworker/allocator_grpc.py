@@ -1,0 +1,182 @@
+"""The worker's `AllocatorClient` over gRPC: the one place the worker's values become the
+allocator's protobuf messages and back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from clients.client import AsyncIpamClient
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from services.core.family import Family
+from services.core.pool_math import PoolCounts, Watermarks
+
+from .allocator_client import CLOUD_POOL, NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
+from .model import InstanceLimits, NetworkInterface
+
+
+class GrpcAllocator:
+    """`AllocatorClient` on an `AsyncIpamClient`, every call on the node's cloud pool."""
+
+    def __init__(self, client: AsyncIpamClient) -> None:
+        self.client = client
+
+    async def get_node(self, name: str) -> PoolNode:
+        return node_from_message(await self.client.get_node(name, CLOUD_POOL))
+
+    async def list_nodes(self, *, order_by_watermark: bool = False) -> list[PoolNode]:
+        return [node_from_message(n) for n in await self.client.list_nodes(order_by_watermark=order_by_watermark)]
+
+    async def dump(self, node: str) -> PoolAddresses:
+        reply = await self.client.dump(node, CLOUD_POOL)
+        return PoolAddresses(
+            allocated_ipv4=frozenset(reply.ipv4),
+            allocated_ipv6=frozenset(reply.ipv6),
+            free_ipv4=frozenset(reply.free_ipv4),
+            free_ipv6=frozenset(reply.free_ipv6),
+        )
+
+    async def add_addresses(
+        self,
+        node: str,
+        interface: NetworkInterface,
+        ips: Sequence[str],
+        *,
+        vpc_cidrs: Sequence[str] = (),
+        limits: InstanceLimits | None = None,
+    ) -> PoolNode:
+        request = npb.AddAddressesRequest(
+            node=node, pool=CLOUD_POOL, interface=interface_message(interface), ips=list(ips), vpc_cidrs=list(vpc_cidrs)
+        )
+        if limits is not None:
+            request.max_interfaces, request.ipv4_per_interface = limits.max_interfaces, limits.ipv4_per_interface
+        reply = await self.client.add_addresses(request)
+        return node_from_message(reply.node)
+
+    async def set_interfaces(
+        self,
+        node: str,
+        interfaces: Sequence[NetworkInterface],
+        *,
+        vpc_cidrs: Sequence[str],
+        limits: InstanceLimits,
+        deficit_reason: str,
+    ) -> None:
+        await self.client.set_interfaces(
+            npb.SetInterfacesRequest(
+                node=node,
+                interfaces=[interface_message(i) for i in interfaces],
+                vpc_cidrs=list(vpc_cidrs),
+                max_interfaces=limits.max_interfaces,
+                ipv4_per_interface=limits.ipv4_per_interface,
+                deficit_reason=deficit_reason,
+            )
+        )
+
+    async def set_node_error(self, node: str, error: str) -> None:
+        await self.client.set_node_error(node, error)
+
+    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
+        reply = await self.client.remove_addresses(npb.RemoveAddressesRequest(node=node, pool=CLOUD_POOL, ips=ips))
+        return list(reply.newly_lost)
+
+    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation:
+        reply = await self.client.reserve_for_release(
+            npb.ReserveForReleaseRequest(
+                node=node,
+                pool=CLOUD_POOL,
+                interface_id=interface_id,
+                count=count,
+                family=pb.FAMILY_IPV6 if family is Family.IPV6 else pb.FAMILY_IPV4,
+            )
+        )
+        return Reservation(reply.reservation_id, tuple(reply.ips))
+
+    async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
+        reply = await self.client.complete_release(
+            npb.CompleteReleaseRequest(node=node, pool=CLOUD_POOL, reservation_id=reservation_id, ips=list(ips))
+        )
+        return list(reply.released_ips)
+
+    async def abort_release(self, node: str, reservation_id: str) -> None:
+        await self.client.abort_release(
+            npb.AbortReleaseRequest(node=node, pool=CLOUD_POOL, reservation_id=reservation_id)
+        )
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def interface_message(interface: NetworkInterface) -> npb.Interface:
+    """The allocator's interface entry for an interface as the cloud holds it."""
+    return npb.Interface(
+        id=interface.id,
+        mac=interface.mac,
+        device_index=interface.device_index,
+        subnet_id=interface.subnet_id,
+        subnet_cidr=interface.subnet_cidr,
+        gateway_ip=interface.gateway_ip,
+        primary_ip=interface.primary_ip,
+        addresses=[*interface.ipv4, *interface.ipv6],
+        security_group_ids=list(interface.security_group_ids),
+    )
+
+
+def interface_from_message(message: npb.Interface) -> NetworkInterface:
+    """An entry of the allocator's interface table (its addresses split by family)."""
+    return NetworkInterface(
+        id=message.id,
+        mac=message.mac,
+        device_index=message.device_index,
+        subnet_id=message.subnet_id,
+        subnet_cidr=message.subnet_cidr,
+        primary_ip=message.primary_ip,
+        ipv4=tuple(a for a in message.addresses if ":" not in a),
+        ipv6=tuple(a for a in message.addresses if ":" in a),
+        security_group_ids=tuple(message.security_group_ids),
+    )
+
+
+def node_from_message(node: npb.Node) -> PoolNode:
+    """The worker's view of a node message."""
+    spec, stats = node.spec, node.stats
+    return PoolNode(
+        config=NodeConfig(
+            name=spec.name,
+            instance_id=spec.instance_id,
+            instance_type=spec.instance_type,
+            watermarks=Watermarks(spec.pre_allocate, spec.min_allocate, spec.max_allocate, spec.max_above_watermark),
+            first_interface_index=spec.first_interface_index,
+            subnet_ids=tuple(spec.subnet_ids),
+            subnet_tags=dict(spec.subnet_tags),
+            security_group_ids=tuple(spec.security_group_ids),
+            security_group_tags=dict(spec.security_group_tags),
+            vpc_id=spec.vpc_id,
+            availability_zone=spec.availability_zone,
+            release_excess=spec.release_excess,
+            ipv6_enabled=spec.ipv6_enabled,
+        ),
+        stats=PoolStats(
+            ipv4=PoolCounts(stats.available_ips, stats.used_ips, stats.cooling_ips),
+            needed_ipv4=int(stats.needed_ips),
+            excess_ipv4=int(stats.excess_ips),
+            waiting_ipv4=int(stats.waiting_ips),
+            ipv6=PoolCounts(stats.available_ipv6, stats.used_ipv6),
+            needed_ipv6=int(stats.needed_ipv6),
+            excess_ipv6=int(stats.excess_ipv6),
+            waiting_ipv6=int(stats.waiting_ipv6),
+            deficit_reason=stats.deficit_reason,
+            remaining_interfaces=int(stats.remaining_interfaces),
+            interface_candidates=int(stats.interface_candidates),
+            empty_interface_slots=int(stats.empty_interface_slots),
+        ),
+        interfaces=_interfaces(node.interfaces),
+        limits=InstanceLimits(node.max_interfaces, node.ipv4_per_interface),
+        vpc_cidrs=tuple(node.vpc_cidrs),
+        reservations=tuple(Reservation(r.id, tuple(r.ips), int(r.age_ms)) for r in node.reservations),
+        last_error=node.last_error,
+    )
+
+
+def _interfaces(messages: Iterable[npb.Interface]) -> tuple[NetworkInterface, ...]:
+    return tuple(interface_from_message(m) for m in messages)
