@@ -119,6 +119,8 @@ def interface_message(interface: NetworkInterface) -> npb.Interface:
         primary_ip=interface.primary_ip,
         addresses=[*interface.ipv4, *interface.ipv6],
         security_group_ids=list(interface.security_group_ids),
+        subnet_ipv6_cidr=interface.subnet_ipv6_cidr,
+        gateway_ipv6=interface.gateway_ipv6,
     )
 
 
@@ -134,6 +136,8 @@ def interface_from_message(message: npb.Interface) -> NetworkInterface:
         ipv4=tuple(a for a in message.addresses if ":" not in a),
         ipv6=tuple(a for a in message.addresses if ":" in a),
         security_group_ids=tuple(message.security_group_ids),
+        subnet_ipv6_cidr=message.subnet_ipv6_cidr,
+        gateway_ipv6=message.gateway_ipv6,
     )
 
 

@@ -700,9 +700,13 @@ def _allocator_interfaces(interfaces: Iterable[NetworkInterface], first_interfac
     return [i for i in interfaces if i.device_index >= first_interface_index]
 
 
-def _comparable(interfaces: Iterable[NetworkInterface]) -> dict[str, tuple[int, frozenset[str]]]:
-    """What the allocator's interface table says, in a form to compare."""
-    return {i.id: (i.device_index, frozenset((*i.ipv4, *i.ipv6))) for i in interfaces}
+def _comparable(interfaces: Iterable[NetworkInterface]) -> dict[str, tuple[Any, ...]]:
+    """What the allocator's interface table says, in a form to compare (the subnets too: a table
+    reported without its IPv6 subnet is reported again)."""
+    return {
+        i.id: (i.device_index, frozenset((*i.ipv4, *i.ipv6)), i.subnet_cidr, i.subnet_ipv6_cidr, i.gateway_ipv6)
+        for i in interfaces
+    }
 
 
 def _replacing(interfaces: list[NetworkInterface], updated: NetworkInterface) -> list[NetworkInterface]:

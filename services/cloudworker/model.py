@@ -47,6 +47,7 @@ class Subnet:
     cidr: str
     free_addresses: int
     tags: Mapping[str, str] = field(default_factory=dict)
+    ipv6_cidr: str = ""  # "" = the subnet has no IPv6 block
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,8 @@ class NetworkInterface:
     security_group_ids: tuple[str, ...] = ()
     status: str = ""  # "in-use", "available", ...
     tags: Mapping[str, str] = field(default_factory=dict)
+    subnet_ipv6_cidr: str = ""  # "" = the subnet has no IPv6 block
+    gateway_ipv6: str = ""  # the IPv6 router as the interface reaches it (the cloud's, not derived)
 
     @property
     def ipv4_count(self) -> int:
@@ -81,7 +84,7 @@ class NetworkInterface:
 
     @property
     def gateway_ip(self) -> str:
-        """The subnet's router: the first host address of its CIDR, as in a VPC."""
+        """The subnet's IPv4 router: the first host address of its CIDR, as in a VPC."""
         if not self.subnet_cidr:
             return ""
         return str(ipaddress.ip_network(self.subnet_cidr, strict=False).network_address + 1)

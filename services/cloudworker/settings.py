@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -49,6 +50,11 @@ class WorkerSettings(BaseSettings):
         description="override: EC2 calls per second in one bucket for every call; 0 = EC2's own buckets",
     )
     ec2_burst: int = Field(20, ge=1, description="with ec2_qps: EC2 calls allowed in a burst")
+    ipv6_gateway: str = Field(
+        "fe80:ec2::1",
+        description="the IPv6 gateway reported with each interface whose subnet has an IPv6 block: "
+        "the VPC router's link-local address, which AWS documents for every subnet",
+    )
     consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")
@@ -106,6 +112,14 @@ class WorkerSettings(BaseSettings):
         return self.check_address_conflicts
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("ipv6_gateway")
+    @classmethod
+    def _ipv6_address(cls, value: str) -> str:
+        address = ipaddress.ip_address(value)  # a ValueError names the bad value
+        if address.version != 6:
+            raise ValueError(f"{value} is not an IPv6 address")
+        return str(address)
 
     @field_validator("cloud")
     @classmethod

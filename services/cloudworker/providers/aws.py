@@ -78,6 +78,9 @@ MANAGED_BY_VALUE = "ipam"
 CLUSTER_TAG = "ipam.io/cluster"
 NODE_TAG = "ipam.io/node"
 CREATED_AT_TAG = "ipam.io/created-at"  # unix seconds
+# The VPC router's link-local IPv6 address, the same in every subnet (Amazon VPC User Guide, "Subnet
+# CIDR blocks", Subnet sizing for IPv6): an interface's IPv6 gateway.
+AWS_IPV6_GATEWAY = "fe80:ec2::1"
 
 _THROTTLING_CODES = frozenset(
     {
@@ -319,8 +322,10 @@ class AwsProvider(Ec2Policy, CloudProvider):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         page_size: int = 1000,
+        ipv6_gateway: str = AWS_IPV6_GATEWAY,
     ) -> None:
-        """`sleep` is used for backoff between retries, `clock` (wall time) for the created-at tag."""
+        """`sleep` is used for backoff between retries, `clock` (wall time) for the created-at tag;
+        `ipv6_gateway`: the VPC router's IPv6 address, given with each interface whose subnet has IPv6."""
         if not cluster:
             raise ValueError("cluster name is required: it tags the interfaces we create")
         self.client = client
@@ -335,7 +340,8 @@ class AwsProvider(Ec2Policy, CloudProvider):
         self._limits: dict[str, InstanceLimits] = {}
         # Nodes of one type maintained at once ask for its limits together: one asks EC2.
         self._limits_lock = threading.Lock()
-        self._subnet_cidrs: dict[str, str] = {}
+        self._subnet_cidrs: dict[str, tuple[str, str]] = {}  # subnet id -> (IPv4 CIDR, IPv6 CIDR or "")
+        self.ipv6_gateway = ipv6_gateway
 
     # --- CloudProvider -------------------------------------------------------------------------
 
@@ -418,7 +424,7 @@ class AwsProvider(Ec2Policy, CloudProvider):
             filters.append({"Name": "availability-zone", "Values": [availability_zone]})
         raws = self._paginate("DescribeSubnets", "Subnets", Filters=filters, MaxResults=self._page_size)
         subnets = [_parse_subnet(raw) for raw in raws]
-        self._subnet_cidrs.update((s.id, s.cidr) for s in subnets)
+        self._subnet_cidrs.update((s.id, (s.cidr, s.ipv6_cidr)) for s in subnets)
         return subnets
 
     def list_security_groups(self, vpc_id: str) -> list[SecurityGroup]:
@@ -681,15 +687,18 @@ class AwsProvider(Ec2Policy, CloudProvider):
 
     def _parse_interfaces(self, raws: list[dict[str, Any]]) -> list[NetworkInterface]:
         cidrs = self._cidrs_of({raw.get("SubnetId", "") for raw in raws} - {""})
-        return [_parse_interface(raw, cidrs.get(raw.get("SubnetId", ""), "")) for raw in raws]
+        return [
+            _parse_interface(raw, *cidrs.get(raw.get("SubnetId", ""), ("", "")), ipv6_gateway=self.ipv6_gateway)
+            for raw in raws
+        ]
 
-    def _cidrs_of(self, subnet_ids: set[str]) -> dict[str, str]:
-        """Subnet CIDRs (the Describe of an interface lacks them), looked up once per subnet."""
+    def _cidrs_of(self, subnet_ids: set[str]) -> dict[str, tuple[str, str]]:
+        """Subnet CIDRs per family (the Describe of an interface lacks them), looked up once per subnet."""
         missing = sorted(subnet_ids - self._subnet_cidrs.keys())
         if missing:
             for raw in self._call("DescribeSubnets", SubnetIds=missing).get("Subnets", []):
-                self._subnet_cidrs[raw["SubnetId"]] = raw.get("CidrBlock", "")
-        return {s: self._subnet_cidrs.get(s, "") for s in subnet_ids}
+                self._subnet_cidrs[raw["SubnetId"]] = (raw.get("CidrBlock", ""), _subnet_ipv6_cidr(raw))
+        return {s: self._subnet_cidrs.get(s, ("", "")) for s in subnet_ids}
 
     def _delete_quietly(self, interface_id: str) -> None:
         try:
@@ -710,6 +719,7 @@ def build_aws_provider(
     burst: int = 20,
     observer: ApiObserver | None = None,
     limiter: Limiter | None = None,
+    ipv6_gateway: str = AWS_IPV6_GATEWAY,
 ) -> AwsProvider:
     """An `AwsProvider` with its own client; its calls go through `limiter`, else a token bucket of
     its own at `qps`/`burst` (Cilium's defaults: 4 QPS, burst 20)."""
@@ -719,7 +729,13 @@ def build_aws_provider(
         access_key_id=access_key_id,
         secret_access_key=secret_access_key,
     )
-    return AwsProvider(client, cluster=cluster, limiter=limiter or TokenBucket(qps, burst), observer=observer)
+    return AwsProvider(
+        client,
+        cluster=cluster,
+        limiter=limiter or TokenBucket(qps, burst),
+        observer=observer,
+        ipv6_gateway=ipv6_gateway,
+    )
 
 
 def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[AwsProvider, Redis | RedisCluster]:
@@ -738,6 +754,7 @@ def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[Aws
         burst=settings.ec2_burst,
         observer=metrics.ec2,
         limiter=limiter,
+        ipv6_gateway=settings.ipv6_gateway,
     )
     return provider, limiter_client
 
@@ -779,10 +796,30 @@ def _parse_subnet(raw: dict[str, Any]) -> Subnet:
         cidr=raw.get("CidrBlock", ""),
         free_addresses=int(raw.get("AvailableIpAddressCount", 0)),
         tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+        ipv6_cidr=_subnet_ipv6_cidr(raw),
     )
 
 
-def _parse_interface(raw: dict[str, Any], subnet_cidr: str) -> NetworkInterface:
+_IPV6_BLOCK_GONE = frozenset({"disassociating", "disassociated", "failing", "failed"})
+
+
+def _subnet_ipv6_cidr(raw: dict[str, Any]) -> str:
+    """The subnet's IPv6 block (EC2 gives a subnet at most one at a time), "" when it has none."""
+    # A block counts unless its state says it is going or gone: the local EC2 writes a subnet's state
+    # as the text of a dict ("{'State': 'associated'}"), not as "associated".
+    return next(
+        (
+            a["Ipv6CidrBlock"]
+            for a in raw.get("Ipv6CidrBlockAssociationSet", [])
+            if a.get("Ipv6CidrBlock") and a.get("Ipv6CidrBlockState", {}).get("State") not in _IPV6_BLOCK_GONE
+        ),
+        "",
+    )
+
+
+def _parse_interface(
+    raw: dict[str, Any], subnet_cidr: str, subnet_ipv6_cidr: str = "", *, ipv6_gateway: str = ""
+) -> NetworkInterface:
     attachment = raw.get("Attachment") or {}
     return NetworkInterface(
         id=raw["NetworkInterfaceId"],
@@ -796,6 +833,8 @@ def _parse_interface(raw: dict[str, Any], subnet_cidr: str) -> NetworkInterface:
         security_group_ids=tuple(g["GroupId"] for g in raw.get("Groups", [])),
         status=raw.get("Status", ""),
         tags={t["Key"]: t["Value"] for t in raw.get("TagSet", [])},
+        subnet_ipv6_cidr=subnet_ipv6_cidr,
+        gateway_ipv6=ipv6_gateway if subnet_ipv6_cidr else "",
     )
 
 

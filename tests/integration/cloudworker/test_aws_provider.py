@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from services.cloudworker.metrics import Ec2Metrics
 from services.cloudworker.model import InstanceLimits, NetworkInterface
 from services.cloudworker.providers.aws import (
+    AWS_IPV6_GATEWAY,
     CLUSTER_TAG,
     CREATED_AT_TAG,
     MANAGED_BY_TAG,
@@ -131,7 +132,8 @@ def test_instance_limits_come_from_describe_instance_types_and_are_cached(harnes
 def test_nodes_of_one_type_asking_its_limits_at_once_cost_one_describe(harness: Harness) -> None:
     """A resync's first visits ask for one type's limits together (it cost one call each)."""
     harness.ec2.meta.events.register(
-        "before-send.ec2.DescribeInstanceTypes", lambda **_: time.sleep(0.3)  # the first still in flight
+        "before-send.ec2.DescribeInstanceTypes",
+        lambda **_: time.sleep(0.3),  # the first still in flight
     )
     with ThreadPoolExecutor(4) as pool:
         limits = list(pool.map(harness.provider.instance_limits, ["m5.xlarge"] * 4))
@@ -177,6 +179,22 @@ def test_describe_instance_subnets_and_vpc_cidrs(harness: Harness, instance: str
     assert not subnets[network.subnet_ids[0]].tags.items() >= POD_SUBNET_TAGS.items()
 
     assert harness.provider.vpc_cidrs(network.vpc_id) == [network.cidr, network.ipv6_cidr]
+
+
+def test_an_interface_knows_its_subnet_per_family_and_the_vpc_routers_ipv6_address(
+    harness: Harness, instance: str
+) -> None:
+    (primary,) = harness.provider.list_interfaces(instance)
+    (subnet,) = harness.ec2.describe_subnets(SubnetIds=[primary.subnet_id])["Subnets"]
+    (block,) = subnet["Ipv6CidrBlockAssociationSet"]
+    assert (primary.subnet_cidr, primary.gateway_ip) == (
+        subnet["CidrBlock"],
+        str(ipaddress.ip_network(subnet["CidrBlock"])[1]),
+    )
+    assert (primary.subnet_ipv6_cidr, primary.gateway_ipv6) == (block["Ipv6CidrBlock"], AWS_IPV6_GATEWAY)
+    assert ipaddress.ip_network(primary.subnet_ipv6_cidr).subnet_of(ipaddress.ip_network(harness.network.ipv6_cidr))
+    subnets = harness.provider.list_subnets(harness.network.vpc_id)
+    assert {s.id: s.ipv6_cidr for s in subnets}[primary.subnet_id] == block["Ipv6CidrBlock"]
 
 
 def test_build_aws_provider_reaches_the_endpoint(moto_server: MotoServer) -> None:
