@@ -34,6 +34,7 @@ from .domain.model import (
     MAX_OWNER_LENGTH,
     Allocation,
     check_inside_vpc,
+    check_subnet,
     parse_cidrs,
     parse_ip,
     pool_or_default,
@@ -458,6 +459,7 @@ class AllocatorService:
         """Adds what the worker attached; returns the new addresses and the node afterwards."""
         node, pool = self._target(node, pool)
         ips = self._worker_ips(ips)
+        _check_subnets(interface)
         # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
         # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
         known = facts.vpc_cidrs or await self.store.vpc_cidrs(node)
@@ -471,6 +473,8 @@ class AllocatorService:
         self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
     ) -> None:
         node = validate_name(node, "node")
+        for interface in interfaces:
+            _check_subnets(interface)
         await self.store.set_interfaces(node, interfaces, facts, deficit_reason)
         if deficit_reason and self.refills:
             await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
@@ -538,3 +542,9 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         reserved=state.reserved,
         excluded=state.excluded,
     )
+
+
+def _check_subnets(interface: NodeInterface) -> None:
+    """Each family's subnet and gateway of a reported interface is of that family (or unknown)."""
+    check_subnet(interface.subnet_cidr, interface.gateway_ip, Family.IPV4)
+    check_subnet(interface.subnet_ipv6_cidr, interface.gateway_ipv6, Family.IPV6)

@@ -87,6 +87,19 @@ def parse_cidrs(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress
         raise InvalidArgument(f"{list(values)!r} holds a malformed CIDR", reason=ErrorReason.INVALID_CIDR) from None
 
 
+def check_subnet(cidr: str, gateway: str, family: Family) -> None:
+    """Refuses a reported subnet or gateway that is malformed or of the other family ("" = unknown)."""
+    if cidr:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidArgument(f"{cidr!r} is not a CIDR", reason=ErrorReason.INVALID_CIDR) from None
+        if network.version != (4 if family is Family.IPV4 else 6):
+            raise InvalidArgument(f"{cidr} is not an {family.name} subnet", reason=ErrorReason.WRONG_FAMILY)
+    if gateway:
+        parse_ip(gateway, family)
+
+
 def check_inside_vpc(ips: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
     """Refuses an address in none of the VPC's CIDRs of its family. A family of which no CIDR is known
     (a VPC without an IPv6 block reported, or no CIDRs reported at all) is not checked."""

@@ -27,11 +27,13 @@ class NodeInterface:
     mac: str = ""
     device_index: int = 0
     subnet_id: str = ""
-    subnet_cidr: str = ""
-    gateway_ip: str = ""
+    subnet_cidr: str = ""  # IPv4
+    gateway_ip: str = ""  # IPv4
     addresses: tuple[str, ...] = ()  # secondary addresses attached, both families
     primary_ip: str = ""
     security_group_ids: tuple[str, ...] = ()
+    subnet_ipv6_cidr: str = ""
+    gateway_ipv6: str = ""
 
     def address_count(self, family: Family) -> int:
         """How many of its secondary addresses are of `family`."""

@@ -24,7 +24,8 @@ def interfaces_key(node: str) -> str:
 
 
 def interface_info_key(node: str) -> str:
-    """interface id -> "mac\tdevice index\tgateway\tsubnet cidr": what an allocation result needs, kept small."""
+    """interface id -> "mac\tdevice index\tgateway\tsubnet cidr\tIPv6 gateway\tIPv6 subnet cidr": what an
+    allocation result needs, kept small."""
     return f"{node_prefix(node)}:ifinfo"
 
 

@@ -216,7 +216,7 @@ def interface_json(interface: NodeInterface) -> str:
 def interface_info(interface: NodeInterface) -> str:
     """The compact form allocation results read (see `keys.interface_info_key`)."""
     i = interface
-    return f"{i.mac}\t{i.device_index}\t{i.gateway_ip}\t{i.subnet_cidr}"
+    return f"{i.mac}\t{i.device_index}\t{i.gateway_ip}\t{i.subnet_cidr}\t{i.gateway_ipv6}\t{i.subnet_ipv6_cidr}"
 
 
 def _reservation(reservation_id: Any, raw: bytes) -> Reservation:
@@ -225,11 +225,15 @@ def _reservation(reservation_id: Any, raw: bytes) -> Reservation:
 
 
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
-    # Rows written before the subnet was kept there have three fields.
-    mac, device_index, gateway, subnet = ((item.get("info") or "\t0\t") + "\t").split("\t")[:4]
+    # Rows written before the subnet was kept there have three fields, before IPv6's four: an IPv6
+    # address then has no subnet or gateway, rather than the IPv4 ones.
+    mac, device_index, gateway, subnet, gateway6, subnet6 = ((item.get("info") or "\t0") + "\t" * 5).split("\t")[:6]
+    family = Family.IPV4 if item["family"] == "4" else Family.IPV6
+    if family is Family.IPV6:
+        gateway, subnet = gateway6, subnet6
     return Allocation(
         ip=item["ip"],
-        family=Family.IPV4 if item["family"] == "4" else Family.IPV6,
+        family=family,
         pool=pool,
         owner=item["owner"],
         interface=InterfaceInfo(

@@ -329,6 +329,34 @@ CASES: list[tuple[str, str, str, Callable[[str], Any], grpc.StatusCode, str]] = 
         "MISSING_CREDENTIALS",
     ),
     (
+        "interface with an IPv4 block as its IPv6 subnet",
+        "nodes",
+        "AddAddresses",
+        lambda n: npb.AddAddressesRequest(
+            node=n, ips=["10.20.0.50"], interface=npb.Interface(id="eni-x", subnet_ipv6_cidr="10.20.0.0/16")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WRONG_FAMILY",
+    ),
+    (
+        "interface with an IPv4 IPv6 gateway",
+        "nodes",
+        "SetInterfaces",
+        lambda n: npb.SetInterfacesRequest(
+            node=n, interfaces=[npb.Interface(id="eni-x", subnet_ipv6_cidr="2001:db8::/64", gateway_ipv6="10.0.0.1")]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "WRONG_FAMILY",
+    ),
+    (
+        "interface with a malformed subnet",
+        "nodes",
+        "SetInterfaces",
+        lambda n: npb.SetInterfacesRequest(node=n, interfaces=[npb.Interface(id="eni-x", subnet_cidr="10.0.0.0/40")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_CIDR",
+    ),
+    (
         "missing token on admin call",
         "anon_nodes",
         "AddAddresses",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +15,7 @@ import pytest
 from botocore.client import BaseClient
 from prometheus_client import CollectorRegistry
 
-from clients.client import AsyncIpamClient
+from clients.client import AsyncIpamClient, IpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker.allocator_grpc import GrpcAllocator
@@ -31,7 +32,7 @@ from services.cloudworker.providers.aws import (
 )
 from services.cloudworker.ratelimit import TokenBucket
 from services.cloudworker.settings import WorkerSettings
-from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
+from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
 from tests.support.moto_server import (
     DemoNetwork,
@@ -236,6 +237,23 @@ def test_ipv6_excess_is_released_down_to_the_watermark_never_an_allocated_addres
     poll(settled)
     assert held[owners[0]] in ipv6_in_ec2(cloud.ec2, instance_id)
     assert api.dump(node)[1] == {held[owners[0]]: owners[0]}
+
+
+def test_each_family_of_a_dual_stack_allocation_carries_its_own_subnet_and_gateway(cloud: Cloud) -> None:
+    """Through the Python client: the IPv6 address comes with its subnet's IPv6 block (as EC2 holds
+    it) and the VPC router's link-local IPv6 address, the IPv4 one with the IPv4 subnet and router."""
+    node, instance_id = cloud.node(ipv6_enabled=True, pre_allocate=2, pre_allocate_set=True)
+    with IpamClient(cloud.allocator.address, token=CLIENT_TOKEN, timeout=30) as client:
+        reply = client.allocate_next(node, owner="dual", wait_for_refill=True)
+    v4, v6 = reply.ipv4, reply.ipv6
+    assert v6.ip in ipv6_in_ec2(cloud.ec2, instance_id)
+    (interface,) = [i for i in interfaces_of(cloud.ec2, instance_id) if i["NetworkInterfaceId"] == v6.interface_id]
+    (subnet,) = cloud.ec2.describe_subnets(SubnetIds=[interface["SubnetId"]])["Subnets"]
+    assert [v6.subnet_cidr] == [a["Ipv6CidrBlock"] for a in subnet["Ipv6CidrBlockAssociationSet"]]
+    assert ipaddress.ip_address(v6.ip) in ipaddress.ip_network(v6.subnet_cidr)
+    assert v6.gateway_ip == "fe80:ec2::1"
+    v4_subnet = ipaddress.ip_network(v4.subnet_cidr)
+    assert ipaddress.ip_address(v4.ip) in v4_subnet and v4.gateway_ip == str(v4_subnet.network_address + 1)
 
 
 def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> None:

@@ -7,7 +7,7 @@ local K_ALLOC = {['4'] = KEYS[8], ['6'] = KEYS[9]}         -- hash ip -> "owner\
 local K_OWNERS, K_IDEM, K_EXCLUDED = KEYS[10], KEYS[11], KEYS[12]
 local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reservation id
 local K_RESERVATIONS, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]  -- hash id -> reservation
-local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway\tsubnet"
+local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway\tsubnet\tgateway6\tsubnet6"
 local K_WAITING = KEYS[19]                                   -- zset "<family>:<call id>" -> deadline ms (wait_for_refill)
 local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
 -- and the same leading ARGV: pool name, reuse cooldown in ms.

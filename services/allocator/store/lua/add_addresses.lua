@@ -40,6 +40,7 @@ if iface ~= '' then
   info.addresses = held
   redis.call('HSET', K_IFACES, iface, cjson.encode(info))
   redis.call('HSET', K_IFINFO, iface, (info.mac or '') .. '\t' .. tostring(info.device_index or 0) .. '\t' ..
-             (info.gateway_ip or '') .. '\t' .. (info.subnet_cidr or ''))
+             (info.gateway_ip or '') .. '\t' .. (info.subnet_cidr or '') .. '\t' ..
+             (info.gateway_ipv6 or '') .. '\t' .. (info.subnet_ipv6_cidr or ''))
 end
 return ok({added = added}, now)
