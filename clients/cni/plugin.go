@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -54,23 +55,53 @@ func cmdAdd(args *skel.CmdArgs) error {
 		return err
 	}
 	defer inv.close()
-	s := inv.settings
-	reply, err := inv.client.AllocateNext(inv.ctx, &ipamv1.AllocateNextRequest{
+	result, err := Add(inv.ctx, inv.client, inv.settings, AttachmentKey(inv.settings.Network, args.ContainerID, args.IfName),
+		Owner(args.ContainerID, args.Args), inv.conf.CNIVersion)
+	if err != nil {
+		return err
+	}
+	return result.Print()
+}
+
+// giveBackTimeout bounds the release after a failed ADD, also when the ADD's own deadline is spent.
+const giveBackTimeout = 5 * time.Second
+
+// Add allocates under the attachment's key and builds the result in cniVersion. When the allocation
+// succeeded but its result cannot be given (the plugin refuses it, or it does not convert), what
+// was allocated is released by the key before the error is answered: a failed ADD holds nothing.
+func Add(ctx context.Context, client ipamv1.AllocatorClient, s *Settings, key, owner, cniVersion string) (types.Result, error) {
+	reply, err := client.AllocateNext(ctx, &ipamv1.AllocateNextRequest{
 		Node:           s.Node,
 		Pool:           s.Pool,
 		Family:         wireFamily(s.Family),
-		Owner:          Owner(args.ContainerID, args.Args),
-		IdempotencyKey: AttachmentKey(s.Network, args.ContainerID, args.IfName),
+		Owner:          owner,
+		IdempotencyKey: key,
 		WaitForRefill:  true,
 	})
 	if err != nil {
-		return CNIError("add", err)
+		return nil, CNIError("add", err)
 	}
 	result, err := BuildResult(s, reply)
 	if err != nil {
-		return types.NewError(types.ErrInternal, "add: "+err.Error(), "")
+		return nil, giveBack(client, s, key, types.NewError(types.ErrInternal, "add: "+err.Error(), ""))
 	}
-	return types.PrintResult(result, inv.conf.CNIVersion)
+	converted, err := result.GetAsVersion(cniVersion)
+	if err != nil {
+		return nil, giveBack(client, s, key, types.NewError(types.ErrIncompatibleCNIVersion, "add: "+err.Error(), ""))
+	}
+	return converted, nil
+}
+
+// giveBack releases what the attachment holds and answers `failure`; a release that fails too is
+// said in its details (a runtime's DEL releases it later).
+func giveBack(client ipamv1.AllocatorClient, s *Settings, key string, failure *types.Error) *types.Error {
+	ctx, cancel := context.WithTimeout(context.Background(), giveBackTimeout)
+	defer cancel()
+	_, err := client.ReleaseByKey(ctx, &ipamv1.ReleaseByKeyRequest{Node: s.Node, Pool: s.Pool, IdempotencyKey: key})
+	if err != nil && !IsNotFound(err) {
+		failure.Details = fmt.Sprintf("the addresses allocated under %s stay held until DEL: %v", key, err)
+	}
+	return failure
 }
 
 // BuildResult is the delegated IPAM result of an allocation: each address with the prefix length of
@@ -110,18 +141,23 @@ func BuildResult(s *Settings, reply *ipamv1.AllocateNextResponse) (*current.Resu
 	}
 	for _, r := range s.Routes {
 		route := *r
+		ipc := configOf(result, route.Dst.IP)
+		if ipc == nil {
+			continue // a route of a family the container has no address of (e.g. ::/0 for family ipv4)
+		}
 		if route.GW == nil {
-			route.GW = gatewayFor(result, route.Dst.IP)
+			route.GW = ipc.Gateway
 		}
 		result.Routes = append(result.Routes, &route)
 	}
 	return result, nil
 }
 
-func gatewayFor(result *current.Result, dst net.IP) net.IP {
+// configOf is the result's address of dst's family, nil when it has none.
+func configOf(result *current.Result, dst net.IP) *current.IPConfig {
 	for _, c := range result.IPs {
 		if (c.Address.IP.To4() == nil) == (dst.To4() == nil) {
-			return c.Gateway
+			return c
 		}
 	}
 	return nil

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"net"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"google.golang.org/grpc"
 
 	ipamv1 "ipam/clients/cni/gen/ipamv1"
 )
@@ -45,6 +47,28 @@ func TestDualStackAndConfiguredRoutes(t *testing.T) {
 	}
 	if len(r.Routes) != 1 || r.Routes[0].Dst.String() != "0.0.0.0/0" || r.Routes[0].GW.String() != "10.0.0.1" {
 		t.Fatalf("configured routes replace the VPC ones, with the family's gateway: %v", r.Routes)
+	}
+}
+
+func TestDefaultRoutesGoThroughTheGatewayOfTheirFamilyAndOnlyForAFamilyAllocated(t *testing.T) {
+	_, def4, _ := net.ParseCIDR("0.0.0.0/0")
+	_, def6, _ := net.ParseCIDR("::/0")
+	s := &Settings{Routes: []*types.Route{{Dst: *def4}, {Dst: *def6}}}
+	v4 := &ipamv1.AllocationResult{Ip: "10.0.1.17", SubnetCidr: "10.0.0.0/18", GatewayIp: "10.0.0.1"}
+	v6 := &ipamv1.AllocationResult{Ip: "2001:db8::10", SubnetCidr: "2001:db8::/64", GatewayIp: "fe80:ec2::1"}
+	r, err := BuildResult(s, &ipamv1.AllocateNextResponse{Ipv4: v4, Ipv6: v6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Routes) != 2 || r.Routes[0].GW.String() != "10.0.0.1" || r.Routes[1].GW.String() != "fe80:ec2::1" {
+		t.Fatalf("dual stack: %v", r.Routes)
+	}
+	r, err = BuildResult(s, &ipamv1.AllocateNextResponse{Ipv6: v6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Routes) != 1 || r.Routes[0].Dst.String() != "::/0" || r.Routes[0].GW.String() != "fe80:ec2::1" {
+		t.Fatalf("IPv6 only: %v", r.Routes)
 	}
 }
 
@@ -91,5 +115,40 @@ func TestPrevResultIPs(t *testing.T) {
 	}
 	if _, err := prevResultIPs([]byte(`{"ips":[{"address":"nope"}]}`)); err == nil {
 		t.Fatal("bad address accepted")
+	}
+}
+
+// fakeAllocator answers AllocateNext with `reply` and records the keys released.
+type fakeAllocator struct {
+	ipamv1.AllocatorClient
+	reply    *ipamv1.AllocateNextResponse
+	released []string
+}
+
+func (f *fakeAllocator) AllocateNext(context.Context, *ipamv1.AllocateNextRequest, ...grpc.CallOption) (*ipamv1.AllocateNextResponse, error) {
+	return f.reply, nil
+}
+
+func (f *fakeAllocator) ReleaseByKey(_ context.Context, r *ipamv1.ReleaseByKeyRequest, _ ...grpc.CallOption) (*ipamv1.ReleaseResponse, error) {
+	f.released = append(f.released, r.IdempotencyKey)
+	return &ipamv1.ReleaseResponse{}, nil
+}
+
+func TestAFailedAddGivesBackWhatItAllocated(t *testing.T) {
+	// An IPv6 address with the IPv4 subnet and gateway: refused.
+	f := &fakeAllocator{reply: &ipamv1.AllocateNextResponse{
+		Ipv4: &ipamv1.AllocationResult{Ip: "10.0.1.17", SubnetCidr: "10.0.0.0/18", GatewayIp: "10.0.0.1"},
+		Ipv6: &ipamv1.AllocationResult{Ip: "2001:db8::10", SubnetCidr: "10.0.0.0/18", GatewayIp: "10.0.0.1"},
+	}}
+	if _, err := Add(context.Background(), f, &Settings{Node: "n"}, "cni:net/c1/eth0", "c1", "1.0.0"); err == nil {
+		t.Fatal("accepted")
+	}
+	if len(f.released) != 1 || f.released[0] != "cni:net/c1/eth0" {
+		t.Errorf("released %v", f.released)
+	}
+	f.reply.Ipv6.SubnetCidr, f.reply.Ipv6.GatewayIp = "2001:db8::/64", "fe80:ec2::1"
+	f.released = nil
+	if r, err := Add(context.Background(), f, &Settings{Node: "n"}, "cni:net/c2/eth0", "c2", "1.0.0"); err != nil || r == nil || len(f.released) != 0 {
+		t.Fatalf("a good ADD: %v, released %v", err, f.released)
 	}
 }

@@ -61,16 +61,19 @@ class Cni:
     demo: DemoNetwork | None = None
     namespaces: list[str] = field(default_factory=list)
 
-    def ipam(self, node: str | None = None, address: str | None = None) -> dict[str, Any]:
+    def ipam(self, node: str | None = None, address: str | None = None, family: str = "ipv4") -> dict[str, Any]:
         return {
             "type": PLUGIN.name,
             "allocator": address or self.allocator.address,
             "tokenFile": str(self.token_file),
             "node": node or self.node,
             "deadlineSeconds": 30,
+            "family": family,
         }
 
-    def plugin_conf(self, version: str = BRIDGE_VERSION, node: str | None = None, **extra: Any) -> dict[str, Any]:
+    def plugin_conf(
+        self, version: str = BRIDGE_VERSION, node: str | None = None, family: str = "ipv4", **extra: Any
+    ) -> dict[str, Any]:
         """The bridge's plugin config: what the bridge hands on to its IPAM plugin."""
         return {
             "cniVersion": version,
@@ -79,9 +82,18 @@ class Cni:
             "bridge": self.bridge,
             "isGateway": False,
             "ipMasq": False,
-            "ipam": self.ipam(node),
+            "ipam": self.ipam(node, family=family),
             **extra,
         }
+
+    def write_conflist(self, directory: Path, family: str = "ipv4") -> Path:
+        """A network config list in `directory` (cnitool's NETCONFPATH) using our plugin for `family`."""
+        directory.mkdir(exist_ok=True)
+        conf = self.plugin_conf(family=family)
+        plugins = [{k: v for k, v in conf.items() if k not in ("cniVersion", "name")}]
+        conflist = {"cniVersion": BRIDGE_VERSION, "name": self.network, "plugins": plugins}
+        (directory / "10-ipcni.conflist").write_text(json.dumps(conflist))
+        return directory
 
     def env(self, netconf_dir: Path | None = None) -> dict[str, str]:
         return {
@@ -151,19 +163,32 @@ def error_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def address_on(netns: str, ifname: str = "eth0") -> list[str]:
+def address_on(netns: str, ifname: str = "eth0", family: str = "inet") -> list[str]:
+    """The addresses of `family` ("inet", "inet6") on the interface; IPv6's link-local one left out."""
     out = subprocess.run(
-        ["ip", "-n", netns, "-j", "addr", "show", "dev", ifname], capture_output=True, text=True, check=True
+        ["ip", "-n", netns, "-j", "-6" if family == "inet6" else "-4", "addr", "show", "dev", ifname],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [
-        f"{a['local']}/{a['prefixlen']}" for link in json.loads(out) for a in link["addr_info"] if a["family"] == "inet"
+        f"{a['local']}/{a['prefixlen']}"
+        for link in json.loads(out)
+        for a in link["addr_info"]
+        if a["family"] == family and a.get("scope") != "link"
     ]
+
+
+def ipv6_routes_in(netns: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "-n", netns, "-j", "-6", "route", "show"], capture_output=True, text=True, check=True)
+    return list(json.loads(out.stdout))
 
 
 def _fill_node(api: Api, ec2: Any, network: DemoNetwork, instance_type: str, **spec: Any) -> str:
     node = api.create_node(instance_id=run_instance(ec2, network, instance_type), instance_type=instance_type, **spec)
     want = int(spec.get("pre_allocate", 8))
-    poll(lambda: api.stats(node).available_ips >= want, timeout=30)
+    want6 = want if spec.get("ipv6_enabled") else 0
+    poll(lambda: (s := api.stats(node)).available_ips >= want and s.available_ipv6 >= want6, timeout=30)
     return node
 
 
@@ -188,20 +213,14 @@ def cni(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
         api = Api(allocator.address)
         cni = Cni(api, allocator, tmp, f"ipcni-net-{tag}", f"ipcni{tag}", "", token_file)
         try:
-            cni.node = _fill_node(api, ec2, demo, "m5.large")
+            cni.node = _fill_node(api, ec2, demo, "m5.large", ipv6_enabled=True)
             cni.ec2, cni.demo = ec2, demo
             # The bridge made here with a MAC of its own: one the kernel picks follows the lowest port
             # MAC, and the bridge plugin's CHECK compares it with the one cached at ADD.
             mac = "02:00:" + ":".join(tag[i : i + 2] for i in range(0, 6, 2)) + ":01"
             subprocess.run(["ip", "link", "add", cni.bridge, "type", "bridge"], check=True)
             subprocess.run(["ip", "link", "set", cni.bridge, "address", mac, "up"], check=True)
-            (tmp / "net.d").mkdir()
-            conflist = {
-                "cniVersion": BRIDGE_VERSION,
-                "name": cni.network,
-                "plugins": [{k: v for k, v in cni.plugin_conf().items() if k not in ("cniVersion", "name")}],
-            }
-            (tmp / "net.d" / "10-ipcni.conflist").write_text(json.dumps(conflist))
+            cni.write_conflist(tmp / "net.d")
             yield cni
         finally:
             for name in cni.namespaces:
@@ -268,6 +287,43 @@ def test_add_configures_pool_addresses_in_two_namespaces_that_ping_each_other(cn
     deleted = cni.cnitool("del", a)
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert key_of(cni, container_id_of(a)) not in cni.keyed()
+
+
+@pytest.mark.parametrize("family", ["ipv6", "dual"])
+def test_an_ipv6_container_gets_its_address_in_its_subnet_and_an_ipv6_gateway(cni: Cni, family: str) -> None:
+    net_d = cni.write_conflist(cni.tmp / f"net-{family}.d", family)
+    ns = cni.add_netns()
+    result = cni.cnitool("add", ns, netconf_dir=net_d)
+    assert result.returncode == 0, result.stdout + result.stderr
+    configs = {ipaddress.ip_interface(c["address"]).version: c for c in json.loads(result.stdout)["ips"]}
+    assert sorted(configs) == ([4, 6] if family == "dual" else [6])
+    v6 = configs[6]
+    address = ipaddress.ip_interface(v6["address"])
+    gateway = ipaddress.ip_address(v6["gateway"])
+    assert address.network.prefixlen == 64 and gateway.version == 6
+    assert address_on(ns, family="inet6") == [v6["address"]]
+    if family == "dual":
+        assert address_on(ns) == [configs[4]["address"]]
+    # The route to the VPC's IPv6 block goes through the IPv6 gateway.
+    assert cni.demo is not None
+    routes = {r["dst"]: r.get("gateway") for r in ipv6_routes_in(ns)}
+    assert routes.get(str(ipaddress.ip_network(cni.demo.ipv6_cidr))) == str(gateway), routes
+    key = key_of(cni, container_id_of(ns))
+    assert cni.keyed()[key] == str(address.ip)
+    deleted = cni.cnitool("del", ns, netconf_dir=net_d)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert key not in cni.keyed()
+
+
+def test_a_failed_add_leaves_nothing_allocated_under_its_key(cni: Cni) -> None:
+    """An IPv6 address whose interface has no IPv6 subnet reported: the plugin refuses the result,
+    and gives back what it was handed before it answers."""
+    node = cni.api.node_with_pool(v4=1, v6=1)
+    conf = cni.plugin_conf(node=node, family="dual")
+    result = cni.plugin("ADD", conf, "c-refused")
+    assert result.returncode != 0 and "subnet" in error_of(result)["msg"], result.stdout
+    assert cni.keyed(node) == {}
+    assert cni.api.dump(node) == ({}, {})
 
 
 def test_gc_frees_every_attachment_but_the_valid_ones(cni: Cni) -> None:
