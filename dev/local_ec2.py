@@ -1,5 +1,8 @@
 """`python -m dev.local_ec2`: the local EC2 (the moto server) that keeps its state across restarts.
 
+It hands out addresses as EC2 does, from one address map per subnet, and delegates prefixes
+(`dev/ec2/addressing.py`).
+
 The moto server holds everything in memory. With `--state-file`, it records every request it
 serves (moto's recorder) into that file, and on start replays the file before it opens its port,
 with moto's random generator seeded the same way (`--seed`) as when the requests were first
@@ -28,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from dev.ec2 import CAPACITY_ERRORS
 
 log = logging.getLogger("ipam.local_ec2")
 
@@ -90,6 +95,38 @@ class Serialized:
             return list(self.app(environ, start_response))
 
 
+class SettingsEndpoint:
+    """A WSGI app that serves `POST /local-ec2/settings` itself and passes every other request to
+    moto's. The body is a JSON object of settings to change, so far `prefix_capacity_error` (the code
+    answered when a subnet has too few free prefixes). Settings are not recorded: a restart starts
+    from the command line's."""
+
+    PATH = "/local-ec2/settings"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != self.PATH:
+            return self.app(environ, start_response)
+        from dev.ec2.addressing import set_capacity_error
+
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            settings = json.loads(environ["wsgi.input"].read(length) or b"{}")
+            if environ.get("REQUEST_METHOD") != "POST" or not isinstance(settings, dict):
+                raise ValueError("POST a JSON object of settings")
+            if unknown := set(settings) - {"prefix_capacity_error"}:
+                raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+            if "prefix_capacity_error" in settings:
+                set_capacity_error(settings["prefix_capacity_error"])
+        except ValueError as exc:  # json's errors are ValueErrors too
+            start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [str(exc).encode()]
+        start_response("204 No Content", [])
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default %(default)s)")
@@ -101,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         help="record requests here and replay them on start (env IPAM_EC2_STATE_FILE; default: keep nothing)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of moto's random generator (default %(default)s)")
+    parser.add_argument(
+        "--prefix-capacity-error",
+        choices=CAPACITY_ERRORS,
+        default=os.environ.get("IPAM_EC2_PREFIX_CAPACITY_ERROR") or CAPACITY_ERRORS[0],
+        help="the error answered when a subnet has too few free prefixes: EC2 answers either"
+        f" (env IPAM_EC2_PREFIX_CAPACITY_ERROR; POST {SettingsEndpoint.PATH} changes it; default %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -116,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import run_simple
 
+    from dev.ec2.addressing import install
+
+    install(args.prefix_capacity_error)
     app = DomainDispatcherApplication(create_backend_app)
     mock_random.seed(args.seed)
     if args.state_file is not None:
@@ -136,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("local EC2: no --state-file, nothing is kept across restarts")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_simple(args.host, args.port, Serialized(app), threaded=True, request_handler=MotoRequestHandler)
+    run_simple(
+        args.host, args.port, Serialized(SettingsEndpoint(app)), threaded=True, request_handler=MotoRequestHandler
+    )
     return 0
 
 

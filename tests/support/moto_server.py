@@ -10,6 +10,7 @@ capacity, loose answers to some calls (DeleteOnTermination ignored, every addres
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
@@ -37,18 +40,27 @@ from dev.demo_seed import (  # noqa: F401 - re-exported for the tests
     run_instance,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 DUMMY_KEY = "testing"  # moto accepts any credentials
 # moto does not check image ids unless MOTO_ENABLE_AMI_VALIDATION is set (we unset it for our
 # server); describing its catalogue of real images would cost a second.
 
 
 class MotoServer:
-    """`python -m moto.server` on a free loopback port, ready once its HTTP API answers."""
+    """`python -m moto.server` on a free loopback port, ready once its HTTP API answers.
 
-    def __init__(self, host: str = "127.0.0.1", ready_timeout: float = 30.0) -> None:
+    `local_ec2=True` runs the local EC2 instead (`python -m dev.local_ec2`: moto with the subnet
+    address map and prefix delegation), with `args` added to its command line.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", ready_timeout: float = 30.0, *, local_ec2: bool = False, args: Sequence[str] = ()
+    ) -> None:
         self.host = host
         self.port = 0
         self.ready_timeout = ready_timeout
+        self.module = "dev.local_ec2" if local_ec2 else "moto.server"
+        self.args = list(args)
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -69,7 +81,8 @@ class MotoServer:
             self.port = _free_port(self.host)
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                [sys.executable, "-m", self.module, "-H", self.host, "-p", str(self.port), *self.args],
+                cwd=ROOT,
                 stdout=self._log,
                 env={**os.environ, "MOTO_ENABLE_AMI_VALIDATION": ""},
                 stderr=subprocess.STDOUT,
@@ -96,6 +109,14 @@ class MotoServer:
     def reset(self) -> None:
         """Forget every resource (moto's reset API)."""
         request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
+    def configure(self, **settings: str) -> None:
+        """Change settings of a running local EC2 (`prefix_capacity_error=...`)."""
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/local-ec2/settings", data=json.dumps(settings).encode(), method="POST"
+        )
         with urllib.request.urlopen(request, timeout=5):
             pass
 
