@@ -9,7 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # The core's modules without I/O, and the libraries that would bring some.
-PURE_CORE = ("services.core.family", "services.core.net", "services.core.pool_math", "services.core.reasons")
+PURE_CORE = (
+    "services.core.family",
+    "services.core.net",
+    "services.core.pool_math",
+    "services.core.prefixes",
+    "services.core.reasons",
+)
 IO_LIBRARIES = ("asyncio", "boto3", "botocore", "grpc", "os", "redis", "socket", "subprocess", "urllib")
 
 
