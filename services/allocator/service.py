@@ -51,6 +51,7 @@ from .domain.pool import (
     NodeInterface,
     NodeRecord,
     NodeSettings,
+    PoolDump,
     PoolEvent,
     PoolState,
     RemoveOutcome,
@@ -328,7 +329,7 @@ class AllocatorService:
         validate_text(expiration_uuid, "expiration uuid", 64, required=True)
         await self.store.stop_timer(node, pool, ip, expiration_uuid)
 
-    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
+    async def dump(self, node: str, pool: str) -> PoolDump:
         return await self.store.dump(*self._target(node, pool))
 
     async def vpc_cidrs(self, node: str) -> list[str]:

@@ -147,6 +147,28 @@ class KeyedAllocation:
     idempotency_key: str
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSubnet:
+    """A subnet of one family holding addresses of a pool, its gateway, and the interfaces in it."""
+
+    family: Family
+    cidr: str
+    gateway_ip: str
+    interface_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDump:
+    """A pool's allocations (ip -> owner, excluded ones as "<owner> (excluded)"), free addresses and
+    subnets, per family."""
+
+    ipv4: dict[str, str]
+    ipv6: dict[str, str]
+    free_ipv4: list[str]
+    free_ipv6: list[str]
+    subnets: tuple[PoolSubnet, ...] = ()
+
+
 class EventKind(IntEnum):
     """Why a pool event was published; values match `ipam.v1.PoolEvent.Kind`."""
 

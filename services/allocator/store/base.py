@@ -17,6 +17,7 @@ from ..domain.pool import (
     NodeInterface,
     NodeRecord,
     NodeSettings,
+    PoolDump,
     PoolState,
     RemoveOutcome,
 )
@@ -81,8 +82,8 @@ class PoolStore(Protocol):
 
     async def pool_state(self, node: str, pool: str) -> PoolState: ...
 
-    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
-        """Allocated addresses (ip -> owner) per family, and the free addresses per family."""
+    async def dump(self, node: str, pool: str) -> PoolDump:
+        """Allocated addresses (ip -> owner) and free addresses per family, and the pool's subnets."""
         ...
 
     async def node_names(self) -> list[str]: ...

@@ -46,7 +46,9 @@ from ..domain.pool import (
     NodeInterface,
     NodeRecord,
     NodeSettings,
+    PoolDump,
     PoolState,
+    PoolSubnet,
     RemoveOutcome,
     Reservation,
 )
@@ -222,6 +224,18 @@ def interface_info(interface: NodeInterface) -> str:
 def _reservation(reservation_id: Any, raw: bytes) -> Reservation:
     value = json.loads(raw)
     return Reservation(_text(reservation_id), tuple(_as_list(value.get("ips"))), _int(value.get("ms")))
+
+
+def _pool_subnets(interfaces4: set[str], interfaces6: set[str], info: dict[Any, Any]) -> tuple[PoolSubnet, ...]:
+    """Each family's subnets (with gateway) of the interfaces holding a pool's addresses of that family."""
+    rows = {_text(k): _text(v) for k, v in info.items()}
+    found: dict[tuple[Family, str, str], list[str]] = {}
+    for family, interfaces in ((Family.IPV4, interfaces4), (Family.IPV6, interfaces6)):
+        for interface in sorted(interfaces - {""}):
+            fields = (rows.get(interface, "") + "\t" * 5).split("\t")
+            gateway, cidr = fields[2:4] if family is Family.IPV4 else fields[4:6]
+            found.setdefault((family, cidr, gateway), []).append(interface)
+    return tuple(PoolSubnet(f, cidr, gateway, tuple(ids)) for (f, cidr, gateway), ids in found.items())
 
 
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
@@ -493,9 +507,9 @@ class RedisStore:
         result = await self._run("pool_state", node, pool)
         return _pool_state(result["state"])
 
-    async def dump(self, node: str, pool: str) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
+    async def dump(self, node: str, pool: str) -> PoolDump:
         """Allocated addresses (ip -> owner) per family, excluded ones under "<owner> (excluded)",
-        and the free addresses per family."""
+        the free addresses per family, and the subnets of the interfaces holding them."""
         await self.pool_state(node, pool)  # NOT_FOUND for an unknown node or pool
 
         async def read() -> list[Any]:
@@ -505,9 +519,10 @@ class RedisStore:
                     pipe.zrange(keys.pool_key(node, pool, name), 0, -1)
                 else:
                     pipe.hgetall(keys.pool_key(node, pool, name))
+            pipe.hgetall(keys.interface_info_key(node))
             return await pipe.execute()
 
-        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6 = await self.call(read)
+        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6, info = await self.call(read)
         allocated: tuple[dict[str, str], dict[str, str]] = ({}, {})
         for index, (alloc, addrs) in enumerate(((alloc4, addrs4), (alloc6, addrs6))):
             out = allocated[index]
@@ -517,7 +532,13 @@ class RedisStore:
                 ip_s = _text(ip)
                 if ip in addrs and ip_s not in out:
                     out[ip_s] = f"{_text(owner)} (excluded)"
-        return allocated[0], allocated[1], [_text(i) for i in free4], [_text(i) for i in free6]
+        return PoolDump(
+            allocated[0],
+            allocated[1],
+            [_text(i) for i in free4],
+            [_text(i) for i in free6],
+            _pool_subnets({_text(i) for i in addrs4.values()}, {_text(i) for i in addrs6.values()}, info),
+        )
 
     async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]:
         """The pool's allocations whose idempotency key starts with `key_prefix`, sorted by address."""

@@ -195,14 +195,18 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     @rpc
     async def Dump(self, request: pb.DumpRequest, context: grpc.aio.ServicerContext) -> pb.DumpResponse:
-        v4, v6, free4, free6 = await self.service.dump(request.node, request.pool)
+        d = await self.service.dump(request.node, request.pool)
         return pb.DumpResponse(
-            ipv4=v4,
-            ipv6=v6,
-            free_ipv4=free4,
-            free_ipv6=free6,
-            status=f"{len(v4)} IPv4 and {len(v6)} IPv6 addresses allocated, "
-            f"{len(free4)} IPv4 and {len(free6)} IPv6 free",
+            ipv4=d.ipv4,
+            ipv6=d.ipv6,
+            free_ipv4=d.free_ipv4,
+            free_ipv6=d.free_ipv6,
+            status=f"{len(d.ipv4)} IPv4 and {len(d.ipv6)} IPv6 addresses allocated, "
+            f"{len(d.free_ipv4)} IPv4 and {len(d.free_ipv6)} IPv6 free",
+            subnets=[
+                pb.PoolSubnet(family=int(s.family), cidr=s.cidr, gateway_ip=s.gateway_ip, interface_ids=s.interface_ids)
+                for s in d.subnets
+            ],
         )
 
     @rpc
