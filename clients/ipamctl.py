@@ -123,6 +123,7 @@ def format_allocation(result: pb.AllocationResult) -> str:
             ("owner", result.owner),
             ("interface", interface),
             ("mac", result.primary_mac),
+            ("subnet", result.subnet_cidr),
             ("gateway", result.gateway_ip),
             ("vpc cidrs", ", ".join(result.cidrs)),
             ("expiration", result.expiration_uuid),
@@ -132,10 +133,20 @@ def format_allocation(result: pb.AllocationResult) -> str:
 
 
 def format_dump(response: pb.DumpResponse) -> str:
-    """Allocated addresses (IPv4 then IPv6, in address order) with their owners, then the status line."""
+    """Allocated addresses (IPv4 then IPv6, in address order) with their owners, the pool's subnets
+    per family with their gateways, then the status line."""
     rows = [[ip, owner] for table in (response.ipv4, response.ipv6) for ip, owner in _by_address(table)]
     text = format_table(["IP", "OWNER"], rows) if rows else "no allocations"
+    if response.subnets:
+        subnets = [
+            [_FAMILY_NAMES.get(s.family, "?"), s.cidr or "-", s.gateway_ip or "-", ", ".join(s.interface_ids)]
+            for s in response.subnets
+        ]
+        text += "\n\n" + format_table(["FAMILY", "SUBNET", "GATEWAY", "INTERFACES"], subnets)
     return f"{text}\n\n{response.status}" if response.status else text
+
+
+_FAMILY_NAMES = {pb.FAMILY_IPV4: "ipv4", pb.FAMILY_IPV6: "ipv6"}
 
 
 def format_node(node: nodes_pb.Node) -> str:
@@ -195,10 +206,22 @@ def format_node(node: nodes_pb.Node) -> str:
     ]
     if node.interfaces:
         rows = [
-            [i.id, i.device_index, i.subnet_id, i.subnet_cidr, i.mac, i.primary_ip, len(i.addresses)]
+            [
+                i.id,
+                i.device_index,
+                i.subnet_id,
+                i.subnet_cidr or "-",
+                i.gateway_ip or "-",
+                i.subnet_ipv6_cidr or "-",
+                i.gateway_ipv6 or "-",
+                i.mac,
+                i.primary_ip,
+                len(i.addresses),
+            ]
             for i in node.interfaces
         ]
-        table = format_table(["ID", "DEVICE", "SUBNET", "CIDR", "MAC", "PRIMARY IP", "ADDRESSES"], rows)
+        headers = ["ID", "DEVICE", "SUBNET", "IPV4 CIDR", "IPV4 GATEWAY", "IPV6 CIDR", "IPV6 GATEWAY"]
+        table = format_table([*headers, "MAC", "PRIMARY IP", "ADDRESSES"], rows)
         sections.append("\n".join(f"  {line}" for line in table.splitlines()))
     else:
         sections.append("  none")

@@ -254,6 +254,12 @@ def test_each_family_of_a_dual_stack_allocation_carries_its_own_subnet_and_gatew
     assert v6.gateway_ip == "fe80:ec2::1"
     v4_subnet = ipaddress.ip_network(v4.subnet_cidr)
     assert ipaddress.ip_address(v4.ip) in v4_subnet and v4.gateway_ip == str(v4_subnet.network_address + 1)
+    # Dump names the same subnets and gateways, per family.
+    dump = cloud.api.alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+    subnets = {(s.family, s.cidr, s.gateway_ip): set(s.interface_ids) for s in dump.subnets}
+    assert v6.interface_id in subnets[(pb.FAMILY_IPV6, v6.subnet_cidr, v6.gateway_ip)]
+    assert v4.interface_id in subnets[(pb.FAMILY_IPV4, v4.subnet_cidr, v4.gateway_ip)]
+    assert {family for family, _, _ in subnets} == {pb.FAMILY_IPV4, pb.FAMILY_IPV6}
 
 
 def test_leaked_interface_is_deleted_and_foreign_ones_never(cloud: Cloud) -> None:

@@ -8,8 +8,10 @@ import pytest
 from clients.client import IpamClientError
 from clients.ipamctl import (
     build_parser,
+    format_allocation,
     format_dump,
     format_error_line,
+    format_node,
     format_nodes_table,
     format_table,
     main,
@@ -75,6 +77,46 @@ def test_dump_sorts_by_address_and_ends_with_the_status() -> None:
         "3 allocated",
     ]
     assert format_dump(pb.DumpResponse()) == "no allocations"
+
+
+def test_dump_shows_each_familys_subnet_and_gateway() -> None:
+    response = pb.DumpResponse(
+        ipv4={"10.0.0.9": "a"},
+        ipv6={"2001:db8::9": "a"},
+        subnets=[
+            pb.PoolSubnet(family=pb.FAMILY_IPV4, cidr="10.0.0.0/18", gateway_ip="10.0.0.1", interface_ids=["eni-1"]),
+            pb.PoolSubnet(
+                family=pb.FAMILY_IPV6, cidr="2001:db8::/64", gateway_ip="fe80:ec2::1", interface_ids=["eni-1"]
+            ),
+        ],
+    )
+    assert format_dump(response).splitlines()[4:] == [
+        "FAMILY  SUBNET         GATEWAY      INTERFACES",
+        "ipv4    10.0.0.0/18    10.0.0.1     eni-1",
+        "ipv6    2001:db8::/64  fe80:ec2::1  eni-1",
+    ]
+
+
+def test_allocation_and_node_show_each_familys_subnet_and_gateway() -> None:
+    v6 = pb.AllocationResult(ip="2001:db8::9", subnet_cidr="2001:db8::/64", gateway_ip="fe80:ec2::1")
+    lines = format_allocation(v6).splitlines()
+    assert [line.split() for line in lines[1:]] == [["subnet", "2001:db8::/64"], ["gateway", "fe80:ec2::1"]]
+    node = nodes_pb.Node(
+        spec=nodes_pb.NodeSpec(name="n1"),
+        interfaces=[
+            nodes_pb.Interface(
+                id="eni-1",
+                subnet_id="subnet-1",
+                subnet_cidr="10.0.0.0/18",
+                gateway_ip="10.0.0.1",
+                subnet_ipv6_cidr="2001:db8::/64",
+                gateway_ipv6="fe80:ec2::1",
+            )
+        ],
+    )
+    header, row = format_node(node).splitlines()[-2:]
+    assert header.split()[3:7] == ["IPV4", "CIDR", "IPV4", "GATEWAY"]
+    assert row.split()[3:7] == ["10.0.0.0/18", "10.0.0.1", "2001:db8::/64", "fe80:ec2::1"]
 
 
 def test_json_flag_is_accepted_before_and_after_the_command() -> None:
