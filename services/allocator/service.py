@@ -38,6 +38,7 @@ from .domain.model import (
     parse_cidrs,
     parse_ip,
     pool_or_default,
+    validate_fence,
     validate_name,
     validate_page_size,
     validate_spec_items,
@@ -455,28 +456,44 @@ class AllocatorService:
         return [parse_ip(ip)[0] for ip in ips]
 
     async def add_addresses(
-        self, node: str, pool: str, interface: NodeInterface, ips: Sequence[str], facts: CloudFacts
+        self,
+        node: str,
+        pool: str,
+        interface: NodeInterface,
+        ips: Sequence[str],
+        facts: CloudFacts,
+        *,
+        fence: int = 0,
     ) -> tuple[list[str], NodeView]:
-        """Adds what the worker attached; returns the new addresses and the node afterwards."""
+        """Adds what the worker attached; returns the new addresses and the node afterwards.
+        `fence` (here and in the worker's other changes): its node lock's fencing token, 0 = none."""
         node, pool = self._target(node, pool)
+        fence = validate_fence(fence)
         ips = self._worker_ips(ips)
         _check_subnets(interface)
         # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
         # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
         known = facts.vpc_cidrs or await self.store.vpc_cidrs(node)
         check_inside_vpc(ips, parse_cidrs(known))
-        outcome = await self.store.add_addresses(node, pool, interface, ips, facts)
+        outcome = await self.store.add_addresses(node, pool, interface, ips, facts, fence=fence)
         if outcome.ips and self.refills:
             await self.refills.notify(node, pool, len(outcome.ips))
         return outcome.ips, await self.node_view(node, pool, outcome.state)
 
     async def set_interfaces(
-        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
+        self,
+        node: str,
+        interfaces: Sequence[NodeInterface],
+        facts: CloudFacts,
+        deficit_reason: str,
+        *,
+        fence: int = 0,
     ) -> None:
         node = validate_name(node, "node")
         for interface in interfaces:
             _check_subnets(interface)
-        await self.store.set_interfaces(node, interfaces, facts, deficit_reason)
+        fence = validate_fence(fence)
+        await self.store.set_interfaces(node, interfaces, facts, deficit_reason, fence=fence)
         if deficit_reason and self.refills:
             await self.refills.notify(node, "")  # waiters learn the node cannot be refilled
 
@@ -485,29 +502,34 @@ class AllocatorService:
         await self.store.set_node_error(node, validate_text(error, "error", 2000, required=False))
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int
+        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
     ) -> tuple[str, list[str]]:
         node, pool = self._target(node, pool)
         if count < 0:
             raise InvalidArgument("count must not be negative", reason=ErrorReason.INVALID_COUNT)
+        fence = validate_fence(fence)
         outcome = await self.store.reserve_for_release(
-            node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count
+            node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count, fence=fence
         )
         return outcome.reservation_id, outcome.ips
 
-    async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
+    async def complete_release(
+        self, node: str, pool: str, reservation_id: str, ips: Sequence[str], *, fence: int = 0
+    ) -> list[str]:
         node, pool = self._target(node, pool)
         validate_text(reservation_id, "reservation id", 64, required=True)
-        return (await self.store.complete_release(node, pool, reservation_id, self._worker_ips(ips))).ips
+        ips, fence = self._worker_ips(ips), validate_fence(fence)
+        return (await self.store.complete_release(node, pool, reservation_id, ips, fence=fence)).ips
 
-    async def abort_release(self, node: str, pool: str, reservation_id: str) -> list[str]:
+    async def abort_release(self, node: str, pool: str, reservation_id: str, *, fence: int = 0) -> list[str]:
         node, pool = self._target(node, pool)
         validate_text(reservation_id, "reservation id", 64, required=True)
-        return (await self.store.abort_release(node, pool, reservation_id)).ips
+        return (await self.store.abort_release(node, pool, reservation_id, fence=validate_fence(fence))).ips
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome:
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0) -> RemoveOutcome:
         node, pool = self._target(node, pool)
-        return await self.store.remove_addresses(node, pool, self._worker_ips(ips))
+        ips, fence = self._worker_ips(ips), validate_fence(fence)
+        return await self.store.remove_addresses(node, pool, ips, fence=fence)
 
 
 def pool_work(state: PoolState) -> tuple[int, int]:

@@ -15,6 +15,13 @@ def node_prefix(node: str) -> str:
     return f"ipam:{{{node}}}"
 
 
+def node_key(node: str) -> str:
+    """The node's hash: its spec and settings (the allocator's), and in its field `fence` the newest
+    fencing token of the node's lock, raised by the worker that takes the lock and checked by the
+    allocator's scripts on each of the worker's changes."""
+    return f"{node_prefix(node)}:node"
+
+
 def pending_event_key(node: str, pool: str) -> str:
     """Coalescing marker: set while an event for (node, pool) waits in the stream. The allocator
     sets it when it publishes; the worker deletes it when it takes the event."""

@@ -77,6 +77,7 @@ class ErrorReason(StrEnum):
     INVALID_SPEC = "INVALID_SPEC"
     INVALID_COUNT = "INVALID_COUNT"
     INVALID_CIDR = "INVALID_CIDR"
+    INVALID_FENCING_TOKEN = "INVALID_FENCING_TOKEN"  # past 2^53 (the scripts compare tokens as doubles)
     SPEC_TOO_LARGE = "SPEC_TOO_LARGE"  # a node spec's list or map past its bound
     INVALID_PAGE = "INVALID_PAGE"  # a page size out of range or a page token not ours
     IP_OUTSIDE_VPC = "IP_OUTSIDE_VPC"  # an added address in none of the node's VPC CIDRs of its family
@@ -112,6 +113,9 @@ class ErrorReason(StrEnum):
     NO_TIMER_RUNNING = "NO_TIMER_RUNNING"
     EXPIRATION_UUID_MISMATCH = "EXPIRATION_UUID_MISMATCH"
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    # A worker's change with a fencing token below the node's newest: its node lock has passed to
+    # another worker (lost in a Redis failover, or expired while it stalled).
+    STALE_FENCING_TOKEN = "STALE_FENCING_TOKEN"
     # A script of a call given up (and rolled back) while Redis did not answer; no caller sees it.
     CALL_CANCELLED = "CALL_CANCELLED"
 

@@ -64,6 +64,16 @@ def validate_text(value: str, what: str, max_length: int, *, required: bool) -> 
     return value
 
 
+MAX_FENCING_TOKEN = 2**53  # the scripts compare tokens as Lua numbers (doubles): exact up to here
+
+
+def validate_fence(token: int) -> int:
+    """A worker's fencing token: 0 (none) up to MAX_FENCING_TOKEN."""
+    if not 0 <= token <= MAX_FENCING_TOKEN:
+        raise InvalidArgument(f"fencing token {token} is outside 0..2^53", reason=ErrorReason.INVALID_FENCING_TOKEN)
+    return token
+
+
 def parse_ip(value: str, family: Family | None = None) -> tuple[str, Family]:
     """Normalise an address; refuse malformed ones, IPv6 ones with a zone id and ones of another family
     than `family`. Every address that enters the allocator passes here."""

@@ -102,6 +102,9 @@ class PoolStore(Protocol):
 
     async def delete_node(self, node: str) -> None: ...
 
+    # The worker's changes carry the fencing token of its node lock (`fence`, 0 = none): one below
+    # the node's newest is refused with STALE_FENCING_TOKEN and changes nothing.
+
     async def add_addresses(
         self,
         node: str,
@@ -109,22 +112,30 @@ class PoolStore(Protocol):
         interface: NodeInterface,
         ips: Sequence[str],
         facts: CloudFacts,
+        *,
+        fence: int = 0,
     ) -> ChangeOutcome: ...
 
     async def set_interfaces(
-        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
+        self,
+        node: str,
+        interfaces: Sequence[NodeInterface],
+        facts: CloudFacts,
+        deficit_reason: str,
+        *,
+        fence: int = 0,
     ) -> None: ...
 
     async def set_node_error(self, node: str, error: str) -> None: ...
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int
+        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
     ) -> ChangeOutcome: ...
 
     async def complete_release(
-        self, node: str, pool: str, reservation_id: str, ips: Sequence[str]
+        self, node: str, pool: str, reservation_id: str, ips: Sequence[str], *, fence: int = 0
     ) -> ChangeOutcome: ...
 
-    async def abort_release(self, node: str, pool: str, reservation_id: str) -> ChangeOutcome: ...
+    async def abort_release(self, node: str, pool: str, reservation_id: str, *, fence: int = 0) -> ChangeOutcome: ...
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome: ...
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0) -> RemoveOutcome: ...

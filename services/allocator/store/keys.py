@@ -4,15 +4,11 @@ touches too are in `services.core.contract`."""
 
 from __future__ import annotations
 
-from services.core.contract import node_prefix, pending_event_key
+from services.core.contract import node_key, node_prefix, pending_event_key
 
 NODES_KEY = "ipam:nodes"  # set of node names (its own slot; written outside pool scripts)
 TIMERS_KEY = "ipam:timers"  # zset "node\x00pool" -> next expiration deadline (ms), an index
 REFILL_CHANNEL = "ipam:refill"  # pub/sub: "node\x00pool" when addresses were added
-
-
-def node_key(node: str) -> str:
-    return f"{node_prefix(node)}:node"
 
 
 def pools_key(node: str) -> str:

@@ -37,7 +37,7 @@ from ..domain.errors import (
     PoolEmpty,
     Unavailable,
 )
-from ..domain.model import Allocation, InterfaceInfo
+from ..domain.model import DEFAULT_POOL, Allocation, InterfaceInfo
 from ..domain.pool import (
     AllocateOutcome,
     ChangeOutcome,
@@ -73,6 +73,7 @@ SCRIPTS = (
     "complete_release",
     "abort_release",
     "remove_addresses",
+    "set_interfaces",
     "put_node",
     "pool_state",
     "release_by_key",
@@ -118,6 +119,10 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
     ErrorReason.IPV6_DISABLED: (FailedPrecondition, "IPv6 is not enabled on node {node}"),
     ErrorReason.NO_TIMER_RUNNING: (FailedPrecondition, "no expiration timer runs for {ip}"),
     ErrorReason.EXPIRATION_UUID_MISMATCH: (FailedPrecondition, "expiration uuid does not match the timer of {ip}"),
+    ErrorReason.STALE_FENCING_TOKEN: (
+        FailedPrecondition,
+        "node {node} is maintained by another worker now (its fencing token is newer): nothing was changed",
+    ),
     ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
     ErrorReason.CALL_CANCELLED: (Unavailable, "the call was given up while redis did not answer"),
     ErrorReason.IDEMPOTENCY_KEY_IN_USE: (
@@ -652,6 +657,8 @@ class RedisStore:
         interface: NodeInterface,
         ips: Sequence[str],
         facts: CloudFacts,
+        *,
+        fence: int = 0,
     ) -> ChangeOutcome:
         result = await self._run(
             "add_addresses",
@@ -662,32 +669,32 @@ class RedisStore:
             " ".join(facts.vpc_cidrs),
             facts.max_interfaces,
             facts.ipv4_per_interface,
+            fence,
             *ips,
         )
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["added"]))
 
     async def set_interfaces(
-        self, node: str, interfaces: Sequence[NodeInterface], facts: CloudFacts, deficit_reason: str
+        self,
+        node: str,
+        interfaces: Sequence[NodeInterface],
+        facts: CloudFacts,
+        deficit_reason: str,
+        *,
+        fence: int = 0,
     ) -> None:
-        await self.node_record(node)  # NOT_FOUND for an unknown node
-
-        async def write() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(keys.interfaces_key(node), keys.interface_info_key(node))
-            if interfaces:
-                pipe.hset(keys.interfaces_key(node), mapping={i.id: interface_json(i) for i in interfaces})
-                pipe.hset(keys.interface_info_key(node), mapping={i.id: interface_info(i) for i in interfaces})
-            fields: dict[str, Any] = {"deficit_reason": deficit_reason}
-            if facts.vpc_cidrs:
-                fields["vpc_cidrs"] = " ".join(facts.vpc_cidrs)
-            if facts.max_interfaces:
-                fields["max_ifaces"] = facts.max_interfaces
-            if facts.ipv4_per_interface:
-                fields["ipv4_per_iface"] = facts.ipv4_per_interface
-            pipe.hset(keys.node_key(node), mapping=fields)
-            return await pipe.execute()
-
-        await self.call(write, change=True)
+        rows = [field for i in interfaces for field in (i.id, interface_json(i), interface_info(i))]
+        await self._run(
+            "set_interfaces",
+            node,
+            DEFAULT_POOL,  # the node-wide keys are the same for every pool
+            fence,
+            " ".join(facts.vpc_cidrs),
+            facts.max_interfaces,
+            facts.ipv4_per_interface,
+            deficit_reason,
+            *rows,
+        )
 
     async def set_node_error(self, node: str, error: str) -> None:
         """Keeps the worker's last error on the node with the time it was set ("" clears both)."""
@@ -703,23 +710,27 @@ class RedisStore:
         await self.call(write)
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int
+        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
     ) -> ChangeOutcome:
         reservation_id = uuid.uuid4().hex
-        result = await self._run("reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id)
+        result = await self._run(
+            "reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id, fence
+        )
         ips = _as_list(result["ips"])
         return ChangeOutcome(_pool_state(result["state"]), ips, reservation_id=reservation_id if ips else "")
 
-    async def complete_release(self, node: str, pool: str, reservation_id: str, ips: Sequence[str]) -> ChangeOutcome:
-        result = await self._run("complete_release", node, pool, reservation_id, *ips)
+    async def complete_release(
+        self, node: str, pool: str, reservation_id: str, ips: Sequence[str], *, fence: int = 0
+    ) -> ChangeOutcome:
+        result = await self._run("complete_release", node, pool, reservation_id, fence, *ips)
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]), _as_list(result["restored"]))
 
-    async def abort_release(self, node: str, pool: str, reservation_id: str) -> ChangeOutcome:
-        result = await self._run("abort_release", node, pool, reservation_id)
+    async def abort_release(self, node: str, pool: str, reservation_id: str, *, fence: int = 0) -> ChangeOutcome:
+        result = await self._run("abort_release", node, pool, reservation_id, fence)
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["restored"]))
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str]) -> RemoveOutcome:
-        result = await self._run("remove_addresses", node, pool, *ips)
+    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0) -> RemoveOutcome:
+        result = await self._run("remove_addresses", node, pool, fence, *ips)
         return RemoveOutcome(
             _as_list(result["removed"]), _as_list(result["still_allocated"]), _as_list(result["newly_lost"])
         )

@@ -431,6 +431,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             node_interface(request.interface),
             list(request.ips),
             cloud_facts(request),
+            fence=request.fencing_token,
         )
         return npb.AddAddressesResponse(added_ips=added, node=node_message(view))
 
@@ -443,6 +444,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             [node_interface(i) for i in request.interfaces],
             cloud_facts(request),
             request.deficit_reason,
+            fence=request.fencing_token,
         )
         return npb.SetInterfacesResponse()
 
@@ -458,7 +460,12 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         self, request: npb.ReserveForReleaseRequest, context: grpc.aio.ServicerContext
     ) -> npb.ReserveForReleaseResponse:
         rid, ips = await self.service.reserve_for_release(
-            request.node, request.pool, parse_family(request.family), request.interface_id, request.count
+            request.node,
+            request.pool,
+            parse_family(request.family),
+            request.interface_id,
+            request.count,
+            fence=request.fencing_token,
         )
         return npb.ReserveForReleaseResponse(reservation_id=rid, ips=ips)
 
@@ -467,7 +474,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         self, request: npb.CompleteReleaseRequest, context: grpc.aio.ServicerContext
     ) -> npb.CompleteReleaseResponse:
         released = await self.service.complete_release(
-            request.node, request.pool, request.reservation_id, list(request.ips)
+            request.node, request.pool, request.reservation_id, list(request.ips), fence=request.fencing_token
         )
         return npb.CompleteReleaseResponse(released_ips=released)
 
@@ -475,14 +482,18 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     async def AbortRelease(
         self, request: npb.AbortReleaseRequest, context: grpc.aio.ServicerContext
     ) -> npb.AbortReleaseResponse:
-        restored = await self.service.abort_release(request.node, request.pool, request.reservation_id)
+        restored = await self.service.abort_release(
+            request.node, request.pool, request.reservation_id, fence=request.fencing_token
+        )
         return npb.AbortReleaseResponse(restored_ips=restored)
 
     @rpc
     async def RemoveAddresses(
         self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext
     ) -> npb.RemoveAddressesResponse:
-        outcome = await self.service.remove_addresses(request.node, request.pool, list(request.ips))
+        outcome = await self.service.remove_addresses(
+            request.node, request.pool, list(request.ips), fence=request.fencing_token
+        )
         return npb.RemoveAddressesResponse(
             removed_ips=outcome.removed, still_allocated=outcome.still_allocated, newly_lost=outcome.newly_lost
         )

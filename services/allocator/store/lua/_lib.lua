@@ -171,3 +171,17 @@ local function describe(ip, f, owner, uuid)
   if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
   return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}
 end
+
+-- Fencing. A worker taking a node's lock is issued a token above every earlier one (K_NODE's field
+-- 'fence', raised by the worker's fencing_token.lua). A change carrying a token below it comes from
+-- a worker whose lock has passed to another (lost in a failover, or expired while it stalled): it is
+-- refused before anything is written. A higher token is recorded (its issue was lost with a failed
+-- master). 0 = a worker that sends none (a release before fencing): accepted, as before.
+local function stale_token(token)
+  token = tonumber(token) or 0
+  if token <= 0 then return false end
+  local newest = tonumber(redis.call('HGET', K_NODE, 'fence') or '0') or 0
+  if token < newest then return true end
+  if token > newest then redis.call('HSET', K_NODE, 'fence', string.format('%.0f', token)) end
+  return false
+end

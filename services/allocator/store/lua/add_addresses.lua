@@ -1,7 +1,8 @@
 -- Adds addresses the worker attached (and read back from the cloud) to the pool; creates the pool.
 -- ARGV[3] interface id, [4] interface JSON, [5] VPC CIDRs (space-separated, "" = keep),
--- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8..] addresses.
+-- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8] fencing token, [9..] addresses.
 if redis.call('EXISTS', K_NODE) == 0 then return fail('NODE_NOT_FOUND') end
+if stale_token(ARGV[8]) then return fail('STALE_FENCING_TOKEN') end
 local now = now_ms()
 local iface = ARGV[3]
 redis.call('SADD', K_POOLS, POOL)
@@ -9,7 +10,7 @@ if ARGV[5] ~= '' then redis.call('HSET', K_NODE, 'vpc_cidrs', ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('HSET', K_NODE, 'max_ifaces', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then redis.call('HSET', K_NODE, 'ipv4_per_iface', ARGV[7]) end
 local added = {}
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
   if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
@@ -34,7 +35,7 @@ if iface ~= '' then
       end
     end
   end
-  for i = 8, #ARGV do
+  for i = 9, #ARGV do
     if not seen[ARGV[i]] then seen[ARGV[i]] = true; held[#held + 1] = ARGV[i] end
   end
   info.addresses = held

@@ -1,15 +1,17 @@
 -- Ends a reservation: the addresses the worker unassigned leave the pool, the rest return to it
 -- (those excluded meanwhile stay out of the free set).
--- ARGV[3] reservation id, [4..] the unassigned addresses (none = all of the reservation).
+-- ARGV[3] reservation id, [4] fencing token, [5..] the unassigned addresses (none = all of the
+-- reservation).
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
+if stale_token(ARGV[4]) then return fail('STALE_FENCING_TOKEN') end
 local now = now_ms()
 local raw = redis.call('HGET', K_RESERVATIONS, ARGV[3])
 if not raw then return fail('RESERVATION_NOT_FOUND') end
 local r = cjson.decode(raw)
 local gone = {}
-if #ARGV >= 4 then
-  for i = 4, #ARGV do gone[ARGV[i]] = true end
+if #ARGV >= 5 then
+  for i = 5, #ARGV do gone[ARGV[i]] = true end
 else
   for _, ip in ipairs(r.ips) do gone[ip] = true end
 end

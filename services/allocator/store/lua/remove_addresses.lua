@@ -1,11 +1,13 @@
 -- Drops addresses the cloud no longer holds (found by the worker's resync). An allocated address
 -- stays allocated to its owner (who is told by the node's status), but it is no longer attached:
--- it is marked lost, and its release never puts it back in the free set. ARGV[3..] addresses.
+-- it is marked lost, and its release never puts it back in the free set. ARGV[3] fencing token,
+-- [4..] addresses.
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
+if stale_token(ARGV[3]) then return fail('STALE_FENCING_TOKEN') end
 local now = now_ms()
 local removed, still, newly_lost = {}, {}, {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
   if redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then

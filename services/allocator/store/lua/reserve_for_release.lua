@@ -1,8 +1,10 @@
 -- Takes free, cooled-down addresses out of circulation so the worker can unassign them: once
 -- reserved, an address is never handed out, so it cannot be in use when it leaves the cloud.
--- ARGV[3] family ("4"/"6"), [4] interface id ("" = any), [5] count, [6] reservation id.
+-- ARGV[3] family ("4"/"6"), [4] interface id ("" = any), [5] count, [6] reservation id,
+-- [7] fencing token.
 local missing = missing_node_or_pool()
 if missing then return fail(missing) end
+if stale_token(ARGV[7]) then return fail('STALE_FENCING_TOKEN') end
 local now = now_ms()
 local f, iface, count, rid = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local taken = {}
