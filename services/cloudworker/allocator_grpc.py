@@ -1,5 +1,6 @@
 """The worker's `AllocatorClient` over gRPC: the one place the worker's values become the
-allocator's protobuf messages and back."""
+allocator's protobuf messages and back. Every change of a node carries the fencing token of the
+node lock held by the maintenance making it (`fencing.current_token`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
 
 from .allocator_client import CLOUD_POOL, NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
+from .fencing import current_token
 from .model import InstanceLimits, NetworkInterface
 
 
@@ -46,7 +48,12 @@ class GrpcAllocator:
         limits: InstanceLimits | None = None,
     ) -> PoolNode:
         request = npb.AddAddressesRequest(
-            node=node, pool=CLOUD_POOL, interface=interface_message(interface), ips=list(ips), vpc_cidrs=list(vpc_cidrs)
+            node=node,
+            pool=CLOUD_POOL,
+            interface=interface_message(interface),
+            ips=list(ips),
+            vpc_cidrs=list(vpc_cidrs),
+            fencing_token=current_token.get(),
         )
         if limits is not None:
             request.max_interfaces, request.ipv4_per_interface = limits.max_interfaces, limits.ipv4_per_interface
@@ -70,6 +77,7 @@ class GrpcAllocator:
                 max_interfaces=limits.max_interfaces,
                 ipv4_per_interface=limits.ipv4_per_interface,
                 deficit_reason=deficit_reason,
+                fencing_token=current_token.get(),
             )
         )
 
@@ -77,7 +85,9 @@ class GrpcAllocator:
         await self.client.set_node_error(node, error)
 
     async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
-        reply = await self.client.remove_addresses(npb.RemoveAddressesRequest(node=node, pool=CLOUD_POOL, ips=ips))
+        reply = await self.client.remove_addresses(
+            npb.RemoveAddressesRequest(node=node, pool=CLOUD_POOL, ips=ips, fencing_token=current_token.get())
+        )
         return list(reply.newly_lost)
 
     async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation:
@@ -88,19 +98,28 @@ class GrpcAllocator:
                 interface_id=interface_id,
                 count=count,
                 family=pb.FAMILY_IPV6 if family is Family.IPV6 else pb.FAMILY_IPV4,
+                fencing_token=current_token.get(),
             )
         )
         return Reservation(reply.reservation_id, tuple(reply.ips))
 
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
         reply = await self.client.complete_release(
-            npb.CompleteReleaseRequest(node=node, pool=CLOUD_POOL, reservation_id=reservation_id, ips=list(ips))
+            npb.CompleteReleaseRequest(
+                node=node,
+                pool=CLOUD_POOL,
+                reservation_id=reservation_id,
+                ips=list(ips),
+                fencing_token=current_token.get(),
+            )
         )
         return list(reply.released_ips)
 
     async def abort_release(self, node: str, reservation_id: str) -> None:
         await self.client.abort_release(
-            npb.AbortReleaseRequest(node=node, pool=CLOUD_POOL, reservation_id=reservation_id)
+            npb.AbortReleaseRequest(
+                node=node, pool=CLOUD_POOL, reservation_id=reservation_id, fencing_token=current_token.get()
+            )
         )
 
     async def close(self) -> None:

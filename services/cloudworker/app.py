@@ -21,6 +21,7 @@ from services.core.reasons import DeficitReason, ErrorReason
 from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 
+from . import fencing
 from .allocator_client import CLOUD_POOL, AllocatorClient, PoolNode
 from .allocator_grpc import GrpcAllocator
 from .cloud_view import CloudView
@@ -75,6 +76,10 @@ class Worker:
         Work asked while the node is held is not lost: the caller that finds the lock taken leaves
         a mark, and the holder, after letting go, takes the node again if it finds the mark (the
         caller tries the lock once more after marking, in case the holder let go in between).
+
+        Each time the lock is taken it comes with a fencing token that every change of the node
+        carries: should the lock be lost (a Redis failover) and another worker take it, the
+        allocator refuses this one's changes from then on, and it stops (returns as if busy).
         """
         mark = f"{contract.node_prefix(node)}:again"
         maintained = False
@@ -90,8 +95,14 @@ class Worker:
                     return maintained
             try:
                 await self.redis.delete(mark)  # what was asked so far, this run covers
-                await self._maintain_holding(lock, node, settle)
+                with fencing.holding(await fencing.take_token(self.redis, node)):
+                    await self._maintain_holding(lock, node, settle)
                 maintained = True
+            except IpamClientError as exc:
+                if exc.reason != ErrorReason.STALE_FENCING_TOKEN:
+                    raise
+                log.warning("node %s: another worker holds it now (%s); this one stops", node, exc.message)
+                return maintained
             finally:
                 with contextlib.suppress(Exception):
                     await lock.release()
