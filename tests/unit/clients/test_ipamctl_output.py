@@ -13,6 +13,7 @@ from clients.ipamctl import (
     format_error_line,
     format_node,
     format_nodes_table,
+    format_status,
     format_table,
     main,
 )
@@ -154,3 +155,22 @@ def test_bad_address_list_exits_2_with_one_line(capsys: pytest.CaptureFixture[st
     assert main(["--address", "a:1,b:2", "ping"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ipamctl: ") and err.count("\n") == 1
+
+
+def _status(*workers: dict[str, object]) -> dict[str, object]:
+    return {
+        "allocators": [],
+        "workers": list(workers),
+        "nodes": {"total": 0, "ok": 0, "in-deficit": 0, "at-capacity": 0, "excess": 0},
+        "events": {"pending": 0, "dead": 0},
+    }
+
+
+def test_status_shows_workers_by_their_heartbeat() -> None:
+    alive = {"name": "w-1", "alive": True, "heartbeat_expires_in_ms": 12_400, "pending": 0}
+    dead = {"name": "w-2", "alive": False, "heartbeat_expires_in_ms": 0, "pending": 3}
+    lines = format_status(_status(alive, dead), []).splitlines()
+    assert "  w-1                      alive (heartbeat good for 12 s more), 0 taken" in lines
+    assert "  w-2                      gone (another worker claims what it took), 3 taken" in lines
+    assert not any("none alive" in line for line in lines)
+    assert "  none alive: pools are not refilled" in format_status(_status(dead), []).splitlines()
