@@ -27,7 +27,7 @@ class WorkerProcess(ServiceProcess):
             "IPAM_EC2_QPS": "100",
             "IPAM_EC2_BURST": "100",
             "IPAM_CLAIM_IDLE_SECONDS": "2",
-            "IPAM_HEARTBEAT_SECONDS": "3",
+            "IPAM_HEARTBEAT_SECONDS": "6",  # renewed every 2 s: a loaded machine does not make it miss one
             "IPAM_NODE_LOCK_SECONDS": "5",
             "IPAM_RESYNC_INTERVAL_SECONDS": "3600",
             "IPAM_EXCESS_RELEASE_DELAY_SECONDS": "0",  # excess given back at once, unless a test says otherwise

@@ -21,7 +21,7 @@ from tests.support.redis_server import RedisServer, free_port
 from tests.support.worker_process import WorkerProcess
 
 CLAIM_IDLE_SECONDS = 0.5  # the consumer group's clean-up looks for idle consumers this often
-HEARTBEAT_SECONDS = 1.5
+HEARTBEAT_SECONDS = 3.0  # renewed every second
 PRUNED = "idle consumers without pending events"  # what the worker logs when it removes consumers
 
 
