@@ -74,16 +74,26 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         cluster=settings.redis_cluster,
         timeout_s=settings.redis_timeout_seconds,
         max_connections=settings.redis_max_connections,
+        sentinels=settings.redis_sentinels,
+        sentinel_master=settings.redis_sentinel_master,
     )
     store = RedisStore(
         client,
         reuse_cooldown_ms=int(settings.reuse_cooldown_seconds * 1000),
         pipelined=(
-            PipelinedConnection.from_url(settings.redis_url, timeout_s=settings.redis_timeout_seconds)
+            PipelinedConnection.from_url(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_seconds,
+                resolve=redis_client.master_resolver(client),
+                min_replicas=settings.redis_min_replicas,
+                replica_wait_s=settings.redis_replica_wait_seconds,
+            )
             if settings.redis_pipeline_scripts and not settings.redis_cluster
             else None
         ),
         timeout_s=settings.redis_timeout_seconds,
+        min_replicas=settings.redis_min_replicas,
+        replica_wait_s=settings.redis_replica_wait_seconds,
     )
     queue = RedisStreamQueue(store, coalesce_seconds=settings.event_coalesce_seconds)
     refills = RefillWatcher(store)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.core import redis_client
 
 
 class AllocatorSettings(BaseSettings):
@@ -21,6 +23,23 @@ class AllocatorSettings(BaseSettings):
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (a seed node for a cluster)")
     redis_cluster: bool = Field(False, description="talk to a Redis Cluster")
+    redis_sentinels: str = Field(
+        "",
+        description="Sentinels (host:port,...) to ask for the master's address, again after every lost "
+        "connection (its host in redis_url is ignored)",
+    )
+    redis_sentinel_master: str = Field("", description="the master's name at the Sentinels")
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="a pool change is answered OK only once this many replicas hold it (WAIT); fewer within "
+        "redis_replica_wait_seconds answer ABORTED OUTCOME_UNKNOWN (0 = no wait: a lone Redis)",
+    )
+    redis_replica_wait_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="how long a change waits for redis_min_replicas replicas (below redis_timeout_seconds)",
+    )
     redis_timeout_seconds: float = Field(
         1.0, description="bound on every Redis call; past it the call fails with UNAVAILABLE"
     )
@@ -72,6 +91,13 @@ class AllocatorSettings(BaseSettings):
     )
     shutdown_grace_seconds: float = Field(10.0, description="on SIGTERM, in-flight calls get this long to finish")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @model_validator(mode="after")
+    def _redis(self) -> AllocatorSettings:
+        redis_client.check_sentinel_settings(self.redis_sentinels, self.redis_sentinel_master, self.redis_cluster)
+        if self.redis_min_replicas and self.redis_replica_wait_seconds >= self.redis_timeout_seconds:
+            raise ValueError("IPAM_REDIS_REPLICA_WAIT_SECONDS must be below IPAM_REDIS_TIMEOUT_SECONDS")
+        return self
 
     @staticmethod
     def _tokens(secret: SecretStr) -> frozenset[str]:

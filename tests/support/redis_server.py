@@ -1,4 +1,5 @@
-"""Real redis-server processes for tests: a single server (optionally with AOF) or a small cluster.
+"""Real redis-server processes for tests: a single server (optionally with AOF), a primary with a
+replica watched by Sentinels, or a small cluster (optionally with replicas).
 
 Every process listens on 127.0.0.1 only, on a free port, in its own temporary directory. Use them as
 context managers (or call `close()`); anything left running is killed when the interpreter exits.
@@ -11,6 +12,7 @@ context managers (or call `close()`); anything left running is killed when the i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +24,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 import redis
@@ -157,6 +159,14 @@ class RedisServer:
     def running(self) -> bool:
         return bool(self._processes) and self._processes[0].poll() is None
 
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its sockets and answers nothing (a stalled or lagging host)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        os.kill(self.pid, signal.SIGCONT)
+
     # -- life cycle --------------------------------------------------------------------------------
 
     def start(self) -> Self:
@@ -274,19 +284,175 @@ class RedisServer:
         return "\n".join(tail) or "(no log)"
 
 
+def _info(server: RedisServer, section: str) -> dict[str, Any]:
+    try:
+        with server.client(socket_timeout=1, retry=Retry(NoBackoff(), 0)) as conn:
+            return dict(conn.info(section))
+    except redis.RedisError:
+        return {}
+
+
+class RedisSentinel(RedisServer):
+    """One Sentinel (`redis-server <conf> --sentinel`) watching `master` under `name`."""
+
+    def __init__(
+        self, name: str, master: RedisServer, *, down_after_ms: int, port: int, quorum: int = 2, known: str = ""
+    ) -> None:
+        """`known`: config lines naming the replica and the other Sentinels, so that the group is ready
+        at once instead of after their discovery (INFO every 10 s, hello every 2 s)."""
+        super().__init__(port=port)
+        self.name, self.master, self.down_after_ms, self.quorum = name, master, down_after_ms, quorum
+        self.known = known
+        self.myid = f"{port:040x}"
+
+    def _command_line(self) -> list[str]:
+        # Sentinel rewrites its config file, so it must be one of its own.
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"bind {HOST}\nport {self._port}\ndir {self.dir}\nlogfile {self.log_path}\n"
+            f"sentinel myid {self.myid}\n"
+            f"sentinel monitor {self.name} {HOST} {self.master.port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.name} {max(self.down_after_ms * 4, 2000)}\n"
+            f"{self.known}"
+        )
+        return [REDIS_SERVER, str(conf), "--sentinel"]
+
+    def master_address(self) -> tuple[str, int] | None:
+        try:
+            with self.client(socket_timeout=1, retry=Retry(NoBackoff(), 0)) as conn:
+                reply = conn.execute_command("SENTINEL", "get-master-addr-by-name", self.name)
+        except redis.RedisError:
+            return None
+        return (str(reply[0]), int(reply[1])) if reply else None
+
+
+class SentinelGroup:
+    """A primary, its replica (both with an fsync-always AOF) and three Sentinels, on 127.0.0.1.
+
+    `down_after_ms` is how long the Sentinels wait before they take the primary for down."""
+
+    def __init__(self, name: str = "ipam", *, down_after_ms: int = 500, replica_args: Sequence[str] = ()) -> None:
+        self.name = name
+        # Without the default 5 s delay before a replica's full sync (and so before it is in sync).
+        fast_sync = ["--repl-diskless-sync-delay", "0"]
+        self.primary = RedisServer(aof=True, extra_args=fast_sync)
+        self.replica = RedisServer(aof=True, extra_args=[*fast_sync, *replica_args])
+        self._down_after_ms = down_after_ms
+        self.sentinels: list[RedisSentinel] = []
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.primary, self.replica]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        """`host:port,...` of the Sentinels (IPAM_REDIS_SENTINELS)."""
+        return ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
+
+    def start(self) -> Self:
+        """Start the primary, the replica (in sync), then the Sentinels (once they all see both)."""
+        try:
+            self.primary.start()
+            self.replica.extra_args += ["--replicaof", HOST, str(self.primary.port)]
+            self.replica.start()
+            self.wait_in_sync()
+            ports = [free_port() for _ in range(3)]
+            known = [f"sentinel known-replica {self.name} {HOST} {self.replica.port}\n"] * 3
+            for i, port in enumerate(ports):
+                for other in ports:
+                    if other != port:
+                        known[i] += f"sentinel known-sentinel {self.name} {HOST} {other} {other:040x}\n"
+            self.sentinels = [
+                RedisSentinel(self.name, self.primary, down_after_ms=self._down_after_ms, port=port, known=known[i])
+                for i, port in enumerate(ports)
+            ]
+            for sentinel in self.sentinels:
+                sentinel.start()
+            for sentinel in self.sentinels:
+                _poll_until(lambda s=sentinel: self._sees_everyone(s), 20, f"sentinel {sentinel.port} ready")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _sees_everyone(self, sentinel: RedisSentinel) -> bool:
+        try:
+            with sentinel.client(socket_timeout=1, retry=Retry(NoBackoff(), 0)) as conn:
+                master = conn.execute_command("SENTINEL", "MASTER", self.name)
+        except redis.RedisError:
+            return False
+        fields = dict(zip(master[::2], master[1::2], strict=False)) if isinstance(master, list) else master
+        return int(fields.get("num-slaves", 0)) >= 1 and int(fields.get("num-other-sentinels", 0)) >= 2
+
+    def master(self) -> RedisServer | None:
+        """The server the Sentinels name master now (None while they disagree or are unreachable)."""
+        answers = {s.master_address() for s in self.sentinels if s.running}
+        if len(answers) != 1 or None in answers:
+            return None
+        (_, port) = answers.pop()  # type: ignore[misc]
+        return next((s for s in self.servers if s.port == port), None)
+
+    def rejoin(self, server: RedisServer) -> None:
+        """Starts `server` again (say, the primary that was killed) as a replica of the master now,
+        as a supervisor would bring it back, and returns once it is in sync."""
+        master = self.master()
+        assert master is not None and master is not server, "no other master to follow"
+        server.extra_args = ["--repl-diskless-sync-delay", "0", "--replicaof", HOST, str(master.port)]
+        server.start()
+        self.wait_in_sync(master)
+
+    def wait_in_sync(self, master: RedisServer | None = None, timeout: float = 10.0) -> None:
+        """Until `master`'s (by default the primary's) replica has everything it wrote."""
+
+        def in_sync() -> bool:
+            info = _info(master or self.primary, "replication")
+            replica = info.get("slave0")
+            return bool(replica) and replica["state"] == "online" and replica["offset"] == info["master_repl_offset"]
+
+        _poll_until(in_sync, timeout, "the replica in sync with the primary")
+
+    def wait_promoted(self, server: RedisServer, timeout: float = 20.0) -> None:
+        """Until every Sentinel names `server` master and it says it is one."""
+
+        def promoted() -> bool:
+            return self.master() is server and _info(server, "replication").get("role") == "master"
+
+        _poll_until(promoted, timeout, f"redis-server {server.port} promoted")
+
+    def close(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            with contextlib.suppress(OSError):
+                if process.running:
+                    process.resume()  # a paused process does not die of SIGKILL until it runs
+            process.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class RedisCluster:
-    """A Redis Cluster of `masters` masters (no replicas) on 127.0.0.1, created with `redis-cli --cluster`."""
+    """A Redis Cluster of `masters` masters, each with `replicas` replicas, on 127.0.0.1, created with
+    `redis-cli --cluster`."""
 
     def __init__(
         self,
         masters: int = 3,
         *,
+        replicas: int = 0,
         aof: bool = False,
         node_timeout_ms: int = 5000,
         startup_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         require_redis_server()
         self.startup_timeout = startup_timeout
+        self.replicas = replicas
         self.nodes: list[RedisServer] = [
             RedisServer(
                 aof=aof,
@@ -298,15 +464,17 @@ class RedisCluster:
                         "cluster-node-timeout": str(node_timeout_ms),
                         # The bus port is fixed once so a restarted node keeps its identity and address.
                         "cluster-port": str(free_port()),
+                        "repl-diskless-sync-delay": "0",
                     }
-                ),
+                )
+                + list(extra_args),
             )
-            for _ in range(masters)
+            for _ in range(masters * (1 + replicas))
         ]
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
-        """(host, port) of every master, for `RedisCluster(startup_nodes=...)` of any client library."""
+        """(host, port) of every node, for `RedisCluster(startup_nodes=...)` of any client library."""
         return [(node.host, node.port) for node in self.nodes]
 
     @property
@@ -321,7 +489,15 @@ class RedisCluster:
                 node.start()
             addresses = [f"{host}:{port}" for host, port in self.startup_nodes]
             create = subprocess.run(
-                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
                 check=False,
                 capture_output=True,
                 text=True,
@@ -337,13 +513,52 @@ class RedisCluster:
         return self
 
     def wait_until_ok(self, timeout: float | None = None) -> None:
-        """Poll CLUSTER INFO on every node until each says cluster_state:ok (e.g. after a restart)."""
+        """Poll CLUSTER INFO on every running node until each says cluster_state:ok (e.g. after a restart)."""
         for node in self.nodes:
+            if not node.running:
+                continue
             _poll_until(
                 lambda node=node: _cluster_state(node) == "ok",
                 self.startup_timeout if timeout is None else timeout,
                 f"cluster_state:ok on port {node.port}",
             )
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves `key`'s slot now."""
+        for node in self.nodes:
+            if node.running and _info(node, "replication").get("role") == "master":
+                with node.client(socket_timeout=1, retry=Retry(NoBackoff(), 0)) as conn:
+                    slot = int(conn.execute_command("CLUSTER", "KEYSLOT", key))
+                    for start, end, (_, port, *_rest), *_ in conn.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            return next(n for n in self.nodes if n.port == int(port))
+        raise RuntimeError(f"no running node serves {key!r}")
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A replica of `master` (from the master's INFO replication)."""
+        port = int(_info(master, "replication")["slave0"]["port"])
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_replica_in_sync(self, master: RedisServer, timeout: float = 10.0) -> None:
+        """Until `master`'s first replica has acknowledged everything it wrote."""
+
+        def in_sync() -> bool:
+            info = _info(master, "replication")
+            replica = info.get("slave0")
+            return bool(replica) and replica["state"] == "online" and replica["offset"] == info["master_repl_offset"]
+
+        _poll_until(in_sync, timeout, f"the replica of {master.port} in sync")
+
+    def wait_serves(self, key: str, node: RedisServer, timeout: float = 20.0) -> None:
+        """Until the running nodes agree that `node` serves `key`'s slot, and the cluster is ok."""
+
+        def serves() -> bool:
+            try:
+                return self.master_of(key) is node and _cluster_state(node) == "ok"
+            except (redis.RedisError, RuntimeError):
+                return False
+
+        _poll_until(serves, timeout, f"{node.port} serving {key!r}")
 
     def stop(self) -> None:
         """Stop every node gracefully (their dirs are kept: `start()` on a node brings it back)."""
@@ -353,6 +568,9 @@ class RedisCluster:
     def close(self) -> None:
         """Kill every node and remove their directories."""
         for node in self.nodes:
+            with contextlib.suppress(OSError):
+                if node.running:
+                    node.resume()
             node.close()
 
     def __enter__(self) -> Self:

@@ -7,8 +7,12 @@ bookkeeping cost more CPU than the script itself (bench/README.md). Here the com
 turn go out in one write on one connection, hiredis parses the replies, and they are handed to the
 callers in order (Redis answers a connection's commands in the order they came).
 
-Used for the pool scripts on a single Redis (`redis://` URLs); Redis Cluster, TLS and everything
-else go through redis-py.
+A command sent with `replicate=True` is answered only once `WAIT n timeout`, appended after the
+last such command of its write, says that n replicas hold it (one WAIT per write, not per command:
+WAIT blocks the connection, and covers everything the connection wrote before it).
+
+Used for the pool scripts on a single Redis or the master that Sentinel names (`redis://` URLs);
+Redis Cluster, TLS and everything else go through redis-py.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +28,11 @@ import hiredis
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# The host and port to connect to, asked again on every (re)connection (Sentinel's current master).
+Resolver = Callable[[], Awaitable[tuple[str, int]]]
 
 
 class OutcomeUnknownError(RedisTimeoutError, RedisConnectionError):
@@ -34,12 +43,24 @@ class OutcomeUnknownError(RedisTimeoutError, RedisConnectionError):
     runs the command when it wakes, so this is not "nothing happened"."""
 
 
+class NotReplicatedError(OutcomeUnknownError):
+    """Redis ran the command, but fewer replicas than asked confirmed it within the wait: a failover
+    may lose it. `reply` is what the command answered."""
+
+    def __init__(self, message: str, *, reply: Any, acks: int) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.acks = acks
+
+
 class _RespProtocol(asyncio.Protocol):
     """A connection's two queues: commands not yet written, callers whose reply has not come."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, min_replicas: int = 0, replica_wait_s: float = 0.0) -> None:
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
+        self._min_replicas = min_replicas
+        self._replica_wait_s = replica_wait_s
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self._unsent: list[bytes] = []
@@ -47,13 +68,21 @@ class _RespProtocol(asyncio.Protocol):
         self._written = 0  # of `_waiting`, how many (from the left) were written to the socket
         self._replies = 0  # replies read so far: the watchdog's sign of progress
         self._watchdog: asyncio.TimerHandle | None = None
+        # Commands of the unsent write that wait for replicas, with the least time any may wait.
+        self._unsent_replicated: list[asyncio.Future[Any]] = []
+        self._unsent_wait_s = 0.0
+        # A replicated command's reply, held until its WAIT answers; a WAIT's commands.
+        self._held: dict[asyncio.Future[Any], Any] = {}
+        self._wait_groups: dict[asyncio.Future[Any], list[asyncio.Future[Any]]] = {}
         self.closed = False
+        self.retired = False  # talks to a replica now: new commands go to a new connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def send(self, packed: bytes, timeout_s: float | None = None) -> asyncio.Future[Any]:
-        """Queues one command; `timeout_s` (below the connection's timeout) bounds this caller's wait alone."""
+    def send(self, packed: bytes, timeout_s: float | None = None, replicate: bool = False) -> asyncio.Future[Any]:
+        """Queues one command; `timeout_s` (below the connection's timeout) bounds this caller's wait alone.
+        `replicate`: answer only once the connection's replicas hold it (see the module's docstring)."""
         if self.closed:
             raise RedisConnectionError("the connection to redis is closed")
         future = self._loop.create_future()
@@ -61,6 +90,10 @@ class _RespProtocol(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         self._unsent.append(packed)
         self._waiting.append(future)
+        if replicate and self._min_replicas > 0:
+            wait_s = self._replica_wait_s if timeout_s is None else min(self._replica_wait_s, timeout_s)
+            self._unsent_wait_s = min(self._unsent_wait_s, wait_s) if self._unsent_replicated else wait_s
+            self._unsent_replicated.append(future)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._timeout_s, self._check_progress, self._replies)
         if timeout_s is not None and timeout_s < self._timeout_s:
@@ -81,6 +114,16 @@ class _RespProtocol(asyncio.Protocol):
         return RedisTimeoutError(f"{what}; the command had not been sent")
 
     def _flush(self) -> None:
+        if self._unsent_replicated and not self.closed:
+            # WAIT's timeout 0 would block for ever: at least 1 ms.
+            wait_ms = max(1, int(self._unsent_wait_s * 1000))
+            waiter = self._loop.create_future()
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures go to its commands
+            self._unsent.append(hiredis.pack_command(("WAIT", self._min_replicas, wait_ms)))
+            self._waiting.append(waiter)
+            self._wait_groups[waiter] = self._unsent_replicated
+            self._held.update(dict.fromkeys(self._unsent_replicated, None))
+            self._unsent_replicated = []
         if self._unsent and self._transport is not None and not self.closed:
             self._transport.write(b"".join(self._unsent))
             self._written = len(self._waiting)
@@ -92,12 +135,47 @@ class _RespProtocol(asyncio.Protocol):
             self._replies += 1
             future = self._waiting.popleft()
             self._written -= 1
+            group = self._wait_groups.pop(future, None)
+            if group is not None:
+                self._answer_group(group, reply)
+                continue
+            held = future in self._held
             if future.done():  # the caller gave up (cancelled): its reply is dropped
+                self._held.pop(future, None)
                 continue
             if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(BaseParser.parse_error(str(reply)))  # NOSCRIPT -> NoScriptError, ...
+                self._held.pop(future, None)
+                error = BaseParser.parse_error(str(reply))  # NOSCRIPT -> NoScriptError, ...
+                if isinstance(error, ReadOnlyError):
+                    self.retired = True  # a failover made this Redis a replica
+                future.set_exception(error)
+            elif held:
+                self._held[future] = reply
             else:
                 future.set_result(reply)
+        if self.retired and not self._waiting:
+            self.close()
+
+    def _answer_group(self, group: list[asyncio.Future[Any]], acks: Any) -> None:
+        """Answers the commands a WAIT covered: their replies if enough replicas confirmed, else
+        `NotReplicatedError`."""
+        count = acks if isinstance(acks, int) else 0
+        for future in group:
+            reply = self._held.pop(future, None)
+            if future.done():
+                continue
+            if count >= self._min_replicas:
+                future.set_result(reply)
+            else:
+                detail = f"WAIT failed: {acks}" if isinstance(acks, hiredis.ReplyError) else f"{count}"
+                future.set_exception(
+                    NotReplicatedError(
+                        f"redis ran the change, but only {detail} of the {self._min_replicas} replicas asked "
+                        "for confirmed it in time: a failover may lose it",
+                        reply=reply,
+                        acks=count,
+                    )
+                )
 
     def _check_progress(self, replies_before: int) -> None:
         # One timer per connection instead of one per call: Redis must answer something within the
@@ -123,6 +201,14 @@ class _RespProtocol(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         written, self._written = self._written, 0
+        # Commands that ran and whose WAIT had not answered: no longer in `_waiting`, failed here.
+        for group in self._wait_groups.values():
+            for future in group:
+                if future in self._held and not future.done():
+                    future.set_exception(self._no_answer(True, what))
+        self._held.clear()
+        self._wait_groups.clear()
+        self._unsent_replicated = []
         unsent: Exception = RedisTimeoutError(what) if timeout else RedisConnectionError(what)
         while self._waiting:
             future = self._waiting.popleft()
@@ -138,7 +224,10 @@ class _RespProtocol(asyncio.Protocol):
 
 
 class PipelinedConnection:
-    """`execute(*args)` from any number of tasks; (re)connects on first use after a failure."""
+    """`execute(*args)` from any number of tasks; (re)connects on first use after a failure.
+
+    `resolve` names the server on every (re)connection (Sentinel's master), else `host`:`port`.
+    `min_replicas`, `replica_wait_s`: what `execute(..., replicate=True)` waits for."""
 
     def __init__(
         self,
@@ -149,16 +238,31 @@ class PipelinedConnection:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
+        resolve: Resolver | None = None,
+        min_replicas: int = 0,
+        replica_wait_s: float = 0.0,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self._username, self._password = username, password
+        self._resolve = resolve
         self._timeout_s = timeout_s
+        self.min_replicas = min_replicas
+        self._replica_wait_s = replica_wait_s
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float) -> PipelinedConnection | None:
-        """A connection for a plain `redis://` URL; None for the others (TLS, unix sockets)."""
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        resolve: Resolver | None = None,
+        min_replicas: int = 0,
+        replica_wait_s: float = 0.0,
+    ) -> PipelinedConnection | None:
+        """A connection for a plain `redis://` URL (its host is ignored with `resolve`); None for the
+        others (TLS, unix sockets)."""
         if urlsplit(url).scheme != "redis":
             return None
         options = parse_url(url)
@@ -169,22 +273,26 @@ class PipelinedConnection:
             db=int(options.get("db", 0)),
             username=options.get("username"),
             password=options.get("password"),
+            resolve=resolve,
+            min_replicas=min_replicas,
+            replica_wait_s=replica_wait_s,
         )
 
-    async def execute(self, *args: Any, timeout_s: float | None = None) -> Any:
+    async def execute(self, *args: Any, timeout_s: float | None = None, replicate: bool = False) -> Any:
         """Sends one command with the others of this loop turn; its reply, or Redis's error raised.
 
         Without an answer: `OutcomeUnknownError` when the command was written (Redis may still run
         it), another `TimeoutError` / `ConnectionError` when it never left. `timeout_s` bounds this
-        call's wait when it is shorter than the connection's timeout."""
+        call's wait when it is shorter than the connection's timeout. `replicate`: the reply only once
+        `min_replicas` replicas hold the command, else `NotReplicatedError`."""
         protocol = self._protocol
-        if protocol is None or protocol.closed:
+        if protocol is None or protocol.closed or protocol.retired:
             try:
                 async with asyncio.timeout(timeout_s):
                     protocol = await self._connected()
             except TimeoutError:
                 raise RedisTimeoutError(f"no connection to redis within {timeout_s:.2f} s") from None
-        return await protocol.send(hiredis.pack_command(args), timeout_s)
+        return await protocol.send(hiredis.pack_command(args), timeout_s, replicate)
 
     async def _connected(self) -> _RespProtocol:
         # Callers arriving while a connection is being made wait for that one.
@@ -202,7 +310,12 @@ class PipelinedConnection:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout_s):
-                _, protocol = await loop.create_connection(lambda: _RespProtocol(self._timeout_s), self.host, self.port)
+                if self._resolve is not None:
+                    self.host, self.port = await self._resolve()
+                wait = (self.min_replicas, self._replica_wait_s)
+                _, protocol = await loop.create_connection(
+                    lambda: _RespProtocol(self._timeout_s, *wait), self.host, self.port
+                )
                 handshake = []
                 if self._password:
                     auth = ("AUTH", self._username, self._password) if self._username else ("AUTH", self._password)

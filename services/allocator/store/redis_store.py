@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any, TypeVar
 
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, MovedError, NoScriptError, ReadOnlyError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.core.family import Family
@@ -53,7 +54,7 @@ from ..domain.pool import (
     Reservation,
 )
 from . import keys
-from .pipelining import OutcomeUnknownError, PipelinedConnection
+from .pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
 
 T = TypeVar("T")
 
@@ -165,6 +166,14 @@ def _outcome_unknown(waited: str) -> OutcomeUnknown:
     )
 
 
+def _not_replicated(exc: NotReplicatedError, wanted: int) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"redis applied the change, but {exc.acks} of the {wanted} replicas asked for confirmed it in time: a "
+        "failover could lose it; retry with the same idempotency key (or read back before acting again)",
+        waited="replicas",
+    )
+
+
 def _as_list(value: Any) -> list[Any]:
     # cjson encodes an empty Lua table as {}.
     return list(value) if isinstance(value, list) else []
@@ -273,13 +282,21 @@ class RedisStore:
         reuse_cooldown_ms: int,
         pipelined: PipelinedConnection | None = None,
         timeout_s: float = 1.0,
+        min_replicas: int = 0,
+        replica_wait_s: float = 0.5,
     ) -> None:
         """`pipelined`: the connection the pool scripts go through (else `client`, e.g. a cluster).
         `timeout_s`: how long a call waits for Redis (the clients' own timeout), unless the caller's
-        deadline (`call_scope`) comes first."""
+        deadline (`call_scope`) comes first. `min_replicas`: a pool script's change is answered only
+        once that many replicas hold it (`WAIT`, at most `replica_wait_s`), else `OutcomeUnknown`;
+        the pipelined connection must be made with the same (`PipelinedConnection.min_replicas`)."""
+        if pipelined is not None and pipelined.min_replicas != min_replicas:
+            raise ValueError("the pipelined connection must wait for as many replicas as the store")
         self.client = client
         self._pipelined = pipelined
         self.timeout_s = timeout_s
+        self.min_replicas = min_replicas
+        self.replica_wait_s = replica_wait_s
         self.reuse_cooldown_ms = reuse_cooldown_ms
         lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
         self._scripts = {
@@ -321,6 +338,10 @@ class RedisStore:
         try:
             async with asyncio.timeout(budget if by_deadline else None):
                 return await op()
+        except NotReplicatedError as exc:
+            if change:
+                raise _not_replicated(exc, self.min_replicas) from exc
+            return exc.reply  # type: ignore[no-any-return]
         except OutcomeUnknownError as exc:
             if change:
                 raise _outcome_unknown(f"{budget:.2f} s") from exc
@@ -333,6 +354,10 @@ class RedisStore:
             if change and not exact:
                 raise _outcome_unknown(f"{self.timeout_s:g} s") from exc
             raise self._unavailable(f"redis is unreachable: {type(exc).__name__}: {exc}") from exc
+        except ReadOnlyError as exc:
+            raise self._unavailable(f"redis is a replica now (a failover): nothing was changed: {exc}") from exc
+        except (MovedError, AskError) as exc:
+            raise self._unavailable(f"the pool's slot moved to another node: nothing was changed: {exc}") from exc
         except ResponseError as exc:
             if "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc) or "TRYAGAIN" in str(exc):
                 raise self._unavailable(f"redis is not ready: {exc}") from exc
@@ -355,8 +380,13 @@ class RedisStore:
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
         change = script not in _READ_ONLY
+        replicate = change and self.min_replicas > 0
         if self._pipelined is not None:
-            raw = await self.call(lambda: self._eval_pipelined(runner, pool_keys, argv), change=change, exact=True)
+            raw = await self.call(
+                lambda: self._eval_pipelined(runner, pool_keys, argv, replicate), change=change, exact=True
+            )
+        elif replicate:
+            raw = await self.call(lambda: self._eval_replicated(runner, pool_keys, argv), change=change)
         else:
             raw = await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
         result = json.loads(raw)
@@ -372,20 +402,68 @@ class RedisStore:
             raise exc_type(message, reason=reason, node=node, pool=pool)
         return result
 
-    async def _eval_pipelined(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+    async def _eval_pipelined(
+        self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any], replicate: bool
+    ) -> Any:
         assert self._pipelined is not None
         budget, by_deadline = self._budget()
         timeout_s = budget if by_deadline else None
+        args = ("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
         try:
-            return await self._pipelined.execute(
-                "EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv, timeout_s=timeout_s
-            )
+            return await self._pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
         except NoScriptError:
-            # Redis lost its script cache (a restart): load it and run this call again.
+            # Redis lost its script cache (a restart, a promoted replica): load it and run this call again.
             await self._pipelined.execute("SCRIPT", "LOAD", script.script, timeout_s=timeout_s)
-            return await self._pipelined.execute(
-                "EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv, timeout_s=timeout_s
-            )
+            return await self._pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
+
+    async def _eval_replicated(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+        """The script and `WAIT` on one connection, through redis-py: on a Redis Cluster, on the node
+        that holds the pool's slot. `NotReplicatedError` when too few replicas confirmed."""
+        budget, _ = self._budget()
+        wait_ms = max(1, int(min(self.replica_wait_s, budget) * 1000))
+        args = ("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+        for attempt in range(2):
+            if isinstance(self.client, RedisCluster):
+                raw, acks = await self._eval_on_slot_node(self.client, pool_keys[0], args, wait_ms)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.execute_command(*args)
+                pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+                raw, acks = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, NoScriptError) and attempt == 0:
+                await self.client.script_load(script.script)  # on a cluster, every master
+                continue
+            break
+        if isinstance(raw, Exception):
+            raise raw
+        if isinstance(acks, Exception) or int(acks) < self.min_replicas:
+            count = 0 if isinstance(acks, Exception) else int(acks)
+            raise NotReplicatedError(f"{count} of {self.min_replicas} replicas confirmed", reply=raw, acks=count)
+        return raw
+
+    async def _eval_on_slot_node(
+        self, cluster: RedisCluster, key: Any, args: Sequence[Any], wait_ms: int
+    ) -> tuple[Any, Any]:
+        # redis-py's cluster pipeline may resend a failed command to another node and the WAIT to
+        # a third: here both go, once, on one connection to the node the client maps the slot to.
+        commands = [PipelineCommand(0, *args), PipelineCommand(1, "WAIT", self.min_replicas, wait_ms)]
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise RedisClusterException("no node serves the pool's slot")
+        try:
+            await node.execute_pipeline(commands)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self._refresh_slot(cluster, key)
+            raise
+        raw, acks = commands[0].result, commands[1].result
+        if isinstance(raw, (MovedError, AskError, RedisConnectionError, RedisTimeoutError)):
+            self._refresh_slot(cluster, key)
+        return raw, acks
+
+    def _refresh_slot(self, cluster: RedisCluster, key: Any) -> None:
+        """Has redis-py learn where the slot is now (it follows MOVED and failovers on its own calls)."""
+        task = asyncio.ensure_future(cluster.exists(key))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> PoolEmpty:
         hint = _text(result.get("reason_hint") or "")

@@ -1,0 +1,322 @@
+"""Redis with replicas: an allocation answered OK survives the loss of the primary, and the allocator
+follows the failover, on Sentinel and on Redis Cluster.
+
+Real redis-server processes: a primary, its replica and three Sentinels, or a 3+3 Redis Cluster.
+Faults at the process boundary: `kill -9` of the primary, SIGSTOP of the replica (a replica that
+lags). Callers use the project's client (keyed calls, its default retries) while it happens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from clients.client import Family, IpamClient, IpamClientError
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from services.allocator.store import keys
+from services.core.reasons import ErrorReason
+from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
+from tests.support.api import Api, reason_of
+from tests.support.polling import poll
+from tests.support.redis_server import RedisCluster, RedisServer, SentinelGroup
+
+# Enough free addresses that no caller of a test ever meets an empty pool.
+POOL_SIZE = 1000
+CALLERS = 4
+# Each caller's pace: about 100 calls a second in all, so the load lasts through a failover.
+PACE_S = 0.04
+# The stalled replica's writes, probed one by one without the client's retries.
+PROBES = 3
+
+
+@dataclass
+class Load:
+    """Keyed AllocateNext calls from a few threads until stopped: what was answered OK, and what not."""
+
+    address: str
+    node: str
+    acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (owner, ip)
+    failures: list[IpamClientError] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        for index in range(CALLERS):
+            thread = threading.Thread(target=self._run, args=(index,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _run(self, index: int) -> None:
+        with IpamClient(self.address, token=CLIENT_TOKEN, timeout=10) as client:
+            call = 0
+            while not self._stop.is_set() and call < POOL_SIZE // CALLERS - 10:
+                owner = f"pod-{index}-{call}"
+                call += 1
+                try:
+                    ip = client.allocate_next(self.node, owner=owner, family=Family.IPV4).ipv4.ip
+                except IpamClientError as error:
+                    with self._lock:
+                        self.failures.append(error)
+                    continue
+                with self._lock:
+                    self.acknowledged.append((owner, ip))
+                self._stop.wait(PACE_S)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acknowledged)
+
+    def wait_for(self, more: int, timeout: float = 20.0) -> None:
+        """Until `more` calls past the count now were answered OK."""
+        target = self.count() + more
+        poll(lambda: self.count() >= target, timeout=timeout, describe=lambda: f"{self.count()} of {target} OK")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def check_nothing_acknowledged_was_lost(api: Api, node: str, load: Load) -> None:
+    """Every allocation answered OK is in the pool under its owner, and no address went to two owners."""
+    held = api.dump(node)[0]
+    lost = [(owner, ip) for owner, ip in load.acknowledged if held.get(ip) != owner]
+    owners_by_ip: dict[str, set[str]] = {}
+    for owner, ip in load.acknowledged:
+        owners_by_ip.setdefault(ip, set()).add(owner)
+    twice = {ip: owners for ip, owners in owners_by_ip.items() if len(owners) > 1}
+    assert (lost, twice) == ([], {}), f"{len(lost)} acknowledged allocations lost, {len(twice)} held twice"
+    # A call that failed says why, with a reason a caller can act on.
+    assert {e.reason for e in load.failures} <= {ErrorReason.OUTCOME_UNKNOWN, ErrorReason.STORE_UNAVAILABLE}, [
+        str(e) for e in load.failures
+    ]
+
+
+def probe_writes_while_stalled(api: Api, node: str) -> list[tuple[grpc.StatusCode, str, float]]:
+    """Keyed AllocateNext without retries (a plain stub): each call's status, reason and duration."""
+    answers = []
+    for i in range(PROBES):
+        request = pb.AllocateNextRequest(node=node, owner=f"probe-{i}", family=pb.FAMILY_IPV4, idempotency_key=f"p{i}")
+        started = time.monotonic()
+        try:
+            api.alloc.AllocateNext(request, timeout=3)
+            answers.append((grpc.StatusCode.OK, "", time.monotonic() - started))
+        except grpc.RpcError as error:
+            answers.append((error.code(), reason_of(error), time.monotonic() - started))
+    return answers
+
+
+def assert_outcome_unknown(answers: list[tuple[grpc.StatusCode, str, float]], deadline_s: float = 3.0) -> None:
+    assert [(code, reason) for code, reason, _ in answers] == [
+        (grpc.StatusCode.ABORTED, ErrorReason.OUTCOME_UNKNOWN)
+    ] * len(answers)
+    assert all(took < deadline_s for _, _, took in answers)
+
+
+def node_with_pool(api: Api) -> str:
+    node = api.create_node(pre_allocate=0)
+    api.seed(node, v4=POOL_SIZE)
+    return node
+
+
+# --- Sentinel ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[SentinelGroup, AllocatorProcess, Api]]:
+    with SentinelGroup(down_after_ms=500) as group:
+        allocator = AllocatorProcess(
+            group.primary.url,
+            redis_sentinels=group.sentinel_addresses,
+            redis_sentinel_master=group.name,
+            redis_min_replicas=1,
+            redis_replica_wait_seconds=0.3,
+        )
+        with allocator:
+            api = Api(allocator.address)
+            yield group, allocator, api
+            api.close()
+
+
+def test_sentinel_kill_of_the_primary_loses_no_acknowledged_allocation(
+    sentinel: tuple[SentinelGroup, AllocatorProcess, Api],
+) -> None:
+    group, allocator, api = sentinel
+    node = node_with_pool(api)
+    load = Load(allocator.address, node).start()
+    try:
+        load.wait_for(20)
+        group.primary.kill()
+        group.wait_promoted(group.replica)
+        # Until a replica holds the new master's writes, none is answered OK: the old primary comes
+        # back as that replica, as its supervisor would restart it.
+        group.rejoin(group.primary)
+        load.wait_for(20)  # the allocator followed the new master
+    finally:
+        load.stop()
+    check_nothing_acknowledged_was_lost(api, node, load)
+
+
+def test_sentinel_lagging_replica_promoted_loses_no_acknowledged_allocation(
+    sentinel: tuple[SentinelGroup, AllocatorProcess, Api],
+) -> None:
+    group, allocator, api = sentinel
+    node = node_with_pool(api)
+    load = Load(allocator.address, node).start()
+    try:
+        load.wait_for(20)
+        group.replica.pause()
+        # The primary runs these, but no replica holds them: none may be answered OK.
+        assert_outcome_unknown(probe_writes_while_stalled(api, node))
+        group.primary.kill()
+        group.replica.resume()
+        group.wait_promoted(group.replica)
+        group.rejoin(group.primary)
+        load.wait_for(20)
+    finally:
+        load.stop()
+    check_nothing_acknowledged_was_lost(api, node, load)
+
+
+# --- Redis Cluster -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[RedisCluster, AllocatorProcess, Api]]:
+    # A replica whose master died while it was stalled still takes over (the lagging case).
+    options = ["--cluster-replica-validity-factor", "0"]
+    with RedisCluster(3, replicas=1, node_timeout_ms=1000, extra_args=options) as redis_cluster:
+        allocator = AllocatorProcess(
+            redis_cluster.url, cluster=True, redis_min_replicas=1, redis_replica_wait_seconds=0.3
+        )
+        with allocator:
+            api = Api(allocator.address)
+            yield redis_cluster, allocator, api
+            api.close()
+
+
+def test_cluster_kill_of_the_master_loses_no_acknowledged_allocation(
+    cluster: tuple[RedisCluster, AllocatorProcess, Api],
+) -> None:
+    redis_cluster, allocator, api = cluster
+    node = node_with_pool(api)
+    master = redis_cluster.master_of(keys.node_key(node))
+    replica = redis_cluster.replica_of(master)
+    load = Load(allocator.address, node).start()
+    try:
+        load.wait_for(20)
+        master.kill()
+        redis_cluster.wait_serves(keys.node_key(node), replica)
+        master.start()  # back, as a replica of the node that took over
+        redis_cluster.wait_replica_in_sync(replica)
+        load.wait_for(20)
+    finally:
+        load.stop()
+    check_nothing_acknowledged_was_lost(api, node, load)
+
+
+def test_cluster_lagging_replica_promoted_loses_no_acknowledged_allocation(
+    cluster: tuple[RedisCluster, AllocatorProcess, Api],
+) -> None:
+    redis_cluster, allocator, api = cluster
+    node = node_with_pool(api)
+    master = redis_cluster.master_of(keys.node_key(node))
+    replica = redis_cluster.replica_of(master)
+    redis_cluster.wait_replica_in_sync(master)
+    load = Load(allocator.address, node).start()
+    try:
+        load.wait_for(20)
+        replica.pause()
+        assert_outcome_unknown(probe_writes_while_stalled(api, node))
+        master.kill()
+        replica.resume()
+        redis_cluster.wait_serves(keys.node_key(node), replica)
+        master.start()
+        redis_cluster.wait_replica_in_sync(replica)
+        load.wait_for(20)
+    finally:
+        load.stop()
+    check_nothing_acknowledged_was_lost(api, node, load)
+
+
+# --- the only replica stopped --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def primary_and_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
+    group = SentinelGroup()
+    group.primary.start()
+    group.replica.extra_args += ["--replicaof", group.primary.host, str(group.primary.port)]
+    group.replica.start()
+    group.wait_in_sync()
+    yield group.primary, group.replica
+    group.close()
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "redis-py"])
+def test_every_write_without_its_replica_answers_outcome_unknown_within_its_deadline(
+    primary_and_replica: tuple[RedisServer, RedisServer], pipelined: bool
+) -> None:
+    primary, replica = primary_and_replica
+    allocator = AllocatorProcess(
+        primary.url, redis_min_replicas=1, redis_replica_wait_seconds=0.2, redis_pipeline_scripts=pipelined
+    )
+    with allocator:
+        api = Api(allocator.address)
+        node = api.create_node(pre_allocate=0)
+        ips = api.seed(node, v4=8)
+        held = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="held", family=pb.FAMILY_IPV4))
+        timer = api.alloc.StartExpirationTimer(
+            pb.StartExpirationTimerRequest(node=node, ip=held.ipv4.ip, timeout_seconds=600)
+        )
+        free = [ip for ip in ips if ip != held.ipv4.ip]
+        interface = npb.Interface(id="eni-test0", mac="02:42:ac:11:00:02", subnet_cidr="10.20.0.0/16")
+        # In an order where each would succeed on a Redis with its replica.
+        writes: dict[str, Callable[[float], object]] = {
+            "AllocateNext": lambda t: api.alloc.AllocateNext(
+                pb.AllocateNextRequest(node=node, owner="a", family=pb.FAMILY_IPV4, idempotency_key="k"), timeout=t
+            ),
+            "Allocate": lambda t: api.alloc.Allocate(pb.AllocateRequest(node=node, owner="b", ip=free[0]), timeout=t),
+            "ExcludeIP": lambda t: api.alloc.ExcludeIP(
+                pb.ExcludeIPRequest(node=node, ip=free[1], owner="gateway"), timeout=t
+            ),
+            "StopExpirationTimer": lambda t: api.alloc.StopExpirationTimer(
+                pb.StopExpirationTimerRequest(node=node, ip=held.ipv4.ip, expiration_uuid=timer.expiration_uuid),
+                timeout=t,
+            ),
+            "StartExpirationTimer": lambda t: api.alloc.StartExpirationTimer(
+                pb.StartExpirationTimerRequest(node=node, ip=held.ipv4.ip, timeout_seconds=60), timeout=t
+            ),
+            "AddAddresses": lambda t: api.nodes.AddAddresses(
+                npb.AddAddressesRequest(node=node, interface=interface, ips=["10.20.1.1"]), timeout=t
+            ),
+            "ReserveForRelease": lambda t: api.nodes.ReserveForRelease(
+                npb.ReserveForReleaseRequest(node=node, count=1), timeout=t
+            ),
+            "Release": lambda t: api.alloc.Release(pb.ReleaseRequest(node=node, ip=held.ipv4.ip), timeout=t),
+        }
+        answers = {}
+        replica.pause()
+        try:
+            for name, write in writes.items():
+                for deadline in (2.0, 0.15):  # longer, and shorter, than the replica wait
+                    started = time.monotonic()
+                    try:
+                        write(deadline)
+                        answers[(name, deadline)] = ("OK", 0.0)
+                    except grpc.RpcError as error:
+                        took = time.monotonic() - started
+                        answers[(name, deadline)] = (f"{error.code().name} {reason_of(error)}", took)
+        finally:
+            replica.resume()
+            api.close()
+    wrong = {k: v for k, v in answers.items() if v[0] != "ABORTED OUTCOME_UNKNOWN" or v[1] >= k[1]}
+    assert not wrong, wrong
