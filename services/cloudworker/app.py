@@ -332,7 +332,14 @@ def build_worker(
     if provider is None:
         built = build_provider(settings, metrics)
         provider, close_provider = built.provider, built.close
-    redis = redis_client.connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0, max_connections=32)
+    redis = redis_client.connect(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout_s=5.0,
+        max_connections=32,
+        sentinels=settings.redis_sentinels,
+        sentinel_master=settings.redis_sentinel_master,
+    )
     allocator = GrpcAllocator(
         AsyncIpamClient(
             settings.grpc_address,

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import redis
 from redis.cluster import RedisCluster
 
+from services.core import redis_client
+
 log = logging.getLogger(__name__)
 
 
@@ -330,8 +332,10 @@ class RedisRateLimiter:
             return self._local[bucket.name]
 
 
-def connect_sync(url: str, *, cluster: bool, timeout_s: float = 2.0) -> redis.Redis | RedisCluster:
+def connect_sync(
+    url: str, *, cluster: bool, timeout_s: float = 2.0, sentinels: str = "", sentinel_master: str = ""
+) -> redis.Redis | RedisCluster:
     """A blocking Redis client for the limiter (the provider runs in threads)."""
-    if cluster:
-        return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return redis_client.connect_sync(
+        url, cluster=cluster, timeout_s=timeout_s, sentinels=sentinels, sentinel_master=sentinel_master
+    )

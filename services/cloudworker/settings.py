@@ -6,10 +6,10 @@ import ipaddress
 import os
 import socket
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core import contract
+from services.core import contract, redis_client
 
 
 class WorkerSettings(BaseSettings):
@@ -28,6 +28,10 @@ class WorkerSettings(BaseSettings):
     tls_ca_file: str = Field("", description="CA of the allocator's certificate: set to talk TLS")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the events stream")
     redis_cluster: bool = Field(False, description="talk to a Redis Cluster")
+    redis_sentinels: str = Field(
+        "", description="Sentinels (host:port,...) to ask for the master's address (its host in redis_url is ignored)"
+    )
+    redis_sentinel_master: str = Field("", description="the master's name at the Sentinels")
     metrics_address: str = Field(
         "127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it"
     )
@@ -130,3 +134,8 @@ class WorkerSettings(BaseSettings):
         if name not in CLOUDS:
             raise ValueError(unknown_cloud(name))
         return name
+
+    @model_validator(mode="after")
+    def _sentinels(self) -> WorkerSettings:
+        redis_client.check_sentinel_settings(self.redis_sentinels, self.redis_sentinel_master, self.redis_cluster)
+        return self

@@ -742,7 +742,12 @@ def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[Aws
     """The worker's AWS provider: EC2's buckets (or the QPS override) kept in Redis for every
     replica. Returns the limiter's Redis client too, for the caller to close."""
     budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
-    limiter_client = connect_sync(settings.redis_url, cluster=settings.redis_cluster)
+    limiter_client = connect_sync(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        sentinels=settings.redis_sentinels,
+        sentinel_master=settings.redis_sentinel_master,
+    )
     limiter = RedisRateLimiter(limiter_client, budget, scope=f"ec2:{settings.aws_region}", observer=metrics.ec2)
     provider = build_aws_provider(
         cluster=settings.cluster_name,
