@@ -16,6 +16,10 @@ that reached Redis without an answer comes back as ABORTED `OUTCOME_UNKNOWN` ("i
 applied"), which only `allocate_next` and `allocate` retry: each logical call carries an idempotency
 key (the caller's, else one made here) that all its tries share, so a retry gets the first try's
 address and never a second one. Other calls raise it; read back (Dump) before acting again.
+
+A Redis failover answers both for a few seconds (UNAVAILABLE STORE_UNAVAILABLE until the new master is
+found, OUTCOME_UNKNOWN until a replica holds its writes): keyed calls keep asking for
+`failover_retry_seconds` (default 10 s), within their deadline.
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ __all__ = [
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
+# How long a keyed call keeps retrying the answers of a Redis failover. Sentinel with
+# down-after-milliseconds 5000, or Redis Cluster with cluster-node-timeout 5000, has a new master
+# taking writes 6-7 s after the old one died; the default deadline (10 s) bounds it anyway.
+DEFAULT_FAILOVER_RETRY_S = 10.0
+# What a failover answers; a keyed call may ask again (its key makes the retry take nothing twice).
+_FAILOVER_REASONS = frozenset({ErrorReason.OUTCOME_UNKNOWN, ErrorReason.STORE_UNAVAILABLE})
+_MAX_RETRY_DELAY_S = 1.0
 SERVICES = ("ipam.v1.Allocator", "ipam.v1.NodeManager")
 # Schemes of gRPC's built-in name resolvers; a target starting with one is used as given.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
@@ -225,13 +236,15 @@ def _key_of(idempotency_key: str) -> str:
     return idempotency_key or f"ipam-client-{uuid.uuid4().hex}"
 
 
-def _retry_delay(error: IpamClientError, attempt: int, max_attempts: int, deadline: float | None) -> float | None:
+def _retry_delay(error: IpamClientError, attempt: int, retry_until: float, deadline: float | None) -> float | None:
     """How long to wait before retrying a keyed call that failed with `error` on try `attempt`
-    (1-based); None to give up (another failure, no tries or no time left)."""
-    if error.reason != ErrorReason.OUTCOME_UNKNOWN or attempt >= max_attempts:
+    (1-based); None to give up (another failure, or no retry may start by `retry_until` or end
+    before `deadline`, both monotonic)."""
+    if error.reason not in _FAILOVER_REASONS:
         return None
-    delay = min(0.1 * 2 ** (attempt - 1), 2.0)
-    if deadline is not None and time.monotonic() + delay >= deadline:
+    delay = min(0.1 * 2 ** (attempt - 1), _MAX_RETRY_DELAY_S)
+    now = time.monotonic()
+    if now + delay > retry_until or (deadline is not None and now + delay >= deadline):
         return None
     return delay
 
@@ -527,13 +540,16 @@ class _ClientBase:
         tls_key: str | Path | None = None,
         tls_server_name: str | None = None,
         max_attempts: int = 5,
+        failover_retry_seconds: float = DEFAULT_FAILOVER_RETRY_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """`address`: "host:port" or a comma-separated list of replicas (see `parse_target`).
         `token`: sent as `authorization: Bearer <token>` on every call. `timeout`: the default
         deadline of a call in seconds (None = none). TLS is on when `tls` is true or any TLS file is
         given: `tls_ca` = root certificates (default: the system's), `tls_cert` + `tls_key` = a client
-        certificate for mutual TLS. `max_attempts`: tries per call when the server is UNAVAILABLE.
+        certificate for mutual TLS. `max_attempts`: tries per call when the server is UNAVAILABLE (below 2:
+        no retries at all). `failover_retry_seconds`: how long `allocate_next` and `allocate` keep retrying
+        OUTCOME_UNKNOWN and STORE_UNAVAILABLE (a Redis failover), within the call's deadline.
         """
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("mutual TLS needs both tls_cert and tls_key")
@@ -546,6 +562,7 @@ class _ClientBase:
                 root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
             )
         self.max_attempts = max_attempts
+        self.failover_retry_seconds = failover_retry_seconds if max_attempts >= 2 else 0.0
         self._options = [*channel_options(max_attempts, tls_server_name), *options]
         self.channel = self._connect()
         self._stubs = {
@@ -574,11 +591,12 @@ class _ClientBase:
         return {"timeout": timeout, "metadata": self._metadata}
 
     def _failed(
-        self, rpc_error: grpc.RpcError, request: _Request[Any], attempt: int, deadline: float | None
+        self, rpc_error: grpc.RpcError, request: _Request[Any], attempt: int, started: float, deadline: float | None
     ) -> tuple[IpamClientError, float | None]:
         """The error of a failed try, and how long to wait before the next one (None: no retry)."""
         error = IpamClientError.from_rpc_error(rpc_error)
-        delay = _retry_delay(error, attempt, self.max_attempts, deadline) if request.keyed else None
+        retry_until = started + self.failover_retry_seconds
+        delay = _retry_delay(error, attempt, retry_until, deadline) if request.keyed else None
         return error, delay
 
 
@@ -607,12 +625,13 @@ class IpamClient(_ClientBase):
     def _send(self, request: _Request[_R]) -> _R:
         """Makes the call; a keyed one is retried on OUTCOME_UNKNOWN within its deadline."""
         rpc, deadline, attempt = self._rpc(request), self._deadline(request.timeout), 0
+        started = time.monotonic()
         while True:
             attempt += 1
             try:
                 return request.result(rpc(request.message, **self._try_options(request, deadline)))
             except grpc.RpcError as rpc_error:
-                error, delay = self._failed(rpc_error, request, attempt, deadline)
+                error, delay = self._failed(rpc_error, request, attempt, started, deadline)
                 if delay is None:
                     raise error from rpc_error
             time.sleep(delay)
@@ -688,12 +707,13 @@ class AsyncIpamClient(_ClientBase):
     async def _send(self, request: _Request[_R]) -> _R:
         """See `IpamClient._send`."""
         rpc, deadline, attempt = self._rpc(request), self._deadline(request.timeout), 0
+        started = time.monotonic()
         while True:
             attempt += 1
             try:
                 return request.result(await rpc(request.message, **self._try_options(request, deadline)))
             except grpc.RpcError as rpc_error:
-                error, delay = self._failed(rpc_error, request, attempt, deadline)
+                error, delay = self._failed(rpc_error, request, attempt, started, deadline)
                 if delay is None:
                     raise error from rpc_error
             await asyncio.sleep(delay)
