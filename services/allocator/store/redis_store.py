@@ -359,7 +359,7 @@ class RedisStore:
         except (MovedError, AskError) as exc:
             raise self._unavailable(f"the pool's slot moved to another node: nothing was changed: {exc}") from exc
         except ResponseError as exc:
-            if "LOADING" in str(exc) or "CLUSTERDOWN" in str(exc) or "TRYAGAIN" in str(exc):
+            if any(word in str(exc) for word in ("LOADING", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")):
                 raise self._unavailable(f"redis is not ready: {exc}") from exc
             raise
 

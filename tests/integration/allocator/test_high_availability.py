@@ -284,7 +284,9 @@ def test_every_write_without_its_replica_answers_outcome_unknown_within_its_dead
             "AllocateNext": lambda t: api.alloc.AllocateNext(
                 pb.AllocateNextRequest(node=node, owner="a", family=pb.FAMILY_IPV4, idempotency_key="k"), timeout=t
             ),
-            "Allocate": lambda t: api.alloc.Allocate(pb.AllocateRequest(node=node, owner="b", ip=free[0]), timeout=t),
+            "Allocate": lambda t: api.alloc.Allocate(
+                pb.AllocateRequest(node=node, owner="b", ip=free[0], idempotency_key="k2"), timeout=t
+            ),
             "ExcludeIP": lambda t: api.alloc.ExcludeIP(
                 pb.ExcludeIPRequest(node=node, ip=free[1], owner="gateway"), timeout=t
             ),
@@ -320,3 +322,29 @@ def test_every_write_without_its_replica_answers_outcome_unknown_within_its_dead
             api.close()
     wrong = {k: v for k, v in answers.items() if v[0] != "ABORTED OUTCOME_UNKNOWN" or v[1] >= k[1]}
     assert not wrong, wrong
+
+
+def test_a_primary_refusing_writes_without_its_replicas_is_unavailable_and_nothing_changes(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = primary_and_replica
+    with AllocatorProcess(primary.url) as allocator, primary.client() as redis:
+        api = Api(allocator.address)
+        node = node_with_pool(api)
+        redis.config_set("min-replicas-max-lag", 1)
+        redis.config_set("min-replicas-to-write", 1)
+        replica.pause()
+        try:
+            poll(lambda: redis.info("replication").get("min_slaves_good_slaves") == 0, timeout=10)
+            request = pb.AllocateNextRequest(node=node, owner="refused", family=pb.FAMILY_IPV4, idempotency_key="r")
+            with pytest.raises(grpc.RpcError) as caught:
+                api.alloc.AllocateNext(request, timeout=3)
+        finally:
+            replica.resume()
+            redis.config_set("min-replicas-to-write", 0)
+        assert (caught.value.code(), reason_of(caught.value)) == (
+            grpc.StatusCode.UNAVAILABLE,
+            ErrorReason.STORE_UNAVAILABLE,
+        ), caught.value.details()
+        assert "refused" not in api.dump(node)[0].values()
+        api.close()
