@@ -697,7 +697,7 @@ class AwsProvider(Ec2Policy, CloudProvider):
         missing = sorted(subnet_ids - self._subnet_cidrs.keys())
         if missing:
             for raw in self._call("DescribeSubnets", SubnetIds=missing).get("Subnets", []):
-                self._subnet_cidrs[raw["SubnetId"]] = (raw.get("CidrBlock", ""), _subnet_ipv6_cidr(raw))
+                self._subnet_cidrs[raw["SubnetId"]] = (raw.get("CidrBlock", ""), subnet_ipv6_block(raw))
         return {s: self._subnet_cidrs.get(s, ("", "")) for s in subnet_ids}
 
     def _delete_quietly(self, interface_id: str) -> None:
@@ -801,14 +801,14 @@ def _parse_subnet(raw: dict[str, Any]) -> Subnet:
         cidr=raw.get("CidrBlock", ""),
         free_addresses=int(raw.get("AvailableIpAddressCount", 0)),
         tags={t["Key"]: t["Value"] for t in raw.get("Tags", [])},
-        ipv6_cidr=_subnet_ipv6_cidr(raw),
+        ipv6_cidr=subnet_ipv6_block(raw),
     )
 
 
 _IPV6_BLOCK_GONE = frozenset({"disassociating", "disassociated", "failing", "failed"})
 
 
-def _subnet_ipv6_cidr(raw: dict[str, Any]) -> str:
+def subnet_ipv6_block(raw: dict[str, Any]) -> str:
     """The subnet's IPv6 block (EC2 gives a subnet at most one at a time), "" when it has none."""
     # A block counts unless its state says it is going or gone: the local EC2 writes a subnet's state
     # as the text of a dict ("{'State': 'associated'}"), not as "associated".

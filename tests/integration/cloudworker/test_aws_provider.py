@@ -209,6 +209,22 @@ def test_build_aws_provider_reaches_the_endpoint(moto_server: MotoServer) -> Non
     assert (provider.limiter.qps, provider.limiter.burst) == (4.0, 20)
 
 
+def test_the_ipv6_gateway_given_is_the_one_each_dual_stack_interface_carries(
+    moto_server: MotoServer, demo_network: DemoNetwork
+) -> None:
+    provider = build_aws_provider(
+        cluster="c",
+        region=REGION,
+        endpoint_url=moto_server.endpoint_url,
+        access_key_id=DUMMY_KEY,
+        secret_access_key=DUMMY_KEY,
+        ipv6_gateway="fe80::1",
+    )
+    instance = run_instance(ec2_client(moto_server.endpoint_url), demo_network, "m5.large")
+    (primary,) = provider.list_interfaces(instance)
+    assert primary.subnet_ipv6_cidr and primary.gateway_ipv6 == "fe80::1"
+
+
 # --- creating interfaces ------------------------------------------------------------------------
 
 

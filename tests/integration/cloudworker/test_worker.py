@@ -254,6 +254,10 @@ def test_each_family_of_a_dual_stack_allocation_carries_its_own_subnet_and_gatew
     assert v6.gateway_ip == "fe80:ec2::1"
     v4_subnet = ipaddress.ip_network(v4.subnet_cidr)
     assert ipaddress.ip_address(v4.ip) in v4_subnet and v4.gateway_ip == str(v4_subnet.network_address + 1)
+    # The VPC's CIDRs, one of each family, each holding that family's subnet.
+    cidrs = cloud.api.alloc.GetVpcCIDRs(pb.GetVpcCIDRsRequest(node=node), timeout=5).cidrs
+    assert list(cidrs) == [cloud.network.cidr, cloud.network.ipv6_cidr] == list(v6.cidrs)
+    assert ipaddress.ip_network(v6.subnet_cidr).subnet_of(ipaddress.ip_network(cloud.network.ipv6_cidr))
     # Dump names the same subnets and gateways, per family.
     dump = cloud.api.alloc.Dump(pb.DumpRequest(node=node), timeout=5)
     subnets = {(s.family, s.cidr, s.gateway_ip): set(s.interface_ids) for s in dump.subnets}

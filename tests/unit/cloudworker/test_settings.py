@@ -35,3 +35,18 @@ def test_address_conflicts_are_checked_against_a_local_ec2_unless_told(
     if setting is not None:
         monkeypatch.setenv("IPAM_CHECK_ADDRESS_CONFLICTS", setting)
     assert WorkerSettings().checks_address_conflicts is checks
+
+
+def test_the_ipv6_gateway_is_the_vpc_routers_link_local_address_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WorkerSettings().ipv6_gateway == "fe80:ec2::1"
+    monkeypatch.setenv("IPAM_IPV6_GATEWAY", "FE80::0001")
+    assert WorkerSettings().ipv6_gateway == "fe80::1"
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1", "gateway", ""])
+def test_an_ipv6_gateway_that_is_not_an_ipv6_address_fails_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("IPAM_IPV6_GATEWAY", value)
+    with pytest.raises(ValidationError, match="ipv6_gateway"):
+        WorkerSettings()
