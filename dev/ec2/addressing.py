@@ -84,8 +84,9 @@ def install(capacity_error: str = CAPACITY_ERRORS[0]) -> None:
 
 def ipv4_space(subnet: Subnet) -> SubnetSpace:
     """The subnet's IPv4 CIDR as its interfaces hold it now."""
-    addresses = [a["PrivateIpAddress"] for e in _interfaces(subnet) for a in e.private_ip_addresses]
-    return _space(subnet, subnet.cidr, addresses)
+    interfaces = _interfaces(subnet)
+    addresses = [a["PrivateIpAddress"] for e in interfaces for a in e.private_ip_addresses]
+    return _space(subnet, subnet.cidr, interfaces, addresses)
 
 
 def ipv6_space(subnet: Subnet) -> SubnetSpace:
@@ -93,15 +94,17 @@ def ipv6_space(subnet: Subnet) -> SubnetSpace:
     cidrs = [a["ipv6CidrBlock"] for a in subnet.ipv6_cidr_block_associations.values()]
     if not cidrs:
         raise EC2ClientError("InvalidParameterValue", f"Subnet {subnet.id} has no IPv6 CIDR block")
-    return _space(subnet, ipaddress.IPv6Network(cidrs[0]), [a for e in _interfaces(subnet) for a in e.ipv6_addresses])
+    interfaces = _interfaces(subnet)
+    addresses = [a for e in interfaces for a in e.ipv6_addresses]
+    return _space(subnet, ipaddress.IPv6Network(cidrs[0]), interfaces, addresses)
 
 
-def _space(subnet: Subnet, cidr: Network, addresses: Iterable[str]) -> SubnetSpace:
+def _space(subnet: Subnet, cidr: Network, interfaces: list[NetworkInterface], addresses: list[str]) -> SubnetSpace:
     reservations = [r for r in subnet._cidr_reservations if r.cidr.version == cidr.version]
     return SubnetSpace(
         cidr=cidr,
         addresses=frozenset(int(ipaddress.ip_address(a)) for a in addresses),
-        prefixes=frozenset(p for e in _interfaces(subnet) for p in prefixes_of(e, cidr.version)),
+        prefixes=frozenset(p for e in interfaces for p in prefixes_of(e, cidr.version)),
         prefix_reservations=tuple(r.cidr for r in reservations if r.reservation_type == "prefix"),
         explicit_reservations=tuple(r.cidr for r in reservations if r.reservation_type == "explicit"),
     )
