@@ -232,12 +232,20 @@ def _prefix_request(response: EC2Response, version: int) -> tuple[int, list[Netw
     """The prefix count and the named prefixes of a request; both together is an error."""
     name = f"Ipv{version}Prefix"
     count = response._get_int_param(f"{name}Count", 0)
-    named = [ipaddress.ip_network(p[name] if isinstance(p, dict) else p) for p in response._get_param(f"{name}es", [])]
+    named = [_network(p[name] if isinstance(p, dict) else p) for p in response._get_param(f"{name}es", [])]
     if count and named:
         raise EC2ClientError("InvalidParameterCombination", f"{name}Count and {name}es cannot be used together")
     if count < 0:
         raise EC2ClientError("InvalidParameterValue", f"{name}Count must not be negative")
     return count, named
+
+
+def _network(text: str) -> Network:
+    """A prefix as a request names it (InvalidParameterValue unless a CIDR without host bits)."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise EC2ClientError("InvalidParameterValue", f"{text} is not a valid prefix: {exc}") from None
 
 
 # The calls.
@@ -345,7 +353,7 @@ def _unassign_private_ip_addresses(self: EC2Response) -> EmptyResult:
 
 def _held_prefixes(interface: NetworkInterface, version: int, named: list[str]) -> set[Network]:
     """The named prefixes, each of which the interface must hold (InvalidParameterValue otherwise)."""
-    prefixes = {ipaddress.ip_network(p) for p in named}
+    prefixes = {_network(p) for p in named}
     missing = sorted(str(p) for p in prefixes - set(prefixes_of(interface, version)))
     if missing:
         raise EC2ClientError(

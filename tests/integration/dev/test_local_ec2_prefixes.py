@@ -98,9 +98,10 @@ def test_prefixes_are_the_lowest_aligned_free_blocks_listed_in_order(ec2: BaseCl
     assert available(ec2, subnet) == before - 32
     ec2.assign_private_ip_addresses(NetworkInterfaceId=interface, Ipv4Prefixes=["10.0.1.224/28"])
     assert prefixes(ec2, interface) == ["10.0.1.16/28", "10.0.1.32/28", "10.0.1.224/28"]  # in assignment order
-    with pytest.raises(ClientError) as last_block:  # it holds the subnet's last address
-        ec2.assign_private_ip_addresses(NetworkInterfaceId=interface, Ipv4Prefixes=["10.0.1.240/28"])
-    assert error_code(last_block) == "InvalidParameterValue"
+    for wrong in ("10.0.1.240/28", "10.0.1.40/28", "10.0.1.64/27"):  # the subnet's last address, host bits, not a /28
+        with pytest.raises(ClientError) as refused:
+            ec2.assign_private_ip_addresses(NetworkInterfaceId=interface, Ipv4Prefixes=[wrong])
+        assert error_code(refused) == "InvalidParameterValue", wrong
 
 
 def test_single_addresses_never_collide_and_never_land_in_a_prefix(ec2: BaseClient) -> None:
