@@ -202,8 +202,8 @@ async def _set_cluster_gauges(service: AllocatorService, metrics: AllocatorMetri
                 {
                     "available": s.available_ips,
                     "used": s.used_ips,
-                    "needed": s.needed_ips,
-                    "excess": s.excess_ips,
+                    "needed": s.needed_ipv4,
+                    "excess": s.excess_ipv4,
                     "cooling": s.cooling_ips,
                 },
             ),

@@ -203,7 +203,7 @@ class AllocatorService:
                         if exc.family is Family.IPV6:
                             state = replace(state, waiting_ipv6=state.waiting_ipv6 + 1)
                         else:
-                            state = replace(state, waiting=state.waiting + 1)
+                            state = replace(state, waiting_ipv4=state.waiting_ipv4 + 1)
                     await self.publish_if_needed(node, pool, state, skip_sync_upstream=skip_sync_upstream)
                     # Woken by the refill itself; the timeout only covers a notification lost on the way.
                     # It stops early enough to ask the store once more within the deadline.
@@ -343,7 +343,7 @@ class AllocatorService:
             f"ipv4: {'on' if self.ipv4_enabled else 'off'}, ipv6: {'on' if self.ipv6_enabled else 'off'}",
         ]
         for name, s in await self.pool_stats(names=names[:50]):
-            lines.append(f"{name}: used {s.used_ips}/{s.available_ips} needed {s.needed_ips} excess {s.excess_ips}")
+            lines.append(f"{name}: used {s.used_ips}/{s.available_ips} needed {s.needed_ipv4} excess {s.excess_ipv4}")
         return "\n".join(lines)
 
     # --- events (operators) ---------------------------------------------------------------
@@ -538,7 +538,7 @@ def pool_work(state: PoolState) -> tuple[int, int]:
     (switching IPv6 off gives its addresses back), whether or not the node releases excess."""
     v4, v6, w = state.counts[Family.IPV4], state.counts[Family.IPV6], state.watermarks
     # At capacity nothing more can be attached: only a release helps, and it needs no worker.
-    need4 = 0 if state.deficit_reason == DeficitReason.AT_CAPACITY else pool_demand_ips(v4, w, state.waiting)
+    need4 = 0 if state.deficit_reason == DeficitReason.AT_CAPACITY else pool_demand_ips(v4, w, state.waiting_ipv4)
     excess4 = pool_excess_ips(v4, w) if state.release_excess else 0
     if state.ipv6_enabled:
         need6 = pool_demand_ips(v6, w, state.waiting_ipv6)
@@ -559,9 +559,9 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         max_interfaces=record.max_interfaces if record else 0,
         ipv4_per_interface=record.ipv4_per_interface if record else 0,
         first_interface_index=record.first_interface_index if record else 0,
-        waiting=state.waiting,
+        waiting_ipv4=state.waiting_ipv4,
         waiting_ipv6=state.waiting_ipv6,
-        lost=state.lost,
+        lost_ips=state.lost_ips,
         reserved=state.reserved,
         excluded=state.excluded,
     )

@@ -183,7 +183,7 @@ def node_from_message(node: npb.Node) -> PoolNode:
             ipv4=PoolCounts(stats.available_ips, stats.used_ips, stats.cooling_ips),
             needed_ipv4=int(stats.needed_ips),
             excess_ipv4=int(stats.excess_ips),
-            waiting_ipv4=int(stats.waiting_ips),
+            waiting_ipv4=int(stats.waiting_ipv4),
             ipv6=PoolCounts(stats.available_ipv6, stats.used_ipv6),
             needed_ipv6=int(stats.needed_ipv6),
             excess_ipv6=int(stats.excess_ipv6),

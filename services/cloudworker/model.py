@@ -4,7 +4,7 @@ cloud providers (no I/O)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from services.core.family import Family
@@ -77,6 +77,14 @@ class NetworkInterface:
     subnet_ipv6_cidr: str = ""  # "" = the subnet has no IPv6 block
     gateway_ipv6: str = ""  # the IPv6 router as the interface reaches it (the cloud's, not derived)
 
+    def addresses(self, family: Family) -> tuple[str, ...]:
+        """Its secondary addresses of `family`."""
+        return self.ipv6 if family is Family.IPV6 else self.ipv4
+
+    def free_count(self, family: Family, free: Collection[str]) -> int:
+        """How many of its addresses of `family` are among `free` (the pool's free ones)."""
+        return sum(1 for a in self.addresses(family) if a in free)
+
     @property
     def ipv4_count(self) -> int:
         """IPv4 addresses on the interface, primary included (what the per-interface limit counts)."""
@@ -112,32 +120,6 @@ class NodeSpec:
     vpc_id: str = ""  # "" = do not filter subnets by VPC
     availability_zone: str = ""  # "" = do not filter subnets by zone
     release_excess: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class InterfaceState:
-    """One interface of the node, as far as planning goes."""
-
-    id: str
-    device_index: int
-    subnet_id: str
-    ipv4_addresses: int  # IPv4 addresses attached, the primary included
-    free_ipv4: int = 0  # of those, how many the pool holds free (releasable)
-    security_group_ids: tuple[str, ...] = ()
-    free_ipv6: int = 0  # IPv6 addresses of the interface the pool holds free (releasable)
-
-    @classmethod
-    def from_cloud(cls, interface: NetworkInterface, free_ipv4: int = 0, free_ipv6: int = 0) -> InterfaceState:
-        """The planning view of an interface read from the provider."""
-        return cls(
-            id=interface.id,
-            device_index=interface.device_index,
-            subnet_id=interface.subnet_id,
-            ipv4_addresses=interface.ipv4_count,
-            free_ipv4=free_ipv4,
-            security_group_ids=interface.security_group_ids,
-            free_ipv6=free_ipv6,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ only ride on the interfaces IPv4 brought: the policy picks where they are assign
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.cloudworker.model import (
@@ -23,7 +23,6 @@ from services.cloudworker.model import (
     AllocationAction,
     AssignIPv6,
     InstanceLimits,
-    InterfaceState,
     NetworkInterface,
     NoAction,
     NodeSpec,
@@ -40,7 +39,6 @@ __all__ = [
     "Action",
     "AllocationAction",
     "AssignIPv6",
-    "InterfaceState",
     "NoAction",
     "NodeSpec",
     "NodeState",
@@ -112,34 +110,26 @@ def decide(state: NodeState, policy: CloudPolicy) -> Step:
         ipv6_spec = spec
         if not state.ipv6_enabled:  # switched off: nothing is kept free
             ipv6_spec = replace(spec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
-        free = state.free_ipv6
-        ipv6_states = [
-            InterfaceState.from_cloud(i, free_ipv6=sum(1 for a in i.ipv6 if a in free))
-            for i in state.interfaces
-            if i.device_index >= 0
-        ]
-        release = plan_ipv6_release(ipv6_spec, state.ipv6, ipv6_states, policy=policy)
+        attached = [i for i in state.interfaces if i.device_index >= 0]
+        release = plan_ipv6_release(ipv6_spec, state.ipv6, attached, state.free_ipv6, policy=policy)
         if isinstance(release, ReleaseAction):
             return release
     # Which addresses of an interface are free matters only to a release: read them only then.
     releasing = spec.release_excess and state.excess_ipv4 > 0 and state.needed_ipv4 <= 0
     if releasing and state.allocated_ipv4 is None:
         return ReadPool()
+    attached = [i for i in state.interfaces if i.device_index >= 0]
     allocated = state.allocated_ipv4 if releasing and state.allocated_ipv4 is not None else frozenset()
-    states = [
-        InterfaceState.from_cloud(i, free_ipv4=sum(1 for a in i.ipv4 if a not in allocated))
-        for i in state.interfaces
-        if i.device_index >= 0
-    ]
     action = plan(
         spec,
         state.ipv4,
-        states,
+        attached,
         state.limits,
         state.subnets,
-        surge=state.waiting_ipv4,
+        waiting_ipv4=state.waiting_ipv4,
         policy=policy,
         tagged_security_groups=state.tagged_security_groups or (),
+        free_ipv4=frozenset(a for i in attached for a in i.ipv4 if a not in allocated),
     )
     if (
         isinstance(action, AllocationAction)
@@ -154,26 +144,28 @@ def decide(state: NodeState, policy: CloudPolicy) -> Step:
 def plan(
     spec: NodeSpec,
     counts: PoolCounts,
-    interfaces: Sequence[InterfaceState],
+    interfaces: Sequence[NetworkInterface],
     limits: InstanceLimits,
     subnets: Sequence[Subnet],
-    surge: int = 0,
+    waiting_ipv4: int = 0,
     *,
     policy: CloudPolicy,
     tagged_security_groups: Sequence[str] = (),
+    free_ipv4: Collection[str] = frozenset(),
 ) -> Action:
     """The one next step for the node's IPv4 pool.
 
-    `surge` counts callers waiting for a refill (Cilium's pending pods): they are added to the
-    deficit, so one step serves them and still leaves the watermark free.
-    Release wins only when there is excess, no deficit, and `spec.release_excess` is set.
+    `waiting_ipv4` counts callers waiting for a refill (Cilium's pending pods, its surge): they are
+    added to the deficit, so one step serves them and still leaves the watermark free.
+    Release wins only when there is excess, no deficit, and `spec.release_excess` is set; it
+    gives back only addresses among `free_ipv4` (the pool's free ones).
     `subnets` should hold the subnets of the node's VPC and zone; the policy does not use an
     existing interface whose subnet is missing from it (its free addresses are unknown).
     """
     if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
         raise ValueError(f"instance limits unknown or invalid: {limits}")
     w = spec.watermarks
-    needed = pool_needed_ips(counts, w) + max(surge, 0)
+    needed = pool_needed_ips(counts, w) + max(waiting_ipv4, 0)
     if needed > 0:
         wanted = needed + w.max_above_watermark
         if w.max_allocate > 0:
@@ -186,7 +178,7 @@ def plan(
     excess = pool_excess_ips(counts, w)
     if excess > 0:
         if spec.release_excess:
-            return policy.prepare_release(spec, interfaces, excess, Family.IPV4)
+            return policy.prepare_release(spec, interfaces, free_ipv4, excess, Family.IPV4)
         return NoAction(DeficitReason.NOTHING_NEEDED, f"{excess} in excess, release disabled")
     if w.max_allocate > 0 and pool_needed_ips(counts, replace(w, max_allocate=0)) > 0:
         return NoAction(DeficitReason.MAX_ALLOCATE, f"pool holds {counts.available} of max_allocate {w.max_allocate}")
@@ -194,7 +186,12 @@ def plan(
 
 
 def plan_ipv6_release(
-    spec: NodeSpec, counts: PoolCounts, interfaces: Sequence[InterfaceState], *, policy: CloudPolicy
+    spec: NodeSpec,
+    counts: PoolCounts,
+    interfaces: Sequence[NetworkInterface],
+    free_ipv6: Collection[str],
+    *,
+    policy: CloudPolicy,
 ) -> Action:
     """The next step for the node's IPv6 excess: a release (with `spec.release_excess`) or nothing."""
     excess = pool_excess_ips(counts, spec.watermarks)
@@ -202,7 +199,7 @@ def plan_ipv6_release(
         return NoAction(DeficitReason.NOTHING_NEEDED)
     if not spec.release_excess:
         return NoAction(DeficitReason.NOTHING_NEEDED, f"{excess} IPv6 in excess, release disabled")
-    return policy.prepare_release(spec, interfaces, excess, Family.IPV6)
+    return policy.prepare_release(spec, interfaces, free_ipv6, excess, Family.IPV6)
 
 
 def security_groups_by_tags(groups: Sequence[SecurityGroup], vpc_id: str, tags: Mapping[str, str]) -> tuple[str, ...]:

@@ -80,9 +80,9 @@ class PoolState:
     release_excess: bool
     ipv6_enabled: bool
     event_pending: bool
-    waiting: int = 0  # callers waiting for an IPv4 refill
+    waiting_ipv4: int = 0  # callers waiting for an IPv4 refill
     waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
-    lost: int = 0  # allocated addresses the cloud no longer holds
+    lost_ips: int = 0  # allocated addresses the cloud no longer holds
     reserved: int = 0  # reserved for release by the worker (both families)
     excluded: int = 0  # never handed out (both families)
     deficit_reason: str = ""  # why the worker could not meet the last deficit

@@ -16,8 +16,8 @@ from .pool import NodeInterface
 class NodeStats:
     used_ips: int
     available_ips: int
-    needed_ips: int
-    excess_ips: int
+    needed_ipv4: int
+    excess_ipv4: int
     remaining_interfaces: int
     interface_candidates: int
     empty_interface_slots: int
@@ -25,7 +25,7 @@ class NodeStats:
     used_ipv6: int
     available_ipv6: int
     needed_ipv6: int
-    waiting_ips: int = 0  # callers waiting for an IPv4 refill
+    waiting_ipv4: int = 0  # callers waiting for an IPv4 refill
     waiting_ipv6: int = 0  # callers waiting for an IPv6 refill
     excess_ipv6: int = 0
     lost_ips: int = 0  # allocated, but gone from the cloud
@@ -43,9 +43,9 @@ def node_stats(
     max_interfaces: int,
     ipv4_per_interface: int,
     first_interface_index: int,
-    waiting: int = 0,
+    waiting_ipv4: int = 0,
     waiting_ipv6: int = 0,
-    lost: int = 0,
+    lost_ips: int = 0,
     reserved: int = 0,
     excluded: int = 0,
 ) -> NodeStats:
@@ -62,8 +62,8 @@ def node_stats(
     return NodeStats(
         used_ips=v4.used,
         available_ips=v4.available,
-        needed_ips=pool_needed_ips(v4, watermarks),
-        excess_ips=pool_excess_ips(v4, watermarks),
+        needed_ipv4=pool_needed_ips(v4, watermarks),
+        excess_ipv4=pool_excess_ips(v4, watermarks),
         # Cilium's definition: interfaces that can still take addresses, attached or not yet.
         remaining_interfaces=candidates + empty_slots,
         interface_candidates=candidates,
@@ -74,9 +74,9 @@ def node_stats(
         needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
         # IPv6 switched off: every free IPv6 address is excess, to be given back to the cloud.
         excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else max(v6.available - v6.used, 0),
-        waiting_ips=waiting,
+        waiting_ipv4=waiting_ipv4,
         waiting_ipv6=waiting_ipv6,
-        lost_ips=lost,
+        lost_ips=lost_ips,
         reserved_ips=reserved,
         excluded_ips=excluded,
     )

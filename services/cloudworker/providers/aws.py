@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,6 @@ from services.cloudworker.model import (
     AssignIPv6,
     Instance,
     InstanceLimits,
-    InterfaceState,
     NetworkInterface,
     NoAction,
     NodeSpec,
@@ -187,7 +186,7 @@ class Ec2Policy:
         self,
         spec: NodeSpec,
         wanted: int,
-        interfaces: Sequence[InterfaceState],
+        interfaces: Sequence[NetworkInterface],
         limits: InstanceLimits,
         subnets: Sequence[Subnet],
         tagged_security_groups: Sequence[str] = (),
@@ -196,7 +195,7 @@ class Ec2Policy:
         subnets_by_id = {s.id: s for s in subnets}
         blocked_by_subnet = False
         for interface in sorted(interfaces, key=lambda i: i.device_index):
-            room = limits.ipv4_per_interface - interface.ipv4_addresses
+            room = limits.ipv4_per_interface - interface.ipv4_count
             if interface.device_index < spec.first_interface_index or room <= 0:
                 continue
             subnet = subnets_by_id.get(interface.subnet_id)
@@ -233,22 +232,22 @@ class Ec2Policy:
         )
 
     def prepare_release(
-        self, spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int, family: Family
+        self,
+        spec: NodeSpec,
+        interfaces: Sequence[NetworkInterface],
+        free: Collection[str],
+        excess: int,
+        family: Family,
     ) -> ReleaseAction | NoAction:
         """From the interface with the most free addresses (ties: lowest device index)."""
-
-        def free(interface: InterfaceState) -> int:
-            return interface.free_ipv6 if family is Family.IPV6 else interface.free_ipv4
-
-        best: InterfaceState | None = None
+        best, most = None, 0
         for interface in sorted(interfaces, key=lambda i: i.device_index):
-            if interface.device_index < spec.first_interface_index or free(interface) <= 0:
-                continue
-            if best is None or free(interface) > free(best):
-                best = interface
+            count = interface.free_count(family, free)
+            if interface.device_index >= spec.first_interface_index and count > most:
+                best, most = interface, count
         if best is None:
             return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
-        return ReleaseAction(best.id, best.subnet_id, min(free(best), excess), family)
+        return ReleaseAction(best.id, best.subnet_id, min(most, excess), family)
 
     def prepare_ipv6_allocation(
         self, spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits, wanted: int
@@ -261,7 +260,7 @@ class Ec2Policy:
         return None
 
 
-def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[InterfaceState], limits: InstanceLimits) -> list[int]:
+def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits) -> list[int]:
     """Device indexes in [first_interface_index, max_interfaces) without an interface."""
     slots_left = limits.max_interfaces - len(interfaces)
     if slots_left <= 0:
@@ -273,7 +272,7 @@ def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[InterfaceState], l
 
 def _subnet_for_new_interface(
     spec: NodeSpec,
-    interfaces: Sequence[InterfaceState],
+    interfaces: Sequence[NetworkInterface],
     limits: InstanceLimits,
     subnets: Sequence[Subnet],
 ) -> Subnet | None:
@@ -300,7 +299,7 @@ def _subnet_for_new_interface(
     return min(candidates, key=lambda s: (-s.free_addresses, s.id), default=None)
 
 
-def _security_groups(spec: NodeSpec, interfaces: Sequence[InterfaceState]) -> tuple[str, ...]:
+def _security_groups(spec: NodeSpec, interfaces: Sequence[NetworkInterface]) -> tuple[str, ...]:
     """The spec's security groups, else those of the primary interface."""
     if spec.security_group_ids:
         return spec.security_group_ids

@@ -11,7 +11,7 @@ calls are synchronous and blocking; the worker calls them from asyncio through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from services.cloudworker.model import (
@@ -20,7 +20,6 @@ from services.cloudworker.model import (
     AssignIPv6,
     Instance,
     InstanceLimits,
-    InterfaceState,
     NetworkInterface,
     NoAction,
     NodeSpec,
@@ -38,7 +37,7 @@ class CloudPolicy(Protocol):
         self,
         spec: NodeSpec,
         wanted: int,
-        interfaces: Sequence[InterfaceState],
+        interfaces: Sequence[NetworkInterface],
         limits: InstanceLimits,
         subnets: Sequence[Subnet],
         tagged_security_groups: Sequence[str] = (),
@@ -49,9 +48,15 @@ class CloudPolicy(Protocol):
         ...
 
     def prepare_release(
-        self, spec: NodeSpec, interfaces: Sequence[InterfaceState], excess: int, family: Family
+        self,
+        spec: NodeSpec,
+        interfaces: Sequence[NetworkInterface],
+        free: Collection[str],
+        excess: int,
+        family: Family,
     ) -> ReleaseAction | NoAction:
-        """Which interface gives back how many of the `excess` free addresses of `family`."""
+        """Which interface gives back how many of the `excess` addresses of `family`; `free`: the
+        pool's free addresses (only those can be given back)."""
         ...
 
     def prepare_ipv6_allocation(

@@ -44,7 +44,7 @@ def test_ipv6_asked_of_an_ipv4_only_node_is_refused_at_once_and_publishes_nothin
         "IPV6_DISABLED",
     )
     stats = api.stats(node)
-    assert (stats.waiting_ips, stats.waiting_ipv6, stats.needed_ips) == (0, 0, 0)
+    assert (stats.waiting_ipv4, stats.waiting_ipv6, stats.needed_ips) == (0, 0, 0)
     assert events_for(backend, node) == []
     assert api.dump(node) == ({}, {})
 
@@ -66,7 +66,7 @@ def test_an_ipv6_waiter_is_counted_for_ipv6_never_for_ipv4(api: Api, backend) ->
     waiter.start()
     poll(lambda: api.stats(node).waiting_ipv6 == 1)
     stats = api.stats(node)
-    assert (stats.waiting_ips, stats.needed_ips) == (0, 0)
+    assert (stats.waiting_ipv4, stats.needed_ips) == (0, 0)
     events = events_for(backend, node)
     assert [e.kind for e in events] == [events_pb2.PoolEvent.KIND_DEFICIT]  # the waiter asked for a refill
     api.seed(node, 0, 1)

@@ -103,7 +103,7 @@ def test_an_ipv6_waiter_gets_ipv6_and_moves_no_ipv4_address(cloud: Cloud) -> Non
     )
     assert reply.ipv6.ip in ipv6_in_ec2(cloud.ec2, instance_id)
     stats = api.stats(node)
-    assert (stats.available_ips, stats.waiting_ips, stats.waiting_ipv6) == (0, 0, 0)
+    assert (stats.available_ips, stats.waiting_ipv4, stats.waiting_ipv6) == (0, 0, 0)
     assert secondaries(cloud.ec2, instance_id) == []
 
 

@@ -66,7 +66,7 @@ class FakePool:
             release_excess=self.release_excess,
             ipv6_enabled=self.ipv6_enabled,
             event_pending=self.pending,
-            waiting=sum(1 for f in self.waiting.values() if f is Family.IPV4),
+            waiting_ipv4=sum(1 for f in self.waiting.values() if f is Family.IPV4),
             waiting_ipv6=sum(1 for f in self.waiting.values() if f is Family.IPV6),
             deficit_reason=self.deficit_reason,
         )

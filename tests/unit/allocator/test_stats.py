@@ -58,7 +58,7 @@ def test_unknown_limits_give_no_interface_figures() -> None:
         first_interface_index=0,
     )
     assert (stats.interface_candidates, stats.empty_interface_slots, stats.remaining_interfaces) == (0, 0, 0)
-    assert (stats.available_ips, stats.needed_ips) == (8, 0)
+    assert (stats.available_ips, stats.needed_ipv4) == (8, 0)
 
 
 # IPv6 (available, used), ipv6_enabled, (needed_ipv6, excess_ipv6) with pre_allocate 8
@@ -83,4 +83,4 @@ def test_ipv6_needed_and_excess(v6: tuple[int, int], enabled: bool, expected: tu
         first_interface_index=0,
     )
     assert (stats.needed_ipv6, stats.excess_ipv6) == expected
-    assert stats.excess_ips == 0  # IPv4 is at its watermark whatever IPv6 holds
+    assert stats.excess_ipv4 == 0  # IPv4 is at its watermark whatever IPv6 holds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,7 +16,6 @@ from services.cloudworker.planner import (
     Action,
     AllocationAction,
     AssignIPv6,
-    InterfaceState,
     NoAction,
     NodeSpec,
     NodeState,
@@ -53,9 +53,25 @@ def subnet(id: str, free: int, *, tags: dict[str, str] | None = None, vpc: str =
 
 def eni(
     device: int, *, ips: int = 1, free: int = 0, subnet: str = "node", groups: tuple[str, ...] = ()
-) -> InterfaceState:
-    """Interface `eth<device>` holding `ips` IPv4 addresses (primary included), `free` of them free in the pool."""
-    return InterfaceState(f"eth{device}", device, subnet, ips, free, groups)
+) -> NetworkInterface:
+    """Interface `eth<device>` holding `ips` IPv4 addresses (primary included), `free` of them free in
+    the pool (those in 10.<device>.255.0/24, see `free_of`)."""
+    secondaries = [f"10.{device}.255.{n}" for n in range(free)] + [f"10.{device}.0.{n}" for n in range(ips - 1 - free)]
+    return NetworkInterface(
+        f"eth{device}",
+        f"02:00:00:00:00:0{device}",
+        device,
+        subnet,
+        "10.0.0.0/8",
+        f"10.{device}.1.1",
+        ipv4=tuple(secondaries),
+        security_group_ids=groups,
+    )
+
+
+def free_of(interfaces: Sequence[NetworkInterface]) -> frozenset[str]:
+    """The addresses `eni` and `v6` made free in the pool."""
+    return frozenset(a for i in interfaces for a in (*i.ipv4, *i.ipv6) if a.split(".")[2:3] == ["255"] or ":ff::" in a)
 
 
 NODE_SUBNET = subnet("node", 4000)
@@ -65,7 +81,7 @@ SPEC = NodeSpec(vpc_id=VPC, availability_zone=ZONE)
 @dataclass(frozen=True)
 class Case:
     counts: PoolCounts
-    interfaces: tuple[InterfaceState, ...]
+    interfaces: tuple[NetworkInterface, ...]
     expected: Action
     spec: NodeSpec = SPEC
     subnets: tuple[Subnet, ...] = (NODE_SUBNET,)
@@ -275,7 +291,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_plan(case: Case) -> None:
     spec = replace(case.spec, watermarks=replace(case.spec.watermarks, **case.watermarks))
-    action = plan(spec, case.counts, case.interfaces, case.limits, case.subnets)
+    action = plan(spec, case.counts, case.interfaces, case.limits, case.subnets, free_ipv4=free_of(case.interfaces))
     if isinstance(case.expected, NoAction):
         assert isinstance(action, NoAction), action
         assert action.reason == case.expected.reason
@@ -283,9 +299,10 @@ def test_plan(case: Case) -> None:
         assert action == case.expected
 
 
-def v6(device: int, free: int) -> InterfaceState:
-    """Interface `eth<device>` whose IPv6 addresses include `free` that the pool holds free."""
-    return InterfaceState(f"eth{device}", device, "node", 2, free_ipv6=free)
+def v6(device: int, free: int) -> NetworkInterface:
+    """Interface `eth<device>` holding `free` IPv6 addresses the pool holds free, and one it does not."""
+    addresses = (f"2001:db8:{device}::1", *(f"2001:db8:{device}:ff::{n}" for n in range(free)))
+    return replace(eni(device, ips=2), ipv6=addresses)
 
 
 RELEASING = replace(SPEC, release_excess=True)
@@ -328,9 +345,9 @@ IPV6_RELEASE_CASES = {
 
 
 @pytest.mark.parametrize("case", IPV6_RELEASE_CASES.values(), ids=IPV6_RELEASE_CASES.keys())
-def test_plan_ipv6_release(case: tuple[PoolCounts, tuple[InterfaceState, ...], NodeSpec, Action]) -> None:
+def test_plan_ipv6_release(case: tuple[PoolCounts, tuple[NetworkInterface, ...], NodeSpec, Action]) -> None:
     counts, interfaces, spec, expected = case
-    action = plan_ipv6_release(spec, counts, interfaces)
+    action = plan_ipv6_release(spec, counts, interfaces, free_of(interfaces))
     if isinstance(expected, NoAction):
         assert isinstance(action, NoAction), action
         assert action.reason == expected.reason
@@ -354,7 +371,7 @@ def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
         while isinstance(
             action := plan(SPEC, counts, list(interfaces.values()), M5_LARGE, [NODE_SUBNET]), AllocationAction
         ):
-            held = interfaces[action.device_index].ipv4_addresses if not action.creates_interface else 1
+            held = interfaces[action.device_index].ipv4_count if not action.creates_interface else 1
             interfaces[action.device_index] = eni(action.device_index, ips=held + action.count)
             counts = replace(counts, available=counts.available + action.count)
         return action
@@ -364,7 +381,7 @@ def test_m5_large_grows_to_27_addresses_then_reports_at_capacity() -> None:
         assert counts.available > counts.used, "a pod found no free address"
         counts = replace(counts, used=counts.used + 1)
     assert counts == PoolCounts(available=27, used=25)
-    assert [i.ipv4_addresses for i in interfaces.values()] == [10, 10, 10]
+    assert [i.ipv4_count for i in interfaces.values()] == [10, 10, 10]
     assert run_worker() == NoAction(DeficitReason.AT_CAPACITY, "27 usable addresses, all attached")
 
 
@@ -386,22 +403,22 @@ def test_planner_imports_no_io_library() -> None:
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("surge,available,used,expected", [(0, 0, 0, 8), (5, 0, 0, 9), (20, 0, 0, 9)])
-def test_waiting_callers_are_added_to_the_deficit(surge: int, available: int, used: int, expected: int) -> None:
+@pytest.mark.parametrize("waiting,available,used,expected", [(0, 0, 0, 8), (5, 0, 0, 9), (20, 0, 0, 9)])
+def test_waiting_callers_are_added_to_the_deficit(waiting: int, available: int, used: int, expected: int) -> None:
     limits = InstanceLimits(max_interfaces=3, ipv4_per_interface=10)
-    eth0 = InterfaceState(id="eni-0", device_index=0, subnet_id="subnet-a", ipv4_addresses=1)
+    eth0 = NetworkInterface("eni-0", "02:00", 0, "subnet-a", "10.0.0.0/18", "10.0.0.10")
     subnet = Subnet(id="subnet-a", vpc_id="vpc", availability_zone="az", cidr="10.0.0.0/18", free_addresses=10_000)
-    action = plan(NodeSpec(), PoolCounts(available, used), [eth0], limits, [subnet], surge=surge)
+    action = plan(NodeSpec(), PoolCounts(available, used), [eth0], limits, [subnet], waiting_ipv4=waiting)
     assert isinstance(action, AllocationAction) and action.interface_id == "eni-0"
     assert action.count == expected
 
 
-def test_surge_never_passes_max_allocate() -> None:
+def test_waiting_callers_never_pass_max_allocate() -> None:
     limits = InstanceLimits(max_interfaces=3, ipv4_per_interface=10)
-    eth0 = InterfaceState(id="eni-0", device_index=0, subnet_id="subnet-a", ipv4_addresses=1)
+    eth0 = NetworkInterface("eni-0", "02:00", 0, "subnet-a", "10.0.0.0/18", "10.0.0.10")
     subnet = Subnet(id="subnet-a", vpc_id="vpc", availability_zone="az", cidr="10.0.0.0/18", free_addresses=10_000)
     spec = NodeSpec(watermarks=Watermarks(pre_allocate=0, max_allocate=4))
-    action = plan(spec, PoolCounts(4, 4), [eth0], limits, [subnet], surge=3)
+    action = plan(spec, PoolCounts(4, 4), [eth0], limits, [subnet], waiting_ipv4=3)
     assert isinstance(action, NoAction) and action.reason == DeficitReason.MAX_ALLOCATE
 
 
@@ -451,9 +468,10 @@ class FakePolicy:
         self.asked.append(("allocation", (wanted, tuple(tagged_security_groups))))
         return self.allocation
 
-    def prepare_release(self, spec: NodeSpec, interfaces: Any, excess: int, family: Family) -> ReleaseAction | NoAction:
-        free = {i.id: (i.free_ipv4 if family is Family.IPV4 else i.free_ipv6) for i in interfaces}
-        self.asked.append(("release", (excess, family, free)))
+    def prepare_release(
+        self, spec: NodeSpec, interfaces: Any, free: Any, excess: int, family: Family
+    ) -> ReleaseAction | NoAction:
+        self.asked.append(("release", (excess, family, {i.id: i.free_count(family, free) for i in interfaces})))
         return ReleaseAction("eni-0", "node", excess, family)
 
     def prepare_ipv6_allocation(
@@ -485,9 +503,7 @@ class DecideCase:
 
 
 DECIDE_CASES = {
-    "at the watermark: nothing, the policy not asked": DecideCase(
-        state(), NoAction(DeficitReason.NOTHING_NEEDED), ()
-    ),
+    "at the watermark: nothing, the policy not asked": DecideCase(state(), NoAction(DeficitReason.NOTHING_NEEDED), ()),
     "a deficit: where the policy says, for the deficit and the room above the watermark": DecideCase(
         state(spec=replace(SPEC, watermarks=Watermarks(max_above_watermark=2)), ipv4=PoolCounts(3, 0)),
         allocate_on(0, 1),
@@ -586,7 +602,9 @@ def test_decide_with_ec2_s_policy_fills_an_empty_node_then_stops() -> None:
             break
         added = tuple(f"10.0.1.{available + n}" for n in range(step.count))
         if step.creates_interface:
-            interfaces.append(NetworkInterface("eth1", "02:01", step.device_index, step.subnet_id, "", "10.0.2.1", added))
+            interfaces.append(
+                NetworkInterface("eth1", "02:01", step.device_index, step.subnet_id, "", "10.0.2.1", added)
+            )
         else:
             interfaces[0] = replace(interfaces[0], ipv4=interfaces[0].ipv4 + added)
         available += step.count
