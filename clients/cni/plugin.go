@@ -70,13 +70,16 @@ const giveBackTimeout = 5 * time.Second
 // succeeded but its result cannot be given (the plugin refuses it, or it does not convert), what
 // was allocated is released by the key before the error is answered: a failed ADD holds nothing.
 func Add(ctx context.Context, client ipamv1.AllocatorClient, s *Settings, key, owner, cniVersion string) (types.Result, error) {
-	reply, err := client.AllocateNext(ctx, &ipamv1.AllocateNextRequest{
+	request := &ipamv1.AllocateNextRequest{
 		Node:           s.Node,
 		Pool:           s.Pool,
 		Family:         wireFamily(s.Family),
 		Owner:          owner,
 		IdempotencyKey: key,
 		WaitForRefill:  true,
+	}
+	reply, err := retryKeyed(ctx, func(ctx context.Context) (*ipamv1.AllocateNextResponse, error) {
+		return client.AllocateNext(ctx, request)
 	})
 	if err != nil {
 		return nil, CNIError("add", err)
@@ -170,10 +173,13 @@ func cmdDel(args *skel.CmdArgs) error {
 	}
 	defer inv.close()
 	s := inv.settings
-	_, err = inv.client.ReleaseByKey(inv.ctx, &ipamv1.ReleaseByKeyRequest{
+	request := &ipamv1.ReleaseByKeyRequest{
 		Node:           s.Node,
 		Pool:           s.Pool,
 		IdempotencyKey: AttachmentKey(s.Network, args.ContainerID, args.IfName),
+	}
+	_, err = retryKeyed(inv.ctx, func(ctx context.Context) (*ipamv1.ReleaseResponse, error) {
+		return inv.client.ReleaseByKey(ctx, request)
 	})
 	if err != nil && !IsNotFound(err) { // an unknown node or pool holds nothing to release
 		return CNIError("del", err)
