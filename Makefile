@@ -16,7 +16,7 @@ PROTOC_GEN_GO_GRPC := $(GOBIN)/protoc-gen-go-grpc
 CNI_PLUGIN := $(GOBIN)/cni/ipam-cni
 CNI_GO_MODULE := ipam/clients/cni
 
-.PHONY: setup proto run test lint bench bench-scale bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
+.PHONY: setup proto run run-ha test lint bench bench-scale bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
 
 # Debian's packages, installed only when missing (apt-get update once, then install): redis-server,
 # and prometheus for promtool (it checks deploy/'s alert rules).
@@ -93,6 +93,11 @@ proto:
 
 run: setup
 	$(PY) -m dev.devcluster
+
+# The same with the ha profile: redis's replica and three Sentinels, the services through them
+# (deploy/ha.env). `kill -9` the primary and watch `ipamctl status` follow the new master.
+run-ha: setup
+	set -a && . deploy/ha.env && set +a && $(PY) -m dev.devcluster --profile ha
 
 test: cni-system setup cni $(CNITOOL)
 	cd clients/cni && CGO_ENABLED=0 go test -tags grpcnotrace ./...

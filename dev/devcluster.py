@@ -2,8 +2,8 @@
 
 docker-compose.yml is the one definition of the cluster. Natively each service runs the same
 command with the same settings; the only rewrites are those a single host needs:
-- a service's hostname (`redis:6379`) and `0.0.0.0` (with a port or alone) become 127.0.0.1 (nothing
-  listens beyond loopback);
+- a service's hostname (`redis:6379`, or `redis` followed by a port as its own argument) and
+  `0.0.0.0` (with a port or alone) become 127.0.0.1 (nothing listens beyond loopback);
 - ports can be remapped as a whole (`port_map`, used by tests to run beside a `make run`), or
   shifted by `--port-offset N` (env IPAM_DEV_PORT_OFFSET) to run a second cluster beside the first;
 - replica i of a service gets metrics port + 10 i (containers each have their own 9100), and
@@ -11,6 +11,9 @@ command with the same settings; the only rewrites are those a single host needs:
 - volumes become folders under var/ (a path under a volume's mount point moves with it), and
   Python entry points come from the virtualenv.
 Start order follows `depends_on` conditions, readiness the services' own health checks.
+Services of a profile run only with it (`--profile NAME`, or COMPOSE_PROFILES, as compose); a
+dependency with `required: false` on a service left out is dropped. A command's `$$` is compose's
+literal `$`.
 
 Lifecycle: a start whose ports are taken is refused (with the PID holding the port); SIGINT,
 SIGTERM, SIGHUP and a closed stdout stop every service (each in its own process group, and told
@@ -32,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,9 +106,13 @@ class Rewriter:
         out: list[str] = []
         for index, arg in enumerate(argv):
             arg = str(arg)
-            if index > 0 and argv[index - 1] in _PORT_FLAGS and arg.isdigit():
+            before = str(argv[index - 1]) if index > 0 else ""
+            after = str(argv[index + 1]) if index + 1 < len(argv) else ""
+            if arg.isdigit() and (before in _PORT_FLAGS or before in self.services):
                 arg = str(self.port(int(arg)))
             if arg == "0.0.0.0":  # a bind-address flag (`-H 0.0.0.0`): loopback only
+                arg = "127.0.0.1"
+            if arg in self.services and after.isdigit():  # `--replicaof redis 6379`
                 arg = "127.0.0.1"
             out.append(self.text(arg))
         return out
@@ -133,14 +140,16 @@ def native_services(
     data_dir: Path,
     port_map: Mapping[int, int] | None = None,
     port_offset: int = 0,
+    profiles: Collection[str] = (),
 ) -> list[NativeService]:
-    """The compose services, rewritten for one host, in start order."""
+    """The compose services of no profile or one of `profiles`, rewritten for one host, in start order."""
     services: dict[str, Any] = compose["services"]
     rewrite = Rewriter(set(services), port_map or {}, port_offset)
     variables = {**read_env_file(env_file), **os.environ}  # what compose interpolates ${VAR} from
+    active = {name for name, spec in services.items() if _active(spec, profiles)}
     result: list[NativeService] = []
     for name, spec in services.items():
-        if spec.get("profiles"):
+        if name not in active:
             continue  # opt-in services (the load profile) run by their own command (`make load`)
         env = read_env_file_list(spec.get("env_file"), env_file)  # only services that list it get .env
         mounts = _mounts(spec, data_dir / name)
@@ -150,7 +159,7 @@ def native_services(
                 for k, v in (spec.get("environment") or {}).items()
             }
         )
-        command = [_moved(arg, mounts) for arg in rewrite.argv(list(spec.get("command") or []))]
+        command = [_moved(arg.replace("$$", "$"), mounts) for arg in rewrite.argv(list(spec.get("command") or []))]
         if str(spec.get("image", "")).startswith("redis"):
             (data_dir / name).mkdir(parents=True, exist_ok=True)
             command += ["--dir", str(data_dir / name), "--bind", "127.0.0.1"]
@@ -163,6 +172,7 @@ def native_services(
             {
                 dep: (cond or {}).get("condition", "service_started")
                 for dep, cond in (spec.get("depends_on") or {}).items()
+                if dep in active or (cond or {}).get("required", True)
             }
             if isinstance(spec.get("depends_on"), dict)
             else {dep: "service_started" for dep in spec.get("depends_on") or []}
@@ -185,6 +195,16 @@ def native_services(
         service.ports = _ports(spec, rewrite, service.replica_env)
         result.append(service)
     return _start_order(result)
+
+
+def _active(spec: dict[str, Any], profiles: Collection[str]) -> bool:
+    """compose's rule: a service without profiles always runs, one with profiles when one is on."""
+    return not spec.get("profiles") or bool(set(spec["profiles"]) & set(profiles))
+
+
+def profiles_from_env() -> list[str]:
+    """COMPOSE_PROFILES, as compose reads it (comma-separated)."""
+    return [p.strip() for p in os.environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()]
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
@@ -562,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("IPAM_DEV_PORT_OFFSET", "0")),
         help="added to every port, to run beside another cluster (env IPAM_DEV_PORT_OFFSET; default 0)",
     )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=profiles_from_env(),
+        help="also run the services of this compose profile (repeatable; env COMPOSE_PROFILES), e.g. ha",
+    )
     args = parser.parse_args(argv)
     say = Output()
     env_file: Path = args.env_file
@@ -569,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(ROOT / ".env.example", env_file)
         say(f"wrote {env_file} from .env.example: change its tokens for anything but a demo")
     services = native_services(
-        load_compose(args.compose_file), env_file=env_file, data_dir=args.var / "data", port_offset=args.port_offset
+        load_compose(args.compose_file),
+        env_file=env_file,
+        data_dir=args.var / "data",
+        port_offset=args.port_offset,
+        profiles=args.profile,
     )
     cluster = NativeCluster(services, args.var / "log", say=say)
     state: dict[str, Any] = {"stop": None, "starting": True}
