@@ -69,8 +69,7 @@ class _Maintenance:
     allocated_ipv4: frozenset[str] | None = None  # from a Dump the decision asked for
     free_ipv6: frozenset[str] | None = None
     tagged_security_groups: tuple[str, ...] | None = None
-    ipv6_assign_tried: bool = False  # an IPv6 assign brought nothing
-    ipv6_release_tried: bool = False  # an IPv6 release found nothing to reserve
+    progress: planner.Progress = field(default_factory=planner.Progress)  # the way it went, what came back empty
     ambiguous_seen: bool = False  # a mutating call whose outcome is unknown was answered once already
     released_some: bool = False  # AddAddresses keeps the allocator's interface table; a release does not
 
@@ -147,15 +146,13 @@ class NodeMaintainer:
             return outcome
         steps = 0
         while steps < MAX_ROUNDS:
-            state = await self._read_state(m, outcome)
-            step = planner.decide(state, self.provider)
+            step = planner.decide(await self._read_state(m, outcome), self.provider)
             if isinstance(step, planner.NoAction):
                 outcome.reason, outcome.detail = step.reason, step.detail
                 break
             if not isinstance(step, planner.ReadPool | planner.ReadSecurityGroups):
                 steps += 1  # a read asked for is answered once (it fills the state): not a step
-            if not await self._apply(m, step, outcome):
-                break
+            await self._apply(m, step, outcome)
         await self._report(m.node, m.interfaces if m.released_some else None, outcome)
         outcome.seconds = time.perf_counter() - started
         if outcome.assigned:
@@ -241,9 +238,7 @@ class NodeMaintainer:
                 interfaces = await self._cloud(outcome, self.provider.list_interfaces, m.instance.id)
                 self.view.put_interfaces(m.instance.id, interfaces)
             m.first_read = None
-            m.node, interfaces = await self._reconcile(
-                m.node, m.pool, interfaces, m.limits, m.cidrs, m.settle_reservations, outcome
-            )
+            interfaces = await self._reconcile(m, interfaces, outcome)
             for interface in interfaces:
                 self.view.put_interface(m.instance.id, interface)
             m.interfaces = interfaces
@@ -269,68 +264,40 @@ class NodeMaintainer:
             waiting_ipv6=stats.waiting_ipv6,
             allocated_ipv4=m.allocated_ipv4,
             free_ipv6=m.free_ipv6,
-            ipv6_assign_tried=m.ipv6_assign_tried,
-            ipv6_release_tried=m.ipv6_release_tried,
             tagged_security_groups=m.tagged_security_groups,
+            progress=m.progress,
         )
 
-    async def _apply(self, m: _Maintenance, step: planner.Step, outcome: Outcome) -> bool:
-        """Carries out one step; False when the maintenance ends here (`outcome.reason` says why)."""
+    async def _apply(self, m: _Maintenance, step: planner.Step, outcome: Outcome) -> None:
+        """Carries out one step, its answer kept in the maintenance. A refusal the cloud explains
+        (a full subnet, a limit, an answer lost once) is kept too: the next decision goes round it."""
         name = m.node.name
-        assert m.interfaces is not None and m.subnets is not None  # _read_state read them
-        if isinstance(step, planner.ReadPool):
-            dump = await self.allocator.dump(name)
-            m.allocated_ipv4, m.free_ipv6 = dump.allocated_ipv4, dump.free_ipv6
-            return True
-        if isinstance(step, planner.ReadSecurityGroups):
-            m.tagged_security_groups = await self._tagged_security_groups(m.node.config, m.instance, outcome)
-            return True
-        if isinstance(step, planner.AssignIPv6):
-            updated = await self._assign_ipv6(m.node, step, outcome)
-            if updated is None:
-                m.ipv6_assign_tried = True
-                return True
-            self._replace_interface(m, updated)
-            m.node = await self.allocator.get_node(name)
-            return True
-        if isinstance(step, planner.ReleaseAction) and step.family is Family.IPV6:
-            released = await self._release(m.node, step, outcome, self._interface(m, step.interface_id))
-            m.allocated_ipv4 = m.free_ipv6 = None
-            if released is None:
-                m.ipv6_release_tried = True
-                return True
-            self._replace_interface(m, released)
-            m.released_some = True
-            m.node = await self.allocator.get_node(name)
-            return True
-        after: PoolNode | None = None
         try:
-            if isinstance(step, planner.AllocationAction):
-                updated, after = await self._allocate(
-                    m.node, m.instance, m.cidrs, step, outcome, self._interface(m, step.interface_id)
-                )
-                spent = step.count + (1 if step.creates_interface else 0)  # a new interface's primary too
-                m.subnets = [
-                    replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == step.subnet_id else s
-                    for s in m.subnets
-                ]
-                self.view.spend(step.subnet_id, spent)
-            else:
-                released = await self._release(m.node, step, outcome, self._interface(m, step.interface_id))
-                m.allocated_ipv4 = m.free_ipv6 = None
-                if released is None:
-                    outcome.reason = DeficitReason.NOTHING_RELEASABLE
-                    return False
-                updated, m.released_some = released, True
-            self._replace_interface(m, updated)
+            match step:
+                case planner.ReadPool():
+                    pool = await self.allocator.dump(name)
+                    m.allocated_ipv4, m.free_ipv6 = pool.allocated_ipv4, pool.free_ipv6
+                case planner.ReadSecurityGroups():
+                    m.tagged_security_groups = await self._tagged_security_groups(m.node.config, m.instance, outcome)
+                case planner.AssignIPv6():
+                    await self._assign_ipv6(m, step, outcome)
+                case planner.AllocationAction():
+                    await self._allocate(m, step, outcome)
+                case planner.ReleaseAction():
+                    await self._give_back(m, step, outcome)
         except SubnetFull as exc:
+            if not isinstance(step, planner.AllocationAction):
+                raise
             log.info("node %s: subnet %s is full (%s); trying the next one", name, step.subnet_id, exc)
             m.full_subnets.add(step.subnet_id)
             m.subnets = None
+            m.node = await self.allocator.get_node(name)
         except LimitExceeded as exc:
+            if not isinstance(step, planner.AllocationAction | planner.ReleaseAction):
+                raise
             log.info("node %s: the cloud refused (%s); reading the truth again", name, exc)
-            self.view.forget(m.instance.id)
-            m.interfaces = m.subnets = None
+            self._read_again(m)
+            m.node = await self.allocator.get_node(name)
         except Transient as exc:
             # An assign or a create that failed this way may still have been carried out: read the
             # truth again (reconciling adds what is there) before deciding, once per maintenance.
@@ -338,10 +305,13 @@ class NodeMaintainer:
                 raise
             m.ambiguous_seen = True
             log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
-            self.view.forget(m.instance.id)
-            m.interfaces = m.subnets = None
-        m.node = after if after is not None else await self.allocator.get_node(name)
-        return True
+            self._read_again(m)
+            m.node = await self.allocator.get_node(name)
+
+    def _read_again(self, m: _Maintenance) -> None:
+        """The next decision reads the instance's interfaces and the subnets again."""
+        self.view.forget(m.instance.id)
+        m.interfaces = m.subnets = None
 
     @staticmethod
     def _interface(m: _Maintenance, interface_id: str) -> NetworkInterface | None:
@@ -412,32 +382,42 @@ class NodeMaintainer:
         return subnets
 
     async def _reconcile(
-        self,
-        node: PoolNode,
-        pool: PoolAddresses | None,
-        interfaces: list[NetworkInterface],
-        limits: InstanceLimits,
-        cidrs: list[str],
-        settle_reservations: bool,
-        outcome: Outcome,
-    ) -> tuple[PoolNode, list[NetworkInterface]]:
-        """Makes the allocator's pool match what the cloud holds; returns the node read afterwards
-        and the interfaces as they are now. `pool`: the pool's Dump, when already read."""
-        name, first = node.name, node.config.first_interface_index
-        current: list[NetworkInterface] = []
+        self, m: _Maintenance, interfaces: list[NetworkInterface], outcome: Outcome
+    ) -> list[NetworkInterface]:
+        """Makes the allocator's pool match what the cloud holds, in four phases: adopt what the
+        cloud holds and the pool does not, drop what the pool holds and the cloud does not, settle
+        stale reservations (on a resync), then give the allocator the interface table. Returns the
+        interfaces as they are now; `m.node` is the node afterwards."""
+        node, first = m.node, m.node.config.first_interface_index
         # What the pool holds, not the allocator's interface table: the table lists every address an
         # interface held when it was last reported, also those a crashed worker never added.
-        dump = pool if pool is not None else await self.allocator.dump(name)
-        reserved = node.reserved
-        known = dump.held | reserved
-        in_cloud: set[str] = set()
+        pool = m.pool if m.pool is not None else await self.allocator.dump(node.name)
+        known = pool.held | node.reserved
+        current, added = await self._adopt(m, interfaces, known, outcome)
+        in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.ipv4, *i.ipv6)}
+        gone = await self._drop_gone(node.name, sorted(known - in_cloud - node.reserved))
+        settled = await self._settle_reservations(node, in_cloud) if m.settle_reservations else False
+        table_changed = await self._report_table(m, current)
+        if table_changed or added or gone or settled:
+            m.node = await self.allocator.get_node(node.name)
+        return current
+
+    async def _adopt(
+        self, m: _Maintenance, interfaces: list[NetworkInterface], known: set[str] | frozenset[str], outcome: Outcome
+    ) -> tuple[list[NetworkInterface], bool]:
+        """Hands the allocator what the cloud holds and the pool does not know (what a crashed
+        worker assigned and never added); a duplicate or a conflict is given back first. Returns
+        the interfaces as they are now, and whether any was added."""
+        name, first = m.node.name, m.node.config.first_interface_index
+        reported = {i.id for i in m.node.interfaces}
+        current: list[NetworkInterface] = []
+        seen: set[str] = set()  # addresses of the interfaces before this one
         added = False
         for interface in interfaces:
             if interface.device_index < first:
                 current.append(interface)
                 continue  # interfaces below first_interface_index are not the pool's
-            held = [*interface.ipv4, *interface.ipv6]
-            also_earlier = sorted({ip for ip in held if ip in in_cloud})
+            also_earlier = sorted({ip for ip in (*interface.ipv4, *interface.ipv6) if ip in seen})
             if also_earlier and self.check_conflicts:
                 # The cloud gave this interface an address an earlier one of the node holds (a worker
                 # died before its own check): the earlier copy stays, this one is given back.
@@ -449,16 +429,14 @@ class NodeMaintainer:
                 )
                 changed = await self._cloud(outcome, self.provider.unassign_addresses, interface.id, also_earlier)
                 interface = changed.interface
-                held = [*interface.ipv4, *interface.ipv6]
-            missing = [ip for ip in held if ip not in known]
+            missing = [ip for ip in (*interface.ipv4, *interface.ipv6) if ip not in known]
             if missing and self.check_conflicts:  # e.g. left by a worker that died before its own check
                 interface, missing = await self._give_back_conflicts(name, interface, missing, outcome)
-                held = [*interface.ipv4, *interface.ipv6]
             current.append(interface)
-            in_cloud.update(held)
-            if missing or interface.id not in {i.id for i in node.interfaces}:
+            seen.update((*interface.ipv4, *interface.ipv6))
+            if missing or interface.id not in reported:
                 added = True
-                await self.allocator.add_addresses(name, interface, missing, vpc_cidrs=cidrs, limits=limits)
+                await self.allocator.add_addresses(name, interface, missing, vpc_cidrs=m.cidrs, limits=m.limits)
                 if missing:
                     log.info(
                         "node %s: %d address(es) on %s found in the cloud, added to the pool",
@@ -466,26 +444,33 @@ class NodeMaintainer:
                         len(missing),
                         interface.id,
                     )
-        gone = sorted(known - in_cloud - reserved)
-        if gone:
-            newly_lost = await self.allocator.remove_addresses(name, gone)
-            if newly_lost:
-                # Their owners keep them (the node's status counts them), but none is handed out again.
-                self.metrics.addresses_lost.inc(len(newly_lost))
-                log.warning("node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(newly_lost))
-        settled = await self._settle_reservations(node, in_cloud) if settle_reservations else False
-        table = _allocator_interfaces(current, first)
-        same_table = _comparable(table) == _comparable(node.interfaces) and (
-            node.limits.max_interfaces,
-            node.limits.ipv4_per_interface,
-        ) == (limits.max_interfaces, limits.ipv4_per_interface)
-        if same_table and not (added or gone or settled):
-            return node, current  # the allocator already agrees with the cloud
-        if not same_table:
-            await self.allocator.set_interfaces(
-                name, table, vpc_cidrs=cidrs, limits=limits, deficit_reason=node.stats.deficit_reason
-            )
-        return await self.allocator.get_node(name), current
+        return current, added
+
+    async def _drop_gone(self, name: str, gone: list[str]) -> bool:
+        """Addresses the pool holds and the cloud no longer does leave the pool (allocated ones are
+        marked lost). True when there were any."""
+        if not gone:
+            return False
+        newly_lost = await self.allocator.remove_addresses(name, gone)
+        if newly_lost:
+            # Their owners keep them (the node's status counts them), but none is handed out again.
+            self.metrics.addresses_lost.inc(len(newly_lost))
+            log.warning("node %s: %s allocated but gone from the cloud: marked lost", name, ", ".join(newly_lost))
+        return True
+
+    async def _report_table(self, m: _Maintenance, interfaces: list[NetworkInterface]) -> bool:
+        """Gives the allocator the interface table and the instance's limits when they differ from
+        what it holds; True when they did."""
+        node = m.node
+        table = _allocator_interfaces(interfaces, node.config.first_interface_index)
+        limits = (m.limits.max_interfaces, m.limits.ipv4_per_interface)
+        reported = (node.limits.max_interfaces, node.limits.ipv4_per_interface)
+        if _comparable(table) == _comparable(node.interfaces) and reported == limits:
+            return False
+        await self.allocator.set_interfaces(
+            node.name, table, vpc_cidrs=m.cidrs, limits=m.limits, deficit_reason=node.stats.deficit_reason
+        )
+        return True
 
     async def _give_back_conflicts(
         self, name: str, interface: NetworkInterface, ips: list[str], outcome: Outcome
@@ -536,18 +521,10 @@ class NodeMaintainer:
             await self.allocator.abort_release(name, reservation_id)
         return gone
 
-    async def _allocate(
-        self,
-        node: PoolNode,
-        instance: Instance,
-        cidrs: list[str],
-        action: planner.AllocationAction,
-        outcome: Outcome,
-        known: NetworkInterface | None,
-    ) -> tuple[NetworkInterface, PoolNode]:
-        """Assigns on an interface (`known`: as last read) or creates one; returns the interface as the
-        cloud holds it now and the node as the allocator holds it afterwards."""
-        name = node.name
+    async def _allocate(self, m: _Maintenance, action: planner.AllocationAction, outcome: Outcome) -> None:
+        """Assigns IPv4 addresses on an interface or creates one, and hands them to the allocator;
+        the subnet's free count is spent by what it gave."""
+        name = m.node.name
         kind = "create" if action.creates_interface else "allocate"
         started = time.perf_counter()
         status = "error"
@@ -556,7 +533,7 @@ class NodeMaintainer:
                 interface = await self._cloud(
                     outcome,
                     self.provider.create_interface,
-                    instance_id=instance.id,
+                    instance_id=m.instance.id,
                     node=name,
                     subnet_id=action.subnet_id,
                     security_group_ids=action.security_group_ids,
@@ -566,18 +543,18 @@ class NodeMaintainer:
                 added = list(interface.ipv4)
                 outcome.interfaces_created += 1
             else:
+                known = self._interface(m, action.interface_id)
                 change = await self._cloud(
                     outcome, self.provider.assign_addresses, action.interface_id, action.count, known=known
                 )
                 interface, added = change.interface, list(change.addresses)
             if added:
                 interface, added = await self._give_back_conflicts(name, interface, added, outcome)
-            after = await self.allocator.add_addresses(name, interface, added, vpc_cidrs=cidrs)
+            m.node = await self.allocator.add_addresses(name, interface, added, vpc_cidrs=m.cidrs)
             status = "success"
             outcome.assigned += len(added)
             outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
-            return interface, after
         except ProviderError:
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
             raise
@@ -585,6 +562,27 @@ class NodeMaintainer:
             if action.creates_interface:
                 self.metrics.interface_creation_ops.labels(action.subnet_id, status).inc()
             self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
+        spent = action.count + (1 if action.creates_interface else 0)  # a new interface's primary too
+        assert m.subnets is not None  # read before the decision
+        m.subnets = [
+            replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
+            for s in m.subnets
+        ]
+        self.view.spend(action.subnet_id, spent)
+        self._replace_interface(m, interface)
+        m.progress = planner.advance(m.progress, action, moved=True)
+
+    async def _give_back(self, m: _Maintenance, action: planner.ReleaseAction, outcome: Outcome) -> None:
+        """Gives free addresses of either family back to the cloud (`_release`); the pool's free
+        addresses are read again before the next release."""
+        released = await self._release(m.node, action, outcome, self._interface(m, action.interface_id))
+        m.allocated_ipv4 = m.free_ipv6 = None
+        m.progress = planner.advance(m.progress, action, moved=released is not None)
+        if released is None:
+            return
+        self._replace_interface(m, released)
+        m.released_some = True
+        m.node = await self.allocator.get_node(m.node.name)
 
     async def _release(
         self,
@@ -660,13 +658,15 @@ class NodeMaintainer:
             len(reservation.ips),
         )
 
-    async def _assign_ipv6(self, node: PoolNode, step: planner.AssignIPv6, outcome: Outcome) -> NetworkInterface | None:
-        """Assigns IPv6 addresses as the policy chose; the interface as it is now, None when the
-        cloud gave none."""
+    async def _assign_ipv6(self, m: _Maintenance, step: planner.AssignIPv6, outcome: Outcome) -> None:
+        """Assigns IPv6 addresses as the policy chose and hands them to the allocator."""
         change = await self._cloud(outcome, self.provider.assign_addresses, step.interface_id, step.count, Family.IPV6)
-        await self.allocator.add_addresses(node.name, change.interface, change.addresses)
+        node = await self.allocator.add_addresses(m.node.name, change.interface, change.addresses)
         outcome.assigned += len(change.addresses)
-        return change.interface if change.addresses else None
+        m.progress = planner.advance(m.progress, step, moved=bool(change.addresses))
+        if change.addresses:
+            self._replace_interface(m, change.interface)
+            m.node = node
 
     async def _report(self, node: PoolNode, interfaces: list[NetworkInterface] | None, outcome: Outcome) -> None:
         """Tells the allocator the interfaces as they are now (when they changed), why a deficit

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from services.cloudworker.model import (
     Action,
@@ -39,15 +40,18 @@ __all__ = [
     "Action",
     "AllocationAction",
     "AssignIPv6",
+    "Direction",
     "NoAction",
     "NodeSpec",
     "NodeState",
     "PoolCounts",
+    "Progress",
     "ReadPool",
     "ReadSecurityGroups",
     "ReleaseAction",
     "Step",
     "Watermarks",
+    "advance",
     "decide",
     "plan",
     "plan_ipv6_release",
@@ -66,6 +70,38 @@ class ReadSecurityGroups:
 
 
 Step = ReadPool | ReadSecurityGroups | AssignIPv6 | AllocationAction | ReleaseAction | NoAction
+
+
+class Direction(Enum):
+    """The way a maintenance goes, set by its first step that moved addresses."""
+
+    REFILL = "refilled"
+    GIVE_BACK = "gave back"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a maintenance has done so far, as far as its next decision goes: the way it went (it
+    refills or gives back, never both: what the other way needs waits for the next maintenance),
+    and the families whose assign or release came back empty (not tried again)."""
+
+    direction: Direction | None = None
+    nothing_assigned: frozenset[Family] = frozenset()
+    nothing_reserved: frozenset[Family] = frozenset()
+
+
+def advance(progress: Progress, step: Step, moved: bool) -> Progress:
+    """The progress after `step` was carried out; `moved`: whether it moved any address."""
+    match step:
+        case AssignIPv6() | AllocationAction() if moved:
+            return replace(progress, direction=Direction.REFILL)
+        case AssignIPv6():
+            return replace(progress, nothing_assigned=progress.nothing_assigned | {Family.IPV6})
+        case ReleaseAction() if moved:
+            return replace(progress, direction=Direction.GIVE_BACK)
+        case ReleaseAction(family=family):
+            return replace(progress, nothing_reserved=progress.nothing_reserved | {family})
+    return progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,35 +124,59 @@ class NodeState:
     waiting_ipv6: int = 0
     allocated_ipv4: frozenset[str] | None = None  # from the pool's Dump; None = not read
     free_ipv6: frozenset[str] | None = None
-    ipv6_assign_tried: bool = False  # an IPv6 assign brought nothing
-    ipv6_release_tried: bool = False  # a release of IPv6 found nothing to reserve
     tagged_security_groups: tuple[str, ...] | None = None  # those carrying the spec's tags; None = not read
+    progress: Progress = field(default_factory=Progress)
 
 
 def decide(state: NodeState, policy: CloudPolicy) -> Step:
     """The one next step for the node: IPv6 assigned where there is room, IPv6 excess given back,
-    then the IPv4 step of `plan`."""
+    then the IPv4 step of `plan`; never a refill once the maintenance gave back, nor the reverse."""
+    direction = state.progress.direction
+    if direction is not Direction.GIVE_BACK and (assign := _ipv6_assign(state, policy)) is not None:
+        return assign
+    if direction is not Direction.REFILL and (release := _ipv6_release(state, policy)) is not None:
+        return release
+    step = _ipv4_step(state, policy)
+    turning = (isinstance(step, AllocationAction | ReadSecurityGroups) and direction is Direction.GIVE_BACK) or (
+        isinstance(step, ReleaseAction | ReadPool) and direction is Direction.REFILL
+    )
+    if turning:
+        return NoAction(
+            DeficitReason.OTHER_WAY_NEXT, f"this maintenance {direction.value}: the other way is the next's"
+        )
+    return step
+
+
+def _ipv6_assign(state: NodeState, policy: CloudPolicy) -> AssignIPv6 | None:
+    """IPv6 addresses where the policy finds room, for the deficit and the callers waiting."""
+    wanted = state.needed_ipv6 + state.waiting_ipv6  # IPv6 waiters are its surge
+    if not state.ipv6_enabled or wanted <= 0 or Family.IPV6 in state.progress.nothing_assigned:
+        return None
+    return policy.prepare_ipv6_allocation(state.spec, state.interfaces, state.limits, wanted)
+
+
+def _ipv6_release(state: NodeState, policy: CloudPolicy) -> ReadPool | ReleaseAction | None:
+    """IPv6's excess given back: with release_excess, or all that is free once IPv6 is switched off."""
     spec = state.spec
-    wanted_ipv6 = state.needed_ipv6 + state.waiting_ipv6  # IPv6 waiters are its surge
-    if state.ipv6_enabled and wanted_ipv6 > 0 and not state.ipv6_assign_tried:
-        assign = policy.prepare_ipv6_allocation(spec, state.interfaces, state.limits, wanted_ipv6)
-        if assign is not None:
-            return assign
-    # IPv6 switched off: every free IPv6 address goes back, release_excess or not.
-    gives_back_ipv6 = spec.release_excess or not state.ipv6_enabled
-    if gives_back_ipv6 and state.excess_ipv6 > 0 and not state.ipv6_release_tried:
-        if state.free_ipv6 is None:
-            return ReadPool()
-        ipv6_spec = spec
-        if not state.ipv6_enabled:  # switched off: nothing is kept free
-            ipv6_spec = replace(spec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
-        attached = [i for i in state.interfaces if i.device_index >= 0]
-        release = plan_ipv6_release(ipv6_spec, state.ipv6, attached, state.free_ipv6, policy=policy)
-        if isinstance(release, ReleaseAction):
-            return release
+    gives_back = spec.release_excess or not state.ipv6_enabled
+    if not gives_back or state.excess_ipv6 <= 0 or Family.IPV6 in state.progress.nothing_reserved:
+        return None
+    if state.free_ipv6 is None:
+        return ReadPool()
+    if not state.ipv6_enabled:  # switched off: nothing is kept free
+        spec = replace(spec, watermarks=Watermarks(pre_allocate=0), release_excess=True)
+    attached = [i for i in state.interfaces if i.device_index >= 0]
+    release = plan_ipv6_release(spec, state.ipv6, attached, state.free_ipv6, policy=policy)
+    return release if isinstance(release, ReleaseAction) else None
+
+
+def _ipv4_step(state: NodeState, policy: CloudPolicy) -> Step:
+    """IPv4's step of `plan`, after the reads it needs."""
+    spec = state.spec
     # Which addresses of an interface are free matters only to a release: read them only then.
     releasing = spec.release_excess and state.excess_ipv4 > 0 and state.needed_ipv4 <= 0
-    if releasing and state.allocated_ipv4 is None:
+    exhausted = Family.IPV4 in state.progress.nothing_reserved
+    if releasing and state.allocated_ipv4 is None and not exhausted:
         return ReadPool()
     attached = [i for i in state.interfaces if i.device_index >= 0]
     allocated = state.allocated_ipv4 if releasing and state.allocated_ipv4 is not None else frozenset()
@@ -131,6 +191,8 @@ def decide(state: NodeState, policy: CloudPolicy) -> Step:
         tagged_security_groups=state.tagged_security_groups or (),
         free_ipv4=frozenset(a for i in attached for a in i.ipv4 if a not in allocated),
     )
+    if isinstance(action, ReleaseAction) and exhausted:
+        return NoAction(DeficitReason.NOTHING_RELEASABLE, "a release found nothing to reserve")
     if (
         isinstance(action, AllocationAction)
         and action.creates_interface

@@ -23,6 +23,8 @@ class DeficitReason(StrEnum):
     INSTANCE_TYPE_UNKNOWN = "instance-type-unknown"
     NOTHING_NEEDED = "nothing-needed"
     NOTHING_RELEASABLE = "nothing-releasable"  # excess, but no interface holds a free address
+    # A maintenance refills or gives back, never both: what the other way needs waits for the next one.
+    OTHER_WAY_NEXT = "other-way-next"
     NO_INSTANCE = "no-instance"  # the node's spec names no instance id or type yet
     # The maintainer's, when the cloud does not know the spec's instance id (InvalidInstanceID.NotFound).
     INSTANCE_NOT_FOUND = "instance-not-found"

@@ -16,15 +16,18 @@ from services.cloudworker.planner import (
     Action,
     AllocationAction,
     AssignIPv6,
+    Direction,
     NoAction,
     NodeSpec,
     NodeState,
     PoolCounts,
+    Progress,
     ReadPool,
     ReadSecurityGroups,
     ReleaseAction,
     Step,
     Watermarks,
+    advance,
     decide,
     security_groups_by_tags,
 )
@@ -546,7 +549,12 @@ DECIDE_CASES = {
         (("ipv6", (8,)), ("allocation", (8, ()))),
     ),
     "an IPv6 assign brought nothing in this maintenance: not asked again": DecideCase(
-        state(ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8, ipv6_assign_tried=True),
+        state(
+            ipv4=PoolCounts(0, 0),
+            ipv6_enabled=True,
+            needed_ipv6=8,
+            progress=Progress(nothing_assigned=frozenset({Family.IPV6})),
+        ),
         allocate_on(0, 1),
         (("allocation", (8, ())),),
         FakePolicy(ipv6=AssignIPv6("eni-0", 8)),
@@ -560,7 +568,12 @@ DECIDE_CASES = {
         (("release", (2, Family.IPV6, {"eni-0": 1})),),
     ),
     "an IPv6 release found nothing to reserve: IPv4's step": DecideCase(
-        state(ipv6=PoolCounts(3, 1), excess_ipv6=2, free_ipv6=frozenset(), ipv6_release_tried=True),
+        state(
+            ipv6=PoolCounts(3, 1),
+            excess_ipv6=2,
+            free_ipv6=frozenset(),
+            progress=Progress(nothing_reserved=frozenset({Family.IPV6})),
+        ),
         NoAction(DeficitReason.NOTHING_NEEDED),
         (),
     ),
@@ -575,6 +588,47 @@ DECIDE_CASES = {
         NEW_INTERFACE,
         (("allocation", (8, ("sg-pods",))),),
         FakePolicy(allocation=NEW_INTERFACE),
+    ),
+    # A maintenance decides once: it refills or gives back, never both on one node (a release and
+    # then an allocation on the same interface is two mutating calls for nothing).
+    "gave back in this maintenance, a deficit since: left for the next maintenance": DecideCase(
+        state(spec=RELEASING, ipv4=PoolCounts(0, 0), needed_ipv4=8, progress=Progress(Direction.GIVE_BACK)),
+        NoAction(DeficitReason.OTHER_WAY_NEXT),
+        (("allocation", (8, ())),),
+    ),
+    "gave back in this maintenance: no IPv6 assigned either": DecideCase(
+        state(ipv6_enabled=True, needed_ipv6=8, progress=Progress(Direction.GIVE_BACK)),
+        NoAction(DeficitReason.NOTHING_NEEDED),
+        (),
+        FakePolicy(ipv6=AssignIPv6("eni-0", 8)),
+    ),
+    "refilled in this maintenance, an excess since: nothing given back, the pool not read": DecideCase(
+        state(spec=RELEASING, ipv4=PoolCounts(20, 0), excess_ipv4=12, progress=Progress(Direction.REFILL)),
+        NoAction(DeficitReason.OTHER_WAY_NEXT),
+        (),
+    ),
+    "refilled in this maintenance: no IPv6 given back either": DecideCase(
+        state(
+            spec=RELEASING,
+            ipv6_enabled=True,
+            ipv6=PoolCounts(20, 0),
+            excess_ipv6=12,
+            interfaces=(ENI0_V6,),
+            free_ipv6=frozenset(ENI0_V6.ipv6),
+            progress=Progress(Direction.REFILL),
+        ),
+        NoAction(DeficitReason.NOTHING_NEEDED),
+        (),
+    ),
+    "a release found nothing to reserve: nothing releasable, the pool not read again": DecideCase(
+        state(
+            spec=RELEASING,
+            ipv4=PoolCounts(20, 0),
+            excess_ipv4=12,
+            progress=Progress(nothing_reserved=frozenset({Family.IPV4})),
+        ),
+        NoAction(DeficitReason.NOTHING_RELEASABLE),
+        (("release", (12, Family.IPV4, {"eni-0": 2})),),
     ),
     "an existing interface with groups by tags: nothing to read": DecideCase(
         state(spec=TAGGED, ipv4=PoolCounts(0, 0)), allocate_on(0, 1), (("allocation", (8, ())),)
@@ -610,3 +664,18 @@ def test_decide_with_ec2_s_policy_fills_an_empty_node_then_stops() -> None:
         available += step.count
     assert step == NoAction(DeficitReason.NOTHING_NEEDED)
     assert available == 8 and len(interfaces) == 1  # 9 free slots on an m5.large's eth0: no new interface
+
+
+@pytest.mark.parametrize(
+    "step,moved,expected",
+    [
+        (allocate_on(0, 1), True, Progress(Direction.REFILL)),
+        (AssignIPv6("eni-0", 4), True, Progress(Direction.REFILL)),
+        (AssignIPv6("eni-0", 4), False, Progress(nothing_assigned=frozenset({Family.IPV6}))),
+        (ReleaseAction("eni-0", "node", 2, Family.IPV6), True, Progress(Direction.GIVE_BACK)),
+        (ReleaseAction("eni-0", "node", 2), False, Progress(nothing_reserved=frozenset({Family.IPV4}))),
+        (ReadPool(), False, Progress()),
+    ],
+)
+def test_a_step_carried_out_advances_the_progress(step: Step, moved: bool, expected: Progress) -> None:
+    assert advance(Progress(), step, moved) == expected
