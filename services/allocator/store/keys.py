@@ -4,6 +4,8 @@ touches too are in `services.core.contract`."""
 
 from __future__ import annotations
 
+import functools
+
 from services.core.contract import node_key, node_prefix, pending_event_key
 
 NODES_KEY = "ipam:nodes"  # set of node names (its own slot; written outside pool scripts)
@@ -25,10 +27,12 @@ def interface_info_key(node: str) -> str:
     return f"{node_prefix(node)}:ifinfo"
 
 
-def pool_keys(node: str, pool: str) -> list[str]:
-    """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them."""
+@functools.lru_cache(maxsize=4096)
+def pool_keys(node: str, pool: str) -> tuple[str, ...]:
+    """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them (kept for the
+    pools in use: every call of a pool passes the same 20 names)."""
     p = f"{node_prefix(node)}:{pool}"
-    return [
+    return (
         node_key(node),
         pools_key(node),
         interfaces_key(node),
@@ -49,7 +53,7 @@ def pool_keys(node: str, pool: str) -> list[str]:
         interface_info_key(node),
         f"{p}:waiting",
         f"{p}:lost",
-    ]
+    )
 
 
 def pool_key(node: str, pool: str, name: str) -> str:

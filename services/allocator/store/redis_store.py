@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -87,8 +88,9 @@ CALL_KEY_PREFIX = "\x1fcall-"
 
 
 def call_key() -> str:
-    """A key of the allocator's own for one call made without an idempotency key."""
-    return f"{CALL_KEY_PREFIX}{uuid.uuid4().hex}"
+    """A key of the allocator's own for one call made without an idempotency key (128 random bits,
+    as a uuid4's hex, without building the UUID)."""
+    return CALL_KEY_PREFIX + os.urandom(16).hex()
 
 
 # Why a pool is empty, by its error reason (the end of the message).
@@ -322,13 +324,16 @@ class RedisStore:
         left = scope.deadline - time.monotonic() - DEADLINE_MARGIN_S
         return (left, True) if left < self.timeout_s else (self.timeout_s, False)
 
-    async def call(self, op: Callable[[], Awaitable[T]], *, change: bool = False, exact: bool = False) -> T:
+    async def call(
+        self, op: Callable[[], Awaitable[T]], *, change: bool = False, exact: bool = False, bounded: bool = False
+    ) -> T:
         """Runs one Redis operation within the caller's deadline.
 
         An unreachable or not-ready Redis becomes `Unavailable` ("nothing happened"), except for a
         `change` that may have reached Redis: that becomes `OutcomeUnknown`. Through redis-py a
         timeout or a broken connection may come after the command was written, so a change failing
-        there is `OutcomeUnknown`; an `exact` operation (the pipelined connection) tells the two apart."""
+        there is `OutcomeUnknown`; an `exact` operation (the pipelined connection) tells the two apart.
+        A `bounded` operation ends its own wait by the caller's deadline (no timer is set here)."""
         budget, by_deadline = self._budget()
         if budget <= 0:
             raise self._unavailable(
@@ -336,7 +341,9 @@ class RedisStore:
                 "again): nothing was changed"
             )
         try:
-            async with asyncio.timeout(budget if by_deadline else None):
+            if bounded or not by_deadline:
+                return await op()
+            async with asyncio.timeout(budget):
                 return await op()
         except NotReplicatedError as exc:
             if change:
@@ -382,8 +389,12 @@ class RedisStore:
         change = script not in _READ_ONLY
         replicate = change and self.min_replicas > 0
         if self._pipelined is not None:
+            # The pipelined connection bounds its own wait by the caller's deadline.
             raw = await self.call(
-                lambda: self._eval_pipelined(runner, pool_keys, argv, replicate), change=change, exact=True
+                lambda: self._eval_pipelined(runner, pool_keys, argv, replicate),
+                change=change,
+                exact=True,
+                bounded=True,
             )
         elif replicate:
             raw = await self.call(lambda: self._eval_replicated(runner, pool_keys, argv), change=change)

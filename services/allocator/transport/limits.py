@@ -39,6 +39,9 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         self._malformed = to_status(
             InvalidArgument("the request does not decode as the method's message", reason=ErrorReason.MALFORMED_REQUEST)
         )
+        # Per method, the handler last seen and its guarded form: the server hands out the same handler
+        # object for every call of a method, so the guarded one is built once, not on every call.
+        self._guarded_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -48,12 +51,18 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming calls (health Watch, reflection) as they are
-        limited = self.max_in_flight > 0 and (details.method or "").startswith(LIMITED_PREFIX)
-        return grpc.unary_unary_rpc_method_handler(
+        method = details.method or ""
+        cached = self._guarded_handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        limited = self.max_in_flight > 0 and method.startswith(LIMITED_PREFIX)
+        guarded = grpc.unary_unary_rpc_method_handler(
             self._guarded(handler.unary_unary, limited),
             request_deserializer=_guarded_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+        self._guarded_handlers[method] = (handler, guarded)
+        return guarded
 
     def _guarded(self, behaviour: Callable[..., Any], limited: bool) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
