@@ -127,10 +127,11 @@ class AllocatorService:
         return [family]
 
     async def publish_if_needed(
-        self, node: str, pool: str, state: PoolState, *, skip_sync_upstream: bool = False
+        self, node: str, pool: str, state: PoolState | None, *, skip_sync_upstream: bool = False
     ) -> bool:
-        """Publishes one (coalesced) event when the pool is below or above its watermark; True if it did."""
-        if skip_sync_upstream or state.event_pending:
+        """Publishes one (coalesced) event when the pool is below or above its watermark; True if it
+        did. No state: the store found that the change needs no event."""
+        if state is None or skip_sync_upstream or state.event_pending:
             return False
         needed, excess = pool_work(state)
         if needed <= 0 and excess <= 0:

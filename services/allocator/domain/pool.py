@@ -109,19 +109,21 @@ class NodeRecord:
 
 @dataclass(slots=True)
 class AllocateOutcome:
-    """What an allocation did: the addresses, the pool after it, and whether it only replayed an
+    """What an allocation did: the addresses, the pool after it (None when it provably needs no
+    event: the store reads the whole state only near a watermark), and whether it only replayed an
     earlier call with the same idempotency key (then it changed nothing)."""
 
     allocations: list[Allocation]
-    state: PoolState
+    state: PoolState | None
     replayed: bool = False
 
 
 @dataclass(slots=True)
 class ChangeOutcome:
-    """Result of a mutating script: the addresses it touched and the pool state after it."""
+    """Result of a mutating script: the addresses it touched and the pool state after it (None when
+    it provably needs no event)."""
 
-    state: PoolState
+    state: PoolState | None
     ips: list[str] = field(default_factory=list)
     other_ips: list[str] = field(default_factory=list)
     reservation_id: str = ""  # of reserve_for_release ("" when nothing was reserved)

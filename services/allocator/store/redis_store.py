@@ -215,6 +215,52 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
     )
 
 
+def _flat_state(values: Sequence[Any], start: int) -> PoolState:
+    """A pool state from a flat answer, from `values[start]` on (lua/_lib.lua `append_state`)."""
+    a4, u4, c4, a6, u6, c6, pre, min_a, max_a, maw, rel, v6, pending, waiting, waiting6, lost, reserved, excluded = (
+        values[start : start + 18]
+    )
+    return PoolState(
+        counts={Family.IPV4: PoolCounts(a4, u4, c4), Family.IPV6: PoolCounts(a6, u6, c6)},
+        watermarks=Watermarks(_int(pre, 8), _int(min_a), _int(max_a), _int(maw)),
+        release_excess=_text(rel) == "1",
+        ipv6_enabled=_text(v6) == "1",
+        event_pending=bool(pending),
+        waiting_ipv4=waiting,
+        waiting_ipv6=waiting6,
+        lost_ips=lost,
+        reserved=reserved,
+        excluded=excluded,
+        deficit_reason=_text(values[start + 18]),
+    )
+
+
+# The families' tags as the scripts take them, for the usual requests.
+_FAMILY_TAGS = {(Family.IPV4,): "4", (Family.IPV6,): "6", (Family.IPV6, Family.IPV4): "64"}
+
+
+def _flat_allocation(values: Sequence[Any], i: int, pool: str, vpc_cidrs: tuple[str, ...]) -> Allocation:
+    """The allocation at `values[i:i + 6]` of allocate_next's answer."""
+    ip, tag, owner, expiration_uuid, iface, info = values[i : i + 6]
+    # As `_allocation`: an IPv6 address takes the interface's IPv6 subnet and gateway (none in rows
+    # written before they were kept).
+    mac, device_index, gateway, subnet, gateway6, subnet6 = ((info or b"\t0").decode() + "\t" * 5).split("\t")[:6]
+    family = Family.IPV4 if tag == b"4" else Family.IPV6
+    if family is Family.IPV6:
+        gateway, subnet = gateway6, subnet6
+    return Allocation(
+        ip=ip.decode(),
+        family=family,
+        pool=pool,
+        owner=owner.decode(),
+        interface=InterfaceInfo(
+            id=iface.decode(), mac=mac, device_index=int(device_index), gateway_ip=gateway, subnet_cidr=subnet
+        ),
+        expiration_uuid=expiration_uuid.decode(),
+        vpc_cidrs=vpc_cidrs,
+    )
+
+
 _INTERFACE_FIELDS = tuple(f.name for f in fields(NodeInterface))
 _INTERFACE_LISTS = ("addresses", "security_group_ids")
 
@@ -380,38 +426,65 @@ class RedisStore:
         )
         return error
 
-    async def _run(
-        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
-    ) -> dict[str, Any]:
-        argv = [pool, self.reuse_cooldown_ms, *args]
+    async def _eval(self, script: str, node: str, pool: str, args: Sequence[Any]) -> Any:
+        """One pool script's raw answer."""
+        argv = (pool, self.reuse_cooldown_ms, *args)
         runner = self._scripts[script]
         pool_keys = keys.pool_keys(node, pool)
         change = script not in _READ_ONLY
         replicate = change and self.min_replicas > 0
         if self._pipelined is not None:
-            # The pipelined connection bounds its own wait by the caller's deadline.
-            raw = await self.call(
+            # The pipelined connection bounds its own wait by the caller's deadline; not yet a wait
+            # for replicas, whose reply it holds as unsent when the deadline comes.
+            return await self.call(
                 lambda: self._eval_pipelined(runner, pool_keys, argv, replicate),
                 change=change,
                 exact=True,
-                bounded=True,
+                bounded=not replicate,
             )
-        elif replicate:
-            raw = await self.call(lambda: self._eval_replicated(runner, pool_keys, argv), change=change)
-        else:
-            raw = await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
-        result = json.loads(raw)
+        if replicate:
+            return await self.call(lambda: self._eval_replicated(runner, pool_keys, argv), change=change)
+        return await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
+
+    async def _run(
+        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
+    ) -> dict[str, Any]:
+        """A script answering JSON; its failure raised as the domain's exception."""
+        result: dict[str, Any] = json.loads(await self._eval(script, node, pool, args))
         failure = result.get("err")
         if failure:
             if failure == ErrorReason.POOL_EMPTY:
-                raise self._pool_empty(node, pool, result)
-            reason = ErrorReason(failure)
-            exc_type, template = _FAILURES[reason]
-            message = template.format(node=node, pool=pool, ip=ip, owner=owner)
-            if reason == ErrorReason.IP_ALREADY_ALLOCATED:
-                raise IpAlreadyAllocated(message, current_owner=_text(result.get("owner")), node=node, pool=pool)
-            raise exc_type(message, reason=reason, node=node, pool=pool)
+                raise self._pool_empty(
+                    node,
+                    pool,
+                    result["family"],
+                    result["cooling"],
+                    result.get("reason_hint"),
+                    _pool_state(result["state"]),
+                )
+            raise self._failure(failure, node, pool, ip, owner, result.get("owner"))
         return result
+
+    async def _run_flat(
+        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
+    ) -> list[Any]:
+        """A script answering flat values, a failure's reason first ("" when none); the hot path's
+        scripts, whose answers are decoded without JSON."""
+        result: list[Any] = await self._eval(script, node, pool, args)
+        failure = result[0]
+        if failure:
+            if failure == b"POOL_EMPTY":
+                raise self._pool_empty(node, pool, result[1], result[2], result[3], _flat_state(result, 4))
+            raise self._failure(_text(failure), node, pool, ip, owner)
+        return result
+
+    def _failure(self, failure: str, node: str, pool: str, ip: str, owner: str, holder: Any = None) -> IpamError:
+        reason = ErrorReason(failure)
+        exc_type, template = _FAILURES[reason]
+        message = template.format(node=node, pool=pool, ip=ip, owner=owner)
+        if reason == ErrorReason.IP_ALREADY_ALLOCATED:
+            return IpAlreadyAllocated(message, current_owner=_text(holder), node=node, pool=pool)
+        return exc_type(message, reason=reason, node=node, pool=pool)
 
     async def _eval_pipelined(
         self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any], replicate: bool
@@ -476,12 +549,12 @@ class RedisStore:
         task = asyncio.ensure_future(cluster.exists(key))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def _pool_empty(self, node: str, pool: str, result: dict[str, Any]) -> PoolEmpty:
-        hint = _text(result.get("reason_hint") or "")
-        cooling = int(result.get("cooling", 0)) > 0
-        state = _pool_state(result["state"])
-        reason = ErrorReason.POOL_COOLING_DOWN if cooling else pool_empty_reason(hint)
-        family = Family.IPV4 if result.get("family") == "4" else Family.IPV6
+    def _pool_empty(
+        self, node: str, pool: str, family_tag: Any, cooling_count: Any, hint: Any, state: PoolState
+    ) -> PoolEmpty:
+        cooling = int(cooling_count) > 0
+        reason = ErrorReason.POOL_COOLING_DOWN if cooling else pool_empty_reason(_text(hint))
+        family = Family.IPV4 if _text(family_tag) == "4" else Family.IPV6
         if reason == ErrorReason.POOL_EMPTY and 0 < state.watermarks.max_allocate <= state.counts[family].available:
             reason = ErrorReason.POOL_AT_MAX_ALLOCATE  # no refill may come: say so, not "requested"
         return PoolEmpty(
@@ -504,17 +577,22 @@ class RedisStore:
         idempotency_key: str,
         expiration_s: int,
     ) -> AllocateOutcome:
-        tags = "".join(f.tag for f in families)
+        tags = _FAMILY_TAGS.get(tuple(families)) or "".join(f.tag for f in families)
         uuids = (str(uuid.uuid4()), str(uuid.uuid4())) if expiration_s else ("", "")
-        result = await self._run("allocate_next", node, pool, tags, owner, idempotency_key, expiration_s * 1000, *uuids)
-        vpc = _text(result.get("vpc"))
-        allocations = [_allocation(a, pool, vpc) for a in _as_list(result["allocations"])]
-        if expiration_s and not result.get("replayed"):
+        result = await self._run_flat(
+            "allocate_next", node, pool, tags, owner, idempotency_key, expiration_s * 1000, *uuids
+        )
+        replayed = result[1] == 1
+        vpc_cidrs = tuple(_text(result[2]).split())
+        end = 4 + 6 * result[3]
+        allocations = [_flat_allocation(result, i, pool, vpc_cidrs) for i in range(4, end, 6)]
+        if expiration_s and not replayed:
             # The allocation is made: a failure to index its timer must not fail the call (the
             # sweeper's periodic full scan indexes it).
             with contextlib.suppress(Unavailable, OutcomeUnknown):
                 await self._index_timer(node, pool, int(time.time() * 1000) + expiration_s * 1000)
-        return AllocateOutcome(allocations, _pool_state(result["state"]), bool(result.get("replayed")))
+        state = _flat_state(result, end) if len(result) > end else None
+        return AllocateOutcome(allocations, state, replayed)
 
     async def allocate(self, node: str, pool: str, ip: str, owner: str, idempotency_key: str = "") -> AllocateOutcome:
         result = await self._run("allocate", node, pool, ip, owner, idempotency_key, ip=ip)
@@ -524,8 +602,10 @@ class RedisStore:
 
     async def release(self, node: str, pool: str, *, ip: str | None = None, owner: str | None = None) -> ChangeOutcome:
         mode, value = ("ip", ip) if ip is not None else ("owner", owner)
-        result = await self._run("release", node, pool, mode, value, ip=ip or "", owner=owner or "")
-        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["released"]))
+        result = await self._run_flat("release", node, pool, mode, value, ip=ip or "", owner=owner or "")
+        end = 2 + result[1]
+        state = _flat_state(result, end) if len(result) > end else None
+        return ChangeOutcome(state, [_text(i) for i in result[2:end]])
 
     async def release_by_key(self, node: str, pool: str, idempotency_key: str) -> ChangeOutcome:
         result = await self._run("release_by_key", node, pool, idempotency_key)

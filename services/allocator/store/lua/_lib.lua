@@ -60,19 +60,37 @@ local function watermark_settings()
   return redis.call('HMGET', K_NODE, unpack(WATERMARK_FIELDS))
 end
 
--- Counts per family for the watermark arithmetic (done by the caller, in the domain core).
-local function pool_state(now)
+-- The node fields the hot scripts (allocate_next, release) read, in one HMGET.
+local NODE_FIELDS = {'created_ms', 'vpc_cidrs', 'deficit_reason', unpack(WATERMARK_FIELDS)}
+
+-- The node's fields (nil when the node does not exist): `v6` its ipv6_enabled, `vpc`, `reason` (why
+-- the worker could not refill it), `wm` WATERMARK_FIELDS' values in their order.
+local function node_fields()
+  local v = redis.call('HMGET', K_NODE, unpack(NODE_FIELDS))
+  if not v[1] then return nil end
+  local wm = {}
+  for i = 1, #WATERMARK_FIELDS do wm[i] = v[i + 3] end
+  return {v6 = v[9], vpc = v[2] or '', reason = v[3] or '', wm = wm}
+end
+
+-- Counts per family for the watermark arithmetic (done by the caller, in the domain core); `node`
+-- from node_fields when the script has read it already.
+local function pool_state(now, node)
   local cutoff = now - COOLDOWN_MS
-  local counts = {}
+  local counts, reserved = {}, 0
   for _, f in ipairs({'4', '6'}) do
     local attached = redis.call('HLEN', K_ADDRS[f])
-    local available = attached - redis.call('HLEN', K_RESERVED[f])
+    local reserved_f = redis.call('HLEN', K_RESERVED[f])
+    local available = attached - reserved_f
     local free = redis.call('ZCARD', K_FREE[f])
     local cooling = 0
     if COOLDOWN_MS > 0 and free > 0 then cooling = redis.call('ZCOUNT', K_FREE[f], '(' .. cutoff, '+inf') end
     counts[f] = {available, available - free, cooling}
+    reserved = reserved + reserved_f
   end
-  local wm = watermark_settings()
+  local wm, reason
+  if node then wm, reason = node.wm, node.reason
+  else wm, reason = watermark_settings(), redis.call('HGET', K_NODE, 'deficit_reason') or '' end
   -- Callers still waiting (deadline not passed), per family; an entry without a family is IPv4's.
   local waiting = {['4'] = 0, ['6'] = 0}
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_WAITING, '(' .. now, '+inf')) do
@@ -82,10 +100,58 @@ local function pool_state(now)
   end
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
           waiting = waiting['4'], waiting6 = waiting['6'],
-          lost = redis.call('HLEN', K_LOST),
-          reserved = redis.call('HLEN', K_RESERVED['4']) + redis.call('HLEN', K_RESERVED['6']),
-          excluded = redis.call('HLEN', K_EXCLUDED),
-          reason = redis.call('HGET', K_NODE, 'deficit_reason') or ''}
+          lost = redis.call('HLEN', K_LOST), reserved = reserved,
+          excluded = redis.call('HLEN', K_EXCLUDED), reason = reason}
+end
+
+-- A pool state as flat values, appended to `out` (see redis_store._flat_state for their order).
+local function append_state(out, st)
+  for _, f in ipairs({'4', '6'}) do
+    for _, n in ipairs(st.counts[f]) do out[#out + 1] = n end
+  end
+  for i = 1, #WATERMARK_FIELDS do out[#out + 1] = st.wm[i] or '' end
+  for _, v in ipairs({st.pending, st.waiting, st.waiting6, st.lost, st.reserved, st.excluded, st.reason}) do
+    out[#out + 1] = v
+  end
+  return out
+end
+
+-- The pool state a change's caller decides with, or nil when the pool provably needs no event: an
+-- event is pending already, or, per family, no caller waits, its free addresses (those cooling left
+-- out) keep the headroom that pre_allocate and min_allocate ask for and, when the node releases
+-- excess, stay within pre_allocate + max_above_watermark; a family the node does not enable holds
+-- no free address. These bound the arithmetic from the safe side with a few counts; the caller
+-- still does it (in the domain core) whenever a state comes back. `clock` gives the time.
+local function state_if_needed(node, clock)
+  local w = node.wm
+  local pre, min, maw = tonumber(w[1]) or 8, tonumber(w[2]) or 0, tonumber(w[4]) or 0
+  local releases = w[5] == '1'
+  local work = redis.call('ZCARD', K_WAITING) > 0  -- entries past their deadline count too: safe
+  for _, f in ipairs({'4', '6'}) do
+    if work then break end
+    local free = redis.call('ZCARD', K_FREE[f])
+    if f == '6' and node.v6 ~= '1' then
+      work = free > 0
+    else
+      local cooling = 0
+      if COOLDOWN_MS > 0 and free > 0 then
+        cooling = redis.call('ZCOUNT', K_FREE[f], '(' .. (clock() - COOLDOWN_MS), '+inf')
+      end
+      local headroom = free - cooling
+      work = headroom < math.max(pre, min) or (releases and headroom > pre + maw)
+    end
+  end
+  if not work or redis.call('EXISTS', K_PENDING) == 1 then return nil end
+  return pool_state(clock(), node)
+end
+
+-- A clock for one script: Redis's time in ms, read on first use only.
+local function clock_once()
+  local now
+  return function()
+    if not now then now = now_ms() end
+    return now
+  end
 end
 
 local function ok(result, now)
@@ -94,9 +160,9 @@ local function ok(result, now)
 end
 
 local function owners_add(owner, ip)
-  local cur = redis.call('HGET', K_OWNERS, owner)
-  if cur then redis.call('HSET', K_OWNERS, owner, cur .. ' ' .. ip)
-  else redis.call('HSET', K_OWNERS, owner, ip) end
+  if redis.call('HSETNX', K_OWNERS, owner, ip) == 0 then
+    redis.call('HSET', K_OWNERS, owner, redis.call('HGET', K_OWNERS, owner) .. ' ' .. ip)
+  end
 end
 
 local function owners_remove(owner, ip)
@@ -109,17 +175,19 @@ local function owners_remove(owner, ip)
 end
 
 -- Releases one allocated address; it goes back to the free set (cooling from now) unless excluded.
-local function release_ip(ip, now)
+-- `owner_done`: the caller drops the owner's whole entry itself (a release by owner).
+local function release_ip(ip, now, owner_done)
   local f = family_of(ip)
   local v = redis.call('HGET', K_ALLOC[f], ip)
   if not v then return false end
-  local owner, _, idem = unpack_alloc(v)
+  local owner, uuid, idem = unpack_alloc(v)
   redis.call('HDEL', K_ALLOC[f], ip)
-  owners_remove(owner, ip)
+  if not owner_done then owners_remove(owner, ip) end
   if idem ~= '' then redis.call('HDEL', K_IDEM, idem) end
-  redis.call('ZREM', K_EXP, ip)
-  redis.call('HDEL', K_LOST, ip)  -- a lost address is not attached: it never returns to the free set
-  if redis.call('HEXISTS', K_EXCLUDED, ip) == 0 and redis.call('HEXISTS', K_ADDRS[f], ip) == 1 then
+  if uuid ~= '' then redis.call('ZREM', K_EXP, ip) end  -- a timer runs only while the allocation holds its uuid
+  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
+    redis.call('HDEL', K_LOST, ip)  -- not attached, maybe lost: it never returns to the free set
+  elseif redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
     redis.call('ZADD', K_FREE[f], now, ip)
   end
   return true
@@ -144,9 +212,10 @@ local function cancelled(idem)
 end
 
 -- The allocations held under an idempotency key ({ip, f, owner, uuid} each); nil when the key is
--- free: unknown, or its addresses are gone (then the stale entry is dropped).
-local function keyed(idem)
-  local prior = redis.call('HGET', K_IDEM, idem)
+-- free: unknown, or its addresses are gone (then the stale entry is dropped). `prior`: the key's
+-- entry when the caller read it already.
+local function keyed(idem, prior)
+  if prior == nil then prior = redis.call('HGET', K_IDEM, idem) end
   if not prior then return nil end
   local held = {}
   for _, ip in ipairs(words(prior)) do

@@ -1,64 +1,96 @@
 -- ARGV[3] families ("4", "6" or "64"), [4] owner, [5] idempotency key, [6] expiration ms (0 = none),
 -- [7] uuid for the IPv4 timer, [8] uuid for the IPv6 timer.
-local missing = missing_node_or_pool()
-if missing then return fail(missing) end
-local now = now_ms()
+-- Answers flat values (redis_store.allocate_next reads them): a failure's reason first, else "",
+-- replayed (0/1), the VPC CIDRs, the number of allocations, 6 values for each (ip, family, owner,
+-- uuid, interface id, interface info), then the pool state when it may need an event.
+local node = node_fields()
+if not node then return {'NODE_NOT_FOUND'} end
+local clock = clock_once()
 local owner, idem, expiration_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local timer_uuid = {['4'] = ARGV[7], ['6'] = ARGV[8]}
 
 -- Dual-stack ("64") means the families enabled on the allocator and on the node.
 local families = ARGV[3]
-if node_setting('ipv6_enabled') ~= '1' then
+if node.v6 ~= '1' then
   if string.len(families) > 1 then families = '4'
-  elseif families == '6' then return fail('IPV6_DISABLED') end  -- refused: no refill would ever come
+  elseif families == '6' then
+    -- refused: no refill would ever come
+    if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return {'POOL_NOT_FOUND'} end
+    return {'IPV6_DISABLED'}
+  end
+end
+
+local function answer(allocations, replayed)
+  local out = {'', replayed, node.vpc, #allocations}
+  for _, a in ipairs(allocations) do
+    for _, v in ipairs(a) do out[#out + 1] = v end
+  end
+  return out
+end
+
+-- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
+local function described(ip, f, owner, uuid)
+  local iface = redis.call('HGET', K_ADDRS[f], ip) or ''
+  local info = ''
+  if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
+  return {ip, f, owner, uuid, iface, info}
 end
 
 if idem ~= '' then
-  if cancelled(idem) then return fail('CALL_CANCELLED') end
-  local held = keyed(idem)
+  local prior = redis.call('HGET', K_IDEM, idem)
+  if prior == CANCELLED then
+    redis.call('HDEL', K_IDEM, idem)  -- a call's script runs once
+    return {'CALL_CANCELLED'}
+  end
+  local held = keyed(idem, prior)
   if held then
     -- A retry: the same owner asking for the same families gets what the first try took.
     local out, got = {}, {}
     for _, h in ipairs(held) do
-      if h.owner ~= owner then return fail('IDEMPOTENCY_KEY_IN_USE') end
+      if h.owner ~= owner then return {'IDEMPOTENCY_KEY_IN_USE'} end
       got[h.f] = true
-      out[#out + 1] = describe(h.ip, h.f, h.owner, h.uuid)
+      out[#out + 1] = described(h.ip, h.f, h.owner, h.uuid)
     end
     for f in string.gmatch(families, '%d') do
-      if not got[f] then return fail('IDEMPOTENCY_KEY_IN_USE') end
+      if not got[f] then return {'IDEMPOTENCY_KEY_IN_USE'} end
       got[f] = nil
     end
-    if next(got) then return fail('IDEMPOTENCY_KEY_IN_USE') end
-    return ok({allocations = out, replayed = true, vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''}, now)
+    if next(got) then return {'IDEMPOTENCY_KEY_IN_USE'} end
+    return answer(out, 1)  -- a replay changes nothing: no pool state
   end
 end
 
--- Pick every family first, so a dual-stack call takes both addresses or none.
-local cutoff = now - COOLDOWN_MS
+-- Pick every family first, so a dual-stack call takes both addresses or none: the free address that
+-- became free first, if its cooldown is over (then no other is).
 local picks = {}
 for f in string.gmatch(families, '%d') do
-  local r = redis.call('ZRANGEBYSCORE', K_FREE[f], '-inf', cutoff, 'LIMIT', 0, 1)
-  if #r == 0 then
-    local st = pool_state(now)
-    return fail('POOL_EMPTY', {family = f, cooling = redis.call('ZCARD', K_FREE[f]), state = st,
-                               reason_hint = redis.call('HGET', K_NODE, 'deficit_reason') or ''})
+  local popped = redis.call('ZPOPMIN', K_FREE[f])
+  if #popped > 0 and COOLDOWN_MS > 0 and tonumber(popped[2]) > clock() - COOLDOWN_MS then
+    redis.call('ZADD', K_FREE[f], popped[2], popped[1])
+    popped = {}
   end
-  picks[#picks + 1] = {f, r[1]}
+  if #popped == 0 then
+    for _, p in ipairs(picks) do redis.call('ZADD', K_FREE[p[1]], p[3], p[2]) end  -- taken back: none or all
+    if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return {'POOL_NOT_FOUND'} end
+    return append_state({'POOL_EMPTY', f, redis.call('ZCARD', K_FREE[f]), node.reason}, pool_state(clock(), node))
+  end
+  picks[#picks + 1] = {f, popped[1], popped[2]}
 end
 
 local out, taken = {}, {}
 for _, p in ipairs(picks) do
   local f, ip = p[1], p[2]
   local uuid = ''
-  redis.call('ZREM', K_FREE[f], ip)
   if expiration_ms > 0 then
     uuid = timer_uuid[f]
-    redis.call('ZADD', K_EXP, now + expiration_ms, ip)
+    redis.call('ZADD', K_EXP, clock() + expiration_ms, ip)
   end
   redis.call('HSET', K_ALLOC[f], ip, owner .. '\t' .. uuid .. '\t' .. idem)
   owners_add(owner, ip)
-  out[#out + 1] = describe(ip, f, owner, uuid)
+  out[#out + 1] = described(ip, f, owner, uuid)
   taken[#taken + 1] = ip
 end
 if idem ~= '' then redis.call('HSET', K_IDEM, idem, table.concat(taken, ' ')) end
-return ok({allocations = out, replayed = false, vpc = redis.call('HGET', K_NODE, 'vpc_cidrs') or ''}, now)
+local st = state_if_needed(node, clock)
+if st then return append_state(answer(out, 0), st) end
+return answer(out, 0)
