@@ -79,14 +79,27 @@ def write_results(out_dir: Path, name: str, document: dict[str, Any]) -> Path:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def start_redis(fsync: str) -> RedisServer:
-    """A redis-server in a temporary directory: no RDB snapshots, AOF with the given fsync policy."""
-    return RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", fsync]).start()
+def start_redis(fsync: str, replica_of: RedisServer | None = None) -> RedisServer:
+    """A redis-server in a temporary directory: no RDB snapshots, AOF with the given fsync policy;
+    with `replica_of`, a replica of that server, in sync when this returns."""
+    args = ["--appendonly", "yes", "--appendfsync", fsync]
+    if replica_of is not None:
+        args += ["--replicaof", replica_of.host, str(replica_of.port)]
+    server = RedisServer(extra_args=args).start()
+    if replica_of is not None:
+        deadline = time.monotonic() + 20
+        with server.client() as client:
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the replica of {replica_of.url} is not in sync")
+                time.sleep(0.05)
+    return server
 
 
-def start_allocator(redis_url: str, workers: int) -> AllocatorProcess:
-    """`python -m services.allocator` with client and admin tokens, no reuse cooldown, quiet logs."""
-    allocator = AllocatorProcess(redis_url, workers=workers, log_level="WARNING", timer_sweep_seconds=0.5)
+def start_allocator(redis_url: str, workers: int, **settings: object) -> AllocatorProcess:
+    """`python -m services.allocator` with client and admin tokens, no reuse cooldown, quiet logs;
+    `settings` as AllocatorProcess takes them (e.g. redis_min_replicas=1)."""
+    allocator = AllocatorProcess(redis_url, workers=workers, log_level="WARNING", timer_sweep_seconds=0.5, **settings)
     allocator.start()  # health answers SERVING once one worker is up: wait for the others' metrics too
     deadline = time.monotonic() + 20
     for index in range(workers):

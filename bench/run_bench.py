@@ -107,6 +107,7 @@ class Config:
     memory_ips: int  # addresses per node of the memory fill
     out_dir: Path
     skip_burst: bool = False  # the cloud worker's burst scenario (bench/burst.py) runs after the rest
+    replica: bool = False  # a replica of Redis, and every change waits for it (IPAM_REDIS_MIN_REPLICAS=1)
     quick: bool = False
 
     @property
@@ -137,7 +138,7 @@ class Phase:
     calls_per_worker: list[int] = field(default_factory=list)
     server_p99_ms: float = float("nan")  # bound from the allocator's own duration histogram (time in the handler)
     calls: int = 0  # every call of the phase, warm-up included: what CPU and commands are divided by
-    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU per call (µs): allocator, redis, ghz
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU per call (µs): allocator, redis, ghz[, replica]
     scripts_per_call: float = 0.0  # EVALSHA per call
     script_commands: float = 0.0  # Redis commands run inside the scripts, per EVALSHA
     script_us: float = float("nan")  # µs per EVALSHA by Redis's own clock
@@ -175,17 +176,26 @@ class CostMeter:
     """The cost of one phase's calls: CPU of the allocator's processes, Redis and ghz (the bench's
     children that ended: its ghz runs), and the commands Redis ran (`INFO commandstats`)."""
 
-    # Commands that are not the scripts' own: the meter's and the allocator's scripts themselves.
-    _OUTSIDE = ("evalsha", "eval", "evalsha_ro", "eval_ro", "info", "config")
+    # Commands that are not the scripts' own: the scripts themselves, WAIT after them, the meter's,
+    # and a replica's acknowledgements.
+    _OUTSIDE = ("evalsha", "eval", "evalsha_ro", "eval_ro", "wait", "info", "config", "replconf", "psync", "sync")
 
-    def __init__(self, redis_server: RedisServer, allocator: AllocatorProcess) -> None:
+    def __init__(
+        self, redis_server: RedisServer, allocator: AllocatorProcess, replica: RedisServer | None = None
+    ) -> None:
         assert allocator.process is not None
         self.redis_server = redis_server
         self.allocator_pids = [allocator.process.pid, *child_pids(allocator.process.pid)]
-        self._start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.replica_pids = [replica.pid] if replica is not None else []
+        self._start: tuple[float, ...] = ()
 
-    def _cpu(self) -> tuple[float, float, float]:
-        return cpu_seconds(self.allocator_pids), cpu_seconds([self.redis_server.pid]), children_cpu_seconds()
+    def _cpu(self) -> tuple[float, ...]:
+        return (
+            cpu_seconds(self.allocator_pids),
+            cpu_seconds([self.redis_server.pid]),
+            children_cpu_seconds(),
+            cpu_seconds(self.replica_pids),
+        )
 
     def start(self) -> None:
         with self.redis_server.client() as redis:
@@ -200,7 +210,8 @@ class CostMeter:
         calls = max(phase.calls, 1)
         phase.cpu_us = {
             name: round((after - before) * 1e6 / calls, 1)
-            for name, before, after in zip(("allocator", "redis", "ghz"), self._start, cpu, strict=True)
+            for name, before, after in zip(("allocator", "redis", "ghz", "replica"), self._start, cpu, strict=True)
+            if name != "replica" or self.replica_pids
         }
         commands = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
         scripts = commands.get("evalsha", 0)
@@ -524,6 +535,7 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
             f"setup: {cfg.workers} allocator workers, Redis AOF appendfsync {cfg.fsync}, ghz -c {cfg.concurrency} "
             f"--connections {cfg.connections}, {cfg.requests} calls per phase after {cfg.skip_first} warm-up, "
             f"{cfg.nodes} nodes x {cfg.ips_per_node} addresses"
+            + (", a replica that every change waits for (WAIT 1)" if cfg.replica else "")
         ),
         "",
         f"{'phase':<34}{'requests/s':>10}{'ok':>8}{'errors':>8}{'p50 ms':>9}{'p99 ms':>9}"
@@ -545,11 +557,14 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
     ]
     for p in phases:
         name = f"{p.name} ({p.rate_limit}/s)" if p.rate_limit else p.name
-        script_us = "-" if p.script_us != p.script_us else f"{p.script_us:.1f}"
+        scripted = p.scripts_per_call >= 0.5  # else the few scripts are the allocator's background reads
+        script_us = f"{p.script_us:.1f}" if scripted else "-"
+        script_commands = f"{p.script_commands:.1f}" if scripted else "-"
         lines.append(
             f"{name:<34}{p.cpu_us.get('allocator', 0):>10.0f}{p.cpu_us.get('redis', 0):>8.0f}"
-            f"{p.cpu_us.get('ghz', 0):>8.0f}{p.scripts_per_call:>9.2f}{p.script_commands:>9.1f}{script_us:>8}  "
+            f"{p.cpu_us.get('ghz', 0):>8.0f}{p.scripts_per_call:>9.2f}{script_commands:>9}{script_us:>8}  "
             + " ".join(f"{x:.2f}" for x in p.load_average)
+            + (f"  (replica {p.cpu_us['replica']:.0f} µs)" if "replica" in p.cpu_us else "")
         )
     return "\n".join([*lines, "", *(check.line() for check in checks)])
 
@@ -584,6 +599,11 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (small counts)")
     parser.add_argument("--skip-burst", action="store_true", help="skip the cloud worker's burst (bench/burst.py)")
+    parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="a replica of Redis, and every change waits for it (WAIT; IPAM_REDIS_MIN_REPLICAS=1)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.nodes, args.half_seconds, args.memory_nodes = 2000, 4, 2.0, 100
@@ -607,6 +627,7 @@ def parse_args(argv: list[str] | None) -> Config:
         memory_ips=args.memory_ips,
         out_dir=args.out_dir,
         skip_burst=args.skip_burst,
+        replica=args.replica,
         quick=args.quick,
     )
 
@@ -631,7 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"redis-server (appendfsync {cfg.fsync}), allocator (--workers {cfg.workers}) ...", flush=True)
         redis_server = start_redis(cfg.fsync)
         stack.callback(redis_server.close)
-        allocator = start_allocator(redis_server.url, cfg.workers)
+        settings: dict[str, object] = {}
+        replica = None
+        if cfg.replica:
+            print("a replica of it; every change waits for it (IPAM_REDIS_MIN_REPLICAS=1) ...", flush=True)
+            replica = start_redis(cfg.fsync, replica_of=redis_server)
+            stack.callback(replica.close)
+            settings["redis_min_replicas"] = 1
+        allocator = start_allocator(redis_server.url, cfg.workers, **settings)
         stack.callback(allocator.kill)
         stack.callback(allocator.stop)
         stack.push(print_log_on_error(allocator))
@@ -642,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_seconds = time.perf_counter() - seeding
 
         print("ghz:", flush=True)
-        phases, left_allocated = load_phases(cfg, allocator, CostMeter(redis_server, allocator))
+        phases, left_allocated = load_phases(cfg, allocator, CostMeter(redis_server, allocator, replica))
         rss_after_load = allocator_memory(allocator)
         print(f"memory: FLUSHALL, {cfg.memory_nodes} nodes x {cfg.memory_ips} addresses ...", flush=True)
         memory = memory_phase(cfg, redis_server, allocator)
