@@ -7,6 +7,7 @@ import asyncio
 import bisect
 import contextlib
 import contextvars
+import ipaddress
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from services.core.family import Family
 from services.core.pool_math import pool_demand_ips, pool_excess_ips
+from services.core.prefixes import ADDRESSES_PER_PREFIX, pool_excess_with_prefixes
 from services.core.reasons import DeficitReason, ErrorReason
 
 from .domain.errors import (
@@ -37,6 +39,8 @@ from .domain.model import (
     check_subnet,
     parse_cidrs,
     parse_ip,
+    parse_prefix,
+    parse_prefixes,
     pool_or_default,
     validate_fence,
     validate_name,
@@ -465,21 +469,30 @@ class AllocatorService:
         facts: CloudFacts,
         *,
         fence: int = 0,
-    ) -> tuple[list[str], NodeView]:
-        """Adds what the worker attached; returns the new addresses and the node afterwards.
-        `fence` (here and in the worker's other changes): its node lock's fencing token, 0 = none."""
+        prefixes: Sequence[str] = (),
+    ) -> tuple[Added, NodeView]:
+        """Adds what the worker attached (single addresses, IPv4 /28 `prefixes` whose 16 addresses
+        enter together); returns what was new and the node afterwards. `fence` (here and in the
+        worker's other changes): its node lock's fencing token, 0 = none."""
         node, pool = self._target(node, pool)
         fence = validate_fence(fence)
         ips = self._worker_ips(ips)
         _check_subnets(interface)
+        prefixes = parse_prefixes(prefixes, interface.id, interface.subnet_cidr)
+        inside = [ip for ip in ips if any(ipaddress.ip_address(ip) in ipaddress.ip_network(p) for p in prefixes)]
+        if inside:
+            raise InvalidArgument(
+                f"{inside[0]} is sent both alone and inside a prefix", reason=ErrorReason.INVALID_PREFIX
+            )
         # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
         # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
         known = facts.vpc_cidrs or await self.store.vpc_cidrs(node)
-        check_inside_vpc(ips, parse_cidrs(known))
-        outcome = await self.store.add_addresses(node, pool, interface, ips, facts, fence=fence)
-        if outcome.ips and self.refills:
-            await self.refills.notify(node, pool, len(outcome.ips))
-        return outcome.ips, await self.node_view(node, pool, outcome.state)
+        check_inside_vpc(ips + [p.split("/")[0] for p in prefixes], parse_cidrs(known))
+        outcome = await self.store.add_addresses(node, pool, interface, ips, facts, fence=fence, prefixes=prefixes)
+        new = len(outcome.ips) + ADDRESSES_PER_PREFIX * len(outcome.other_ips)
+        if new and self.refills:
+            await self.refills.notify(node, pool, new)
+        return Added(outcome.ips, outcome.other_ips), await self.node_view(node, pool, outcome.state)
 
     async def set_interfaces(
         self,
@@ -503,14 +516,28 @@ class AllocatorService:
         await self.store.set_node_error(node, validate_text(error, "error", 2000, required=False))
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
+        self,
+        node: str,
+        pool: str,
+        family: Family,
+        interface_id: str,
+        count: int,
+        *,
+        fence: int = 0,
+        prefix: str = "",
     ) -> tuple[str, list[str]]:
+        """Reserves up to `count` free single addresses of `family`, or the IPv4 /28 `prefix` whole."""
         node, pool = self._target(node, pool)
         if count < 0:
             raise InvalidArgument("count must not be negative", reason=ErrorReason.INVALID_COUNT)
         fence = validate_fence(fence)
+        family = family if family is not Family.UNSPECIFIED else Family.IPV4
+        if prefix:
+            if family is not Family.IPV4:
+                raise InvalidArgument("a prefix is reserved as IPv4", reason=ErrorReason.WRONG_FAMILY)
+            prefix = str(parse_prefix(prefix))
         outcome = await self.store.reserve_for_release(
-            node, pool, family if family is not Family.UNSPECIFIED else Family.IPV4, interface_id, count, fence=fence
+            node, pool, family, interface_id, count, fence=fence, prefix=prefix
         )
         return outcome.reservation_id, outcome.ips
 
@@ -540,7 +567,7 @@ def pool_work(state: PoolState) -> tuple[int, int]:
     v4, v6, w = state.counts[Family.IPV4], state.counts[Family.IPV6], state.watermarks
     # At capacity nothing more can be attached: only a release helps, and it needs no worker.
     need4 = 0 if state.deficit_reason == DeficitReason.AT_CAPACITY else pool_demand_ips(v4, w, state.waiting_ipv4)
-    excess4 = pool_excess_ips(v4, w) if state.release_excess else 0
+    excess4 = pool_excess_with_prefixes(v4, w, state.stranded) if state.release_excess else 0
     if state.ipv6_enabled:
         need6 = pool_demand_ips(v6, w, state.waiting_ipv6)
         excess6 = pool_excess_ips(v6, w) if state.release_excess else 0
@@ -565,10 +592,22 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         lost_ips=state.lost_ips,
         reserved=state.reserved,
         excluded=state.excluded,
+        prefixes=state.prefixes,
+        stranded=state.stranded,
     )
 
 
 def _check_subnets(interface: NodeInterface) -> None:
-    """Each family's subnet and gateway of a reported interface is of that family (or unknown)."""
+    """Each family's subnet and gateway of a reported interface is of that family (or unknown), and
+    its prefixes are canonical /28s inside its IPv4 subnet."""
     check_subnet(interface.subnet_cidr, interface.gateway_ip, Family.IPV4)
     check_subnet(interface.subnet_ipv6_cidr, interface.gateway_ipv6, Family.IPV6)
+    parse_prefixes(interface.ipv4_prefixes, interface.id, interface.subnet_cidr)
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What an AddAddresses brought that the pool did not hold: single addresses and prefixes."""
+
+    ips: list[str]
+    prefixes: list[str]

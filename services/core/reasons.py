@@ -83,6 +83,8 @@ class ErrorReason(StrEnum):
     SPEC_TOO_LARGE = "SPEC_TOO_LARGE"  # a node spec's list or map past its bound
     INVALID_PAGE = "INVALID_PAGE"  # a page size out of range or a page token not ours
     IP_OUTSIDE_VPC = "IP_OUTSIDE_VPC"  # an added address in none of the node's VPC CIDRs of its family
+    # An IPv4 prefix that is not a canonical /28 inside its interface's subnet (or has no interface).
+    INVALID_PREFIX = "INVALID_PREFIX"
     MALFORMED_REQUEST = "MALFORMED_REQUEST"  # the request's bytes do not decode as its message
     # Credentials.
     INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
@@ -115,6 +117,13 @@ class ErrorReason(StrEnum):
     NO_TIMER_RUNNING = "NO_TIMER_RUNNING"
     EXPIRATION_UUID_MISMATCH = "EXPIRATION_UUID_MISMATCH"
     RESERVATION_NOT_FOUND = "RESERVATION_NOT_FOUND"
+    # A prefix overlapping an address of the pool or a prefix of another interface.
+    PREFIX_OVERLAPS = "PREFIX_OVERLAPS"
+    PREFIX_NOT_IN_POOL = "PREFIX_NOT_IN_POOL"
+    # A prefix that cannot be reserved for release whole: an address allocated, excluded or reserved;
+    # or one released within the reuse cooldown.
+    PREFIX_IN_USE = "PREFIX_IN_USE"
+    PREFIX_COOLING_DOWN = "PREFIX_COOLING_DOWN"
     # A worker's change with a fencing token below the node's newest: its node lock has passed to
     # another worker (lost in a Redis failover, or expired while it stalled).
     STALE_FENCING_TOKEN = "STALE_FENCING_TOKEN"

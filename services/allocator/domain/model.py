@@ -110,6 +110,36 @@ def check_subnet(cidr: str, gateway: str, family: Family) -> None:
         parse_ip(gateway, family)
 
 
+def parse_prefix(value: str) -> ipaddress.IPv4Network:
+    """An IPv4 /28 prefix, on its boundary ("10.0.1.16/28"); anything else is refused."""
+    try:
+        prefix = ipaddress.IPv4Network(value, strict=True)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not a canonical IPv4 prefix", reason=ErrorReason.INVALID_PREFIX) from None
+    if prefix.prefixlen != 28:
+        raise InvalidArgument(f"{value} is not a /28", reason=ErrorReason.INVALID_PREFIX)
+    return prefix
+
+
+def parse_prefixes(values: Sequence[str], interface_id: str, subnet_cidr: str) -> list[str]:
+    """IPv4 /28 prefixes delegated to an interface, canonical: each inside the interface's IPv4
+    subnet, so both must be known."""
+    out: list[str] = []
+    for value in values:
+        prefix = parse_prefix(value)
+        if not interface_id or not subnet_cidr:
+            raise InvalidArgument(
+                f"prefix {value} needs its interface's id and IPv4 subnet", reason=ErrorReason.INVALID_PREFIX
+            )
+        subnet = ipaddress.ip_network(subnet_cidr, strict=False)
+        if not isinstance(subnet, ipaddress.IPv4Network) or not prefix.subnet_of(subnet):
+            raise InvalidArgument(
+                f"prefix {value} lies outside its interface's subnet {subnet_cidr}", reason=ErrorReason.INVALID_PREFIX
+            )
+        out.append(str(prefix))
+    return out
+
+
 def check_inside_vpc(ips: Sequence[str], cidrs: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
     """Refuses an address in none of the VPC's CIDRs of its family. A family of which no CIDR is known
     (a VPC without an IPv6 block reported, or no CIDRs reported at all) is not checked."""

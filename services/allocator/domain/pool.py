@@ -4,7 +4,7 @@ with them, the service decides with them, the servicer turns them into messages.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -34,10 +34,15 @@ class NodeInterface:
     security_group_ids: tuple[str, ...] = ()
     subnet_ipv6_cidr: str = ""
     gateway_ipv6: str = ""
+    ipv4_prefixes: tuple[str, ...] = ()  # IPv4 /28 prefixes delegated to it
 
     def address_count(self, family: Family) -> int:
         """How many of its secondary addresses are of `family`."""
         return sum(1 for a in self.addresses if family_of(a) is family)
+
+    def ipv4_slots_used(self) -> int:
+        """Its IPv4 address slots taken beside the primary: one per secondary address, one per prefix."""
+        return self.address_count(Family.IPV4) + len(self.ipv4_prefixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,8 @@ class PoolState:
     reserved: int = 0  # reserved for release by the worker (both families)
     excluded: int = 0  # never handed out (both families)
     deficit_reason: str = ""  # why the worker could not meet the last deficit
+    prefixes: int = 0  # IPv4 /28 prefixes the pool holds
+    stranded: int = 0  # free addresses of prefixes with an address in use (none of those can be given back)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,7 @@ class NodeRecord:
     created_ms: int
     first_interface_index: int
     reservations: list[Reservation] = field(default_factory=list)  # of the pool asked for
+    prefixes: tuple[PrefixUse, ...] = ()  # of the pool asked for
     last_error: str = ""  # the worker's last error maintaining the node
     last_error_ms: int = 0
 
@@ -160,6 +168,46 @@ class PoolSubnet:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixUse:
+    """One IPv4 /28 prefix of a pool and how its 16 addresses are used."""
+
+    prefix: str
+    interface_id: str
+    free: int = 0  # free and out of the reuse cooldown
+    cooling: int = 0  # free, still in the reuse cooldown
+    allocated: int = 0
+    excluded: int = 0
+    reserved: int = 0  # reserved for release
+
+
+def prefix_uses(
+    prefixes: Mapping[str, str],
+    free: Mapping[str, float],
+    allocated: Set[str],
+    excluded: Set[str],
+    reserved: Set[str],
+    cooled_by_ms: float,
+) -> tuple[PrefixUse, ...]:
+    """Each prefix (prefix -> interface id) with its addresses counted by state, lowest prefix first:
+    `free` maps free addresses to the ms they became free; those freed after `cooled_by_ms` are cooling."""
+    out = []
+    for prefix in sorted(prefixes, key=lambda p: ipaddress.ip_network(p)):
+        counts = dict.fromkeys(("free", "cooling", "allocated", "excluded", "reserved"), 0)
+        for address in ipaddress.ip_network(prefix):
+            ip = str(address)
+            if ip in free:
+                counts["cooling" if free[ip] > cooled_by_ms else "free"] += 1
+            elif ip in allocated:
+                counts["allocated"] += 1
+            elif ip in reserved:
+                counts["reserved"] += 1
+            elif ip in excluded:
+                counts["excluded"] += 1
+        out.append(PrefixUse(prefix, prefixes[prefix], **counts))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolDump:
     """A pool's allocations (ip -> owner, excluded ones as "<owner> (excluded)"), free addresses and
     subnets, per family."""
@@ -169,6 +217,7 @@ class PoolDump:
     free_ipv4: list[str]
     free_ipv6: list[str]
     subnets: tuple[PoolSubnet, ...] = ()
+    prefixes: tuple[PrefixUse, ...] = ()
 
 
 class EventKind(IntEnum):

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.prefixes import max_allocatable_ipv4, pool_excess_with_prefixes
 
 from .pool import NodeInterface
 
@@ -31,6 +31,8 @@ class NodeStats:
     lost_ips: int = 0  # allocated, but gone from the cloud
     reserved_ips: int = 0  # reserved for release by the worker (both families)
     excluded_ips: int = 0  # never handed out (both families)
+    max_allocatable_ipv4: int = 0  # the instance's IPv4 addresses for pods (0 while its limits are unknown)
+    ipv4_prefixes: int = 0  # IPv4 /28 prefixes the pool holds
 
 
 def node_stats(
@@ -48,8 +50,13 @@ def node_stats(
     lost_ips: int = 0,
     reserved: int = 0,
     excluded: int = 0,
+    prefixes: int = 0,
+    stranded: int = 0,
 ) -> NodeStats:
-    """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown."""
+    """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown.
+    A pool holding `prefixes` is in prefix mode: its capacity counts 16 addresses a slot, and its
+    excess counts a prefix with any address in use as wholly used (`stranded`: the free addresses of
+    such prefixes)."""
     used_devices = {i.device_index for i in interfaces}
     empty_slots = sum(1 for d in range(first_interface_index, max(max_interfaces, 0)) if d not in used_devices)
     candidates = 0
@@ -57,13 +64,13 @@ def node_stats(
         candidates = sum(
             1
             for i in interfaces
-            if i.device_index >= first_interface_index and i.address_count(Family.IPV4) < ipv4_per_interface - 1
+            if i.device_index >= first_interface_index and i.ipv4_slots_used() < ipv4_per_interface - 1
         )
     return NodeStats(
         used_ips=v4.used,
         available_ips=v4.available,
         needed_ipv4=pool_needed_ips(v4, watermarks),
-        excess_ipv4=pool_excess_ips(v4, watermarks),
+        excess_ipv4=pool_excess_with_prefixes(v4, watermarks, stranded),
         # Cilium's definition: interfaces that can still take addresses, attached or not yet.
         remaining_interfaces=candidates + empty_slots,
         interface_candidates=candidates,
@@ -79,4 +86,8 @@ def node_stats(
         lost_ips=lost_ips,
         reserved_ips=reserved,
         excluded_ips=excluded,
+        max_allocatable_ipv4=max_allocatable_ipv4(
+            max_interfaces, ipv4_per_interface, first_interface_index, prefixes=prefixes > 0
+        ),
+        ipv4_prefixes=prefixes,
     )

@@ -114,6 +114,7 @@ class PoolStore(Protocol):
         facts: CloudFacts,
         *,
         fence: int = 0,
+        prefixes: Sequence[str] = (),
     ) -> ChangeOutcome: ...
 
     async def set_interfaces(
@@ -129,7 +130,15 @@ class PoolStore(Protocol):
     async def set_node_error(self, node: str, error: str) -> None: ...
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
+        self,
+        node: str,
+        pool: str,
+        family: Family,
+        interface_id: str,
+        count: int,
+        *,
+        fence: int = 0,
+        prefix: str = "",
     ) -> ChangeOutcome: ...
 
     async def complete_release(

@@ -30,7 +30,7 @@ def interface_info_key(node: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def pool_keys(node: str, pool: str) -> tuple[str, ...]:
     """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them (kept for the
-    pools in use: every call of a pool passes the same 20 names)."""
+    pools in use: every call of a pool passes the same 22 names)."""
     p = f"{node_prefix(node)}:{pool}"
     return (
         node_key(node),
@@ -53,6 +53,8 @@ def pool_keys(node: str, pool: str) -> tuple[str, ...]:
         interface_info_key(node),
         f"{p}:waiting",
         f"{p}:lost",
+        f"{p}:prefixes:4",
+        f"{p}:pfree:4",
     )
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -51,8 +52,10 @@ from ..domain.pool import (
     PoolDump,
     PoolState,
     PoolSubnet,
+    PrefixUse,
     RemoveOutcome,
     Reservation,
+    prefix_uses,
 )
 from . import keys
 from .pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
@@ -127,6 +130,21 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
         "node {node} is maintained by another worker now (its fencing token is newer): nothing was changed",
     ),
     ErrorReason.RESERVATION_NOT_FOUND: (NotFound, "reservation is not known in pool {pool} of node {node}"),
+    ErrorReason.PREFIX_OVERLAPS: (
+        FailedPrecondition,
+        "prefix {prefix} overlaps an address or another interface's prefix in pool {pool} of node {node}: "
+        "nothing was added",
+    ),
+    ErrorReason.PREFIX_NOT_IN_POOL: (NotFound, "prefix {prefix} is not in pool {pool} of node {node}"),
+    ErrorReason.PREFIX_IN_USE: (
+        FailedPrecondition,
+        "prefix {prefix} has an address allocated, excluded or reserved ({ip}): only a wholly free prefix is "
+        "released, nothing was reserved",
+    ),
+    ErrorReason.PREFIX_COOLING_DOWN: (
+        FailedPrecondition,
+        "prefix {prefix} has an address released within the reuse cooldown ({ip}): nothing was reserved",
+    ),
     ErrorReason.CALL_CANCELLED: (Unavailable, "the call was given up while redis did not answer"),
     ErrorReason.IDEMPOTENCY_KEY_IN_USE: (
         FailedPrecondition,
@@ -212,11 +230,13 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         reserved=int(raw.get("reserved", 0)),
         excluded=int(raw.get("excluded", 0)),
         deficit_reason=_text(raw.get("reason") or ""),
+        prefixes=int(raw.get("prefixes", 0)),
+        stranded=int(raw.get("stranded", 0)),
     )
 
 
 def _flat_state(values: Sequence[Any], start: int) -> PoolState:
-    """A pool state from a flat answer, from `values[start]` on (lua/_lib.lua `append_state`)."""
+    """A pool state from a flat answer, from `values[start]` on (lua/_lib.lua `append_state`): 21 values."""
     a4, u4, c4, a6, u6, c6, pre, min_a, max_a, maw, rel, v6, pending, waiting, waiting6, lost, reserved, excluded = (
         values[start : start + 18]
     )
@@ -232,6 +252,8 @@ def _flat_state(values: Sequence[Any], start: int) -> PoolState:
         reserved=reserved,
         excluded=excluded,
         deficit_reason=_text(values[start + 18]),
+        prefixes=values[start + 19],
+        stranded=values[start + 20],
     )
 
 
@@ -262,7 +284,7 @@ def _flat_allocation(values: Sequence[Any], i: int, pool: str, vpc_cidrs: tuple[
 
 
 _INTERFACE_FIELDS = tuple(f.name for f in fields(NodeInterface))
-_INTERFACE_LISTS = ("addresses", "security_group_ids")
+_INTERFACE_LISTS = ("addresses", "security_group_ids", "ipv4_prefixes")
 
 
 def _interface(raw: bytes) -> NodeInterface:
@@ -447,7 +469,7 @@ class RedisStore:
         return await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
 
     async def _run(
-        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = ""
+        self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = "", prefix: str = ""
     ) -> dict[str, Any]:
         """A script answering JSON; its failure raised as the domain's exception."""
         result: dict[str, Any] = json.loads(await self._eval(script, node, pool, args))
@@ -462,7 +484,15 @@ class RedisStore:
                     result.get("reason_hint"),
                     _pool_state(result["state"]),
                 )
-            raise self._failure(failure, node, pool, ip, owner, result.get("owner"))
+            raise self._failure(
+                failure,
+                node,
+                pool,
+                _text(result.get("ip")) or ip,
+                owner,
+                result.get("owner"),
+                prefix=_text(result.get("prefix")) or prefix,
+            )
         return result
 
     async def _run_flat(
@@ -478,10 +508,12 @@ class RedisStore:
             raise self._failure(_text(failure), node, pool, ip, owner)
         return result
 
-    def _failure(self, failure: str, node: str, pool: str, ip: str, owner: str, holder: Any = None) -> IpamError:
+    def _failure(
+        self, failure: str, node: str, pool: str, ip: str, owner: str, holder: Any = None, *, prefix: str = ""
+    ) -> IpamError:
         reason = ErrorReason(failure)
         exc_type, template = _FAILURES[reason]
-        message = template.format(node=node, pool=pool, ip=ip, owner=owner)
+        message = template.format(node=node, pool=pool, ip=ip, owner=owner, prefix=prefix)
         if reason == ErrorReason.IP_ALREADY_ALLOCATED:
             return IpAlreadyAllocated(message, current_owner=_text(holder), node=node, pool=pool)
         return exc_type(message, reason=reason, node=node, pool=pool)
@@ -683,20 +715,25 @@ class RedisStore:
 
     async def dump(self, node: str, pool: str) -> PoolDump:
         """Allocated addresses (ip -> owner) per family, excluded ones under "<owner> (excluded)",
-        the free addresses per family, and the subnets of the interfaces holding them."""
+        the free addresses per family, the subnets of the interfaces holding them, and the IPv4
+        prefixes with the use of their addresses."""
         await self.pool_state(node, pool)  # NOT_FOUND for an unknown node or pool
 
         async def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for name in ("alloc:4", "alloc:6", "excluded", "addrs:4", "addrs:6", "free:4", "free:6"):
+            for name in ("alloc:4", "alloc:6", "excluded", "addrs:4", "addrs:6", "free:6", "prefixes:4"):
                 if name.startswith("free"):
                     pipe.zrange(keys.pool_key(node, pool, name), 0, -1)
                 else:
                     pipe.hgetall(keys.pool_key(node, pool, name))
+            pipe.zrange(keys.pool_key(node, pool, "free:4"), 0, -1, withscores=True)
+            pipe.hkeys(keys.pool_key(node, pool, "reserved:4"))
             pipe.hgetall(keys.interface_info_key(node))
             return await pipe.execute()
 
-        alloc4, alloc6, excluded, addrs4, addrs6, free4, free6, info = await self.call(read)
+        alloc4, alloc6, excluded, addrs4, addrs6, free6, prefixes, free4, reserved4, info = await self.call(read)
+        prefix_table = {_text(p): _text(i) for p, i in prefixes.items()}
+        in_prefix = {str(a) for p in prefix_table for a in ipaddress.ip_network(p)}
         allocated: tuple[dict[str, str], dict[str, str]] = ({}, {})
         for index, (alloc, addrs) in enumerate(((alloc4, addrs4), (alloc6, addrs6))):
             out = allocated[index]
@@ -704,15 +741,57 @@ class RedisStore:
                 out[_text(ip)] = _text(value).split("\t", 1)[0]
             for ip, owner in excluded.items():
                 ip_s = _text(ip)
-                if ip in addrs and ip_s not in out:
+                if (ip in addrs or ip_s in in_prefix) and ip_s not in out:
                     out[ip_s] = f"{_text(owner)} (excluded)"
+        uses = self._prefix_uses(prefix_table, free4, alloc4.keys(), excluded.keys(), reserved4)
         return PoolDump(
             allocated[0],
             allocated[1],
-            [_text(i) for i in free4],
+            [_text(i) for i, _ in free4],
             [_text(i) for i in free6],
-            _pool_subnets({_text(i) for i in addrs4.values()}, {_text(i) for i in addrs6.values()}, info),
+            _pool_subnets(
+                {_text(i) for i in addrs4.values()} | set(prefix_table.values()),
+                {_text(i) for i in addrs6.values()},
+                info,
+            ),
+            uses,
         )
+
+    def _prefix_uses(
+        self,
+        prefixes: dict[str, str],
+        free4: Sequence[tuple[Any, float]],
+        allocated: Iterable[Any],
+        excluded: Iterable[Any],
+        reserved: Iterable[Any],
+    ) -> tuple[PrefixUse, ...]:
+        if not prefixes:
+            return ()
+        return prefix_uses(
+            prefixes,
+            {_text(ip): score for ip, score in free4},
+            {_text(ip) for ip in allocated},
+            {_text(ip) for ip in excluded},
+            {_text(ip) for ip in reserved},
+            time.time() * 1000 - self.reuse_cooldown_ms,
+        )
+
+    async def _read_prefix_uses(self, node: str, pool: str, prefixes: dict[Any, Any]) -> tuple[PrefixUse, ...]:
+        """The use of a pool's prefixes (prefix -> interface id, as read): nothing more is read without any."""
+        if not prefixes:
+            return ()
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(keys.pool_key(node, pool, "free:4"), 0, -1, withscores=True)
+            pipe.hkeys(keys.pool_key(node, pool, "alloc:4"))
+            pipe.hkeys(keys.pool_key(node, pool, "excluded"))
+            pipe.hkeys(keys.pool_key(node, pool, "reserved:4"))
+            return await pipe.execute()
+
+        free4, allocated, excluded, reserved = await self.call(read)
+        table = {_text(p): _text(i) for p, i in prefixes.items()}
+        return self._prefix_uses(table, free4, allocated, excluded, reserved)
 
     async def keyed_allocations(self, node: str, pool: str, key_prefix: str = "") -> list[KeyedAllocation]:
         """The pool's allocations whose idempotency key starts with `key_prefix`, sorted by address."""
@@ -764,9 +843,10 @@ class RedisStore:
             pipe.hgetall(keys.interfaces_key(node))
             pipe.smembers(keys.pools_key(node))
             pipe.hgetall(keys.pool_key(node, pool, "resv"))
+            pipe.hgetall(keys.pool_key(node, pool, "prefixes:4"))
             return await pipe.execute()
 
-        fields, ifaces, pools, reservations = await self.call(read)
+        fields, ifaces, pools, reservations, prefixes = await self.call(read)
         if not fields:
             raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
         f = {_text(k): v for k, v in fields.items()}
@@ -785,6 +865,7 @@ class RedisStore:
             reservations=[_reservation(k, v) for k, v in reservations.items()],
             last_error=_text(f.get("last_error")),
             last_error_ms=_int(_text(f.get("last_error_ms"))),
+            prefixes=await self._read_prefix_uses(node, pool, prefixes),
         )
 
     # --- nodes -------------------------------------------------------------------------------
@@ -828,7 +909,10 @@ class RedisStore:
         facts: CloudFacts,
         *,
         fence: int = 0,
+        prefixes: Sequence[str] = (),
     ) -> ChangeOutcome:
+        """Adds single addresses and IPv4 /28 `prefixes` (canonical, checked by the caller); the outcome's
+        `other_ips` are the prefixes new to the pool."""
         result = await self._run(
             "add_addresses",
             node,
@@ -839,9 +923,12 @@ class RedisStore:
             facts.max_interfaces,
             facts.ipv4_per_interface,
             fence,
+            " ".join(prefixes),
             *ips,
         )
-        return ChangeOutcome(_pool_state(result["state"]), _as_list(result["added"]))
+        return ChangeOutcome(
+            _pool_state(result["state"]), _as_list(result["added"]), _as_list(result.get("added_prefixes"))
+        )
 
     async def set_interfaces(
         self,
@@ -879,11 +966,29 @@ class RedisStore:
         await self.call(write)
 
     async def reserve_for_release(
-        self, node: str, pool: str, family: Family, interface_id: str, count: int, *, fence: int = 0
+        self,
+        node: str,
+        pool: str,
+        family: Family,
+        interface_id: str,
+        count: int,
+        *,
+        fence: int = 0,
+        prefix: str = "",
     ) -> ChangeOutcome:
+        """Reserves up to `count` free single addresses, or with `prefix` that IPv4 /28 whole (all 16 or none)."""
         reservation_id = uuid.uuid4().hex
         result = await self._run(
-            "reserve_for_release", node, pool, family.tag, interface_id, count, reservation_id, fence
+            "reserve_for_release",
+            node,
+            pool,
+            family.tag,
+            interface_id,
+            count,
+            reservation_id,
+            fence,
+            prefix,
+            prefix=prefix,
         )
         ips = _as_list(result["ips"])
         return ChangeOutcome(_pool_state(result["state"]), ips, reservation_id=reservation_id if ips else "")

@@ -20,7 +20,7 @@ from services.core.reasons import ErrorReason
 
 from ..domain.errors import InvalidArgument, IpAlreadyAllocated, IpamError, Unavailable
 from ..domain.model import Allocation, parse_family, validate_page_size
-from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent
+from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent, PrefixUse
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeView, call_scope
 from .status import status_code_of, to_status
@@ -207,6 +207,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 pb.PoolSubnet(family=int(s.family), cidr=s.cidr, gateway_ip=s.gateway_ip, interface_ids=s.interface_ids)
                 for s in d.subnets
             ],
+            prefixes=[prefix_message(p) for p in d.prefixes],
         )
 
     @rpc
@@ -290,6 +291,8 @@ def node_message(view: NodeView) -> npb.Node:
             reserved_ips=s.reserved_ips,
             excluded_ips=s.excluded_ips,
             deficit_reason=r.deficit_reason,
+            max_allocatable_ipv4=s.max_allocatable_ipv4,
+            ipv4_prefixes=s.ipv4_prefixes,
         ),
         pools=r.pools,
         vpc_cidrs=r.vpc_cidrs,
@@ -301,6 +304,19 @@ def node_message(view: NodeView) -> npb.Node:
         ],
         last_error=r.last_error,
         last_error_ms=r.last_error_ms,
+        prefixes=[prefix_message(p) for p in r.prefixes],
+    )
+
+
+def prefix_message(use: PrefixUse) -> pb.PrefixUse:
+    return pb.PrefixUse(
+        prefix=use.prefix,
+        interface_id=use.interface_id,
+        free=use.free,
+        cooling=use.cooling,
+        allocated=use.allocated,
+        excluded=use.excluded,
+        reserved=use.reserved,
     )
 
 
@@ -432,8 +448,9 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             list(request.ips),
             cloud_facts(request),
             fence=request.fencing_token,
+            prefixes=list(request.ipv4_prefixes),
         )
-        return npb.AddAddressesResponse(added_ips=added, node=node_message(view))
+        return npb.AddAddressesResponse(added_ips=added.ips, added_prefixes=added.prefixes, node=node_message(view))
 
     @rpc
     async def SetInterfaces(
@@ -466,6 +483,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             request.interface_id,
             request.count,
             fence=request.fencing_token,
+            prefix=request.prefix,
         )
         return npb.ReserveForReleaseResponse(reservation_id=rid, ips=ips)
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from services.allocator.domain.errors import InvalidArgument
-from services.allocator.domain.model import parse_family, parse_ip, validate_name, validate_text, validate_timeout
+from services.allocator.domain.model import (
+    parse_family,
+    parse_ip,
+    parse_prefixes,
+    validate_name,
+    validate_text,
+    validate_timeout,
+)
 from services.core.family import Family
+from services.core.reasons import ErrorReason
 
 
 @pytest.mark.parametrize(
@@ -85,3 +93,31 @@ def test_parse_family_refuses_unknown_values() -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_family(7)
     assert caught.value.reason == "INVALID_FAMILY"
+
+
+@pytest.mark.parametrize(
+    "value, interface_id, subnet",
+    [
+        ("10.0.1.8/28", "eni-1", "10.0.0.0/16"),  # off its boundary
+        ("10.0.1.0/27", "eni-1", "10.0.0.0/16"),
+        ("10.0.1.0", "eni-1", "10.0.0.0/16"),  # an address is a /32
+        ("10.1.0.0/28", "eni-1", "10.0.0.0/16"),  # outside the subnet
+        ("10.0.1.0/28", "eni-1", "10.0.1.0/29"),  # wider than the subnet
+        ("2001:db8::/80", "eni-1", "10.0.0.0/16"),
+        ("10.0.1.0/28", "", "10.0.0.0/16"),  # no interface
+        ("10.0.1.0/28", "eni-1", ""),  # no subnet to check it against
+        ("10.0.1.0/28", "eni-1", "2001:db8::/64"),
+    ],
+)
+def test_parse_prefixes_refuses(value: str, interface_id: str, subnet: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_prefixes([value], interface_id, subnet)
+    assert info.value.reason == ErrorReason.INVALID_PREFIX
+
+
+def test_parse_prefixes_accepts_canonical_28s_inside_the_subnet() -> None:
+    assert parse_prefixes(["10.0.1.0/28", "10.0.255.240/28"], "eni-1", "10.0.0.0/16") == [
+        "10.0.1.0/28",
+        "10.0.255.240/28",
+    ]
+    assert parse_prefixes([], "", "") == []

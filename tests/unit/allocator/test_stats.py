@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.allocator.domain.pool import NodeInterface
+from services.allocator.domain.pool import NodeInterface, PrefixUse, prefix_uses
 from services.allocator.domain.stats import node_stats
 from services.core.pool_math import PoolCounts, Watermarks
 
@@ -84,3 +84,64 @@ def test_ipv6_needed_and_excess(v6: tuple[int, int], enabled: bool, expected: tu
     )
     assert (stats.needed_ipv6, stats.excess_ipv6) == expected
     assert stats.excess_ipv4 == 0  # IPv4 is at its watermark whatever IPv6 holds
+
+
+def test_a_prefix_takes_one_slot_of_its_interface() -> None:
+    full = NodeInterface(id="eni-0", device_index=0, addresses=("10.0.0.5",), ipv4_prefixes=("10.0.1.0/28",) * 8)
+    room = NodeInterface(id="eni-1", device_index=1, ipv4_prefixes=("10.0.2.0/28",) * 7)
+    stats = node_stats(
+        PoolCounts(0, 0),
+        PoolCounts(0, 0),
+        Watermarks(),
+        ipv6_enabled=False,
+        interfaces=[full, room],
+        max_interfaces=3,
+        ipv4_per_interface=10,
+        first_interface_index=0,
+    )
+    assert (stats.interface_candidates, stats.empty_interface_slots) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "prefixes, stranded, expected_capacity, expected_excess",
+    [
+        (0, 0, 27, 24),  # single addresses: 3 × 9, excess 33 − 1 − 8
+        (2, 15, 432, 9),  # prefix mode: 3 × 9 × 16; the prefix in use counts whole (33 − 16 − 8)
+    ],
+)
+def test_capacity_and_excess_in_prefix_mode(
+    prefixes: int, stranded: int, expected_capacity: int, expected_excess: int
+) -> None:
+    stats = node_stats(
+        PoolCounts(33, 1),
+        PoolCounts(0, 0),
+        Watermarks(),
+        ipv6_enabled=False,
+        interfaces=[],
+        max_interfaces=3,
+        ipv4_per_interface=10,
+        first_interface_index=0,
+        prefixes=prefixes,
+        stranded=stranded,
+    )
+    assert (stats.max_allocatable_ipv4, stats.excess_ipv4, stats.ipv4_prefixes) == (
+        expected_capacity,
+        expected_excess,
+        prefixes,
+    )
+
+
+def test_prefix_uses_count_each_address_by_its_state() -> None:
+    free = {"10.0.1.0": 0.0, "10.0.1.1": 5_000.0, "10.0.1.2": 9_000.0}  # ms each became free
+    uses = prefix_uses(
+        {"10.0.1.16/28": "eni-b", "10.0.1.0/28": "eni-a"},
+        free,
+        allocated={"10.0.1.3", "10.0.1.4", "10.0.1.20"},
+        excluded={"10.0.1.5", "10.0.1.3"},  # an excluded address still allocated counts as allocated
+        reserved={"10.0.1.6"},
+        cooled_by_ms=6_000,
+    )
+    assert uses == (
+        PrefixUse("10.0.1.0/28", "eni-a", free=2, cooling=1, allocated=2, excluded=1, reserved=1),
+        PrefixUse("10.0.1.16/28", "eni-b", allocated=1),
+    )

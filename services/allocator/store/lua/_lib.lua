@@ -10,6 +10,8 @@ local K_RESERVATIONS, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]  -- hash i
 local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway\tsubnet\tgateway6\tsubnet6"
 local K_WAITING = KEYS[19]                                   -- zset "<family>:<call id>" -> deadline ms (wait_for_refill)
 local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
+local K_PREFIXES = KEYS[21]                                  -- hash "a.b.c.d/28" -> interface id: IPv4 prefixes
+local K_PFREE = KEYS[22]                                     -- zset prefix -> how many of its addresses are free
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
 local POOL = ARGV[1]
 local COOLDOWN_MS = tonumber(ARGV[2])
@@ -22,6 +24,106 @@ end
 local function family_of(ip)
   if string.find(ip, ':', 1, true) then return '6' end
   return '4'
+end
+
+-- IPv4 /28 prefixes. A prefix's 16 addresses are not kept one by one in K_ADDRS (that would cost
+-- as much memory as the free set): an address is attached through its prefix when its /28 is in
+-- K_PREFIXES. K_PFREE counts each prefix's addresses in the free set (cooling ones included), so
+-- AllocateNext can take from the prefix with the fewest and whole prefixes empty out.
+local PREFIX_SIZE = 16
+local prefixes_held  -- whether the pool holds any prefix, read once per script (nil = not read yet)
+
+local function has_prefixes()
+  if prefixes_held == nil then prefixes_held = redis.call('EXISTS', K_PREFIXES) == 1 end
+  return prefixes_held
+end
+
+-- The /28 holding an IPv4 address, as "a.b.c.d/28" (nil for an IPv6 address).
+local function slash28(ip)
+  local head, last = string.match(ip, '^(%d+%.%d+%.%d+%.)(%d+)$')
+  if not head then return nil end
+  return head .. (tonumber(last) - tonumber(last) % PREFIX_SIZE) .. '/28'
+end
+
+-- The 16 addresses of a prefix, lowest first.
+local function prefix_ips(p)
+  local head, base = string.match(p, '^(%d+%.%d+%.%d+%.)(%d+)/28$')
+  local ips = {}
+  for i = 0, PREFIX_SIZE - 1 do ips[i + 1] = head .. (tonumber(base) + i) end
+  return ips
+end
+
+-- The pool's prefix holding an address, and that prefix's interface (nil when none holds it).
+local function prefix_of(ip)
+  if not has_prefixes() then return nil end
+  local p = slash28(ip)
+  if not p then return nil end
+  local iface = redis.call('HGET', K_PREFIXES, p)
+  if iface then return p, iface end
+  return nil
+end
+
+-- The interface an attached address is on, by itself or through its prefix (nil: not attached).
+local function iface_of(ip, f)
+  local iface = redis.call('HGET', K_ADDRS[f], ip)
+  if iface then return iface end
+  if f ~= '4' then return nil end
+  local _, held_by = prefix_of(ip)
+  return held_by
+end
+
+local function attached(ip, f)
+  return iface_of(ip, f) and true or false
+end
+
+-- Puts an address in the free set (score: the ms it became free, 0 = new), counted for its prefix.
+local function free_add(f, score, ip)
+  if redis.call('ZADD', K_FREE[f], score, ip) == 1 and f == '4' then
+    local p = prefix_of(ip)
+    if p then redis.call('ZINCRBY', K_PFREE, 1, p) end
+  end
+end
+
+-- Takes an address out of the free set, uncounted for its prefix.
+local function free_remove(f, ip)
+  if redis.call('ZREM', K_FREE[f], ip) == 1 and f == '4' then
+    local p = prefix_of(ip)
+    if p then redis.call('ZINCRBY', K_PFREE, -1, p) end
+  end
+end
+
+-- Takes a free IPv4 address out of its reuse cooldown from the prefix with the fewest free addresses
+-- that has one (within a prefix the one free longest, then the lowest); returns it and its score, or
+-- nil when no prefix has one. `clock` gives the time (clock_once), read only when the pool has prefixes.
+local function take_from_prefixes(clock)
+  if not has_prefixes() then return nil end
+  local cutoff = clock() - COOLDOWN_MS
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', K_PFREE, 1, '+inf')) do
+    local ips = prefix_ips(p)
+    local scores = redis.call('ZMSCORE', K_FREE['4'], unpack(ips))
+    local best, best_score
+    for i = 1, PREFIX_SIZE do
+      local s = scores[i] and tonumber(scores[i])
+      if s and s <= cutoff and (not best or s < best_score) then best, best_score = ips[i], s end
+    end
+    if best then
+      redis.call('ZREM', K_FREE['4'], best)
+      redis.call('ZINCRBY', K_PFREE, -1, p)
+      return best, best_score
+    end
+  end
+  return nil
+end
+
+-- The pool's prefixes as counted in the pool state: how many, and the free addresses of those
+-- holding an address not free (Cilium counts such a prefix as wholly used when sizing excess: only a
+-- prefix with no address in use can be given back).
+local function prefix_counts()
+  if not has_prefixes() then return 0, 0 end
+  local stranded = 0
+  local busy = redis.call('ZRANGEBYSCORE', K_PFREE, 1, '(' .. PREFIX_SIZE, 'WITHSCORES')
+  for i = 2, #busy, 2 do stranded = stranded + tonumber(busy[i]) end
+  return redis.call('HLEN', K_PREFIXES), stranded
 end
 
 local function words(s)
@@ -78,10 +180,12 @@ end
 local function pool_state(now, node)
   local cutoff = now - COOLDOWN_MS
   local counts, reserved = {}, 0
+  local prefixes, stranded = prefix_counts()
   for _, f in ipairs({'4', '6'}) do
-    local attached = redis.call('HLEN', K_ADDRS[f])
+    local held = redis.call('HLEN', K_ADDRS[f])
+    if f == '4' then held = held + prefixes * PREFIX_SIZE end
     local reserved_f = redis.call('HLEN', K_RESERVED[f])
-    local available = attached - reserved_f
+    local available = held - reserved_f
     local free = redis.call('ZCARD', K_FREE[f])
     local cooling = 0
     if COOLDOWN_MS > 0 and free > 0 then cooling = redis.call('ZCOUNT', K_FREE[f], '(' .. cutoff, '+inf') end
@@ -101,7 +205,7 @@ local function pool_state(now, node)
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
           waiting = waiting['4'], waiting6 = waiting['6'],
           lost = redis.call('HLEN', K_LOST), reserved = reserved,
-          excluded = redis.call('HLEN', K_EXCLUDED), reason = reason}
+          excluded = redis.call('HLEN', K_EXCLUDED), reason = reason, prefixes = prefixes, stranded = stranded}
 end
 
 -- A pool state as flat values, appended to `out` (see redis_store._flat_state for their order).
@@ -110,7 +214,8 @@ local function append_state(out, st)
     for _, n in ipairs(st.counts[f]) do out[#out + 1] = n end
   end
   for i = 1, #WATERMARK_FIELDS do out[#out + 1] = st.wm[i] or '' end
-  for _, v in ipairs({st.pending, st.waiting, st.waiting6, st.lost, st.reserved, st.excluded, st.reason}) do
+  for _, v in ipairs({st.pending, st.waiting, st.waiting6, st.lost, st.reserved, st.excluded, st.reason,
+                      st.prefixes, st.stranded}) do
     out[#out + 1] = v
   end
   return out
@@ -185,18 +290,20 @@ local function release_ip(ip, now, owner_done)
   if not owner_done then owners_remove(owner, ip) end
   if idem ~= '' then redis.call('HDEL', K_IDEM, idem) end
   if uuid ~= '' then redis.call('ZREM', K_EXP, ip) end  -- a timer runs only while the allocation holds its uuid
-  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
+  local single = redis.call('HEXISTS', K_ADDRS[f], ip) == 1
+  local prefix = not single and f == '4' and prefix_of(ip)
+  if not single and not prefix then
     redis.call('HDEL', K_LOST, ip)  -- not attached, maybe lost: it never returns to the free set
   elseif redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
-    redis.call('ZADD', K_FREE[f], now, ip)
+    if redis.call('ZADD', K_FREE[f], now, ip) == 1 and prefix then redis.call('ZINCRBY', K_PFREE, 1, prefix) end
   end
   return true
 end
 
 -- Puts an attached address back in the free set (first in line), unless it is excluded.
 local function restore_free(ip, f)
-  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 or redis.call('HEXISTS', K_EXCLUDED, ip) == 1 then return false end
-  redis.call('ZADD', K_FREE[f], 0, ip)
+  if not attached(ip, f) or redis.call('HEXISTS', K_EXCLUDED, ip) == 1 then return false end
+  free_add(f, 0, ip)
   return true
 end
 
@@ -235,7 +342,7 @@ end
 
 -- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
 local function describe(ip, f, owner, uuid)
-  local iface = redis.call('HGET', K_ADDRS[f], ip) or ''
+  local iface = iface_of(ip, f) or ''
   local info = ''
   if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
   return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}

@@ -1,16 +1,51 @@
 -- Adds addresses the worker attached (and read back from the cloud) to the pool; creates the pool.
 -- ARGV[3] interface id, [4] interface JSON, [5] VPC CIDRs (space-separated, "" = keep),
--- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8] fencing token, [9..] addresses.
+-- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8] fencing token, [9] IPv4 /28 prefixes
+-- (space-separated, canonical), [10..] addresses.
 if redis.call('EXISTS', K_NODE) == 0 then return fail('NODE_NOT_FOUND') end
+local iface = ARGV[3]
+local prefixes = words(ARGV[9])
+-- Checked before anything is written: a prefix never overlaps a single address of the pool, nor a
+-- known prefix on another interface (the cloud assigns neither).
+for _, p in ipairs(prefixes) do
+  local held_by = redis.call('HGET', K_PREFIXES, p)
+  if held_by and held_by ~= iface then return fail('PREFIX_OVERLAPS', {prefix = p}) end
+  if not held_by then
+    for _, ip in ipairs(prefix_ips(p)) do
+      if redis.call('HEXISTS', K_ADDRS['4'], ip) == 1 then return fail('PREFIX_OVERLAPS', {prefix = p}) end
+    end
+  end
+end
+for i = 10, #ARGV do
+  if family_of(ARGV[i]) == '4' and prefix_of(ARGV[i]) then return fail('PREFIX_OVERLAPS', {prefix = slash28(ARGV[i])}) end
+end
 if stale_token(ARGV[8]) then return fail('STALE_FENCING_TOKEN') end
 local now = now_ms()
-local iface = ARGV[3]
 redis.call('SADD', K_POOLS, POOL)
 if ARGV[5] ~= '' then redis.call('HSET', K_NODE, 'vpc_cidrs', ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('HSET', K_NODE, 'max_ifaces', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then redis.call('HSET', K_NODE, 'ipv4_per_iface', ARGV[7]) end
+-- A new prefix's addresses enter together; one allocated before (lost, and attached again) stays its owner's.
+local added_prefixes = {}
+for _, p in ipairs(prefixes) do
+  if redis.call('HSETNX', K_PREFIXES, p, iface) == 1 then
+    prefixes_held = true
+    local free = {}
+    for _, ip in ipairs(prefix_ips(p)) do
+      if redis.call('HEXISTS', K_ALLOC['4'], ip) == 1 then
+        redis.call('HDEL', K_LOST, ip)
+      elseif redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
+        free[#free + 1] = 0
+        free[#free + 1] = ip
+      end
+    end
+    if #free > 0 then redis.call('ZADD', K_FREE['4'], unpack(free)) end
+    redis.call('ZADD', K_PFREE, #free / 2, p)
+    added_prefixes[#added_prefixes + 1] = p
+  end
+end
 local added = {}
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
   if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then
@@ -27,21 +62,24 @@ end
 if iface ~= '' then
   local info = cjson.decode(ARGV[4])
   local known = redis.call('HGET', K_IFACES, iface)
-  local held, seen = {}, {}
-  for _, source in ipairs({known and cjson.decode(known).addresses or {}, info.addresses or {}}) do
-    if type(source) == 'table' then
-      for _, ip in ipairs(source) do
-        if not seen[ip] then seen[ip] = true; held[#held + 1] = ip end
+  local old = known and cjson.decode(known) or {}
+  local function merged(...)
+    local held, seen = {}, {}
+    for i = 1, select('#', ...) do
+      local source = select(i, ...)
+      if type(source) == 'table' then
+        for _, v in ipairs(source) do
+          if not seen[v] then seen[v] = true; held[#held + 1] = v end
+        end
       end
     end
+    return held
   end
-  for i = 9, #ARGV do
-    if not seen[ARGV[i]] then seen[ARGV[i]] = true; held[#held + 1] = ARGV[i] end
-  end
-  info.addresses = held
+  info.addresses = merged(old.addresses, info.addresses, {unpack(ARGV, 10)})
+  info.ipv4_prefixes = merged(old.ipv4_prefixes, info.ipv4_prefixes, prefixes)
   redis.call('HSET', K_IFACES, iface, cjson.encode(info))
   redis.call('HSET', K_IFINFO, iface, (info.mac or '') .. '\t' .. tostring(info.device_index or 0) .. '\t' ..
              (info.gateway_ip or '') .. '\t' .. (info.subnet_cidr or '') .. '\t' ..
              (info.gateway_ipv6 or '') .. '\t' .. (info.subnet_ipv6_cidr or ''))
 end
-return ok({added = added}, now)
+return ok({added = added, added_prefixes = added_prefixes}, now)

@@ -21,13 +21,13 @@ if current then
   local o = unpack_alloc(current)
   return fail('IP_ALREADY_ALLOCATED', {owner = o})
 end
-if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 then return fail('IP_NOT_IN_POOL') end
+if not attached(ip, f) then return fail('IP_NOT_IN_POOL') end
 if redis.call('HEXISTS', K_EXCLUDED, ip) == 1 then return fail('IP_EXCLUDED') end
 if redis.call('HEXISTS', K_RESERVED[f], ip) == 1 then return fail('IP_RESERVED_FOR_RELEASE') end
 -- The cooldown binds a named address too: conntrack and kube-proxy may still route to its last owner.
 local freed = redis.call('ZSCORE', K_FREE[f], ip)
 if COOLDOWN_MS > 0 and freed and tonumber(freed) > now - COOLDOWN_MS then return fail('IP_COOLING_DOWN') end
-redis.call('ZREM', K_FREE[f], ip)
+free_remove(f, ip)
 redis.call('HSET', K_ALLOC[f], ip, owner .. '\t\t' .. idem)
 owners_add(owner, ip)
 if idem ~= '' then redis.call('HSET', K_IDEM, idem, ip) end

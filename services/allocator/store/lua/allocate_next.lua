@@ -60,21 +60,29 @@ if idem ~= '' then
   end
 end
 
--- Pick every family first, so a dual-stack call takes both addresses or none: the free address that
--- became free first, if its cooldown is over (then no other is).
+-- Pick every family first, so a dual-stack call takes both addresses or none. IPv4 comes from the
+-- pool's prefixes first (take_from_prefixes), then from its single addresses: those stay free to be
+-- given back to the cloud first, so the node drifts towards whole prefixes. A single address is the
+-- one that became free first, if its cooldown is over (then no other is); it is never a prefix's
+-- (take_from_prefixes would have taken a prefix's address out of its cooldown).
 local picks = {}
 for f in string.gmatch(families, '%d') do
-  local popped = redis.call('ZPOPMIN', K_FREE[f])
-  if #popped > 0 and COOLDOWN_MS > 0 and tonumber(popped[2]) > clock() - COOLDOWN_MS then
-    redis.call('ZADD', K_FREE[f], popped[2], popped[1])
-    popped = {}
+  local ip, freed
+  if f == '4' then ip, freed = take_from_prefixes(clock) end
+  if not ip then
+    local popped = redis.call('ZPOPMIN', K_FREE[f])
+    if #popped > 0 and COOLDOWN_MS > 0 and tonumber(popped[2]) > clock() - COOLDOWN_MS then
+      redis.call('ZADD', K_FREE[f], popped[2], popped[1])
+      popped = {}
+    end
+    ip, freed = popped[1], popped[2]
   end
-  if #popped == 0 then
-    for _, p in ipairs(picks) do redis.call('ZADD', K_FREE[p[1]], p[3], p[2]) end  -- taken back: none or all
+  if not ip then
+    for _, p in ipairs(picks) do free_add(p[1], p[3], p[2]) end  -- taken back: none or all
     if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return {'POOL_NOT_FOUND'} end
     return append_state({'POOL_EMPTY', f, redis.call('ZCARD', K_FREE[f]), node.reason}, pool_state(clock(), node))
   end
-  picks[#picks + 1] = {f, popped[1], popped[2]}
+  picks[#picks + 1] = {f, ip, freed}
 end
 
 local out, taken = {}, {}

@@ -6,5 +6,5 @@ if missing then return fail(missing) end
 local now = now_ms()
 local ip, owner = ARGV[3], ARGV[4]
 redis.call('HSET', K_EXCLUDED, ip, owner)
-redis.call('ZREM', K_FREE[family_of(ip)], ip)
+free_remove(family_of(ip), ip)
 return ok({}, now)

@@ -10,12 +10,14 @@ local removed, still, newly_lost = {}, {}, {}
 for i = 4, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
-  if redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then
+  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 and f == '4' and prefix_of(ip) then
+    -- An address of a prefix leaves the pool only with its whole prefix.
+  elseif redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then
     still[#still + 1] = ip
     redis.call('HDEL', K_ADDRS[f], ip)
     if redis.call('HSETNX', K_LOST, ip, now) == 1 then newly_lost[#newly_lost + 1] = ip end
   elseif redis.call('HDEL', K_ADDRS[f], ip) == 1 then
-    redis.call('ZREM', K_FREE[f], ip)
+    redis.call('ZREM', K_FREE[f], ip)  -- a single address: no prefix to count it for
     redis.call('HDEL', K_RESERVED[f], ip)
     removed[#removed + 1] = ip
   end

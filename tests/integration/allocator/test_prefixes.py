@@ -1,0 +1,299 @@
+"""IPv4 /28 prefixes in the pool, through the allocator's gRPC API: they enter whole, AllocateNext
+empties the fullest first, GetNode and Dump show their use, and a wholly free prefix is reserved
+for release in one step (on one Redis and on a Redis Cluster)."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+import pytest
+
+from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
+from tests.support.allocator_process import AllocatorProcess
+from tests.support.api import Api, expect_error, reason_of
+from tests.support.redis_server import RedisServer
+
+SUBNET = "10.20.0.0/16"
+A, B = "10.20.1.0/28", "10.20.1.16/28"
+SINGLES = ["10.20.2.10", "10.20.2.11"]
+
+
+def _interface(interface_id: str = "eni-p0", subnet: str = SUBNET) -> npb.Interface:
+    return npb.Interface(
+        id=interface_id, mac="02:42:ac:11:00:09", device_index=1, subnet_cidr=subnet, gateway_ip="10.20.0.1"
+    )
+
+
+def _add(
+    api: Api, node: str, prefixes: list[str], ips: Sequence[str] = (), **fields: object
+) -> npb.AddAddressesResponse:
+    request = npb.AddAddressesRequest(
+        node=node, interface=_interface(), ips=list(ips), ipv4_prefixes=prefixes, vpc_cidrs=[SUBNET], **fields
+    )
+    return api.nodes.AddAddresses(request, timeout=5)
+
+
+def _allocate(api: Api, node: str, owner: str) -> str:
+    reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=5)
+    return reply.ipv4.ip
+
+
+def _in(ip: str, prefix: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(prefix)
+
+
+def _uses(api: Api, node: str) -> dict[str, tuple[int, int, int, int, int]]:
+    node_msg = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
+    return {p.prefix: (p.free, p.cooling, p.allocated, p.excluded, p.reserved) for p in node_msg.prefixes}
+
+
+def _reserve(api: Api, node: str, prefix: str) -> npb.ReserveForReleaseResponse:
+    return api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=node, prefix=prefix), timeout=5)
+
+
+def test_a_prefix_enters_whole_and_the_fullest_prefix_is_emptied_first(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    reply = _add(api, node, [A, B], SINGLES, max_interfaces=3, ipv4_per_interface=10)
+    assert list(reply.added_prefixes) == [A, B] and list(reply.added_ips) == SINGLES
+    assert reply.node.stats.available_ips == 34 and reply.node.stats.ipv4_prefixes == 2
+    assert list(reply.node.interfaces[0].ipv4_prefixes) == [A, B]
+    assert _add(api, node, [A]).added_prefixes == []  # known: skipped
+
+    taken = [_allocate(api, node, f"p{i}") for i in range(20)]
+    assert all(_in(ip, A) for ip in taken[:16]) and all(_in(ip, B) for ip in taken[16:])
+    assert sorted(taken[:16], key=ipaddress.ip_address)[0] == "10.20.1.0"  # .0 and .15 of a /28 are hosts
+    # Two addresses of A come back: A now has the fewest free, so it is filled again before B.
+    for ip in taken[:2]:
+        api.alloc.Release(pb.ReleaseRequest(node=node, ip=ip), timeout=5)
+    again = [_allocate(api, node, f"q{i}") for i in range(2)]
+    assert sorted(again) == sorted(taken[:2])
+    # Single addresses go only once every prefix is empty: they are the first to give back.
+    rest = [_allocate(api, node, f"r{i}") for i in range(12)]
+    assert all(_in(ip, B) for ip in rest)
+    assert sorted(_allocate(api, node, f"s{i}") for i in range(2)) == SINGLES
+
+    assert _uses(api, node) == {A: (0, 0, 16, 0, 0), B: (0, 0, 16, 0, 0)}
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+    assert len(dump.ipv4) == 34 and list(dump.free_ipv4) == []
+    assert [(p.prefix, p.interface_id, p.allocated) for p in dump.prefixes] == [(A, "eni-p0", 16), (B, "eni-p0", 16)]
+
+
+def test_statistics_count_a_prefix_in_use_whole_and_the_capacity_in_prefixes(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True, release_excess=True, first_interface_index=1)
+    stats = _add(api, node, [A, B], max_interfaces=3, ipv4_per_interface=10).node.stats
+    assert (stats.available_ips, stats.excess_ips, stats.max_allocatable_ipv4) == (32, 32, (3 - 1) * (10 - 1) * 16)
+    _allocate(api, node, "pod")  # from A: A is in use, its 15 free addresses cannot be given back
+    stats = api.stats(node)
+    assert (stats.used_ips, stats.excess_ips) == (1, 16)
+    assert _uses(api, node) == {A: (15, 0, 1, 0, 0), B: (16, 0, 0, 0, 0)}
+
+    single = api.create_node(first_interface_index=1)
+    api.nodes.AddAddresses(
+        npb.AddAddressesRequest(
+            node=single, interface=_interface(), ips=SINGLES, max_interfaces=3, ipv4_per_interface=10
+        ),
+        timeout=5,
+    )
+    assert api.stats(single).max_allocatable_ipv4 == (3 - 1) * (10 - 1)
+
+
+@pytest.mark.parametrize(
+    ("prefixes", "ips", "subnet"),
+    [
+        (["10.20.1.5/28"], [], SUBNET),  # not on a /28 boundary
+        (["10.20.1.0/27"], [], SUBNET),
+        (["10.21.0.0/28"], [], SUBNET),  # outside the interface's subnet
+        (["2001:db8::/80"], [], SUBNET),
+        (["nonsense"], [], SUBNET),
+        ([A], [], ""),  # no subnet to check it against
+        ([A], ["10.20.1.3"], SUBNET),  # an address sent alone and inside the prefix
+    ],
+)
+def test_a_malformed_prefix_is_refused_and_changes_nothing(
+    api: Api, prefixes: list[str], ips: list[str], subnet: str
+) -> None:
+    node = api.create_node()
+    request = npb.AddAddressesRequest(
+        node=node, interface=_interface(subnet=subnet), ips=ips, ipv4_prefixes=prefixes, vpc_cidrs=[SUBNET]
+    )
+    expect_error(api.nodes.AddAddresses, request, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PREFIX")
+    node_msg = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
+    assert (node_msg.stats.available_ips, list(node_msg.prefixes), list(node_msg.pools)) == (0, [], ["default"])
+
+
+def test_a_prefix_overlapping_the_pool_is_refused_and_changes_nothing(api: Api) -> None:
+    node = api.create_node()
+    _add(api, node, [], ["10.20.1.3"])
+    _add(api, node, [B])
+    for interface_id, prefixes, ips in (
+        ("eni-p0", [A], []),  # holds a single address of the pool
+        ("eni-p0", [], ["10.20.1.20"]),  # an address inside a prefix of the pool
+        ("eni-p1", [B], []),  # another interface's prefix
+    ):
+        request = npb.AddAddressesRequest(
+            node=node, interface=_interface(interface_id), ips=ips, ipv4_prefixes=prefixes, vpc_cidrs=[SUBNET]
+        )
+        expect_error(api.nodes.AddAddresses, request, grpc.StatusCode.FAILED_PRECONDITION, "PREFIX_OVERLAPS")
+    assert api.stats(node).available_ips == 17 and set(_uses(api, node)) == {B}
+
+
+def test_a_prefix_is_reserved_whole_only_when_every_address_is_free(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A], SINGLES)
+    held = _allocate(api, node, "pod")
+    expect_error(
+        api.nodes.ReserveForRelease,
+        npb.ReserveForReleaseRequest(node=node, prefix=A),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PREFIX_IN_USE",
+    )
+    api.alloc.ExcludeIP(pb.ExcludeIPRequest(node=node, ip="10.20.1.7", owner="ops"), timeout=5)
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=held), timeout=5)
+    expect_error(
+        api.nodes.ReserveForRelease,
+        npb.ReserveForReleaseRequest(node=node, prefix=A),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PREFIX_IN_USE",
+    )
+    assert api.stats(node).reserved_ips == 0 and _uses(api, node)[A] == (15, 0, 0, 1, 0)
+    # Reserving by count takes single addresses only: a prefix's address leaves only with its prefix.
+    by_count = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=node, count=10), timeout=5)
+    assert sorted(by_count.ips) == SINGLES
+    api.nodes.AbortRelease(npb.AbortReleaseRequest(node=node, reservation_id=by_count.reservation_id), timeout=5)
+    for bad in ("10.20.1.3/28", "10.20.1.0/24"):
+        expect_error(
+            api.nodes.ReserveForRelease,
+            npb.ReserveForReleaseRequest(node=node, prefix=bad),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PREFIX",
+        )
+    expect_error(
+        api.nodes.ReserveForRelease,
+        npb.ReserveForReleaseRequest(node=node, prefix=B),
+        grpc.StatusCode.NOT_FOUND,
+        "PREFIX_NOT_IN_POOL",
+    )
+
+
+def test_a_reserved_prefix_is_never_handed_out_then_leaves_whole_or_returns(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A, B])
+    reserved = _reserve(api, node, A)
+    assert sorted(reserved.ips, key=ipaddress.ip_address) == [str(a) for a in ipaddress.ip_network(A)]
+    assert api.stats(node).reserved_ips == 16 and _uses(api, node)[A] == (0, 0, 0, 0, 16)
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=node, ip="10.20.1.4", owner="x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IP_RESERVED_FOR_RELEASE",
+    )
+    assert all(_in(_allocate(api, node, f"p{i}"), B) for i in range(16))
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, owner="late"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
+    # Aborted: all 16 come back.
+    restored = api.nodes.AbortRelease(npb.AbortReleaseRequest(node=node, reservation_id=reserved.reservation_id))
+    assert len(restored.restored_ips) == 16 and _uses(api, node)[A] == (16, 0, 0, 0, 0)
+    # Completed: the prefix and its 16 addresses leave the pool.
+    again = _reserve(api, node, A)
+    done = api.nodes.CompleteRelease(npb.CompleteReleaseRequest(node=node, reservation_id=again.reservation_id))
+    assert len(done.released_ips) == 16 and set(_uses(api, node)) == {B}
+    stats = api.stats(node)
+    assert (stats.available_ips, stats.reserved_ips, stats.ipv4_prefixes) == (16, 0, 1)
+    expect_error(
+        api.alloc.Allocate,
+        pb.AllocateRequest(node=node, ip="10.20.1.4", owner="x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IP_NOT_IN_POOL",
+    )
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, owner="late"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
+
+
+def test_allocations_racing_a_prefix_release_never_take_from_the_reserved_or_gone_prefix(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A])
+    reserved_at: list[float] = []  # when the reservation was answered
+    violations: list[str] = []
+    stop = threading.Event()
+
+    def churn(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                ip = _allocate(api, node, f"w{worker}-{n}")
+            except grpc.RpcError as error:
+                assert reason_of(error) == "POOL_EMPTY", error
+                continue
+            finally:
+                n += 1
+            if reserved_at and started > reserved_at[0]:
+                violations.append(ip)
+            api.alloc.Release(pb.ReleaseRequest(node=node, ip=ip), timeout=5)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    refused = 0
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                reservation = _reserve(api, node, A)
+            except grpc.RpcError as error:
+                assert reason_of(error) == "PREFIX_IN_USE", error
+                refused += 1
+                continue
+            reserved_at.append(time.monotonic())
+            break
+        assert reserved_at, "the prefix was never wholly free"
+        time.sleep(0.2)  # the churn goes on against the reserved prefix
+        api.nodes.CompleteRelease(npb.CompleteReleaseRequest(node=node, reservation_id=reservation.reservation_id))
+        time.sleep(0.2)  # and against the prefix gone
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert violations == []
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+    assert (dict(dump.ipv4), list(dump.free_ipv4), list(dump.prefixes)) == ({}, [], [])
+
+
+@pytest.fixture(scope="module")
+def cooling_api(redis_server: RedisServer) -> Iterator[Api]:
+    process = AllocatorProcess(redis_server.url, reuse_cooldown_seconds=60).start()
+    client = Api(process.address)
+    yield client
+    client.close()
+    process.stop()
+
+
+def test_a_prefix_with_an_address_in_the_reuse_cooldown_is_not_reserved(cooling_api: Api) -> None:
+    api = cooling_api
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A, B])
+    ip = _allocate(api, node, "pod")
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=ip), timeout=5)
+    expect_error(
+        api.nodes.ReserveForRelease,
+        npb.ReserveForReleaseRequest(node=node, prefix=A),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PREFIX_COOLING_DOWN",
+    )
+    assert _uses(api, node)[A] == (15, 1, 0, 0, 0) and api.stats(node).reserved_ips == 0
+    # The cooling address is never handed out: the next comes from A's other 15, A still the fullest.
+    assert _in(_allocate(api, node, "next"), A) and _uses(api, node)[A] == (14, 1, 1, 0, 0)
+    assert len(_reserve(api, node, B).ips) == 16
