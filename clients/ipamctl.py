@@ -143,7 +143,15 @@ def format_dump(response: pb.DumpResponse) -> str:
             for s in response.subnets
         ]
         text += "\n\n" + format_table(["FAMILY", "SUBNET", "GATEWAY", "INTERFACES"], subnets)
+    if response.prefixes:
+        text += "\n\n" + format_prefixes(response.prefixes)
     return f"{text}\n\n{response.status}" if response.status else text
+
+
+def format_prefixes(prefixes: Iterable[pb.PrefixUse]) -> str:
+    """A pool's IPv4 /28 prefixes and the use of their 16 addresses each."""
+    rows = [[p.prefix, p.interface_id, p.free, p.cooling, p.allocated, p.excluded, p.reserved] for p in prefixes]
+    return format_table(["PREFIX", "INTERFACE", "FREE", "COOLING", "ALLOCATED", "EXCLUDED", "RESERVED"], rows)
 
 
 _FAMILY_NAMES = {pb.FAMILY_IPV4: "ipv4", pb.FAMILY_IPV6: "ipv6"}
@@ -200,6 +208,8 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("deficit reason", stats.deficit_reason),
                 ("last cloud error", _last_error(node)),
                 ("lost (gone from the cloud)", stats.lost_ips),
+                ("max allocatable ipv4", stats.max_allocatable_ipv4),
+                ("ipv4 prefixes", stats.ipv4_prefixes),
             ]
         ),
         "interfaces",
@@ -217,14 +227,17 @@ def format_node(node: nodes_pb.Node) -> str:
                 i.mac,
                 i.primary_ip,
                 len(i.addresses),
+                len(i.ipv4_prefixes),
             ]
             for i in node.interfaces
         ]
         headers = ["ID", "DEVICE", "SUBNET", "IPV4 CIDR", "IPV4 GATEWAY", "IPV6 CIDR", "IPV6 GATEWAY"]
-        table = format_table([*headers, "MAC", "PRIMARY IP", "ADDRESSES"], rows)
+        table = format_table([*headers, "MAC", "PRIMARY IP", "ADDRESSES", "PREFIXES"], rows)
         sections.append("\n".join(f"  {line}" for line in table.splitlines()))
     else:
         sections.append("  none")
+    if node.prefixes:
+        sections += ["prefixes", "\n".join(f"  {line}" for line in format_prefixes(node.prefixes).splitlines())]
     return "\n".join(section for section in sections if section)
 
 

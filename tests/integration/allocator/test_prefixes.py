@@ -113,6 +113,7 @@ def test_statistics_count_a_prefix_in_use_whole_and_the_capacity_in_prefixes(api
         ([A], [], ""),  # no subnet to check it against
         ([A], ["10.20.1.3"], SUBNET),  # an address sent alone and inside the prefix
     ],
+    ids=["off-boundary", "a-27", "outside-subnet", "ipv6", "nonsense", "no-subnet", "address-inside"],
 )
 def test_a_malformed_prefix_is_refused_and_changes_nothing(
     api: Api, prefixes: list[str], ips: list[str], subnet: str

@@ -120,6 +120,25 @@ def test_allocation_and_node_show_each_familys_subnet_and_gateway() -> None:
     assert row.split()[3:7] == ["10.0.0.0/18", "10.0.0.1", "2001:db8::/64", "fe80:ec2::1"]
 
 
+def test_node_show_and_dump_list_the_prefixes_and_their_use() -> None:
+    use = pb.PrefixUse(prefix="10.0.1.16/28", interface_id="eni-1", free=9, cooling=1, allocated=5, excluded=1)
+    node = nodes_pb.Node(
+        spec=nodes_pb.NodeSpec(name="n1"),
+        interfaces=[nodes_pb.Interface(id="eni-1", mac="m", ipv4_prefixes=["10.0.1.16/28"])],
+        stats=nodes_pb.NodeStats(max_allocatable_ipv4=432, ipv4_prefixes=1),
+        prefixes=[use],
+    )
+    lines = format_node(node).splitlines()
+    assert ["max", "allocatable", "ipv4", "432"] in [line.split() for line in lines]
+    assert lines[-5].split()[-2:] == ["ADDRESSES", "PREFIXES"] and lines[-4].split()[-1] == "1"
+    assert lines[-3] == "prefixes"
+    assert [line.split() for line in lines[-2:]] == [
+        ["PREFIX", "INTERFACE", "FREE", "COOLING", "ALLOCATED", "EXCLUDED", "RESERVED"],
+        ["10.0.1.16/28", "eni-1", "9", "1", "5", "1", "0"],
+    ]
+    assert format_dump(pb.DumpResponse(prefixes=[use])).splitlines()[-1].split()[:3] == ["10.0.1.16/28", "eni-1", "9"]
+
+
 def test_json_flag_is_accepted_before_and_after_the_command() -> None:
     parser = build_parser()
     assert parser.parse_args(["--json", "dump", "n1"]).json
