@@ -164,6 +164,7 @@ end
 
 -- The node fields the hot scripts (allocate_next, release) read, in one HMGET.
 local NODE_FIELDS = {'created_ms', 'vpc_cidrs', 'deficit_reason', unpack(WATERMARK_FIELDS)}
+NODE_FIELDS[#NODE_FIELDS + 1] = 'prefixes'  -- "1" once a pool of the node has held a prefix
 
 -- The node's fields (nil when the node does not exist): `v6` its ipv6_enabled, `vpc`, `reason` (why
 -- the worker could not refill it), `wm` WATERMARK_FIELDS' values in their order.
@@ -172,6 +173,7 @@ local function node_fields()
   if not v[1] then return nil end
   local wm = {}
   for i = 1, #WATERMARK_FIELDS do wm[i] = v[i + 3] end
+  if v[#NODE_FIELDS] ~= '1' then prefixes_held = false end  -- spares has_prefixes' read on most nodes
   return {v6 = v[9], vpc = v[2] or '', reason = v[3] or '', wm = wm}
 end
 

@@ -30,6 +30,7 @@ local added_prefixes = {}
 for _, p in ipairs(prefixes) do
   if redis.call('HSETNX', K_PREFIXES, p, iface) == 1 then
     prefixes_held = true
+    redis.call('HSET', K_NODE, 'prefixes', '1')
     local free = {}
     for _, ip in ipairs(prefix_ips(p)) do
       if redis.call('HEXISTS', K_ALLOC['4'], ip) == 1 then
