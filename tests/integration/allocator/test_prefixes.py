@@ -16,6 +16,7 @@ from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
+from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 
 SUBNET = "10.20.0.0/16"
@@ -298,3 +299,45 @@ def test_a_prefix_with_an_address_in_the_reuse_cooldown_is_not_reserved(cooling_
     # The cooling address is never handed out: the next comes from A's other 15, A still the fullest.
     assert _in(_allocate(api, node, "next"), A) and _uses(api, node)[A] == (14, 1, 1, 0, 0)
     assert len(_reserve(api, node, B).ips) == 16
+
+
+def test_a_dual_stack_call_short_of_ipv6_takes_nothing_from_a_prefix(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True, ipv6_enabled=True)
+    _add(api, node, [A, B])
+    _allocate(api, node, "first")  # A is now the fullest
+    request = pb.AllocateNextRequest(node=node, family=pb.FAMILY_UNSPECIFIED, owner="both")
+    expect_error(api.alloc.AllocateNext, request, grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EMPTY")
+    assert _uses(api, node) == {A: (15, 0, 1, 0, 0), B: (16, 0, 0, 0, 0)}
+    assert _in(_allocate(api, node, "second"), A)  # still the fullest: its count was put back
+
+
+def test_keyed_retries_and_lost_addresses_keep_a_prefix_whole(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A, B])
+    keyed = pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="pod", idempotency_key="pod/eth0")
+    first = api.alloc.AllocateNext(keyed, timeout=5).ipv4.ip
+    assert api.alloc.AllocateNext(keyed, timeout=5).ipv4.ip == first and _uses(api, node)[A] == (15, 0, 1, 0, 0)
+    # A prefix's address leaves the pool only with its prefix, never alone.
+    removed = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=node, ips=[first, "10.20.1.20"]), timeout=5)
+    assert (list(removed.removed_ips), list(removed.still_allocated)) == ([], [])
+    assert api.stats(node).available_ips == 32 and api.stats(node).lost_ips == 0
+    api.alloc.ReleaseByKey(pb.ReleaseByKeyRequest(node=node, idempotency_key="pod/eth0"), timeout=5)
+    assert _uses(api, node)[A] == (16, 0, 0, 0, 0)
+
+
+def test_callers_waiting_for_a_refill_are_served_by_a_prefix(api: Api) -> None:
+    node = api.create_node()
+    replies: list[str] = []
+
+    def caller(owner: str) -> None:
+        request = pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner, wait_for_refill=True)
+        replies.append(api.alloc.AllocateNext(request, timeout=10).ipv4.ip)
+
+    threads = [threading.Thread(target=caller, args=(f"w{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    poll(lambda: api.stats(node).waiting_ipv4 == 3)
+    _add(api, node, [B])
+    for t in threads:
+        t.join(10)
+    assert len(replies) == 3 and all(_in(ip, B) for ip in replies)
