@@ -9,7 +9,9 @@ callers in order (Redis answers a connection's commands in the order they came).
 
 A command sent with `replicate=True` is answered only once `WAIT n timeout`, appended after the
 last such command of its write, says that n replicas hold it (one WAIT per write, not per command:
-WAIT blocks the connection, and covers everything the connection wrote before it).
+WAIT covers everything the connection wrote before it). WAIT blocks its connection until the
+replicas answer, so with replicas to wait for the commands go over a few connections, each turn's to
+one whose WAIT has answered: Redis runs one turn's scripts while another's wait for the replicas.
 
 Used for the pool scripts on a single Redis or the master that Sentinel names (`redis://` URLs);
 Redis Cluster, TLS and everything else go through redis-py.
@@ -79,6 +81,19 @@ class _RespProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+
+    @property
+    def usable(self) -> bool:
+        return not (self.closed or self.retired)
+
+    @property
+    def waiting_for_replicas(self) -> bool:
+        """A WAIT of this connection is out and has not answered (its connection is blocked)."""
+        return bool(self._wait_groups)
+
+    @property
+    def load(self) -> int:
+        return len(self._waiting)
 
     def send(self, packed: bytes, timeout_s: float | None = None, replicate: bool = False) -> asyncio.Future[Any]:
         """Queues one command; `timeout_s` (below the connection's timeout) bounds this caller's wait alone.
@@ -227,7 +242,8 @@ class PipelinedConnection:
     """`execute(*args)` from any number of tasks; (re)connects on first use after a failure.
 
     `resolve` names the server on every (re)connection (Sentinel's master), else `host`:`port`.
-    `min_replicas`, `replica_wait_s`: what `execute(..., replicate=True)` waits for."""
+    `min_replicas`, `replica_wait_s`: what `execute(..., replicate=True)` waits for; with replicas to
+    wait for, `connections` (default 4) connections are used, else one."""
 
     def __init__(
         self,
@@ -241,6 +257,7 @@ class PipelinedConnection:
         resolve: Resolver | None = None,
         min_replicas: int = 0,
         replica_wait_s: float = 0.0,
+        connections: int = 4,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self._username, self._password = username, password
@@ -248,8 +265,9 @@ class PipelinedConnection:
         self._timeout_s = timeout_s
         self.min_replicas = min_replicas
         self._replica_wait_s = replica_wait_s
-        self._protocol: _RespProtocol | None = None
-        self._connecting: asyncio.Future[_RespProtocol] | None = None
+        count = max(connections, 1) if min_replicas > 0 else 1
+        self._protocols: list[_RespProtocol | None] = [None] * count
+        self._connecting: list[asyncio.Future[_RespProtocol] | None] = [None] * count
 
     @classmethod
     def from_url(
@@ -285,8 +303,8 @@ class PipelinedConnection:
         it), another `TimeoutError` / `ConnectionError` when it never left. `timeout_s` bounds this
         call's wait when it is shorter than the connection's timeout. `replicate`: the reply only once
         `min_replicas` replicas hold the command, else `NotReplicatedError`."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed or protocol.retired:
+        protocol = self._pick()
+        if protocol is None:
             try:
                 async with asyncio.timeout(timeout_s):
                     protocol = await self._connected()
@@ -294,18 +312,29 @@ class PipelinedConnection:
                 raise RedisTimeoutError(f"no connection to redis within {timeout_s:.2f} s") from None
         return await protocol.send(hiredis.pack_command(args), timeout_s, replicate)
 
+    def _pick(self) -> _RespProtocol | None:
+        """A connection not blocked by a WAIT, else None while one may still be made, else the least busy."""
+        usable = [p for p in self._protocols if p is not None and p.usable]
+        idle = next((p for p in usable if not p.waiting_for_replicas), None)
+        if idle is not None:
+            return idle
+        if len(usable) < len(self._protocols):
+            return None
+        return min(usable, key=lambda p: p.load)
+
     async def _connected(self) -> _RespProtocol:
-        # Callers arriving while a connection is being made wait for that one.
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-        connecting = self._connecting
+        # The first slot without a usable connection; callers arriving while it is being made wait for it.
+        index = next(i for i, p in enumerate(self._protocols) if p is None or not p.usable)
+        connecting = self._connecting[index]
+        if connecting is None:
+            connecting = self._connecting[index] = asyncio.ensure_future(self._connect(index))
         try:
             return await asyncio.shield(connecting)
         finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+            if connecting.done() and self._connecting[index] is connecting:
+                self._connecting[index] = None
 
-    async def _connect(self) -> _RespProtocol:
+    async def _connect(self, index: int) -> _RespProtocol:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
@@ -334,10 +363,11 @@ class PipelinedConnection:
             ) from None
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to redis at {self.host}:{self.port}: {exc}") from exc
-        self._protocol = protocol
+        self._protocols[index] = protocol
         return protocol
 
     async def close(self) -> None:
-        if self._protocol is not None:
-            self._protocol.close()
-            self._protocol = None
+        for index, protocol in enumerate(self._protocols):
+            if protocol is not None:
+                protocol.close()
+                self._protocols[index] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -13,8 +13,8 @@ from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.allocator.store.pipelining import OutcomeUnknownError, PipelinedConnection
-from tests.support.redis_server import RedisServer
+from services.allocator.store.pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
+from tests.support.redis_server import RedisServer, SentinelGroup
 
 T = TypeVar("T")
 
@@ -152,3 +152,84 @@ def test_only_plain_redis_urls_are_pipelined() -> None:
     assert PipelinedConnection.from_url("unix:///tmp/redis.sock", timeout_s=1) is None
     connection = PipelinedConnection.from_url("redis://user:pw@10.0.0.1:6380/3", timeout_s=1)
     assert connection is not None and (connection.host, connection.port, connection.db) == ("10.0.0.1", 6380, 3)
+
+
+# --- waiting for replicas (WAIT) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
+    group = SentinelGroup()  # its primary and replica only
+    group.primary.start()
+    group.replica.extra_args += ["--replicaof", group.primary.host, str(group.primary.port)]
+    group.replica.start()
+    group.wait_in_sync()
+    yield group.primary, group.replica
+    group.close()
+
+
+def run_replicated(test: Callable[[PipelinedConnection], Awaitable[T]], url: str, wait_s: float) -> T:
+    async def main() -> T:
+        connection = PipelinedConnection.from_url(url, timeout_s=3.0, min_replicas=1, replica_wait_s=wait_s)
+        assert connection is not None
+        try:
+            return await test(connection)
+        finally:
+            await connection.close()
+
+    return asyncio.run(main())
+
+
+def test_a_replicated_command_is_answered_once_the_replica_holds_it(
+    with_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = with_replica
+
+    async def test(connection: PipelinedConnection) -> list[object]:
+        return await asyncio.gather(*(connection.execute("SET", f"r{i}", i, replicate=True) for i in range(50)))
+
+    assert run_replicated(test, primary.url, wait_s=2.0) == [b"OK"] * 50
+    with replica.client() as conn:
+        assert conn.get("r49") == "49"  # answered only once the replica had it: no wait needed here
+
+
+def test_without_its_replica_a_replicated_command_runs_but_is_not_answered_ok(
+    with_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = with_replica
+
+    async def test(connection: PipelinedConnection) -> list[object]:
+        return await asyncio.gather(
+            *(connection.execute("SET", "unconfirmed", i, replicate=True) for i in range(3)), return_exceptions=True
+        )
+
+    replica.pause()
+    try:
+        answers = run_replicated(test, primary.url, wait_s=0.2)
+    finally:
+        replica.resume()
+    assert all(isinstance(a, NotReplicatedError) and a.acks == 0 and a.reply == b"OK" for a in answers), answers
+    with primary.client() as conn:
+        assert conn.get("unconfirmed") == "2"  # Redis ran them: "not confirmed", never "not done"
+
+
+def test_a_wait_for_the_replica_holds_up_no_command_of_a_later_turn(
+    with_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = with_replica
+
+    async def test(connection: PipelinedConnection) -> tuple[bool, bytes, object]:
+        blocked = asyncio.ensure_future(connection.execute("SET", "blocked", 1, replicate=True))
+        with primary.client() as observer:
+            while int(observer.info("clients")["blocked_clients"]) < 1:  # the SET's WAIT is waiting
+                await asyncio.sleep(0.01)
+        read = await connection.execute("ECHO", "next turn")  # on another connection, at once
+        return blocked.done(), read, await asyncio.gather(blocked, return_exceptions=True)
+
+    replica.pause()
+    try:
+        done_before_read, read, (blocked,) = run_replicated(test, primary.url, wait_s=2.0)
+    finally:
+        replica.resume()
+    assert read == b"next turn" and not done_before_read
+    assert isinstance(blocked, NotReplicatedError)
