@@ -16,7 +16,7 @@ PROTOC_GEN_GO_GRPC := $(GOBIN)/protoc-gen-go-grpc
 CNI_PLUGIN := $(GOBIN)/cni/ipam-cni
 CNI_GO_MODULE := ipam/clients/cni
 
-.PHONY: setup proto run run-ha test lint bench bench-scale bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
+.PHONY: setup proto run run-ha test lint bench bench-ha bench-scale bench-cni load ghz clean system-packages redis-server promtool cni cni-proto cni-system cnitool
 
 # Debian's packages, installed only when missing (apt-get update once, then install): redis-server,
 # and prometheus for promtool (it checks deploy/'s alert rules).
@@ -115,6 +115,12 @@ ghz: $(GHZ)
 bench: setup $(GHZ)
 	$(PY) -m bench.run_bench --ghz $(GHZ)
 	$(PY) -m bench.scale
+	$(PY) -m bench.ha --ghz $(GHZ)
+
+# Redis with a replica: AllocateNext with IPAM_REDIS_MIN_REPLICAS 1 against 0, and what callers see of
+# a Sentinel failover (bench/ha.py).
+bench-ha: setup $(GHZ)
+	$(PY) -m bench.ha --ghz $(GHZ)
 
 # The cloud worker at cluster scale: one full resync at 100, 300 and 1,000 nodes (bench/scale.py).
 bench-scale: setup
