@@ -64,6 +64,10 @@ def test_a_prefix_enters_whole_and_the_fullest_prefix_is_emptied_first(api: Api)
     assert reply.node.stats.available_ips == 34 and reply.node.stats.ipv4_prefixes == 2
     assert list(reply.node.interfaces[0].ipv4_prefixes) == [A, B]
     assert _add(api, node, [A]).added_prefixes == []  # known: skipped
+    # An address of a prefix answers with its interface, as a single address does.
+    result = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="probe"), timeout=5).ipv4
+    assert (result.interface_id, result.gateway_ip, result.subnet_cidr) == ("eni-p0", "10.20.0.1", SUBNET)
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=result.ip), timeout=5)
 
     taken = [_allocate(api, node, f"p{i}") for i in range(20)]
     assert all(_in(ip, A) for ip in taken[:16]) and all(_in(ip, B) for ip in taken[16:])

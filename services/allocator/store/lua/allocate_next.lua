@@ -30,7 +30,7 @@ end
 
 -- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
 local function described(ip, f, owner, uuid)
-  local iface = redis.call('HGET', K_ADDRS[f], ip) or ''
+  local iface = iface_of(ip, f) or ''
   local info = ''
   if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
   return {ip, f, owner, uuid, iface, info}
