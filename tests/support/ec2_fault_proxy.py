@@ -3,6 +3,7 @@ whose EC2 client lives in another process (botocore's event hooks reach only our
 
 Per call, by chance: throttled (503 RequestLimitExceeded, not forwarded), a clean 500 (not
 forwarded), or carried out and then answered with a 500 (forwarded, its answer thrown away).
+And on demand: calls of one action held, not forwarded, until released (`hold`, `release`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Ec2FaultProxy:
         self.counts: dict[str, int] = {"throttle": 0, "error": 0, "after_call": 0, "forwarded": 0}
         self._random = random.Random(seed)
         self._lock = threading.Lock()
+        self._held_action = ""
+        self._gate = threading.Event()
+        self.held = 0  # calls waiting at the gate now
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,9 +52,12 @@ class Ec2FaultProxy:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy._wait_if_held(body)
                 fault = proxy._choose(body)
                 if fault == "throttle":
-                    return self._answer(503, _ERROR.format(code="RequestLimitExceeded", message="Request limit exceeded."))
+                    return self._answer(
+                        503, _ERROR.format(code="RequestLimitExceeded", message="Request limit exceeded.")
+                    )
                 if fault == "error":
                     return self._answer(500, _ERROR.format(code="InternalError", message="An internal error occurred."))
                 status, headers, payload = proxy._forward(self.command, self.path, dict(self.headers), body)
@@ -85,8 +92,27 @@ class Ec2FaultProxy:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def hold(self, action: str) -> None:
+        """Calls of `action` from now on wait, not forwarded, until `release`."""
+        self._gate.clear()
+        self._held_action = action
+
+    def release(self) -> None:
+        """Forwards the calls held, and holds no more."""
+        self._held_action = ""
+        self._gate.set()
+
+    def _wait_if_held(self, body: bytes) -> None:
+        if not self._held_action or _action(body) != self._held_action:
+            return
+        with self._lock:
+            self.held += 1
+        self._gate.wait(timeout=60)
+        with self._lock:
+            self.held -= 1
+
     def _choose(self, body: bytes) -> str:
-        action = urllib.parse.parse_qs(body.decode(errors="replace")).get("Action", [""])[0]
+        action = _action(body)
         mutating = not action.startswith("Describe")
         with self._lock:
             roll = self._random.random()
@@ -125,3 +151,7 @@ class Ec2FaultProxy:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _action(body: bytes) -> str:
+    return urllib.parse.parse_qs(body.decode(errors="replace")).get("Action", [""])[0]
