@@ -201,9 +201,10 @@ class Worker:
         self.node_gauges(nodes)
         with at_priority(Priority.HOUSEKEEPING):
             try:
-                cost = await asyncio.to_thread(
-                    self.maintainer.view.refresh, [n.config.instance_id for n in nodes if n.config.instance_id]
+                instances = (
+                    self.provider.node_instance(n.name, n.config.instance_id, n.config.instance_type) for n in nodes
                 )
+                cost = await asyncio.to_thread(self.maintainer.view.refresh, [i[0] for i in instances if i is not None])
                 log.info(
                     "cloud view refreshed: %d VPC(s), %d interface(s), %d instance(s) described, %.2f s",
                     cost.vpcs,

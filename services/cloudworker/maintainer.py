@@ -177,20 +177,22 @@ class NodeMaintainer:
         # From here on the node's own need sets the priority of its cloud calls: refills first.
         current_priority.set(priority_of(node))
         spec = node.config
-        if not spec.instance_id or not spec.instance_type:
+        found = self.provider.node_instance(name, spec.instance_id, spec.instance_type)
+        if found is None:
             outcome.reason = DeficitReason.NO_INSTANCE
             outcome.detail = "the node's spec names no instance id or type"
             await self._report(node, None, outcome)
             return None
-        if spec.instance_id != known_instance:
+        instance_id, instance_type = found
+        if instance_id != known_instance:
             first_read = None
         if first_read is not None:
-            self.view.put_interfaces(spec.instance_id, first_read)
+            self.view.put_interfaces(instance_id, first_read)
         else:
-            first_read = self._viewed_interfaces(node, pool)
-        self._node_instances[name] = spec.instance_id
+            first_read = self._viewed_interfaces(node, instance_id, pool)
+        self._node_instances[name] = instance_id
         try:
-            limits = await self._cloud(outcome, self.provider.instance_limits, spec.instance_type)
+            limits = await self._cloud(outcome, self.provider.instance_limits, instance_type)
         except NotFound as exc:
             # Said to the allocator, so that callers fail at once with the reason instead of
             # waiting for a refill that cannot come (Cilium #14802: unknown types failing silently).
@@ -199,8 +201,8 @@ class NodeMaintainer:
             await self._report(node, None, outcome)
             return None
         try:
-            instance = self.view.instance(spec.instance_id) or await self._cloud(
-                outcome, self.provider.describe_instance, spec.instance_id
+            instance = self.view.instance(instance_id) or await self._cloud(
+                outcome, self.provider.describe_instance, instance_id
             )
         except NotFound as exc:
             # The same for an instance the cloud does not know (InvalidInstanceID.NotFound): callers
@@ -354,12 +356,14 @@ class NodeMaintainer:
             )
         return matching
 
-    def _viewed_interfaces(self, node: PoolNode, pool: PoolAddresses) -> list[NetworkInterface] | None:
+    def _viewed_interfaces(
+        self, node: PoolNode, instance_id: str, pool: PoolAddresses
+    ) -> list[NetworkInterface] | None:
         """The node's interfaces from the view, when it is fresh and holds exactly the pool's
         addresses. Any difference (another replica changed the node, someone behind our back) is
         settled from the instance read alone, never from the view: nothing leaves or enters the
         pool on the view's word."""
-        viewed = self.view.interfaces(node.config.instance_id)
+        viewed = self.view.interfaces(instance_id)
         if viewed is None:
             return None
         first = node.config.first_interface_index
@@ -636,7 +640,8 @@ class NodeMaintainer:
         """After an unassign that failed: settles the reservation by what the interface holds now."""
         name = node.name
         try:
-            interfaces = await self._cloud(outcome, self.provider.list_interfaces, node.config.instance_id)
+            instance_id = self._node_instances.get(name, node.config.instance_id)
+            interfaces = await self._cloud(outcome, self.provider.list_interfaces, instance_id)
         except ProviderError as exc:
             log.warning(
                 "node %s: unassign failed (%s) and the interface could not be read (%s): reservation %s left "

@@ -182,6 +182,10 @@ def make_ec2_client(
 class Ec2Policy:
     """EC2's choices for a step (`CloudPolicy`); pure."""
 
+    def node_instance(self, node: str, instance_id: str, instance_type: str) -> tuple[str, str] | None:
+        """The EC2 instance the spec names, once it names both its id and its type."""
+        return (instance_id, instance_type) if instance_id and instance_type else None
+
     def prepare_allocation(
         self,
         spec: NodeSpec,

@@ -33,6 +33,12 @@ from services.core.family import Family
 class CloudPolicy(Protocol):
     """The cloud's choices for one step (pure: no I/O, no state)."""
 
+    def node_instance(self, node: str, instance_id: str, instance_type: str) -> tuple[str, str] | None:
+        """The instance that holds node `node`'s addresses, as (id, type), from the instance id and
+        type its spec names; None when they name none this cloud can use (the node waits,
+        `no-instance`)."""
+        ...
+
     def prepare_allocation(
         self,
         spec: NodeSpec,

@@ -307,3 +307,24 @@ def test_a_node_without_an_instance_is_left_alone() -> None:
     outcome = _maintain(cloud, allocator)
     assert outcome.reason == DeficitReason.NO_INSTANCE
     assert cloud.calls == [] and allocator.attached == set()
+
+
+@dataclass
+class InstanceFreeCloud(FakeCloud):
+    """A cloud whose node is its own instance (as the cluster pool's): the spec names none."""
+
+    instance_ids: list[str] = field(default_factory=list)
+
+    def node_instance(self, node: str, instance_id: str, instance_type: str) -> tuple[str, str] | None:
+        return (instance_id or node, instance_type or "small")
+
+    def describe_instance(self, instance_id: str) -> Instance:
+        self.instance_ids.append(instance_id)
+        return super().describe_instance(instance_id)
+
+
+def test_the_provider_says_which_instance_holds_a_node_s_addresses() -> None:
+    cloud, allocator = InstanceFreeCloud(), FakeAllocator(_spec(instance_id="", instance_type=""))
+    outcome = _maintain(cloud, allocator)
+    assert outcome.reason == DeficitReason.NOTHING_NEEDED and allocator.attached == cloud.held() != set()
+    assert set(cloud.instance_ids) == {"node-a"}
