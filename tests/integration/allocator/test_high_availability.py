@@ -348,3 +348,42 @@ def test_a_primary_refusing_writes_without_its_replicas_is_unavailable_and_nothi
         ), caught.value.details()
         assert "refused" not in api.dump(node)[0].values()
         api.close()
+
+
+def test_a_keyed_retry_through_another_allocator_is_not_ok_while_no_replica_holds_the_change(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # Two allocators, as a deployment runs them: a call's retry may reach the other one, whose
+    # connections never carried the first try's write, and whose replay writes nothing.
+    primary, replica = primary_and_replica
+    settings = {"redis_min_replicas": 1, "redis_replica_wait_seconds": 0.3}
+    with AllocatorProcess(primary.url, **settings) as first, AllocatorProcess(primary.url, **settings) as second:
+        api, other = Api(first.address), Api(second.address)
+        node = api.create_node(pre_allocate=0)
+        api.seed(node, v4=4)
+        warm = pb.AllocateNextRequest(node=node, owner="warm-up", family=pb.FAMILY_IPV4)
+        other.alloc.AllocateNext(warm, timeout=5)  # its connections wrote, before the replica stalled
+        answers = []
+        replica.pause()
+        try:
+            for stub in (api.alloc, other.alloc):
+                request = pb.AllocateNextRequest(node=node, owner="pod", family=pb.FAMILY_IPV4, idempotency_key="k")
+                try:
+                    stub.AllocateNext(request, timeout=2)
+                    answers.append("OK")
+                except grpc.RpcError as error:
+                    answers.append(f"{error.code().name} {reason_of(error)}")
+            for stub in (api.alloc, other.alloc):  # a keyed release retried the same way (CNI's DEL)
+                try:
+                    stub.ReleaseByKey(pb.ReleaseByKeyRequest(node=node, idempotency_key="k"), timeout=2)
+                    answers.append("OK")
+                except grpc.RpcError as error:
+                    answers.append(f"{error.code().name} {reason_of(error)}")
+        finally:
+            replica.resume()
+        assert answers == ["ABORTED OUTCOME_UNKNOWN"] * 4
+        # With the replica back, the release's retry is answered, and the address is free.
+        other.alloc.ReleaseByKey(pb.ReleaseByKeyRequest(node=node, idempotency_key="k"), timeout=5)
+        assert "pod" not in api.dump(node)[0].values()
+        api.close()
+        other.close()
