@@ -1,10 +1,13 @@
-"""Redis memory per pooled IPv4 address in prefix mode, against single (/32) addresses.
+"""Redis memory per pooled IPv4 address in prefix mode, against single (/32) addresses; and per
+IPv6 address allocated from a /80.
 
 Starts its own redis-server and allocator, fills nodes through `AddAddresses` (admin token) with
 IPv4 /28 prefixes or with the same number of single addresses, and reports per pooled address:
 Redis `used_memory` after minus before over every node (`INFO memory`), and `MEMORY USAGE` of one
 node's keys (`SCAN` on its hash tag). Every address is free: the pool as the worker leaves it after a
 refill. An allocated address costs more in either mode (its allocation, owner and key entries).
+Then each node gets an IPv6 /80 and `--ipv6-allocations` AllocateNext IPv6 calls: the /80 alone, and
+`used_memory` per allocated address (the prefix is never written out address by address).
 
     .venv/bin/python -m bench.prefix_memory                 # 200 nodes; 6 and 27 prefixes per node
     .venv/bin/python -m bench.prefix_memory --nodes 50 --prefixes 27
@@ -22,6 +25,7 @@ from typing import Any, TypeVar
 
 from clients.client import AsyncIpamClient, node_spec
 from ipam.v1 import nodes_pb2
+from services.core.family import Family
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.redis_server import RedisServer
 
@@ -90,12 +94,64 @@ def measure(
     }
 
 
+async def _fill_ipv6(address: str, names: list[str], allocations: int) -> None:
+    async with AsyncIpamClient(address, ADMIN_TOKEN, timeout=30) as client:
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def bounded(call: Awaitable[_T]) -> _T:
+            async with gate:
+                return await call
+
+        await asyncio.gather(
+            *(
+                bounded(client.allocate_next(n, family=Family.IPV6, owner=f"pod-{i}"))
+                for n in names
+                for i in range(allocations)
+            )
+        )
+
+
+async def _add_ipv6_prefixes(address: str, names: list[str]) -> None:
+    async with AsyncIpamClient(address, ADMIN_TOKEN, timeout=30) as client:
+        specs = [node_spec(n, instance_type="m5.large", ipv6_enabled=True, pre_allocate=0) for n in names]
+        await asyncio.gather(*(client.create_node(s) for s in specs))
+        for i, name in enumerate(names):
+            subnet = ipaddress.ip_network("2600:1f00::/40").network_address + (i << 64)
+            interface = nodes_pb2.Interface(id=f"eni-{i:08x}{0:09x}", subnet_ipv6_cidr=f"{subnet}/64")
+            request = nodes_pb2.AddAddressesRequest(node=name, interface=interface, ipv6_prefix=f"{subnet}/80")
+            await client.add_addresses(request)
+
+
+def measure_ipv6(
+    redis_server: RedisServer, allocator: AllocatorProcess, nodes: int, allocations: int
+) -> dict[str, Any]:
+    """FLUSHALL, `nodes` nodes with a /80 each, then `allocations` IPv6 addresses taken on each."""
+    names = [f"mem-ipv6-{i}" for i in range(nodes)]
+    with redis_server.client() as redis:
+        redis.flushall()
+        asyncio.run(_add_ipv6_prefixes(allocator.address, names))
+        before = redis.info("memory")["used_memory"]
+        prefix_key = f"ipam:{{{names[0]}}}:default:prefix6"
+        prefix_bytes = redis.memory_usage(prefix_key, samples=0)
+        asyncio.run(_fill_ipv6(allocator.address, names, allocations))
+        after = redis.info("memory")["used_memory"]
+        prefix_after = redis.memory_usage(prefix_key, samples=0)
+    return {
+        "nodes": nodes,
+        "allocated_per_node": allocations,
+        "prefix_key_bytes": [prefix_bytes, prefix_after],
+        "used_memory_bytes_per_allocated_address": round((after - before) / (nodes * allocations), 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=200, help="nodes per measurement")
     parser.add_argument(
         "--prefixes", type=int, action="append", help="prefixes per node (repeatable; default 6 and 27)"
     )
+    parser.add_argument("--ipv6-nodes", type=int, default=50, help="nodes with an IPv6 /80")
+    parser.add_argument("--ipv6-allocations", type=int, default=100, help="IPv6 addresses allocated per /80")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON")
     args = parser.parse_args(argv)
     sizes = args.prefixes or [6, 27]  # 96 addresses; 432, an m5.large at its prefix capacity
@@ -111,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                 for p in sizes
                 for single in (False, True)
             ]
+            ipv6 = measure_ipv6(redis_server, allocator, args.ipv6_nodes, args.ipv6_allocations)
         finally:
             allocator.stop()
     if args.json:
-        print(json.dumps({"listpack_limits": limits, "results": results}, indent=2))
+        print(json.dumps({"listpack_limits": limits, "results": results, "ipv6_80": ipv6}, indent=2))
         return 0
     print(f"redis {', '.join(f'{k} {v}' for k, v in sorted(limits.items()))}")
     print(f"{'mode':<8}{'nodes':>7}{'addresses/node':>16}{'used_memory B/addr':>20}{'MEMORY USAGE B/addr':>21}")
@@ -123,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mode']:<8}{r['nodes']:>7}{r['addresses_per_node']:>16}"
             f"{r['used_memory_bytes_per_address']:>20}{r['memory_usage_bytes_per_address']:>21}"
         )
+    print(
+        f"ipv6 /80: {ipv6['nodes']} nodes x {ipv6['allocated_per_node']} allocated: "
+        f"{ipv6['used_memory_bytes_per_allocated_address']} B per allocated address; the /80's own key "
+        f"{ipv6['prefix_key_bytes'][0]} B before, {ipv6['prefix_key_bytes'][1]} B after"
+    )
     return 0
 
 

@@ -210,6 +210,7 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("lost (gone from the cloud)", stats.lost_ips),
                 ("max allocatable ipv4", stats.max_allocatable_ipv4),
                 ("ipv4 prefixes", stats.ipv4_prefixes),
+                ("ipv6 prefix", node.ipv6_prefix),
             ]
         ),
         "interfaces",

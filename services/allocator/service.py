@@ -39,6 +39,7 @@ from .domain.model import (
     check_subnet,
     parse_cidrs,
     parse_ip,
+    parse_ipv6_prefix,
     parse_prefix,
     parse_prefixes,
     pool_or_default,
@@ -470,10 +471,12 @@ class AllocatorService:
         *,
         fence: int = 0,
         prefixes: Sequence[str] = (),
+        ipv6_prefix: str = "",
     ) -> tuple[Added, NodeView]:
         """Adds what the worker attached (single addresses, IPv4 /28 `prefixes` whose 16 addresses
-        enter together); returns what was new and the node afterwards. `fence` (here and in the
-        worker's other changes): its node lock's fencing token, 0 = none."""
+        enter together, an IPv6 /80 `ipv6_prefix` whose addresses are handed out one by one); returns
+        what was new and the node afterwards. `fence` (here and in the worker's other changes): its
+        node lock's fencing token, 0 = none."""
         node, pool = self._target(node, pool)
         fence = validate_fence(fence)
         ips = self._worker_ips(ips)
@@ -484,13 +487,18 @@ class AllocatorService:
             raise InvalidArgument(
                 f"{inside[0]} is sent both alone and inside a prefix", reason=ErrorReason.INVALID_PREFIX
             )
+        prefix6 = parse_ipv6_prefix(ipv6_prefix, interface.id, interface.subnet_ipv6_cidr)
+        if prefix6:
+            prefixes.append(prefix6)
         # Checked against the CIDRs sent along, else the ones the node already has; not atomic with the
         # script, but a node's VPC CIDRs change only by the worker that adds its addresses.
         known = facts.vpc_cidrs or await self.store.vpc_cidrs(node)
         check_inside_vpc(ips + [p.split("/")[0] for p in prefixes], parse_cidrs(known))
         outcome = await self.store.add_addresses(node, pool, interface, ips, facts, fence=fence, prefixes=prefixes)
         new = len(outcome.ips) + ADDRESSES_PER_PREFIX * len(outcome.other_ips)
-        if new and self.refills:
+        if prefix6 in outcome.other_ips:
+            new = 0  # a /80 serves every caller waiting
+        if (new or outcome.other_ips) and self.refills:
             await self.refills.notify(node, pool, new)
         return Added(outcome.ips, outcome.other_ips), await self.node_view(node, pool, outcome.state)
 
@@ -568,7 +576,9 @@ def pool_work(state: PoolState) -> tuple[int, int]:
     # At capacity nothing more can be attached: only a release helps, and it needs no worker.
     need4 = 0 if state.deficit_reason == DeficitReason.AT_CAPACITY else pool_demand_ips(v4, w, state.waiting_ipv4)
     excess4 = pool_excess_with_prefixes(v4, w, state.stranded) if state.release_excess else 0
-    if state.ipv6_enabled:
+    if state.ipv6_prefix:
+        need6, excess6 = 0, 0  # a /80 never runs dry; it goes back to the cloud only whole
+    elif state.ipv6_enabled:
         need6 = pool_demand_ips(v6, w, state.waiting_ipv6)
         excess6 = pool_excess_ips(v6, w) if state.release_excess else 0
     else:
@@ -594,6 +604,7 @@ def _stats(state: PoolState, record: NodeRecord | None = None) -> NodeStats:
         excluded=state.excluded,
         prefixes=state.prefixes,
         stranded=state.stranded,
+        ipv6_prefix=state.ipv6_prefix,
     )
 
 

@@ -120,6 +120,7 @@ class ErrorReason(StrEnum):
     # A prefix overlapping an address of the pool or a prefix of another interface.
     PREFIX_OVERLAPS = "PREFIX_OVERLAPS"
     PREFIX_NOT_IN_POOL = "PREFIX_NOT_IN_POOL"
+    IPV6_PREFIX_HELD = "IPV6_PREFIX_HELD"  # another IPv6 /80 than the one the pool holds
     # A prefix that cannot be reserved for release whole: an address allocated, excluded or reserved;
     # or one released within the reuse cooldown.
     PREFIX_IN_USE = "PREFIX_IN_USE"

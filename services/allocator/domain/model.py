@@ -121,6 +121,29 @@ def parse_prefix(value: str) -> ipaddress.IPv4Network:
     return prefix
 
 
+def parse_ipv6_prefix(value: str, interface_id: str, subnet_cidr: str) -> str:
+    """An IPv6 /80 delegated to an interface, canonical ("2001:db8:0:1:2::/80"), inside the interface's
+    IPv6 subnet ("" = none)."""
+    if not value:
+        return ""
+    try:
+        prefix = ipaddress.IPv6Network(value, strict=True)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not a canonical IPv6 prefix", reason=ErrorReason.INVALID_PREFIX) from None
+    if prefix.prefixlen != 80:
+        raise InvalidArgument(f"{value} is not a /80", reason=ErrorReason.INVALID_PREFIX)
+    if not interface_id or not subnet_cidr:
+        raise InvalidArgument(
+            f"prefix {value} needs its interface's id and IPv6 subnet", reason=ErrorReason.INVALID_PREFIX
+        )
+    subnet = ipaddress.ip_network(subnet_cidr, strict=False)
+    if not isinstance(subnet, ipaddress.IPv6Network) or not prefix.subnet_of(subnet):
+        raise InvalidArgument(
+            f"prefix {value} lies outside its interface's IPv6 subnet {subnet_cidr}", reason=ErrorReason.INVALID_PREFIX
+        )
+    return str(prefix)
+
+
 def parse_prefixes(values: Sequence[str], interface_id: str, subnet_cidr: str) -> list[str]:
     """IPv4 /28 prefixes delegated to an interface, canonical: each inside the interface's IPv4
     subnet, so both must be known."""

@@ -93,6 +93,7 @@ class PoolState:
     deficit_reason: str = ""  # why the worker could not meet the last deficit
     prefixes: int = 0  # IPv4 /28 prefixes the pool holds
     stranded: int = 0  # free addresses of prefixes with an address in use (none of those can be given back)
+    ipv6_prefix: bool = False  # the pool holds an IPv6 /80: it never needs an IPv6 refill
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,7 @@ class NodeRecord:
     first_interface_index: int
     reservations: list[Reservation] = field(default_factory=list)  # of the pool asked for
     prefixes: tuple[PrefixUse, ...] = ()  # of the pool asked for
+    ipv6_prefix: str = ""  # the /80 of the pool asked for ("" = none)
     last_error: str = ""  # the worker's last error maintaining the node
     last_error_ms: int = 0
 
@@ -218,6 +220,7 @@ class PoolDump:
     free_ipv6: list[str]
     subnets: tuple[PoolSubnet, ...] = ()
     prefixes: tuple[PrefixUse, ...] = ()
+    ipv6_prefix: str = ""
 
 
 class EventKind(IntEnum):

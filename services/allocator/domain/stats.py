@@ -52,11 +52,13 @@ def node_stats(
     excluded: int = 0,
     prefixes: int = 0,
     stranded: int = 0,
+    ipv6_prefix: bool = False,
 ) -> NodeStats:
     """Cilium's statistics for one pool of a node; interface figures are 0 while limits are unknown.
     A pool holding `prefixes` is in prefix mode: its capacity counts 16 addresses a slot, and its
     excess counts a prefix with any address in use as wholly used (`stranded`: the free addresses of
-    such prefixes)."""
+    such prefixes). A pool holding an IPv6 /80 (`ipv6_prefix`) needs no IPv6 and has no IPv6 excess:
+    the prefix does not run dry, and goes back to the cloud only whole."""
     used_devices = {i.device_index for i in interfaces}
     empty_slots = sum(1 for d in range(first_interface_index, max(max_interfaces, 0)) if d not in used_devices)
     candidates = 0
@@ -66,6 +68,12 @@ def node_stats(
             for i in interfaces
             if i.device_index >= first_interface_index and i.ipv4_slots_used() < ipv4_per_interface - 1
         )
+    if ipv6_prefix:
+        excess6 = 0
+    elif ipv6_enabled:
+        excess6 = pool_excess_ips(v6, watermarks)
+    else:  # IPv6 switched off: every free IPv6 address is excess, to be given back to the cloud
+        excess6 = max(v6.available - v6.used, 0)
     return NodeStats(
         used_ips=v4.used,
         available_ips=v4.available,
@@ -78,9 +86,8 @@ def node_stats(
         cooling_ips=v4.cooling,
         used_ipv6=v6.used,
         available_ipv6=v6.available,
-        needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled else 0,
-        # IPv6 switched off: every free IPv6 address is excess, to be given back to the cloud.
-        excess_ipv6=pool_excess_ips(v6, watermarks) if ipv6_enabled else max(v6.available - v6.used, 0),
+        needed_ipv6=pool_needed_ips(v6, watermarks) if ipv6_enabled and not ipv6_prefix else 0,
+        excess_ipv6=excess6,
         waiting_ipv4=waiting_ipv4,
         waiting_ipv6=waiting_ipv6,
         lost_ips=lost_ips,

@@ -30,7 +30,7 @@ def interface_info_key(node: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def pool_keys(node: str, pool: str) -> tuple[str, ...]:
     """The KEYS every pool script receives, in the order `lua/_lib.lua` reads them (kept for the
-    pools in use: every call of a pool passes the same 22 names)."""
+    pools in use: every call of a pool passes the same 23 names)."""
     p = f"{node_prefix(node)}:{pool}"
     return (
         node_key(node),
@@ -55,6 +55,7 @@ def pool_keys(node: str, pool: str) -> tuple[str, ...]:
         f"{p}:lost",
         f"{p}:prefixes:4",
         f"{p}:pfree:4",
+        f"{p}:prefix6",
     )
 
 

@@ -136,6 +136,10 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
         "nothing was added",
     ),
     ErrorReason.PREFIX_NOT_IN_POOL: (NotFound, "prefix {prefix} is not in pool {pool} of node {node}"),
+    ErrorReason.IPV6_PREFIX_HELD: (
+        FailedPrecondition,
+        "pool {pool} of node {node} holds the IPv6 prefix {prefix} already (one a pool): nothing was added",
+    ),
     ErrorReason.PREFIX_IN_USE: (
         FailedPrecondition,
         "prefix {prefix} has an address allocated, excluded or reserved ({ip}): only a wholly free prefix is "
@@ -232,11 +236,12 @@ def _pool_state(raw: dict[str, Any]) -> PoolState:
         deficit_reason=_text(raw.get("reason") or ""),
         prefixes=int(raw.get("prefixes", 0)),
         stranded=int(raw.get("stranded", 0)),
+        ipv6_prefix=bool(raw.get("prefix6", 0)),
     )
 
 
 def _flat_state(values: Sequence[Any], start: int) -> PoolState:
-    """A pool state from a flat answer, from `values[start]` on (lua/_lib.lua `append_state`): 21 values."""
+    """A pool state from a flat answer, from `values[start]` on (lua/_lib.lua `append_state`): 22 values."""
     a4, u4, c4, a6, u6, c6, pre, min_a, max_a, maw, rel, v6, pending, waiting, waiting6, lost, reserved, excluded = (
         values[start : start + 18]
     )
@@ -254,6 +259,7 @@ def _flat_state(values: Sequence[Any], start: int) -> PoolState:
         deficit_reason=_text(values[start + 18]),
         prefixes=values[start + 19],
         stranded=values[start + 20],
+        ipv6_prefix=bool(values[start + 21]),
     )
 
 
@@ -729,9 +735,12 @@ class RedisStore:
             pipe.zrange(keys.pool_key(node, pool, "free:4"), 0, -1, withscores=True)
             pipe.hkeys(keys.pool_key(node, pool, "reserved:4"))
             pipe.hgetall(keys.interface_info_key(node))
+            pipe.hmget(keys.pool_key(node, pool, "prefix6"), "cidr", "iface")
             return await pipe.execute()
 
-        alloc4, alloc6, excluded, addrs4, addrs6, free6, prefixes, free4, reserved4, info = await self.call(read)
+        alloc4, alloc6, excluded, addrs4, addrs6, free6, prefixes, free4, reserved4, info, prefix6 = await self.call(
+            read
+        )
         prefix_table = {_text(p): _text(i) for p, i in prefixes.items()}
         in_prefix = {str(a) for p in prefix_table for a in ipaddress.ip_network(p)}
         allocated: tuple[dict[str, str], dict[str, str]] = ({}, {})
@@ -751,10 +760,11 @@ class RedisStore:
             [_text(i) for i in free6],
             _pool_subnets(
                 {_text(i) for i in addrs4.values()} | set(prefix_table.values()),
-                {_text(i) for i in addrs6.values()},
+                {_text(i) for i in addrs6.values()} | ({_text(prefix6[1])} if prefix6[1] else set()),
                 info,
             ),
             uses,
+            _text(prefix6[0]),
         )
 
     def _prefix_uses(
@@ -844,9 +854,10 @@ class RedisStore:
             pipe.smembers(keys.pools_key(node))
             pipe.hgetall(keys.pool_key(node, pool, "resv"))
             pipe.hgetall(keys.pool_key(node, pool, "prefixes:4"))
+            pipe.hget(keys.pool_key(node, pool, "prefix6"), "cidr")
             return await pipe.execute()
 
-        fields, ifaces, pools, reservations, prefixes = await self.call(read)
+        fields, ifaces, pools, reservations, prefixes, prefix6 = await self.call(read)
         if not fields:
             raise NotFound(f"node {node} is not known", reason=ErrorReason.NODE_NOT_FOUND, node=node)
         f = {_text(k): v for k, v in fields.items()}
@@ -866,6 +877,7 @@ class RedisStore:
             last_error=_text(f.get("last_error")),
             last_error_ms=_int(_text(f.get("last_error_ms"))),
             prefixes=await self._read_prefix_uses(node, pool, prefixes),
+            ipv6_prefix=_text(prefix6),
         )
 
     # --- nodes -------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 for s in d.subnets
             ],
             prefixes=[prefix_message(p) for p in d.prefixes],
+            ipv6_prefix=d.ipv6_prefix,
         )
 
     @rpc
@@ -305,6 +306,7 @@ def node_message(view: NodeView) -> npb.Node:
         last_error=r.last_error,
         last_error_ms=r.last_error_ms,
         prefixes=[prefix_message(p) for p in r.prefixes],
+        ipv6_prefix=r.ipv6_prefix,
     )
 
 
@@ -449,6 +451,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
             cloud_facts(request),
             fence=request.fencing_token,
             prefixes=list(request.ipv4_prefixes),
+            ipv6_prefix=request.ipv6_prefix,
         )
         return npb.AddAddressesResponse(added_ips=added.ips, added_prefixes=added.prefixes, node=node_message(view))
 

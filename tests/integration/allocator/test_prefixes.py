@@ -345,3 +345,65 @@ def test_callers_waiting_for_a_refill_are_served_by_a_prefix(api: Api) -> None:
     for t in threads:
         t.join(10)
     assert len(replies) == 3 and all(_in(ip, B) for ip in replies)
+
+
+SUBNET6 = "2001:db8:0:7::/64"
+
+
+def _add_ipv6_prefix(api: Api, node: str, prefix: str) -> npb.AddAddressesResponse:
+    subnet = str(ipaddress.ip_network(prefix).supernet(new_prefix=64))
+    interface = npb.Interface(
+        id="eni-p0", mac="02:42:ac:11:00:09", device_index=0, subnet_ipv6_cidr=subnet, gateway_ipv6="fe80:ec2::1"
+    )
+    request = npb.AddAddressesRequest(node=node, interface=interface, ipv6_prefix=prefix, vpc_cidrs=[SUBNET, subnet])
+    return api.nodes.AddAddresses(request, timeout=5)
+
+
+def _allocate6(api: Api, node: str, owner: str) -> pb.AllocationResult:
+    request = pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV6, owner=owner)
+    return api.alloc.AllocateNext(request, timeout=5).ipv6
+
+
+# Their addresses written out show each way of writing zeros: a run at the end, and two runs of the
+# same length (the first is the one written "::").
+@pytest.mark.parametrize("prefix", ["2001:db8:0:7::/80", "2001:0:0:7:ab::/80"])
+def test_an_ipv6_80_hands_out_addresses_one_by_one_and_reuses_released_ones(api: Api, prefix: str) -> None:
+    node = api.create_node(pre_allocate=2, pre_allocate_set=True, ipv6_enabled=True)
+    reply = _add_ipv6_prefix(api, node, prefix)
+    assert list(reply.added_prefixes) == [prefix] and reply.node.ipv6_prefix == prefix
+    assert (reply.node.stats.needed_ipv6, reply.node.stats.available_ipv6) == (0, 0)
+    base = ipaddress.ip_network(prefix).network_address
+    first = [_allocate6(api, node, f"p{i}") for i in range(3)]
+    # Written as the allocator writes every address it takes in (ipaddress's text), from the first host.
+    assert [r.ip for r in first] == [str(base + i) for i in (1, 2, 3)]
+    subnet = str(ipaddress.ip_network(prefix).supernet(new_prefix=64))
+    assert (first[0].interface_id, first[0].subnet_cidr, first[0].gateway_ip) == ("eni-p0", subnet, "fe80:ec2::1")
+    # Named in the /80 beyond the cursor: the cursor passes it by later.
+    api.alloc.Allocate(pb.AllocateRequest(node=node, ip=str(base + 4), owner="named"), timeout=5)
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=first[1].ip), timeout=5)
+    assert _allocate6(api, node, "again").ip == first[1].ip  # a released address goes first
+    assert _allocate6(api, node, "next").ip == str(base + 5)
+    stats = api.stats(node)
+    assert (stats.used_ipv6, stats.available_ipv6, stats.needed_ipv6, stats.excess_ipv6) == (5, 5, 0, 0)
+    expect_error(
+        api.nodes.AddAddresses,
+        npb.AddAddressesRequest(
+            node=node,
+            interface=npb.Interface(id="eni-p0", subnet_ipv6_cidr=subnet),
+            ipv6_prefix=str(ipaddress.ip_network(prefix).network_address + (1 << 48)) + "/80",
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IPV6_PREFIX_HELD",
+    )
+    assert _add_ipv6_prefix(api, node, prefix).added_prefixes == []  # known: skipped
+    dump = api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
+    assert dump.ipv6_prefix == prefix and len(dump.ipv6) == 5
+
+
+@pytest.mark.parametrize("prefix", ["2001:db8:0:7::/64", "2001:db8:0:7::1/80", "2001:db8:0:8::/80", "10.20.1.0/28"])
+def test_a_malformed_ipv6_prefix_is_refused_and_changes_nothing(api: Api, prefix: str) -> None:
+    node = api.create_node(ipv6_enabled=True)
+    interface = npb.Interface(id="eni-p0", subnet_ipv6_cidr=SUBNET6)
+    request = npb.AddAddressesRequest(node=node, interface=interface, ipv6_prefix=prefix)
+    expect_error(api.nodes.AddAddresses, request, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PREFIX")
+    assert api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).ipv6_prefix == ""

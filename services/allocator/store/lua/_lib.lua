@@ -12,6 +12,7 @@ local K_WAITING = KEYS[19]                                   -- zset "<family>:<
 local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
 local K_PREFIXES = KEYS[21]                                  -- hash "a.b.c.d/28" -> interface id: IPv4 prefixes
 local K_PFREE = KEYS[22]                                     -- zset prefix -> how many of its addresses are free
+local K_PREFIX6 = KEYS[23]                                   -- hash: the pool's IPv6 /80 (see prefix6 below)
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
 local POOL = ARGV[1]
 local COOLDOWN_MS = tonumber(ARGV[2])
@@ -63,11 +64,105 @@ local function prefix_of(ip)
   return nil
 end
 
+-- An IPv6 /80. Its 2^48 addresses are never written out: K_PREFIX6 holds the prefix ('cidr', and
+-- 'head', its first five groups), its 'iface', a cursor ('next': the next offset never handed out,
+-- from 1) and 'held': how many of its addresses the pool has handed out so far (allocated, free
+-- again or excluded). A released address goes to the free set like any other and is handed out
+-- again before the cursor moves on, so Redis grows with the addresses in use, not with the prefix.
+local prefix6_read  -- the prefix as {groups, iface}, false when the pool has none (nil = not read yet)
+
+-- The eight groups of an IPv6 address in text, as numbers (nil when it is not one).
+local function ipv6_groups(ip)
+  local left, right = ip, ''
+  local gap = string.find(ip, '::', 1, true)
+  if gap then left, right = string.sub(ip, 1, gap - 1), string.sub(ip, gap + 2) end
+  local l, r = {}, {}
+  for g in string.gmatch(left, '[^:]+') do l[#l + 1] = tonumber(g, 16) end
+  for g in string.gmatch(right, '[^:]+') do r[#r + 1] = tonumber(g, 16) end
+  if (gap and #l + #r > 7) or (not gap and #l ~= 8) then return nil end
+  local out = {}
+  for _, v in ipairs(l) do out[#out + 1] = v end
+  for _ = 1, 8 - #l - #r do out[#out + 1] = 0 end
+  for _, v in ipairs(r) do out[#out + 1] = v end
+  for i = 1, 8 do if not out[i] then return nil end end
+  return out
+end
+
+-- An IPv6 address in text as Python's ipaddress (RFC 5952) writes it: lowercase, no leading zeros,
+-- the first longest run of two or more zero groups as "::".
+local function ipv6_text(g)
+  local best_start, best_len, start, len = 0, 0, 0, 0
+  for i = 1, 8 do
+    if g[i] == 0 then
+      if len == 0 then start = i end
+      len = len + 1
+      if len > best_len then best_start, best_len = start, len end
+    else
+      len = 0
+    end
+  end
+  local parts = {}
+  for i = 1, 8 do parts[i] = string.format('%x', g[i]) end
+  if best_len < 2 then return table.concat(parts, ':') end
+  return table.concat(parts, ':', 1, best_start - 1) .. '::' .. table.concat(parts, ':', best_start + best_len, 8)
+end
+
+local function prefix6()
+  if prefix6_read == nil then
+    local v = redis.call('HMGET', K_PREFIX6, 'head', 'iface')
+    prefix6_read = false
+    if v[1] then prefix6_read = {groups = ipv6_groups(v[1] .. '::'), iface = v[2]} end
+  end
+  return prefix6_read
+end
+
+-- The interface of the pool's /80 when it holds `ip` (nil otherwise).
+local function prefix6_of(ip)
+  local p = prefix6()
+  if not p then return nil end
+  local g = ipv6_groups(ip)
+  if not g then return nil end
+  for i = 1, 5 do if g[i] ~= p.groups[i] then return nil end end
+  return p.iface
+end
+
+-- The /80's address at `offset` (below 2^48).
+local function prefix6_address(offset)
+  local g = {}
+  for i = 1, 5 do g[i] = prefix6().groups[i] end
+  g[6] = math.floor(offset / 4294967296) % 65536
+  g[7] = math.floor(offset / 65536) % 65536
+  g[8] = offset % 65536
+  return ipv6_text(g)
+end
+
+-- The cursor's next address and offset (nil without a /80): skips those taken meanwhile by name
+-- (Allocate), free again or excluded. Nothing is written until `prefix6_advance`.
+local function prefix6_next()
+  if not prefix6() then return nil end
+  local offset = tonumber(redis.call('HGET', K_PREFIX6, 'next')) or 1
+  while offset < 281474976710656 do
+    local ip = prefix6_address(offset)
+    if redis.call('HEXISTS', K_ALLOC['6'], ip) == 0 and not redis.call('ZSCORE', K_FREE['6'], ip)
+       and redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
+      return ip, offset
+    end
+    offset = offset + 1
+  end
+  return nil
+end
+
+-- Moves the cursor past `offset`, whose address is now handed out.
+local function prefix6_advance(offset)
+  redis.call('HSET', K_PREFIX6, 'next', string.format('%.0f', offset + 1))
+  redis.call('HINCRBY', K_PREFIX6, 'held', 1)
+end
+
 -- The interface an attached address is on, by itself or through its prefix (nil: not attached).
 local function iface_of(ip, f)
   local iface = redis.call('HGET', K_ADDRS[f], ip)
   if iface then return iface end
-  if f ~= '4' then return nil end
+  if f == '6' then return prefix6_of(ip) end
   local _, held_by = prefix_of(ip)
   return held_by
 end
@@ -173,7 +268,9 @@ local function node_fields()
   if not v[1] then return nil end
   local wm = {}
   for i = 1, #WATERMARK_FIELDS do wm[i] = v[i + 3] end
-  if v[#NODE_FIELDS] ~= '1' then prefixes_held = false end  -- spares has_prefixes' read on most nodes
+  if v[#NODE_FIELDS] ~= '1' then  -- spares the reads of prefixes on most nodes
+    prefixes_held, prefix6_read = false, false
+  end
   return {v6 = v[9], vpc = v[2] or '', reason = v[3] or '', wm = wm}
 end
 
@@ -185,7 +282,8 @@ local function pool_state(now, node)
   local prefixes, stranded = prefix_counts()
   for _, f in ipairs({'4', '6'}) do
     local held = redis.call('HLEN', K_ADDRS[f])
-    if f == '4' then held = held + prefixes * PREFIX_SIZE end
+    if f == '4' then held = held + prefixes * PREFIX_SIZE
+    elseif prefix6() then held = held + (tonumber(redis.call('HGET', K_PREFIX6, 'held')) or 0) end
     local reserved_f = redis.call('HLEN', K_RESERVED[f])
     local available = held - reserved_f
     local free = redis.call('ZCARD', K_FREE[f])
@@ -207,7 +305,8 @@ local function pool_state(now, node)
   return {counts = counts, wm = wm, pending = redis.call('EXISTS', K_PENDING),
           waiting = waiting['4'], waiting6 = waiting['6'],
           lost = redis.call('HLEN', K_LOST), reserved = reserved,
-          excluded = redis.call('HLEN', K_EXCLUDED), reason = reason, prefixes = prefixes, stranded = stranded}
+          excluded = redis.call('HLEN', K_EXCLUDED), reason = reason, prefixes = prefixes, stranded = stranded,
+          prefix6 = prefix6() and 1 or 0}
 end
 
 -- A pool state as flat values, appended to `out` (see redis_store._flat_state for their order).
@@ -217,7 +316,7 @@ local function append_state(out, st)
   end
   for i = 1, #WATERMARK_FIELDS do out[#out + 1] = st.wm[i] or '' end
   for _, v in ipairs({st.pending, st.waiting, st.waiting6, st.lost, st.reserved, st.excluded, st.reason,
-                      st.prefixes, st.stranded}) do
+                      st.prefixes, st.stranded, st.prefix6}) do
     out[#out + 1] = v
   end
   return out
@@ -239,6 +338,8 @@ local function state_if_needed(node, clock)
     local free = redis.call('ZCARD', K_FREE[f])
     if f == '6' and node.v6 ~= '1' then
       work = free > 0
+    elseif f == '6' and prefix6() then
+      work = false  -- a /80 never needs a refill, and its addresses go back to the cloud only with it
     else
       local cooling = 0
       if COOLDOWN_MS > 0 and free > 0 then
@@ -294,7 +395,7 @@ local function release_ip(ip, now, owner_done)
   if uuid ~= '' then redis.call('ZREM', K_EXP, ip) end  -- a timer runs only while the allocation holds its uuid
   local single = redis.call('HEXISTS', K_ADDRS[f], ip) == 1
   local prefix = not single and f == '4' and prefix_of(ip)
-  if not single and not prefix then
+  if not single and not prefix and not (f == '6' and prefix6_of(ip)) then
     redis.call('HDEL', K_LOST, ip)  -- not attached, maybe lost: it never returns to the free set
   elseif redis.call('HEXISTS', K_EXCLUDED, ip) == 0 then
     if redis.call('ZADD', K_FREE[f], now, ip) == 1 and prefix then redis.call('ZINCRBY', K_PFREE, 1, prefix) end

@@ -1,12 +1,20 @@
 -- Adds addresses the worker attached (and read back from the cloud) to the pool; creates the pool.
 -- ARGV[3] interface id, [4] interface JSON, [5] VPC CIDRs (space-separated, "" = keep),
--- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8] fencing token, [9] IPv4 /28 prefixes
--- (space-separated, canonical), [10..] addresses.
+-- [6] max interfaces, [7] IPv4 per interface (0 = keep), [8] fencing token, [9] prefixes: IPv4 /28s and
+-- at most one IPv6 /80 (space-separated, canonical), [10..] addresses.
 if redis.call('EXISTS', K_NODE) == 0 then return fail('NODE_NOT_FOUND') end
 local iface = ARGV[3]
-local prefixes = words(ARGV[9])
+local prefixes, prefix6_new = {}, nil
+for _, p in ipairs(words(ARGV[9])) do
+  if string.find(p, ':', 1, true) then prefix6_new = p else prefixes[#prefixes + 1] = p end
+end
 -- Checked before anything is written: a prefix never overlaps a single address of the pool, nor a
--- known prefix on another interface (the cloud assigns neither).
+-- known prefix on another interface (the cloud assigns neither); a pool holds one /80.
+if prefix6_new then
+  local held = redis.call('HGET', K_PREFIX6, 'cidr')
+  if held and held ~= prefix6_new then return fail('IPV6_PREFIX_HELD', {prefix = held}) end
+  if held then prefix6_new = nil end  -- known: skipped
+end
 for _, p in ipairs(prefixes) do
   local held_by = redis.call('HGET', K_PREFIXES, p)
   if held_by and held_by ~= iface then return fail('PREFIX_OVERLAPS', {prefix = p}) end
@@ -44,6 +52,15 @@ for _, p in ipairs(prefixes) do
     redis.call('ZADD', K_PFREE, #free / 2, p)
     added_prefixes[#added_prefixes + 1] = p
   end
+end
+if prefix6_new then
+  local g = ipv6_groups(string.match(prefix6_new, '^(.*)/80$'))
+  local head = {}
+  for i = 1, 5 do head[i] = string.format('%x', g[i]) end
+  redis.call('HSET', K_PREFIX6, 'cidr', prefix6_new, 'head', table.concat(head, ':'), 'iface', iface,
+             'next', 1, 'held', 0)
+  redis.call('HSET', K_NODE, 'prefixes', '1')
+  added_prefixes[#added_prefixes + 1] = prefix6_new
 end
 local added = {}
 for i = 10, #ARGV do

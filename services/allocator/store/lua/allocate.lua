@@ -27,6 +27,9 @@ if redis.call('HEXISTS', K_RESERVED[f], ip) == 1 then return fail('IP_RESERVED_F
 -- The cooldown binds a named address too: conntrack and kube-proxy may still route to its last owner.
 local freed = redis.call('ZSCORE', K_FREE[f], ip)
 if COOLDOWN_MS > 0 and freed and tonumber(freed) > now - COOLDOWN_MS then return fail('IP_COOLING_DOWN') end
+if f == '6' and not freed and redis.call('HEXISTS', K_ADDRS['6'], ip) == 0 then
+  redis.call('HINCRBY', K_PREFIX6, 'held', 1)  -- a /80's address handed out for the first time (by name)
+end
 free_remove(f, ip)
 redis.call('HSET', K_ALLOC[f], ip, owner .. '\t\t' .. idem)
 owners_add(owner, ip)

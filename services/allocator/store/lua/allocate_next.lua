@@ -64,7 +64,9 @@ end
 -- pool's prefixes first (take_from_prefixes), then from its single addresses: those stay free to be
 -- given back to the cloud first, so the node drifts towards whole prefixes. A single address is the
 -- one that became free first, if its cooldown is over (then no other is); it is never a prefix's
--- (take_from_prefixes would have taken a prefix's address out of its cooldown).
+-- (take_from_prefixes would have taken a prefix's address out of its cooldown). IPv6 comes from the
+-- free set first, then from the pool's /80 (prefix6_next), the cursor moved only once every family
+-- has its address.
 local picks = {}
 for f in string.gmatch(families, '%d') do
   local ip, freed
@@ -77,18 +79,23 @@ for f in string.gmatch(families, '%d') do
     end
     ip, freed = popped[1], popped[2]
   end
+  local offset
+  if not ip and f == '6' then ip, offset = prefix6_next() end  -- the /80's next, once none is free
   if not ip then
-    for _, p in ipairs(picks) do free_add(p[1], p[3], p[2]) end  -- taken back: none or all
+    for _, p in ipairs(picks) do
+      if not p[4] then free_add(p[1], p[3], p[2]) end  -- taken back: none or all
+    end
     if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return {'POOL_NOT_FOUND'} end
     return append_state({'POOL_EMPTY', f, redis.call('ZCARD', K_FREE[f]), node.reason}, pool_state(clock(), node))
   end
-  picks[#picks + 1] = {f, ip, freed}
+  picks[#picks + 1] = {f, ip, freed, offset}
 end
 
 local out, taken = {}, {}
 for _, p in ipairs(picks) do
   local f, ip = p[1], p[2]
   local uuid = ''
+  if p[4] then prefix6_advance(p[4]) end
   if expiration_ms > 0 then
     uuid = timer_uuid[f]
     redis.call('ZADD', K_EXP, clock() + expiration_ms, ip)

@@ -10,7 +10,7 @@ local removed, still, newly_lost = {}, {}, {}
 for i = 4, #ARGV do
   local ip = ARGV[i]
   local f = family_of(ip)
-  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 and f == '4' and prefix_of(ip) then
+  if redis.call('HEXISTS', K_ADDRS[f], ip) == 0 and (f == '4' and prefix_of(ip) or f == '6' and prefix6_of(ip)) then
     -- An address of a prefix leaves the pool only with its whole prefix.
   elseif redis.call('HEXISTS', K_ALLOC[f], ip) == 1 then
     still[#still + 1] = ip
