@@ -8,6 +8,7 @@ from services.allocator.domain.errors import InvalidArgument
 from services.allocator.domain.model import (
     parse_family,
     parse_ip,
+    parse_ipv6_prefix,
     parse_prefixes,
     validate_name,
     validate_text,
@@ -121,3 +122,25 @@ def test_parse_prefixes_accepts_canonical_28s_inside_the_subnet() -> None:
         "10.0.255.240/28",
     ]
     assert parse_prefixes([], "", "") == []
+
+
+@pytest.mark.parametrize(
+    "value, subnet",
+    [
+        ("2001:db8:0:7::/64", "2001:db8:0:7::/64"),  # not a /80
+        ("2001:db8:0:7::1/80", "2001:db8:0:7::/64"),  # host bits set
+        ("2001:db8:0:8::/80", "2001:db8:0:7::/64"),  # outside the subnet
+        ("10.0.1.0/28", "2001:db8:0:7::/64"),
+        ("2001:db8:0:7::/80", ""),  # no IPv6 subnet to check it against
+        ("2001:db8:0:7::/80", "10.0.0.0/16"),
+    ],
+)
+def test_parse_ipv6_prefix_refuses(value: str, subnet: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_ipv6_prefix(value, "eni-1", subnet)
+    assert info.value.reason == ErrorReason.INVALID_PREFIX
+
+
+def test_parse_ipv6_prefix_writes_it_canonically() -> None:
+    assert parse_ipv6_prefix("2001:DB8:0:7:0000::/80", "eni-1", "2001:db8:0:7::/64") == "2001:db8:0:7::/80"
+    assert parse_ipv6_prefix("", "", "") == ""

@@ -145,3 +145,19 @@ def test_prefix_uses_count_each_address_by_its_state() -> None:
         PrefixUse("10.0.1.0/28", "eni-a", free=2, cooling=1, allocated=2, excluded=1, reserved=1),
         PrefixUse("10.0.1.16/28", "eni-b", allocated=1),
     )
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_pool_with_an_ipv6_80_needs_no_ipv6_and_has_no_ipv6_excess(enabled: bool) -> None:
+    stats = node_stats(
+        PoolCounts(0, 0),
+        PoolCounts(5, 3),  # three of the /80's addresses allocated, two free again
+        Watermarks(pre_allocate=8),
+        ipv6_enabled=enabled,
+        interfaces=[],
+        max_interfaces=3,
+        ipv4_per_interface=10,
+        first_interface_index=0,
+        ipv6_prefix=True,
+    )
+    assert (stats.needed_ipv6, stats.excess_ipv6, stats.used_ipv6, stats.available_ipv6) == (0, 0, 3, 5)
