@@ -63,14 +63,15 @@ def test_required_reasons_of_every_validated_field(what: str, expected: str) -> 
 
 
 def test_every_script_failure_is_a_reason_the_store_translates() -> None:
-    # A failure is `fail('REASON', ...)`, or a reason `_lib.lua`'s pool check returns for `fail(missing)`.
+    # A failure is `fail('REASON', ...)`, a reason `_lib.lua`'s pool check returns for `fail(missing)`,
+    # or the first of a flat answer's values (`{'REASON', ...}`).
     lua = resources.files(redis_store.__package__).joinpath("lua")
-    pattern = re.compile(r"""fail\('([A-Z][A-Z0-9_]+)'|return '([A-Z][A-Z0-9_]+)'""")
+    pattern = re.compile(r"""fail\('([A-Z][A-Z0-9_]+)'|return '([A-Z][A-Z0-9_]+)'|\{'([A-Z][A-Z0-9_]+)'""")
     failures = {
-        a or b
+        "".join(found)
         for script in lua.iterdir()
         if script.name.endswith(".lua")
-        for a, b in pattern.findall(script.read_text())
+        for found in pattern.findall(script.read_text())
     }
     assert {"POOL_EMPTY", "NODE_NOT_FOUND", "POOL_NOT_FOUND"} <= failures
     reasons = {ErrorReason(name) for name in failures}  # ValueError: a failure without a definition
