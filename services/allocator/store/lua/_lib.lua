@@ -188,12 +188,16 @@ local function free_remove(f, ip)
 end
 
 -- Takes a free IPv4 address out of its reuse cooldown from the prefix with the fewest free addresses
--- that has one (within a prefix the one free longest, then the lowest); returns it and its score, or
--- nil when no prefix has one. `clock` gives the time (clock_once), read only when the pool has prefixes.
+-- that has one (within a prefix the one free longest, then the lowest); returns it, its score and its
+-- prefix, or nil when no prefix has one. `clock` gives the time (clock_once), read only when needed.
 local function take_from_prefixes(clock)
-  if not has_prefixes() then return nil end
-  local cutoff = clock() - COOLDOWN_MS
-  for _, p in ipairs(redis.call('ZRANGEBYSCORE', K_PFREE, 1, '+inf')) do
+  if prefixes_held == false then return nil end
+  local candidates = redis.call('ZRANGEBYSCORE', K_PFREE, 1, '+inf')
+  if #candidates == 0 then return nil end
+  prefixes_held = true
+  local cutoff = math.huge
+  if COOLDOWN_MS > 0 then cutoff = clock() - COOLDOWN_MS end
+  for _, p in ipairs(candidates) do
     local ips = prefix_ips(p)
     local scores = redis.call('ZMSCORE', K_FREE['4'], unpack(ips))
     local best, best_score
@@ -204,7 +208,7 @@ local function take_from_prefixes(clock)
     if best then
       redis.call('ZREM', K_FREE['4'], best)
       redis.call('ZINCRBY', K_PFREE, -1, p)
-      return best, best_score
+      return best, best_score, p
     end
   end
   return nil

@@ -29,8 +29,10 @@ local function answer(allocations, replayed)
 end
 
 -- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
-local function described(ip, f, owner, uuid)
-  local iface = iface_of(ip, f) or ''
+local function described(ip, f, owner, uuid, prefix)
+  local iface
+  if prefix then iface = redis.call('HGET', K_PREFIXES, prefix) else iface = iface_of(ip, f) end
+  iface = iface or ''
   local info = ''
   if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
   return {ip, f, owner, uuid, iface, info}
@@ -69,8 +71,8 @@ end
 -- has its address.
 local picks = {}
 for f in string.gmatch(families, '%d') do
-  local ip, freed
-  if f == '4' then ip, freed = take_from_prefixes(clock) end
+  local ip, freed, prefix
+  if f == '4' then ip, freed, prefix = take_from_prefixes(clock) end
   if not ip then
     local popped = redis.call('ZPOPMIN', K_FREE[f])
     if #popped > 0 and COOLDOWN_MS > 0 and tonumber(popped[2]) > clock() - COOLDOWN_MS then
@@ -88,7 +90,7 @@ for f in string.gmatch(families, '%d') do
     if redis.call('SISMEMBER', K_POOLS, POOL) == 0 then return {'POOL_NOT_FOUND'} end
     return append_state({'POOL_EMPTY', f, redis.call('ZCARD', K_FREE[f]), node.reason}, pool_state(clock(), node))
   end
-  picks[#picks + 1] = {f, ip, freed, offset}
+  picks[#picks + 1] = {f, ip, freed, offset, prefix}
 end
 
 local out, taken = {}, {}
@@ -102,7 +104,7 @@ for _, p in ipairs(picks) do
   end
   redis.call('HSET', K_ALLOC[f], ip, owner .. '\t' .. uuid .. '\t' .. idem)
   owners_add(owner, ip)
-  out[#out + 1] = described(ip, f, owner, uuid)
+  out[#out + 1] = described(ip, f, owner, uuid, p[5])
   taken[#taken + 1] = ip
 end
 if idem ~= '' then redis.call('HSET', K_IDEM, idem, table.concat(taken, ' ')) end
