@@ -74,6 +74,7 @@ class Reservation:
     id: str
     ips: tuple[str, ...]
     created_ms: int
+    prefix: str = ""  # the IPv4 /28 reserved whole ("" = single addresses)
 
 
 @dataclass(frozen=True, slots=True)

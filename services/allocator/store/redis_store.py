@@ -313,7 +313,9 @@ def interface_info(interface: NodeInterface) -> str:
 
 def _reservation(reservation_id: Any, raw: bytes) -> Reservation:
     value = json.loads(raw)
-    return Reservation(_text(reservation_id), tuple(_as_list(value.get("ips"))), _int(value.get("ms")))
+    return Reservation(
+        _text(reservation_id), tuple(_as_list(value.get("ips"))), _int(value.get("ms")), _text(value.get("prefix"))
+    )
 
 
 def _pool_subnets(interfaces4: set[str], interfaces6: set[str], info: dict[Any, Any]) -> tuple[PoolSubnet, ...]:

@@ -300,7 +300,7 @@ def node_message(view: NodeView) -> npb.Node:
         max_interfaces=r.max_interfaces,
         ipv4_per_interface=r.ipv4_per_interface,
         reservations=[
-            npb.Reservation(id=v.id, ips=v.ips, age_ms=max(now_ms - (v.created_ms or now_ms), 0))
+            npb.Reservation(id=v.id, ips=v.ips, age_ms=max(now_ms - (v.created_ms or now_ms), 0), prefix=v.prefix)
             for v in view.reservations
         ],
         last_error=r.last_error,

@@ -192,6 +192,8 @@ def test_a_reserved_prefix_is_never_handed_out_then_leaves_whole_or_returns(api:
     reserved = _reserve(api, node, A)
     assert sorted(reserved.ips, key=ipaddress.ip_address) == [str(a) for a in ipaddress.ip_network(A)]
     assert api.stats(node).reserved_ips == 16 and _uses(api, node)[A] == (0, 0, 0, 0, 16)
+    (open_reservation,) = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations
+    assert (open_reservation.id, open_reservation.prefix, len(open_reservation.ips)) == (reserved.reservation_id, A, 16)
     expect_error(
         api.alloc.Allocate,
         pb.AllocateRequest(node=node, ip="10.20.1.4", owner="x"),
