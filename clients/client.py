@@ -383,6 +383,11 @@ class _Build:
         return _Request("Allocator/DebugStatus", pb.DebugStatusRequest(), lambda r: r.status, timeout)
 
     @staticmethod
+    def redis_status(*, timeout: float | None = None) -> _Request[pb.RedisStatus]:
+        """Where the allocator writes (mode, master) and how many replicas hold its writes."""
+        return _Request("Allocator/DebugStatus", pb.DebugStatusRequest(), lambda r: r.redis, timeout)
+
+    @staticmethod
     def get_vpc_cidrs(node: str, *, timeout: float | None = None) -> _Request[list[str]]:
         """The VPC CIDRs the worker reported for the node."""
         return _Request("Allocator/GetVpcCIDRs", pb.GetVpcCIDRsRequest(node=node), lambda r: list(r.cidrs), timeout)
@@ -644,6 +649,7 @@ class IpamClient(_ClientBase):
     stop_expiration_timer = _blocking(_Build.stop_expiration_timer)
     dump = _blocking(_Build.dump)
     debug_status = _blocking(_Build.debug_status)
+    redis_status = _blocking(_Build.redis_status)
     get_vpc_cidrs = _blocking(_Build.get_vpc_cidrs)
     ping = _blocking(_Build.ping)
     create_node = _blocking(_Build.create_node)
@@ -726,6 +732,7 @@ class AsyncIpamClient(_ClientBase):
     stop_expiration_timer = _awaitable(_Build.stop_expiration_timer)
     dump = _awaitable(_Build.dump)
     debug_status = _awaitable(_Build.debug_status)
+    redis_status = _awaitable(_Build.redis_status)
     get_vpc_cidrs = _awaitable(_Build.get_vpc_cidrs)
     ping = _awaitable(_Build.ping)
     create_node = _awaitable(_Build.create_node)

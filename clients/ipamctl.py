@@ -343,6 +343,7 @@ def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dic
         except IpamClientError as error:
             entry.update(reachable=False, error=str(error))
         allocators.append(entry)
+    redis = client.redis_status()
     nodes = client.list_nodes(order_by_watermark=True)
     events = client.list_dead_events(limit=5)
     by_state: dict[str, list[str]] = {"ok": [], "in-deficit": [], "at-capacity": [], "excess": []}
@@ -361,6 +362,14 @@ def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dic
     ]
     result = {
         "allocators": allocators,
+        "redis": {
+            "mode": redis.mode,
+            "master": redis.master,
+            "masters": redis.masters,
+            "replicas": redis.replicas,
+            "replicas_in_sync": redis.replicas_in_sync,
+            "min_replicas": redis.min_replicas,
+        },
         "workers": workers,
         "nodes": {"total": len(nodes), **{state: len(names) for state, names in by_state.items()}},
         "nodes_by_state": by_state,
@@ -369,11 +378,24 @@ def _status(client: IpamClient, args: argparse.Namespace) -> tuple[Message | dic
     return result, format_status(result, nodes)
 
 
+def format_redis(redis: Mapping[str, Any]) -> str:
+    """One line: where the allocator writes, and whether enough replicas hold its writes."""
+    where = f"{redis['masters']} masters" if redis["mode"] == "cluster" else f"master {redis['master']}"
+    per = ", the fewest of any master" if redis["mode"] == "cluster" else ""
+    line = f"redis  {redis['mode']}, {where}: {redis['replicas']} replicas ({redis['replicas_in_sync']} in sync{per})"
+    if redis["min_replicas"]:
+        line += f"; a change is answered once {redis['min_replicas']} hold it"
+        if redis["replicas_in_sync"] < redis["min_replicas"]:
+            line += ": too few in sync, changes answer OUTCOME_UNKNOWN"
+    return line
+
+
 def format_status(status: Mapping[str, Any], nodes: Sequence[nodes_pb.Node]) -> str:
     lines = ["allocators"]
     for a in status["allocators"]:
         state = f"reachable ({a['ms']} ms)" if a["reachable"] else f"UNREACHABLE: {a['error']}"
         lines.append(f"  {a['address']:<24} {state}")
+    lines.append(format_redis(status["redis"]))
     lines.append("workers")
     live = [w for w in status["workers"] if w["alive"]]
     for w in status["workers"]:

@@ -61,6 +61,7 @@ from .domain.pool import (
     PoolEvent,
     PoolState,
     RemoveOutcome,
+    Replication,
     Reservation,
 )
 from .domain.stats import NodeStats, node_stats
@@ -341,6 +342,10 @@ class AllocatorService:
 
     async def vpc_cidrs(self, node: str) -> list[str]:
         return await self.store.vpc_cidrs(validate_name(node, "node"))
+
+    async def replication(self) -> Replication:
+        """Where the store writes, and how many replicas hold its writes."""
+        return await self.store.replication()
 
     async def debug_status(self) -> str:
         names = await self.store.node_names()

@@ -240,3 +240,15 @@ class PoolEvent:
     pool: str
     kind: EventKind
     published_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """The store's masters and replicas as the allocator sees them (see `RedisStatus` in the API)."""
+
+    mode: str
+    master: str
+    masters: int
+    replicas: int
+    replicas_in_sync: int
+    min_replicas: int

@@ -20,6 +20,7 @@ from ..domain.pool import (
     PoolDump,
     PoolState,
     RemoveOutcome,
+    Replication,
 )
 
 
@@ -87,6 +88,10 @@ class PoolStore(Protocol):
         ...
 
     async def node_names(self) -> list[str]: ...
+
+    async def replication(self) -> Replication:
+        """Where changes are written, and how many replicas hold them."""
+        ...
 
     async def pool_names(self, node: str) -> list[str]: ...
 

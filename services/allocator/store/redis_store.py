@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
 from services.core.reasons import ErrorReason, pool_empty_reason
-from services.core.redis_client import RedisClient
+from services.core.redis_client import RedisClient, master_resolver
 
 from ..domain.errors import (
     AlreadyExists,
@@ -54,6 +54,7 @@ from ..domain.pool import (
     PoolSubnet,
     PrefixUse,
     RemoveOutcome,
+    Replication,
     Reservation,
     prefix_uses,
 )
@@ -824,6 +825,39 @@ class RedisStore:
                 if idem.startswith(key_prefix):
                     out.append(KeyedAllocation(_text(ip), family, owner, idem))
         return sorted(out, key=lambda a: (a.family, a.ip))
+
+    async def replication(self) -> Replication:
+        """Where changes are written (the master the Sentinels name now, one Redis, or a cluster's
+        masters) and its replicas: connected, and acknowledging within the last second."""
+
+        def replicas(info: dict[str, Any]) -> tuple[int, int]:
+            rows = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            in_sync = [r for r in rows if r.get("state") == "online" and int(r.get("lag", 99)) <= 1]
+            return len(rows), len(in_sync)
+
+        if isinstance(self.client, RedisCluster):
+            cluster = self.client
+            primaries = cluster.get_primaries()
+            infos = await self.call(lambda: cluster.execute_command("INFO", "replication", target_nodes=primaries))
+            counts = [replicas(info) for info in infos.values()] or [(0, 0)]
+            return Replication(
+                "cluster",
+                "",
+                len(primaries),
+                min(c[0] for c in counts),
+                min(c[1] for c in counts),
+                self.min_replicas,
+            )
+        info = await self.call(lambda: self.client.info("replication"))
+        resolve = master_resolver(self.client)
+        if resolve is not None:
+            host, port = await self.call(resolve)
+            mode = "sentinel"
+        else:
+            kwargs = self.client.connection_pool.connection_kwargs
+            host, port, mode = kwargs.get("host", ""), kwargs.get("port", ""), "single"
+        connected, in_sync = replicas(info)
+        return Replication(mode, f"{host}:{port}", 1, connected, in_sync, self.min_replicas)
 
     async def node_names(self) -> list[str]:
         return sorted(_text(n) for n in await self.call(lambda: self.client.smembers(keys.NODES_KEY)))

@@ -215,7 +215,18 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     async def DebugStatus(
         self, request: pb.DebugStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.DebugStatusResponse:
-        return pb.DebugStatusResponse(status=await self.service.debug_status())
+        status, redis = await asyncio.gather(self.service.debug_status(), self.service.replication())
+        return pb.DebugStatusResponse(
+            status=status,
+            redis=pb.RedisStatus(
+                mode=redis.mode,
+                master=redis.master,
+                masters=redis.masters,
+                replicas=redis.replicas,
+                replicas_in_sync=redis.replicas_in_sync,
+                min_replicas=redis.min_replicas,
+            ),
+        )
 
     @rpc
     async def GetVpcCIDRs(

@@ -13,6 +13,7 @@ import redis
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import events_pb2
 from ipam.v1 import nodes_pb2 as npb
+from tests.integration.allocator.conftest import Backend
 from tests.support.api import Api, expect_error, reason_of
 from tests.support.polling import poll
 
@@ -299,9 +300,14 @@ def test_pools_are_separate(api: Api) -> None:
     )
 
 
-def test_dump_debug_status_and_vpc_cidrs(api: Api) -> None:
+def test_dump_debug_status_and_vpc_cidrs(api: Api, backend: Backend) -> None:
     node = api.node_with_pool(2)
-    assert "nodes:" in api.alloc.DebugStatus(pb.DebugStatusRequest(), timeout=5).status
+    status = api.alloc.DebugStatus(pb.DebugStatusRequest(), timeout=5)
+    assert "nodes:" in status.status
+    # Where it writes: the one Redis, or the cluster's three masters (no replicas here).
+    expected = ("cluster", "", 3) if backend.cluster else ("single", backend.url.split("//")[1].split("/")[0], 1)
+    assert (status.redis.mode, status.redis.master, status.redis.masters) == expected
+    assert (status.redis.replicas, status.redis.min_replicas) == (0, 0)
     assert list(api.alloc.GetVpcCIDRs(pb.GetVpcCIDRsRequest(node=node), timeout=5).cidrs) == ["10.20.0.0/16"]
     expect_error(
         api.alloc.GetVpcCIDRs, pb.GetVpcCIDRsRequest(node="no-such-node"), grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND"

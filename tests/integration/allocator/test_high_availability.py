@@ -163,6 +163,14 @@ def test_sentinel_kill_of_the_primary_loses_no_acknowledged_allocation(
     finally:
         load.stop()
     check_nothing_acknowledged_was_lost(api, node, load)
+    # And says so (ipamctl status shows it).
+    redis = api.admin_alloc.DebugStatus(pb.DebugStatusRequest(), timeout=5).redis
+    assert (redis.mode, redis.master, redis.replicas, redis.min_replicas) == (
+        "sentinel",
+        f"127.0.0.1:{group.replica.port}",
+        1,
+        1,
+    )
 
 
 def test_sentinel_lagging_replica_promoted_loses_no_acknowledged_allocation(

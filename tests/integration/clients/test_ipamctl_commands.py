@@ -121,9 +121,11 @@ def test_status_shows_allocators_workers_nodes_and_events(cluster: Cluster) -> N
     assert in_deficit in status["nodes_by_state"]["in-deficit"]
     assert status["nodes"]["total"] >= 1
     assert set(status["events"]) == {"pending", "dead"}
+    assert status["redis"]["mode"] == "single" and status["redis"]["masters"] == 1
     text = ipamctl(cluster, "status")
     assert text.returncode == 0 and "allocators" in text.stdout and WORKER in text.stdout
     assert "in deficit" in text.stdout
+    assert "redis  single, master " in text.stdout
 
 
 def test_node_update_changes_watermarks_and_ipv6_and_keeps_the_rest(cluster: Cluster) -> None:

@@ -176,9 +176,23 @@ def test_bad_address_list_exits_2_with_one_line(capsys: pytest.CaptureFixture[st
     assert err.startswith("ipamctl: ") and err.count("\n") == 1
 
 
-def _status(*workers: dict[str, object]) -> dict[str, object]:
+def _redis(mode: str = "single", replicas: int = 0, in_sync: int = 0, min_replicas: int = 0) -> dict[str, object]:
+    master = "" if mode == "cluster" else "127.0.0.1:6379"
+    masters = 3 if mode == "cluster" else 1
+    return {
+        "mode": mode,
+        "master": master,
+        "masters": masters,
+        "replicas": replicas,
+        "replicas_in_sync": in_sync,
+        "min_replicas": min_replicas,
+    }
+
+
+def _status(*workers: dict[str, object], redis: dict[str, object] | None = None) -> dict[str, object]:
     return {
         "allocators": [],
+        "redis": redis or _redis(),
         "workers": list(workers),
         "nodes": {"total": 0, "ok": 0, "in-deficit": 0, "at-capacity": 0, "excess": 0},
         "events": {"pending": 0, "dead": 0},
@@ -193,3 +207,19 @@ def test_status_shows_workers_by_their_heartbeat() -> None:
     assert "  w-2                      gone (another worker claims what it took), 3 taken" in lines
     assert not any("none alive" in line for line in lines)
     assert "  none alive: pools are not refilled" in format_status(_status(dead), []).splitlines()
+
+
+def test_status_says_where_the_allocator_writes_and_whether_replicas_hold_it() -> None:
+    def line(**redis: object) -> str:
+        return next(x for x in format_status(_status(redis=_redis(**redis)), []).splitlines() if x.startswith("redis"))
+
+    assert line() == "redis  single, master 127.0.0.1:6379: 0 replicas (0 in sync)"
+    assert line(mode="sentinel", replicas=1, in_sync=1, min_replicas=1) == (
+        "redis  sentinel, master 127.0.0.1:6379: 1 replicas (1 in sync); a change is answered once 1 hold it"
+    )
+    assert line(mode="sentinel", replicas=1, in_sync=0, min_replicas=1).endswith(
+        ": too few in sync, changes answer OUTCOME_UNKNOWN"
+    )
+    assert line(mode="cluster", replicas=1, in_sync=1) == (
+        "redis  cluster, 3 masters: 1 replicas (1 in sync, the fewest of any master)"
+    )
