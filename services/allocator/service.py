@@ -39,6 +39,7 @@ from .domain.model import (
     check_subnet,
     parse_cidrs,
     parse_ip,
+    parse_ipv6_80,
     parse_ipv6_prefix,
     parse_prefix,
     parse_prefixes,
@@ -567,10 +568,24 @@ class AllocatorService:
         validate_text(reservation_id, "reservation id", 64, required=True)
         return (await self.store.abort_release(node, pool, reservation_id, fence=validate_fence(fence))).ips
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0) -> RemoveOutcome:
+    async def remove_addresses(
+        self,
+        node: str,
+        pool: str,
+        ips: Sequence[str],
+        *,
+        fence: int = 0,
+        prefixes: Sequence[str] = (),
+        ipv6_prefix: str = "",
+    ) -> RemoveOutcome:
+        """Drops what the cloud no longer holds: addresses, IPv4 /28 `prefixes` and the IPv6 /80
+        `ipv6_prefix` with all their addresses (those allocated are marked lost)."""
         node, pool = self._target(node, pool)
         ips, fence = self._worker_ips(ips), validate_fence(fence)
-        return await self.store.remove_addresses(node, pool, ips, fence=fence)
+        gone = [str(parse_prefix(p)) for p in prefixes]
+        if ipv6_prefix:
+            gone.append(str(parse_ipv6_80(ipv6_prefix)))
+        return await self.store.remove_addresses(node, pool, ips, fence=fence, prefixes=gone)
 
 
 def pool_work(state: PoolState) -> tuple[int, int]:

@@ -121,17 +121,22 @@ def parse_prefix(value: str) -> ipaddress.IPv4Network:
     return prefix
 
 
-def parse_ipv6_prefix(value: str, interface_id: str, subnet_cidr: str) -> str:
-    """An IPv6 /80 delegated to an interface, canonical ("2001:db8:0:1:2::/80"), inside the interface's
-    IPv6 subnet ("" = none)."""
-    if not value:
-        return ""
+def parse_ipv6_80(value: str) -> ipaddress.IPv6Network:
+    """An IPv6 /80 prefix on its boundary ("2001:db8:0:1:2::/80"); anything else is refused."""
     try:
         prefix = ipaddress.IPv6Network(value, strict=True)
     except ValueError:
         raise InvalidArgument(f"{value!r} is not a canonical IPv6 prefix", reason=ErrorReason.INVALID_PREFIX) from None
     if prefix.prefixlen != 80:
         raise InvalidArgument(f"{value} is not a /80", reason=ErrorReason.INVALID_PREFIX)
+    return prefix
+
+
+def parse_ipv6_prefix(value: str, interface_id: str, subnet_cidr: str) -> str:
+    """An IPv6 /80 delegated to an interface, canonical, inside the interface's IPv6 subnet ("" = none)."""
+    if not value:
+        return ""
+    prefix = parse_ipv6_80(value)
     if not interface_id or not subnet_cidr:
         raise InvalidArgument(
             f"prefix {value} needs its interface's id and IPv6 subnet", reason=ErrorReason.INVALID_PREFIX

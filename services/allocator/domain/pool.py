@@ -148,6 +148,7 @@ class RemoveOutcome:
     removed: list[str]  # left the pool
     still_allocated: list[str]  # allocated, so kept for their owners (and marked lost)
     newly_lost: list[str]  # of those, the ones not marked lost before
+    removed_prefixes: list[str] = field(default_factory=list)  # prefixes that left the pool
 
 
 @dataclass(frozen=True, slots=True)

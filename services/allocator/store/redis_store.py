@@ -1051,8 +1051,14 @@ class RedisStore:
         result = await self._run("abort_release", node, pool, reservation_id, fence)
         return ChangeOutcome(_pool_state(result["state"]), _as_list(result["restored"]))
 
-    async def remove_addresses(self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0) -> RemoveOutcome:
-        result = await self._run("remove_addresses", node, pool, fence, *ips)
+    async def remove_addresses(
+        self, node: str, pool: str, ips: Sequence[str], *, fence: int = 0, prefixes: Sequence[str] = ()
+    ) -> RemoveOutcome:
+        """Drops addresses, and prefixes (IPv4 /28s, the IPv6 /80; canonical) with all their addresses."""
+        result = await self._run("remove_addresses", node, pool, fence, " ".join(prefixes), *ips)
         return RemoveOutcome(
-            _as_list(result["removed"]), _as_list(result["still_allocated"]), _as_list(result["newly_lost"])
+            _as_list(result["removed"]),
+            _as_list(result["still_allocated"]),
+            _as_list(result["newly_lost"]),
+            _as_list(result.get("removed_prefixes")),
         )

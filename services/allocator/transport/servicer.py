@@ -524,8 +524,16 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
         self, request: npb.RemoveAddressesRequest, context: grpc.aio.ServicerContext
     ) -> npb.RemoveAddressesResponse:
         outcome = await self.service.remove_addresses(
-            request.node, request.pool, list(request.ips), fence=request.fencing_token
+            request.node,
+            request.pool,
+            list(request.ips),
+            fence=request.fencing_token,
+            prefixes=list(request.ipv4_prefixes),
+            ipv6_prefix=request.ipv6_prefix,
         )
         return npb.RemoveAddressesResponse(
-            removed_ips=outcome.removed, still_allocated=outcome.still_allocated, newly_lost=outcome.newly_lost
+            removed_ips=outcome.removed,
+            still_allocated=outcome.still_allocated,
+            newly_lost=outcome.newly_lost,
+            removed_prefixes=outcome.removed_prefixes,
         )

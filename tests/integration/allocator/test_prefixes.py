@@ -409,3 +409,32 @@ def test_a_malformed_ipv6_prefix_is_refused_and_changes_nothing(api: Api, prefix
     request = npb.AddAddressesRequest(node=node, interface=interface, ipv6_prefix=prefix)
     expect_error(api.nodes.AddAddresses, request, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PREFIX")
     assert api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).ipv6_prefix == ""
+
+
+def test_a_prefix_gone_from_the_cloud_takes_its_addresses_along(api: Api) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True, ipv6_enabled=True)
+    _add(api, node, [A, B])
+    held = _allocate(api, node, "pod")  # from A
+    _add_ipv6_prefix(api, node, "2001:db8:0:7::/80")
+    held6 = [_allocate6(api, node, f"v6-{i}").ip for i in range(2)]
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=held6[1]), timeout=5)
+    request = npb.RemoveAddressesRequest(node=node, ipv4_prefixes=[A], ipv6_prefix="2001:db8:0:7::/80")
+    reply = api.nodes.RemoveAddresses(request, timeout=5)
+    assert list(reply.removed_prefixes) == [A, "2001:db8:0:7::/80"]
+    assert (sorted(reply.still_allocated), sorted(reply.newly_lost)) == (sorted([held, held6[0]]),) * 2
+    assert len(reply.removed_ips) == 16  # A's 15 free, and the /80's one free again
+    node_msg = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
+    assert ([p.prefix for p in node_msg.prefixes], node_msg.ipv6_prefix) == ([B], "")
+    assert (node_msg.stats.available_ips, node_msg.stats.lost_ips) == (16, 2)
+    # Lost: released by its owner, it never returns to the pool; nothing comes from A again.
+    api.alloc.Release(pb.ReleaseRequest(node=node, ip=held), timeout=5)
+    assert all(_in(_allocate(api, node, f"p{i}"), B) for i in range(16))
+    expect_error(
+        api.alloc.AllocateNext,
+        pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner="late"),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "POOL_EMPTY",
+    )
+    # A prefix the pool does not hold (or no longer) is no error, and changes nothing.
+    again = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=node, ipv4_prefixes=[A]), timeout=5)
+    assert list(again.removed_prefixes) == [] and api.stats(node).available_ips == 16
