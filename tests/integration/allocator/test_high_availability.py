@@ -155,6 +155,15 @@ def test_sentinel_kill_of_the_primary_loses_no_acknowledged_allocation(
     try:
         load.wait_for(20)
         group.primary.kill()
+        # Before the Sentinels act: UNAVAILABLE when nothing reached Redis (the usual case: the master
+        # is gone), OUTCOME_UNKNOWN when it was written to a connection not yet seen closed.
+        request = pb.AllocateNextRequest(node=node, owner="during", family=pb.FAMILY_IPV4, idempotency_key="during")
+        with pytest.raises(grpc.RpcError) as during:
+            api.alloc.AllocateNext(request, timeout=2)
+        assert (during.value.code(), reason_of(during.value)) in {
+            (grpc.StatusCode.UNAVAILABLE, ErrorReason.STORE_UNAVAILABLE),
+            (grpc.StatusCode.ABORTED, ErrorReason.OUTCOME_UNKNOWN),
+        }, during.value.details()
         group.wait_promoted(group.replica)
         # Until a replica holds the new master's writes, none is answered OK: the old primary comes
         # back as that replica, as its supervisor would restart it.
