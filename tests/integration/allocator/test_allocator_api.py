@@ -122,6 +122,23 @@ def test_ipv6_above_its_watermark_counts_as_excess_and_is_published_only_with_re
     assert events_for(backend, keeping) == []
 
 
+def test_only_the_release_that_takes_the_pool_past_its_excess_line_publishes(api: Api, backend) -> None:  # type: ignore[no-untyped-def]
+    # pre_allocate 0, max_above_watermark 1: one free address is no excess, two are one too many.
+    spec = dict(pre_allocate=0, pre_allocate_set=True, max_above_watermark=1)
+    releasing = api.create_node(release_excess=True, **spec)
+    keeping = api.create_node(**spec)
+    for node in (releasing, keeping):
+        api.seed(node, 2)  # one address of excess, which AddAddresses (the worker's call) does not announce
+        for owner in ("a", "b"):  # 1 free, then 0: no excess, no deficit
+            api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, family=pb.FAMILY_IPV4, owner=owner), timeout=5)
+        api.alloc.Release(pb.ReleaseRequest(node=node, owner="a"), timeout=5)  # 1 free: no excess yet
+        assert events_for(backend, node) == []
+        api.alloc.Release(pb.ReleaseRequest(node=node, owner="b"), timeout=5)  # 2 free: one above the line
+        assert api.stats(node).excess_ips == 1
+    assert [e.kind for e in events_for(backend, releasing)] == [events_pb2.PoolEvent.KIND_EXCESS]
+    assert events_for(backend, keeping) == []
+
+
 def test_unspecified_family_on_an_ipv4_node_is_ipv4_only(api: Api) -> None:
     node = api.node_with_pool(2, 2, ipv6_enabled=False)
     reply = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="pod-v4"), timeout=5)
