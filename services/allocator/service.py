@@ -27,7 +27,6 @@ from .domain.errors import (
     IpamError,
     NotFound,
     OutcomeUnknown,
-    PoolEmpty,
     Unavailable,
 )
 from .domain.model import (
@@ -59,6 +58,7 @@ from .domain.pool import (
     NodeRecord,
     NodeSettings,
     PoolDump,
+    PoolEmpty,
     PoolEvent,
     PoolState,
     RemoveOutcome,
@@ -68,10 +68,9 @@ from .domain.pool import (
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
 from .refill import Refills
-from .store.base import PoolStore
-from .store.redis_store import call_key, call_scope
+from .store.base import PoolStore, call_key
 
-__all__ = ["AllocatorService", "NodeSettings", "NodeView", "call_scope"]
+__all__ = ["AllocatorService", "NodeSettings", "NodeView"]
 
 log = logging.getLogger(__name__)
 NODE_VIEW_CHUNK = 50  # nodes whose views are read at once

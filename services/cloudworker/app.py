@@ -28,9 +28,9 @@ from .cloud_view import CloudView
 from .maintainer import NodeMaintainer
 from .metrics import WorkerMetrics
 from .providers.base import CloudProvider
-from .providers.registry import build_provider
+from .providers.registry import ProviderWiring, build_provider
 from .queue import Delivery, EventSource, RedisStreamSource
-from .ratelimit import Priority, at_priority
+from .ratelimit import Priority, at_priority, connect_sync
 from .settings import WorkerSettings
 
 log = logging.getLogger("ipam.cloudworker")
@@ -331,7 +331,17 @@ def build_worker(
     metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
     close_provider: Callable[[], None] = _nothing
     if provider is None:
-        built = build_provider(settings, metrics)
+        wiring = ProviderWiring(
+            cluster=settings.cluster_name,
+            metrics=metrics,
+            connect_redis=lambda: connect_sync(
+                settings.redis_url,
+                cluster=settings.redis_cluster,
+                sentinels=settings.redis_sentinels,
+                sentinel_master=settings.redis_sentinel_master,
+            ),
+        )
+        built = build_provider(settings.cloud, settings, wiring)
         provider, close_provider = built.provider, built.close
     redis = redis_client.connect(
         settings.redis_url,

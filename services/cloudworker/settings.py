@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.core import contract, redis_client
+from services.cloudworker.providers.registry import CLOUDS, CloudSettings, unknown_cloud
+from services.core import contract
 
 
-class WorkerSettings(BaseSettings):
-    """Every setting of `ipam-cloudworker` (flag `--ec2-qps` = variable `IPAM_EC2_QPS`)."""
+class WorkerSettings(CloudSettings, BaseSettings):
+    """Every setting of `ipam-cloudworker` (flag `--ec2-qps` = variable `IPAM_EC2_QPS`); each
+    cloud's own come from its settings model (`providers/registry.py`'s `CloudSettings`)."""
 
     model_config = SettingsConfigDict(
         env_prefix="IPAM_",
@@ -36,29 +37,7 @@ class WorkerSettings(BaseSettings):
         "127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it"
     )
     cloud: str = Field("aws", description="the cloud the addresses come from: aws (the one provider so far)")
-    ec2_endpoint_url: str = Field("", description="EC2 endpoint (the moto server locally); empty = real AWS")
-    aws_region: str = Field("us-east-1", description="AWS region")
-    aws_access_key_id: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
-    aws_secret_access_key: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
     cluster_name: str = Field("ipam", description="tags our interfaces, so leaked ones of this cluster are found")
-    ec2_account_share: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="share of the account's EC2 request budget (EC2's token buckets per Region) "
-        "this cluster's workers use together",
-    )
-    ec2_qps: float = Field(
-        0.0,
-        ge=0,
-        description="override: EC2 calls per second in one bucket for every call; 0 = EC2's own buckets",
-    )
-    ec2_burst: int = Field(20, ge=1, description="with ec2_qps: EC2 calls allowed in a burst")
-    ipv6_gateway: str = Field(
-        "fe80:ec2::1",
-        description="the IPv6 gateway reported with each interface whose subnet has an IPv6 block: "
-        "the VPC router's link-local address, which AWS documents for every subnet",
-    )
     consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")
     max_deliveries: int = Field(5, description="an event delivered this often without success goes to the dead letters")
@@ -101,41 +80,11 @@ class WorkerSettings(BaseSettings):
         300.0, description="our detached interfaces older than this are deleted"
     )
     gc_interval_seconds: float = Field(300.0, description="how often leaked interfaces are looked for")
-    check_address_conflicts: bool | None = Field(
-        None,
-        description="after each assignment, read the subnet's interfaces and give back addresses the "
-        "cloud handed out twice or reserved; the local EC2 does that, AWS does not, so unset it is on "
-        "with an EC2 endpoint URL and off against AWS",
-    )
-
-    @property
-    def checks_address_conflicts(self) -> bool:
-        """Whether each assignment is followed by a read of its subnet (see check_address_conflicts)."""
-        if self.check_address_conflicts is None:
-            return bool(self.ec2_endpoint_url)
-        return self.check_address_conflicts
-
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
-
-    @field_validator("ipv6_gateway")
-    @classmethod
-    def _ipv6_address(cls, value: str) -> str:
-        address = ipaddress.ip_address(value)  # a ValueError names the bad value
-        if address.version != 6:
-            raise ValueError(f"{value} is not an IPv6 address")
-        return str(address)
 
     @field_validator("cloud")
     @classmethod
     def _known_cloud(cls, name: str) -> str:
-        # Read here, not at import: the registry builds providers, which need these settings.
-        from services.cloudworker.providers.registry import CLOUDS, unknown_cloud
-
         if name not in CLOUDS:
             raise ValueError(unknown_cloud(name))
         return name
-
-    @model_validator(mode="after")
-    def _sentinels(self) -> WorkerSettings:
-        redis_client.check_sentinel_settings(self.redis_sentinels, self.redis_sentinel_master, self.redis_cluster)
-        return self

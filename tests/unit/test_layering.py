@@ -16,6 +16,13 @@ PURE_CORE = (
     "services.core.prefixes",
     "services.core.reasons",
 )
+# The worker's core: what a maintenance decides and does; protobuf stays out of it.
+WORKER_CORE = (
+    "services.cloudworker.planner",
+    "services.cloudworker.maintainer",
+    "services.cloudworker.model",
+    "services.cloudworker.providers",
+)
 IO_LIBRARIES = ("asyncio", "boto3", "botocore", "grpc", "os", "redis", "socket", "subprocess", "urllib")
 
 
@@ -42,6 +49,54 @@ def imports_of(package: str) -> dict[str, set[str]]:
     return result
 
 
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of `package` it imports (a name imported from a module counts as that
+    module; importing a package counts as its `__init__`)."""
+    imports = imports_of(package)
+    graph: dict[str, set[str]] = {}
+    for module, names in imports.items():
+        targets: set[str] = set()
+        for name in names:
+            parts = name.split(".")
+            found = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in imports), "")
+            if found and found != module:
+                targets.add(found)
+        graph[module] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: each group of modules that reach one another, sorted (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(found)
+
+
 def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
     return sorted(
         f"{module} imports {name}"
@@ -54,6 +109,31 @@ def offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
 def test_the_scan_sees_imports() -> None:
     assert "services.core.pool_math.Watermarks" in imports_of("services.cloudworker")["services.cloudworker.planner"]
     assert "services.core.family.Family" in imports_of("services.allocator")["services.allocator.domain.model"]
+
+
+def test_the_cycle_check_sees_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_inside_services() -> None:
+    """A cycle, even one broken at run time by an import inside a function or under TYPE_CHECKING,
+    says two modules are one: break it at its root."""
+    assert cycles(import_graph("services")) == []
+
+
+@pytest.mark.parametrize("module", WORKER_CORE)
+def test_protobuf_stops_at_the_worker_s_edge(module: str) -> None:
+    """The worker's core speaks its own values; `allocator_grpc.py` alone translates protobuf."""
+    imports = imports_of("services.cloudworker")
+    found = sorted(
+        f"{m} imports {name}"
+        for m, names in imports.items()
+        if m == module or m.startswith(f"{module}.")
+        for name in names
+        if name.split(".")[0] == "ipam" or name.startswith("google.protobuf")
+    )
+    assert found == []
 
 
 @pytest.mark.parametrize(

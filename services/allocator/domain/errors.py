@@ -3,13 +3,7 @@ wire); the transport layer maps the class to a gRPC status code in exactly one p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from services.core.family import Family
 from services.core.reasons import ErrorReason
-
-if TYPE_CHECKING:  # annotations only: `pool` imports `model`, which imports this module
-    from .pool import PoolState
 
 
 class IpamError(Exception):
@@ -63,16 +57,6 @@ class ResourceExhausted(IpamError):
     """The pool has no free address (reason says whether a refill is under way or the node is full)."""
 
     reason = ErrorReason.POOL_EMPTY
-
-
-class PoolEmpty(ResourceExhausted):
-    """The pool has no free address of `family`; `state` is the pool as the script left it, so the
-    caller can decide on an event or a wait without reading it again."""
-
-    def __init__(self, message: str, *, reason: str, family: Family, state: PoolState, **metadata: str) -> None:
-        super().__init__(message, reason=reason, **metadata)
-        self.family = family
-        self.state = state
 
 
 class Unavailable(IpamError):

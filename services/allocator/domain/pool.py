@@ -11,6 +11,7 @@ from enum import IntEnum
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
 
+from .errors import ResourceExhausted
 from .model import Allocation
 
 
@@ -253,3 +254,13 @@ class Replication:
     replicas: int
     replicas_in_sync: int
     min_replicas: int
+
+
+class PoolEmpty(ResourceExhausted):
+    """The pool has no free address of `family`; `state` is the pool as the script left it, so the
+    caller can decide on an event or a wait without reading it again."""
+
+    def __init__(self, message: str, *, reason: str, family: Family, state: PoolState, **metadata: str) -> None:
+        super().__init__(message, reason=reason, **metadata)
+        self.family = family
+        self.state = state

@@ -4,7 +4,11 @@ domain's exceptions (`PoolEmpty` carries the pool's state)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Protocol
 
 from services.core.family import Family
@@ -22,6 +26,42 @@ from ..domain.pool import (
     RemoveOutcome,
     Replication,
 )
+
+# Keys the allocator makes for calls that came without one. Callers' keys are printable, so they
+# never start with this; such keys are shown as "" (`keyed_allocations`).
+CALL_KEY_PREFIX = "\x1fcall-"
+
+
+def call_key() -> str:
+    """A key of the allocator's own for one call made without an idempotency key (128 random bits,
+    as a uuid4's hex, without building the UUID)."""
+    return CALL_KEY_PREFIX + os.urandom(16).hex()
+
+
+@dataclass(slots=True)
+class CallScope:
+    """One caller's bounds on the store: the monotonic time by which the store must have answered."""
+
+    deadline: float | None
+
+
+_SCOPE: ContextVar[CallScope | None] = ContextVar("ipam_store_call_scope", default=None)
+
+
+def current_call_scope() -> CallScope | None:
+    """The scope of the store call being made, if any."""
+    return _SCOPE.get()
+
+
+@contextlib.contextmanager
+def call_scope(deadline: float | None) -> Iterator[CallScope]:
+    """Store calls made within bound their wait for Redis by `deadline` (time.monotonic())."""
+    scope = CallScope(deadline)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
 
 
 class PoolStore(Protocol):

@@ -10,12 +10,10 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import fields
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -37,7 +35,6 @@ from ..domain.errors import (
     IpamError,
     NotFound,
     OutcomeUnknown,
-    PoolEmpty,
     Unavailable,
 )
 from ..domain.model import DEFAULT_POOL, Allocation, InterfaceInfo
@@ -50,6 +47,7 @@ from ..domain.pool import (
     NodeRecord,
     NodeSettings,
     PoolDump,
+    PoolEmpty,
     PoolState,
     PoolSubnet,
     PrefixUse,
@@ -59,6 +57,7 @@ from ..domain.pool import (
     prefix_uses,
 )
 from . import keys
+from .base import CALL_KEY_PREFIX, current_call_scope
 from .pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
 
 T = TypeVar("T")
@@ -86,16 +85,8 @@ SCRIPTS = (
     "cancel_call",
 )
 
-# Keys the allocator makes for calls that came without one. Callers' keys are printable, so they
-# never start with this; such keys are shown as "" (`keyed_allocations`).
-CALL_KEY_PREFIX = "\x1fcall-"
-
-
-def call_key() -> str:
-    """A key of the allocator's own for one call made without an idempotency key (128 random bits,
-    as a uuid4's hex, without building the UUID)."""
-    return CALL_KEY_PREFIX + os.urandom(16).hex()
-
+# A Redis call ends this long before the caller's deadline, for the work after it.
+DEADLINE_MARGIN_S = 0.01
 
 # Why a pool is empty, by its error reason (the end of the message).
 _POOL_EMPTY_WHY: dict[ErrorReason, str] = {
@@ -157,30 +148,6 @@ _FAILURES: dict[ErrorReason, tuple[type[IpamError], str]] = {
         "of node {node}; a key belongs to its first use until its addresses are released",
     ),
 }
-
-
-@dataclass(slots=True)
-class CallScope:
-    """One caller's bounds on the store: the monotonic time by which the store must have answered."""
-
-    deadline: float | None
-
-
-_SCOPE: ContextVar[CallScope | None] = ContextVar("ipam_store_call_scope", default=None)
-
-# A Redis call ends this long before the caller's deadline, for the work after it.
-DEADLINE_MARGIN_S = 0.01
-
-
-@contextlib.contextmanager
-def call_scope(deadline: float | None) -> Iterator[CallScope]:
-    """Store calls made within bound their wait for Redis by `deadline` (time.monotonic())."""
-    scope = CallScope(deadline)
-    token = _SCOPE.set(scope)
-    try:
-        yield scope
-    finally:
-        _SCOPE.reset(token)
 
 
 def _outcome_unknown(waited: str) -> OutcomeUnknown:
@@ -395,7 +362,7 @@ class RedisStore:
 
     def _budget(self) -> tuple[float, bool]:
         """How long the next Redis call may wait, and whether the caller's deadline set that bound."""
-        scope = _SCOPE.get()
+        scope = current_call_scope()
         if scope is None or scope.deadline is None:
             return self.timeout_s, False
         left = scope.deadline - time.monotonic() - DEADLINE_MARGIN_S
@@ -451,7 +418,7 @@ class RedisStore:
         """A "nothing happened" error; `final` when the caller's deadline leaves no room for a try as
         long as this one, so that a retry could only end in a bare DEADLINE_EXCEEDED."""
         error = Unavailable(message)
-        scope = _SCOPE.get()
+        scope = current_call_scope()
         error.final = (
             scope is not None and scope.deadline is not None and (scope.deadline - time.monotonic() < self.timeout_s)
         )

@@ -22,7 +22,8 @@ from ..domain.errors import InvalidArgument, IpAlreadyAllocated, IpamError, Unav
 from ..domain.model import Allocation, parse_family, validate_page_size
 from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent, PrefixUse
 from ..metrics import AllocatorMetrics
-from ..service import AllocatorService, NodeView, call_scope
+from ..service import AllocatorService, NodeView
+from ..store.base import call_scope
 from .status import status_code_of, to_status
 
 Req = TypeVar("Req")

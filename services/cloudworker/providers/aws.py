@@ -35,6 +35,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from services.cloudworker.metrics import ApiObserver, NullObserver, WorkerMetrics
 from services.cloudworker.model import (
@@ -59,15 +60,13 @@ from services.cloudworker.providers.errors import (
     Throttled,
     Transient,
 )
-from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket, connect_sync
+from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket
 from services.core.family import Family
 from services.core.reasons import DeficitReason
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.cluster import RedisCluster
-
-    from services.cloudworker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +176,54 @@ def make_ec2_client(
         aws_secret_access_key=secret_access_key,
         config=config,
     )
+
+
+class AwsSettings(BaseModel):
+    """The AWS provider's settings, taken in by the worker's (flags and `IPAM_*` variables alike)."""
+
+    ec2_endpoint_url: str = Field("", description="EC2 endpoint (the moto server locally); empty = real AWS")
+    aws_region: str = Field("us-east-1", description="AWS region")
+    aws_access_key_id: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
+    aws_secret_access_key: SecretStr = Field(SecretStr(""), description="empty = boto3's default credential chain")
+    ec2_account_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the account's EC2 request budget (EC2's token buckets per Region) "
+        "this cluster's workers use together",
+    )
+    ec2_qps: float = Field(
+        0.0,
+        ge=0,
+        description="override: EC2 calls per second in one bucket for every call; 0 = EC2's own buckets",
+    )
+    ec2_burst: int = Field(20, ge=1, description="with ec2_qps: EC2 calls allowed in a burst")
+    ipv6_gateway: str = Field(
+        "fe80:ec2::1",
+        description="the IPv6 gateway reported with each interface whose subnet has an IPv6 block: "
+        "the VPC router's link-local address, which AWS documents for every subnet",
+    )
+    check_address_conflicts: bool | None = Field(
+        None,
+        description="after each assignment, read the subnet's interfaces and give back addresses the "
+        "cloud handed out twice or reserved; the local EC2 does that, AWS does not, so unset it is on "
+        "with an EC2 endpoint URL and off against AWS",
+    )
+
+    @property
+    def checks_address_conflicts(self) -> bool:
+        """Whether each assignment is followed by a read of its subnet (see check_address_conflicts)."""
+        if self.check_address_conflicts is None:
+            return bool(self.ec2_endpoint_url)
+        return self.check_address_conflicts
+
+    @field_validator("ipv6_gateway")
+    @classmethod
+    def _ipv6_address(cls, value: str) -> str:
+        address = ipaddress.ip_address(value)  # a ValueError names the bad value
+        if address.version != 6:
+            raise ValueError(f"{value} is not an IPv6 address")
+        return str(address)
 
 
 class Ec2Policy:
@@ -741,19 +788,15 @@ def build_aws_provider(
     )
 
 
-def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[AwsProvider, Redis | RedisCluster]:
-    """The worker's AWS provider: EC2's buckets (or the QPS override) kept in Redis for every
-    replica. Returns the limiter's Redis client too, for the caller to close."""
+def from_settings(
+    settings: AwsSettings, metrics: WorkerMetrics, *, cluster: str, redis: Redis | RedisCluster
+) -> AwsProvider:
+    """The worker's AWS provider: EC2's buckets (or the QPS override) kept in `redis` for every
+    replica."""
     budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
-    limiter_client = connect_sync(
-        settings.redis_url,
-        cluster=settings.redis_cluster,
-        sentinels=settings.redis_sentinels,
-        sentinel_master=settings.redis_sentinel_master,
-    )
-    limiter = RedisRateLimiter(limiter_client, budget, scope=f"ec2:{settings.aws_region}", observer=metrics.ec2)
-    provider = build_aws_provider(
-        cluster=settings.cluster_name,
+    limiter = RedisRateLimiter(redis, budget, scope=f"ec2:{settings.aws_region}", observer=metrics.ec2)
+    return build_aws_provider(
+        cluster=cluster,
         region=settings.aws_region,
         endpoint_url=settings.ec2_endpoint_url or None,
         access_key_id=settings.aws_access_key_id.get_secret_value() or None,
@@ -764,7 +807,6 @@ def from_settings(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[Aws
         limiter=limiter,
         ipv6_gateway=settings.ipv6_gateway,
     )
-    return provider, limiter_client
 
 
 def _retryable(error: ProviderError, operation: str) -> bool:

@@ -1,18 +1,32 @@
-"""The clouds the worker knows, by the name `IPAM_CLOUD` gives: each builds its provider from the
-worker's settings. A second cloud is its module in this package and one line here."""
+"""The clouds the worker knows, by the name `IPAM_CLOUD` gives: each builds its provider from its
+own settings model (which the worker's settings take in) and what the worker hands every provider.
+A second cloud is its module in this package, its settings model among `CloudSettings`' bases and
+one line in `CLOUDS`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+from redis import Redis
+from redis.cluster import RedisCluster
 
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.providers import aws
 from services.cloudworker.providers.base import CloudProvider
 
-if TYPE_CHECKING:
-    from services.cloudworker.settings import WorkerSettings
+
+class CloudSettings(aws.AwsSettings):
+    """Every known cloud's own settings: the worker's settings take them all in."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderWiring:
+    """What the worker hands every provider besides its settings."""
+
+    cluster: str  # the cluster's name, on what the provider creates (so its leaks are found)
+    metrics: WorkerMetrics
+    connect_redis: Callable[[], Redis | RedisCluster]  # a blocking client of the worker's Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,23 +37,23 @@ class BuiltProvider:
     close: Callable[[], None]
 
 
-ProviderFactory = Callable[["WorkerSettings", WorkerMetrics], BuiltProvider]
+ProviderFactory = Callable[[CloudSettings, ProviderWiring], BuiltProvider]
 
 
-def _aws(settings: WorkerSettings, metrics: WorkerMetrics) -> BuiltProvider:
-    provider, limiter_client = aws.from_settings(settings, metrics)
-    return BuiltProvider(provider, limiter_client.close)
+def _aws(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
+    redis = wiring.connect_redis()
+    return BuiltProvider(aws.from_settings(settings, wiring.metrics, cluster=wiring.cluster, redis=redis), redis.close)
 
 
 CLOUDS: dict[str, ProviderFactory] = {"aws": _aws}
 
 
-def build_provider(settings: WorkerSettings, metrics: WorkerMetrics) -> BuiltProvider:
-    """The provider of `settings.cloud`; ValueError names the clouds known when it is not one."""
-    factory = CLOUDS.get(settings.cloud)
+def build_provider(cloud: str, settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
+    """The provider of `cloud`; ValueError names the clouds known when it is not one."""
+    factory = CLOUDS.get(cloud)
     if factory is None:
-        raise ValueError(unknown_cloud(settings.cloud))
-    return factory(settings, metrics)
+        raise ValueError(unknown_cloud(cloud))
+    return factory(settings, wiring)
 
 
 def unknown_cloud(name: str) -> str:

@@ -18,7 +18,6 @@ from services.allocator.domain.errors import (
     InvalidArgument,
     NotFound,
     OutcomeUnknown,
-    PoolEmpty,
     Unavailable,
 )
 from services.allocator.domain.model import Allocation
@@ -26,6 +25,7 @@ from services.allocator.domain.pool import (
     AllocateOutcome,
     ChangeOutcome,
     EventKind,
+    PoolEmpty,
     PoolEvent,
     PoolState,
 )
