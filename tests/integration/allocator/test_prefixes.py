@@ -438,3 +438,8 @@ def test_a_prefix_gone_from_the_cloud_takes_its_addresses_along(api: Api) -> Non
     # A prefix the pool does not hold (or no longer) is no error, and changes nothing.
     again = api.nodes.RemoveAddresses(npb.RemoveAddressesRequest(node=node, ipv4_prefixes=[A]), timeout=5)
     assert list(again.removed_prefixes) == [] and api.stats(node).available_ips == 16
+    # The /80 assigned again: its lost address is its owner's once more, and the cursor passes it by.
+    _add_ipv6_prefix(api, node, "2001:db8:0:7::/80")
+    stats = api.stats(node)
+    assert (stats.lost_ips, stats.used_ipv6, stats.available_ipv6) == (0, 1, 1)
+    assert _allocate6(api, node, "v6-new").ip == "2001:db8:0:7::2"

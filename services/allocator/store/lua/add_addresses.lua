@@ -59,6 +59,14 @@ if prefix6_new then
   for i = 1, 5 do head[i] = string.format('%x', g[i]) end
   redis.call('HSET', K_PREFIX6, 'cidr', prefix6_new, 'head', table.concat(head, ':'), 'iface', iface,
              'next', 1, 'held', 0)
+  -- Its addresses still allocated (lost when it left the cloud before) are their owners' again.
+  prefix6_read = nil
+  for _, ip in ipairs(redis.call('HKEYS', K_ALLOC['6'])) do
+    if redis.call('HEXISTS', K_ADDRS['6'], ip) == 0 and prefix6_of(ip) then
+      redis.call('HDEL', K_LOST, ip)
+      redis.call('HINCRBY', K_PREFIX6, 'held', 1)
+    end
+  end
   redis.call('HSET', K_NODE, 'prefixes', '1')
   added_prefixes[#added_prefixes + 1] = prefix6_new
 end
