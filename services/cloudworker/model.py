@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from services.core.family import Family
 from services.core.pool_math import Watermarks, interface_capacity
+from services.core.prefixes import ADDRESSES_PER_PREFIX
 from services.core.reasons import DeficitReason
 
 
@@ -19,6 +20,7 @@ class InstanceLimits:
     max_interfaces: int
     ipv4_per_interface: int
     ipv6_per_interface: int = 0
+    prefix_capable: bool = False  # takes IPv4 /28 prefixes (Nitro or bare metal)
 
     def capacity(self, first_interface_index: int = 0) -> int:
         """Usable IPv4 addresses of the instance (primaries and interfaces below the first index excluded)."""
@@ -76,10 +78,21 @@ class NetworkInterface:
     tags: Mapping[str, str] = field(default_factory=dict)
     subnet_ipv6_cidr: str = ""  # "" = the subnet has no IPv6 block
     gateway_ipv6: str = ""  # the IPv6 router as the interface reaches it (the cloud's, not derived)
+    ipv4_prefixes: tuple[str, ...] = ()  # delegated /28 prefixes, each one slot of 16 addresses
 
     def addresses(self, family: Family) -> tuple[str, ...]:
-        """Its secondary addresses of `family`."""
+        """Its secondary addresses of `family` (IPv4: the /32s, prefixes excluded)."""
         return self.ipv6 if family is Family.IPV6 else self.ipv4
+
+    @property
+    def prefix_ipv4(self) -> tuple[str, ...]:
+        """Every address of its IPv4 prefixes."""
+        return tuple(a for p in self.ipv4_prefixes for a in prefix_addresses(p))
+
+    @property
+    def pool_ipv4(self) -> tuple[str, ...]:
+        """The IPv4 addresses it brings to the pool: its /32 secondaries and its prefixes' addresses."""
+        return (*self.ipv4, *self.prefix_ipv4)
 
     def free_count(self, family: Family, free: Collection[str]) -> int:
         """How many of its addresses of `family` are among `free` (the pool's free ones)."""
@@ -87,8 +100,9 @@ class NetworkInterface:
 
     @property
     def ipv4_count(self) -> int:
-        """IPv4 addresses on the interface, primary included (what the per-interface limit counts)."""
-        return len(self.ipv4) + (1 if self.primary_ip else 0)
+        """IPv4 slots taken on the interface: primary, secondaries and prefixes (what the
+        per-interface limit counts)."""
+        return len(self.ipv4) + len(self.ipv4_prefixes) + (1 if self.primary_ip else 0)
 
     @property
     def gateway_ip(self) -> str:
@@ -98,12 +112,21 @@ class NetworkInterface:
         return str(ipaddress.ip_network(self.subnet_cidr, strict=False).network_address + 1)
 
 
+def prefix_addresses(prefix: str) -> tuple[str, ...]:
+    """The 16 addresses of an IPv4 /28 prefix, all of them usable (the subnet's reserved addresses
+    never fall in a delegated prefix)."""
+    network = ipaddress.ip_network(prefix, strict=False)
+    return tuple(str(network.network_address + i) for i in range(min(network.num_addresses, ADDRESSES_PER_PREFIX)))
+
+
 @dataclass(frozen=True, slots=True)
 class AddressChange:
-    """The outcome of an assign or unassign: the addresses that changed, and the interface read back."""
+    """The outcome of an assign or unassign: the addresses that changed (a prefix's expanded), the
+    prefixes that changed, and the interface read back."""
 
     addresses: tuple[str, ...]
     interface: NetworkInterface
+    prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +143,18 @@ class NodeSpec:
     vpc_id: str = ""  # "" = do not filter subnets by VPC
     availability_zone: str = ""  # "" = do not filter subnets by zone
     release_excess: bool = False
+    # IPv4 comes in /28 prefixes where the instance type takes them (secondaries where it cannot).
+    prefix_delegation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AllocationAction:
-    """Add `count` secondary IPv4 addresses.
+    """Add `count` secondary IPv4 addresses, or `prefixes` /28 prefixes (16 addresses each) when
+    that is set (`count` is then 0).
 
     With `interface_id` set: assign them on that existing interface. With `interface_id` empty:
-    create an interface in `subnet_id` with `security_group_ids`, holding `count` secondaries,
-    and attach it at `device_index`.
+    create an interface in `subnet_id` with `security_group_ids`, holding them, and attach it at
+    `device_index`.
     """
 
     count: int
@@ -136,6 +162,12 @@ class AllocationAction:
     device_index: int
     interface_id: str = ""
     security_group_ids: tuple[str, ...] = ()
+    prefixes: int = 0
+
+    @property
+    def addresses(self) -> int:
+        """The addresses the action brings to the pool."""
+        return self.prefixes * ADDRESSES_PER_PREFIX if self.prefixes else self.count
 
     @property
     def creates_interface(self) -> bool:

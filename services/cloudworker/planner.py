@@ -126,6 +126,7 @@ class NodeState:
     free_ipv6: frozenset[str] | None = None
     tagged_security_groups: tuple[str, ...] | None = None  # those carrying the spec's tags; None = not read
     progress: Progress = field(default_factory=Progress)
+    no_prefix_room: frozenset[str] = frozenset()  # subnets that had no free /28 lately (prefixes backed off)
 
 
 def decide(state: NodeState, policy: CloudPolicy) -> Step:
@@ -190,6 +191,7 @@ def _ipv4_step(state: NodeState, policy: CloudPolicy) -> Step:
         policy=policy,
         tagged_security_groups=state.tagged_security_groups or (),
         free_ipv4=frozenset(a for i in attached for a in i.ipv4 if a not in allocated),
+        no_prefix_room=state.no_prefix_room,
     )
     if isinstance(action, ReleaseAction) and exhausted:
         return NoAction(DeficitReason.NOTHING_RELEASABLE, "a release found nothing to reserve")
@@ -214,6 +216,7 @@ def plan(
     policy: CloudPolicy,
     tagged_security_groups: Sequence[str] = (),
     free_ipv4: Collection[str] = frozenset(),
+    no_prefix_room: Collection[str] = frozenset(),
 ) -> Action:
     """The one next step for the node's IPv4 pool.
 
@@ -223,6 +226,8 @@ def plan(
     gives back only addresses among `free_ipv4` (the pool's free ones).
     `subnets` should hold the subnets of the node's VPC and zone; the policy does not use an
     existing interface whose subnet is missing from it (its free addresses are unknown).
+    With `spec.prefix_delegation` the policy turns the deficit into /28 prefixes (16 addresses
+    each), except in the subnets of `no_prefix_room`.
     """
     if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
         raise ValueError(f"instance limits unknown or invalid: {limits}")
@@ -235,7 +240,9 @@ def plan(
             if wanted <= 0:
                 detail = f"pool holds {counts.available} of max_allocate {w.max_allocate}"
                 return NoAction(DeficitReason.MAX_ALLOCATE, detail)
-        return policy.prepare_allocation(spec, wanted, interfaces, limits, subnets, tuple(tagged_security_groups))
+        return policy.prepare_allocation(
+            spec, wanted, interfaces, limits, subnets, tuple(tagged_security_groups), no_prefix_room
+        )
 
     excess = pool_excess_ips(counts, w)
     if excess > 0:

@@ -50,10 +50,12 @@ from services.cloudworker.model import (
     ReleaseAction,
     SecurityGroup,
     Subnet,
+    prefix_addresses,
 )
 from services.cloudworker.providers.base import CloudProvider
 from services.cloudworker.providers.errors import (
     LimitExceeded,
+    NoPrefixRoom,
     NotFound,
     ProviderError,
     SubnetFull,
@@ -62,6 +64,7 @@ from services.cloudworker.providers.errors import (
 )
 from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket
 from services.core.family import Family
+from services.core.prefixes import ADDRESSES_PER_PREFIX, prefixes_for, supports_prefixes
 from services.core.reasons import DeficitReason
 
 if TYPE_CHECKING:
@@ -91,7 +94,10 @@ _THROTTLING_CODES = frozenset(
         "EC2ThrottledException",
     }
 )
-_SUBNET_FULL_CODES = frozenset({"InsufficientFreeAddressesInSubnet", "InsufficientCidrBlocks"})
+_SUBNET_FULL_CODES = frozenset({"InsufficientFreeAddressesInSubnet"})
+# No free aligned /28 in the subnet. EC2 also answers InvalidParameterValue with this message.
+_NO_PREFIX_ROOM_CODE = "InsufficientCidrBlocks"
+_NO_PREFIX_ROOM_MESSAGE = "sufficient free ipv4 addresses or prefixes"
 _LIMIT_CODES = frozenset(
     {
         "PrivateIpAddressLimitExceeded",
@@ -112,9 +118,12 @@ _NETWORK_ERRORS = (
 )
 
 
-def classify_error(code: str, http_status: int = 400) -> type[ProviderError]:
-    """The `ProviderError` class for an EC2 error code (old "Client."/"Server." prefixes allowed)."""
+def classify_error(code: str, http_status: int = 400, message: str = "") -> type[ProviderError]:
+    """The `ProviderError` class for an EC2 error code (old "Client."/"Server." prefixes allowed);
+    `message` tells EC2's InvalidParameterValue for a subnet without room for a prefix apart."""
     code = code.removeprefix("Client.").removeprefix("Server.")
+    if code == _NO_PREFIX_ROOM_CODE or (code == "InvalidParameterValue" and _NO_PREFIX_ROOM_MESSAGE in message.lower()):
+        return NoPrefixRoom
     if code in _THROTTLING_CODES:
         return Throttled
     if code in _SUBNET_FULL_CODES:
@@ -241,7 +250,15 @@ class Ec2Policy:
         limits: InstanceLimits,
         subnets: Sequence[Subnet],
         tagged_security_groups: Sequence[str] = (),
+        no_prefix_room: Collection[str] = (),
     ) -> AllocationAction | NoAction:
+        if spec.prefix_delegation and limits.prefix_capable:
+            in_prefixes = _prefix_allocation(
+                spec, wanted, interfaces, limits, subnets, tagged_security_groups, frozenset(no_prefix_room)
+            )
+            if in_prefixes is not None:
+                return in_prefixes
+            # No subnet the node may use has room for a prefix now: this deficit in secondaries.
         # An existing interface with a free slot, in a subnet with free addresses, lowest device first.
         subnets_by_id = {s.id: s for s in subnets}
         blocked_by_subnet = False
@@ -309,6 +326,50 @@ class Ec2Policy:
             if interface.device_index >= spec.first_interface_index and room > 0:
                 return AssignIPv6(interface.id, min(wanted, room))
         return None
+
+
+def _prefix_allocation(
+    spec: NodeSpec,
+    wanted: int,
+    interfaces: Sequence[NetworkInterface],
+    limits: InstanceLimits,
+    subnets: Sequence[Subnet],
+    tagged_security_groups: Sequence[str],
+    no_prefix_room: frozenset[str],
+) -> AllocationAction | None:
+    """⌈wanted / 16⌉ prefixes on the lowest interface with free slots in a subnet with room for
+    them, else on a new interface in another subnet; None when no subnet may take a prefix now
+    (those of `no_prefix_room` had no free /28 lately)."""
+    subnets_by_id = {s.id: s for s in subnets}
+    for interface in sorted(interfaces, key=lambda i: i.device_index):
+        room = limits.ipv4_per_interface - interface.ipv4_count
+        subnet = subnets_by_id.get(interface.subnet_id)
+        if interface.device_index < spec.first_interface_index or room <= 0 or subnet is None:
+            continue
+        count = min(prefixes_for(wanted, room), subnet.free_addresses // ADDRESSES_PER_PREFIX)
+        if subnet.id in no_prefix_room or count <= 0:
+            continue
+        return AllocationAction(
+            count=0, prefixes=count, subnet_id=subnet.id, device_index=interface.device_index, interface_id=interface.id
+        )
+    free_indexes = _free_device_indexes(spec, interfaces, limits)
+    if not free_indexes:
+        return None
+    # The new interface's primary address also comes out of the subnet.
+    roomy = [s for s in subnets if s.id not in no_prefix_room and s.free_addresses > ADDRESSES_PER_PREFIX]
+    subnet = _subnet_for_new_interface(spec, interfaces, limits, roomy)
+    if subnet is None:
+        return None
+    count = min(
+        prefixes_for(wanted, limits.ipv4_per_interface - 1), (subnet.free_addresses - 1) // ADDRESSES_PER_PREFIX
+    )
+    return AllocationAction(
+        count=0,
+        prefixes=count,
+        subnet_id=subnet.id,
+        device_index=free_indexes[0],
+        security_group_ids=tuple(tagged_security_groups) or _security_groups(spec, interfaces),
+    )
 
 
 def _free_device_indexes(spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits) -> list[int]:
@@ -419,6 +480,7 @@ class AwsProvider(Ec2Policy, CloudProvider):
             max_interfaces=int(network.get("MaximumNetworkInterfaces", 0)),
             ipv4_per_interface=int(network.get("Ipv4AddressesPerInterface", 0)),
             ipv6_per_interface=int(network.get("Ipv6AddressesPerInterface", 0)) if network.get("Ipv6Supported") else 0,
+            prefix_capable=supports_prefixes(types[0].get("Hypervisor"), bool(types[0].get("BareMetal"))),
         )
         if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
             # Never plan with zeros (Cilium #14802: unknown types failing silently).
@@ -511,7 +573,10 @@ class AwsProvider(Ec2Policy, CloudProvider):
         security_group_ids: Sequence[str],
         device_index: int,
         ipv4_count: int,
+        ipv4_prefix_count: int = 0,
     ) -> NetworkInterface:
+        if ipv4_count > 0 and ipv4_prefix_count > 0:
+            raise ValueError("an interface is created with secondary addresses or with prefixes, not both")
         tags = {
             MANAGED_BY_TAG: MANAGED_BY_VALUE,
             CLUSTER_TAG: self.cluster,
@@ -532,6 +597,8 @@ class AwsProvider(Ec2Policy, CloudProvider):
             params["Groups"] = list(security_group_ids)
         if ipv4_count > 0:  # requested in the same call: no second round trip
             params["SecondaryPrivateIpAddressCount"] = ipv4_count
+        if ipv4_prefix_count > 0:
+            params["Ipv4PrefixCount"] = ipv4_prefix_count
         created = self._call("CreateNetworkInterface", **params)["NetworkInterface"]
         interface_id = created["NetworkInterfaceId"]
 
@@ -560,7 +627,8 @@ class AwsProvider(Ec2Policy, CloudProvider):
             # `available` and, being tagged, is deleted by the leaked-interface collector.
             log.warning("could not set DeleteOnTermination on %s: %s", interface_id, exc)
         answered = self._parse_interfaces([created])[0]
-        if len(answered.ipv4) == ipv4_count and answered.primary_ip:
+        complete = len(answered.ipv4) == ipv4_count and len(answered.ipv4_prefixes) == ipv4_prefix_count
+        if complete and answered.primary_ip:
             # The creation's answer says it all; the attachment we made gives the rest: no read-back.
             return replace(answered, device_index=device_index, status="in-use")
         return self._read_interface(interface_id)
@@ -592,6 +660,42 @@ class AwsProvider(Ec2Policy, CloudProvider):
             return AddressChange(tuple(new), replace(before, ipv6=(*before.ipv6, *new)))
         after = self._read_interface(interface_id)
         return AddressChange(tuple(ip for ip in _addresses(after, family) if ip not in old), after)
+
+    def assign_prefixes(self, interface_id: str, count: int, *, known: NetworkInterface | None = None) -> AddressChange:
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        before = known if known is not None and known.id == interface_id else self._read_interface(interface_id)
+        answer = self._call("AssignPrivateIpAddresses", NetworkInterfaceId=interface_id, Ipv4PrefixCount=count)
+        old = set(before.ipv4_prefixes)
+        new = [
+            p
+            for p in dict.fromkeys(a.get("Ipv4Prefix", "") for a in answer.get("AssignedIpv4Prefixes", []))
+            if p and p not in old
+        ]
+        if len(new) == count:  # EC2 assigns all or nothing, and answers with the new ones
+            after = replace(before, ipv4_prefixes=(*before.ipv4_prefixes, *new))
+        else:
+            after = self._read_interface(interface_id)
+            new = [p for p in after.ipv4_prefixes if p not in old]
+        return AddressChange(_expanded(new), after, tuple(new))
+
+    def unassign_prefixes(
+        self, interface_id: str, prefixes: Sequence[str], *, known: NetworkInterface | None = None
+    ) -> AddressChange:
+        if not prefixes:
+            raise ValueError("no prefixes to unassign")
+        wanted = [str(ipaddress.ip_network(p, strict=False)) for p in prefixes]
+        self._call(
+            "UnassignPrivateIpAddresses",
+            NetworkInterfaceId=interface_id,
+            Ipv4Prefixes=wanted,
+        )
+        if known is not None and known.id == interface_id:
+            after = replace(known, ipv4_prefixes=tuple(p for p in known.ipv4_prefixes if p not in wanted))
+            return AddressChange(_expanded(wanted), after, tuple(wanted))
+        after = self._read_interface(interface_id)
+        gone = [p for p in wanted if p not in after.ipv4_prefixes]
+        return AddressChange(_expanded(gone), after, tuple(gone))
 
     def unassign_addresses(
         self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
@@ -818,7 +922,7 @@ def _from_client_error(exc: ClientError, operation: str) -> ProviderError:
     error = exc.response.get("Error", {})
     code = error.get("Code", "") or "Unknown"
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400) or 400)
-    kind = classify_error(code, status)
+    kind = classify_error(code, status, error.get("Message", ""))
     return kind(f"{operation}: {code}: {error.get('Message', '')}", code=code, operation=operation)
 
 
@@ -885,6 +989,7 @@ def _parse_interface(
         tags={t["Key"]: t["Value"] for t in raw.get("TagSet", [])},
         subnet_ipv6_cidr=subnet_ipv6_cidr,
         gateway_ipv6=ipv6_gateway if subnet_ipv6_cidr else "",
+        ipv4_prefixes=tuple(p["Ipv4Prefix"] for p in raw.get("Ipv4Prefixes", []) if p.get("Ipv4Prefix")),
     )
 
 
@@ -896,6 +1001,10 @@ def reserved_addresses(cidr: str) -> set[str]:
     if network.version != 4 or network.num_addresses < 8:
         return set()
     return {str(network.network_address + i) for i in range(4)} | {str(network.broadcast_address)}
+
+
+def _expanded(prefixes: Sequence[str]) -> tuple[str, ...]:
+    return tuple(a for p in prefixes for a in prefix_addresses(p))
 
 
 def _addresses(interface: NetworkInterface, family: Family) -> tuple[str, ...]:

@@ -47,10 +47,13 @@ class CloudPolicy(Protocol):
         limits: InstanceLimits,
         subnets: Sequence[Subnet],
         tagged_security_groups: Sequence[str] = (),
+        no_prefix_room: Collection[str] = (),
     ) -> AllocationAction | NoAction:
         """Where up to `wanted` more IPv4 addresses go: an existing interface with room, else a new
         interface (subnet, device index, security groups, how many addresses), else why none.
-        `tagged_security_groups`: the groups carrying the spec's tags, when it names some."""
+        `tagged_security_groups`: the groups carrying the spec's tags, when it names some.
+        With `spec.prefix_delegation` on a type that takes them, the addresses come as prefixes,
+        except in the subnets of `no_prefix_room` (no free /28 lately)."""
         ...
 
     def prepare_release(
@@ -112,9 +115,22 @@ class CloudProvider(CloudPolicy, Protocol):
         security_group_ids: Sequence[str],
         device_index: int,
         ipv4_count: int,
+        ipv4_prefix_count: int = 0,
     ) -> NetworkInterface:
-        """Create an interface holding `ipv4_count` secondary addresses, tagged as ours, attach it
-        at `device_index` and set DeleteOnTermination. If the attach fails it is deleted again."""
+        """Create an interface holding `ipv4_count` secondary addresses or `ipv4_prefix_count` /28
+        prefixes, tagged as ours, attach it at `device_index` and set DeleteOnTermination. If the
+        attach fails it is deleted again."""
+        ...
+
+    def assign_prefixes(self, interface_id: str, count: int, *, known: NetworkInterface | None = None) -> AddressChange:
+        """Assign `count` IPv4 /28 prefixes, all or none (`NoPrefixRoom` when the subnet has no
+        free aligned /28); returns the new prefixes, their addresses and the interface."""
+        ...
+
+    def unassign_prefixes(
+        self, interface_id: str, prefixes: Sequence[str], *, known: NetworkInterface | None = None
+    ) -> AddressChange:
+        """Unassign these IPv4 prefixes; returns those really gone, their addresses and the interface."""
         ...
 
     def assign_addresses(

@@ -17,6 +17,12 @@ class SubnetFull(ProviderError):
     """The subnet has no free address (or CIDR block) left: try another subnet, or report it."""
 
 
+class NoPrefixRoom(SubnetFull):
+    """The subnet has no free aligned /28 for a prefix (fragmented, or at capacity), though it may
+    still have single addresses: try another subnet, else secondary addresses, and prefixes there
+    again later."""
+
+
 class LimitExceeded(ProviderError):
     """An instance or account limit was hit, or a slot we saw free was taken (a device index):
     our view was stale, re-read the truth and replan."""

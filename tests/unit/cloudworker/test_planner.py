@@ -467,6 +467,7 @@ class FakePolicy:
         limits: InstanceLimits,
         subnets: Any,
         tagged_security_groups: Any = (),
+        no_prefix_room: Any = (),
     ) -> AllocationAction | NoAction:
         self.asked.append(("allocation", (wanted, tuple(tagged_security_groups))))
         return self.allocation
@@ -679,3 +680,161 @@ def test_decide_with_ec2_s_policy_fills_an_empty_node_then_stops() -> None:
 )
 def test_a_step_carried_out_advances_the_progress(step: Step, moved: bool, expected: Progress) -> None:
     assert advance(Progress(), step, moved) == expected
+
+
+# --- prefix delegation --------------------------------------------------------------------------
+
+M5_NITRO = replace(M5_LARGE, prefix_capable=True)
+PD = replace(SPEC, prefix_delegation=True)
+
+
+def with_prefixes(interface: NetworkInterface, count: int) -> NetworkInterface:
+    """`interface` holding `count` /28 prefixes besides its addresses."""
+    return replace(interface, ipv4_prefixes=tuple(f"10.{interface.device_index}.{16 + n}.0/28" for n in range(count)))
+
+
+def prefixes_on(device: int, count: int, subnet_id: str = "node") -> AllocationAction:
+    return AllocationAction(0, subnet_id, device, interface_id=f"eth{device}", prefixes=count)
+
+
+def prefixes_at(device: int, count: int, subnet_id: str = "node") -> AllocationAction:
+    return AllocationAction(0, subnet_id, device, prefixes=count)
+
+
+@dataclass(frozen=True)
+class PrefixCase:
+    counts: PoolCounts
+    interfaces: tuple[NetworkInterface, ...]
+    expected: Action
+    watermarks: dict[str, int] = field(default_factory=dict)
+    subnets: tuple[Subnet, ...] = (NODE_SUBNET,)
+    limits: InstanceLimits = M5_NITRO
+    no_prefix_room: frozenset[str] = frozenset()
+    spec: NodeSpec = PD
+
+
+PREFIX_CASES = {
+    "a deficit of 8 asks for one prefix": PrefixCase(PoolCounts(0, 0), (eni(0),), prefixes_on(0, 1)),
+    "a deficit of 16 is one prefix, 17 two": PrefixCase(
+        PoolCounts(0, 0), (eni(0),), prefixes_on(0, 2), watermarks={"pre_allocate": 17}
+    ),
+    "a deficit of 100 is capped by the 9 free slots": PrefixCase(
+        PoolCounts(0, 0), (eni(0),), prefixes_on(0, 9), watermarks={"pre_allocate": 500}
+    ),
+    "slots taken by secondaries and prefixes are not free": PrefixCase(
+        PoolCounts(19, 19), (with_prefixes(eni(0, ips=4), 1),), prefixes_on(0, 5), watermarks={"pre_allocate": 500}
+    ),
+    "max_allocate caps the prefixes (a whole one past it at most)": PrefixCase(
+        PoolCounts(16, 16),
+        (with_prefixes(eni(0), 1),),
+        prefixes_on(0, 2),
+        watermarks={"max_allocate": 40, "pre_allocate": 30},
+    ),
+    "at max_allocate: no prefix": PrefixCase(
+        PoolCounts(48, 48),
+        (with_prefixes(eni(0), 3),),
+        NoAction(DeficitReason.MAX_ALLOCATE),
+        watermarks={"max_allocate": 48},
+    ),
+    "a full interface of prefixes: a new one created with prefixes": PrefixCase(
+        PoolCounts(144, 140), (with_prefixes(eni(0), 9),), prefixes_at(1, 1)
+    ),
+    "a new interface takes at most its slots but one": PrefixCase(
+        PoolCounts(144, 144), (with_prefixes(eni(0), 9),), prefixes_at(1, 9), watermarks={"pre_allocate": 1000}
+    ),
+    "a subnet without a /28's worth of addresses takes no prefix: secondaries": PrefixCase(
+        PoolCounts(0, 0),
+        (eni(0),),
+        allocate_on(0, 8),
+        subnets=(subnet("node", 12),),
+        limits=replace(M5_NITRO, max_interfaces=1),
+    ),
+    "no /28 in the node's subnet: a new interface with prefixes in another": PrefixCase(
+        PoolCounts(0, 0),
+        (eni(0),),
+        prefixes_at(1, 1, "pods"),
+        subnets=(NODE_SUBNET, subnet("pods", 300)),
+        no_prefix_room=frozenset({"node"}),
+    ),
+    "no /28 anywhere: this deficit in secondaries": PrefixCase(
+        PoolCounts(0, 0),
+        (eni(0),),
+        allocate_on(0, 8),
+        subnets=(NODE_SUBNET, subnet("pods", 300)),
+        no_prefix_room=frozenset({"node", "pods"}),
+    ),
+    "no /28 and no device slot left: secondaries on the interface with room": PrefixCase(
+        PoolCounts(16, 16),
+        (with_prefixes(eni(0), 1), eni(1, ips=10), eni(2, ips=10)),
+        allocate_on(0, 8),
+        no_prefix_room=frozenset({"node"}),
+    ),
+    "an interface holding secondaries and a prefix: prefixes in its free slots": PrefixCase(
+        PoolCounts(20, 20), (with_prefixes(eni(0, ips=5), 1),), prefixes_on(0, 1)
+    ),
+    "an instance type without prefixes (c4.large): secondaries": PrefixCase(
+        PoolCounts(0, 0), (eni(0),), allocate_on(0, 8), limits=InstanceLimits(3, 10)
+    ),
+    "prefix delegation off on a Nitro type: secondaries": PrefixCase(
+        PoolCounts(0, 0), (eni(0),), allocate_on(0, 8), spec=SPEC
+    ),
+    "surplus secondaries go back before prefixes": PrefixCase(
+        PoolCounts(32 + 6, 0),
+        (with_prefixes(eni(0, ips=7, free=6), 2),),
+        ReleaseAction("eth0", "node", 6),
+        spec=replace(PD, release_excess=True),
+    ),
+    "a free prefix's addresses are never given back as secondaries": PrefixCase(
+        PoolCounts(32, 0),
+        (with_prefixes(eni(0), 2),),
+        NoAction(DeficitReason.NOTHING_RELEASABLE),
+        spec=replace(PD, release_excess=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES.values(), ids=PREFIX_CASES.keys())
+def test_plan_in_prefixes(case: PrefixCase) -> None:
+    spec = replace(case.spec, watermarks=replace(case.spec.watermarks, **case.watermarks))
+    free = free_of(case.interfaces) | frozenset(a for i in case.interfaces for a in i.prefix_ipv4)
+    action = plan(
+        spec,
+        case.counts,
+        case.interfaces,
+        case.limits,
+        case.subnets,
+        free_ipv4=free,
+        no_prefix_room=case.no_prefix_room,
+    )
+    if isinstance(case.expected, NoAction):
+        assert isinstance(action, NoAction), action
+        assert action.reason == case.expected.reason
+    else:
+        assert action == case.expected
+
+
+def test_m5_large_in_prefixes_grows_to_432_addresses() -> None:
+    """Pods arriving one by one on an m5.large in prefix mode: 3 interfaces × 9 prefixes × 16."""
+    interfaces = {0: eni(0)}
+    counts = PoolCounts(0, 0)
+    calls = 0
+
+    def run_worker() -> Action:
+        nonlocal counts, calls
+        while isinstance(
+            action := plan(PD, counts, list(interfaces.values()), M5_NITRO, [NODE_SUBNET]), AllocationAction
+        ):
+            calls += 1
+            held = interfaces.get(action.device_index, eni(action.device_index))
+            interfaces[action.device_index] = with_prefixes(held, len(held.ipv4_prefixes) + action.prefixes)
+            counts = replace(counts, available=counts.available + action.addresses)
+        return action
+
+    for _ in range(430):
+        run_worker()
+        assert counts.available > counts.used, "a pod found no free address"
+        counts = replace(counts, used=counts.used + 1)
+    assert counts.available == 432
+    assert [len(i.ipv4_prefixes) for i in interfaces.values()] == [9, 9, 9]
+    assert calls == 27  # one call per prefix when pods come one by one: 16 pods per call
+    assert isinstance(run_worker(), NoAction)
