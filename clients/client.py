@@ -208,9 +208,11 @@ def node_spec(
     max_above_watermark: int = 0,
     ipv6_enabled: bool = False,
     release_excess: bool = False,
+    prefix_delegation: bool | None = None,
 ) -> nodes_pb.NodeSpec:
-    """A `NodeSpec`. `pre_allocate=None` keeps the server's default (8); any number, 0 included, is explicit."""
-    return nodes_pb.NodeSpec(
+    """A `NodeSpec`. `pre_allocate=None` keeps the server's default (8); any number, 0 included, is
+    explicit. `prefix_delegation=None` leaves it to the worker's default."""
+    spec = nodes_pb.NodeSpec(
         name=name,
         instance_id=instance_id,
         instance_type=instance_type,
@@ -229,6 +231,9 @@ def node_spec(
         ipv6_enabled=ipv6_enabled,
         release_excess=release_excess,
     )
+    if prefix_delegation is not None:
+        spec.prefix_delegation = prefix_delegation
+    return spec
 
 
 def _key_of(idempotency_key: str) -> str:

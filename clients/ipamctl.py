@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 from clients.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Family, IpamClient, IpamClientError, node_spec
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as nodes_pb
+from services.core.reasons import DeficitReason
 
 PROG = "ipamctl"
 FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6, "dual": Family.UNSPECIFIED}
@@ -182,6 +183,10 @@ def format_node(node: nodes_pb.Node) -> str:
                 ("max above watermark", spec.max_above_watermark),
                 ("ipv6", _yes_no(spec.ipv6_enabled)),
                 ("release excess", _yes_no(spec.release_excess)),
+                (
+                    "prefix delegation",
+                    _yes_no(spec.prefix_delegation) if spec.HasField("prefix_delegation") else "worker's default",
+                ),
                 ("limits", limits),
                 ("pools", ", ".join(node.pools)),
                 ("vpc cidrs", ", ".join(node.vpc_cidrs)),
@@ -418,6 +423,8 @@ def format_status(status: Mapping[str, Any], nodes: Sequence[nodes_pb.Node]) -> 
                 f"  {node.spec.name:<24} {node_state(node)}{reason}: needed {node.stats.needed_ips}, "
                 f"free {free_ips(node.stats)}, excess {node.stats.excess_ips}"
             )
+        elif node.last_error.startswith(DeficitReason.PREFIX_DELEGATION_UNSUPPORTED):
+            lines.append(f"  {node.spec.name:<24} ok, but {node.last_error}")
     events = status["events"]
     hint = "  (ipamctl events dead)" if events["dead"] else ""
     lines.append(f"events {events['pending']} pending, {events['dead']} dead-lettered{hint}")
@@ -433,6 +440,7 @@ def _node_update(client: IpamClient, args: argparse.Namespace) -> tuple[Message 
         "max_above_watermark": args.max_above_watermark,
         "ipv6_enabled": args.ipv6,
         "release_excess": args.release_excess,
+        "prefix_delegation": args.prefix_delegation,
     }
     if all(value is None for value in changes.values()):
         raise UsageError("node update: give at least one setting to change")
@@ -520,6 +528,7 @@ def _node_create(client: IpamClient, args: argparse.Namespace) -> tuple[Message,
         max_above_watermark=args.max_above_watermark,
         ipv6_enabled=args.ipv6,
         release_excess=args.release_excess,
+        prefix_delegation=args.prefix_delegation,
     )
     node = client.create_node(spec)
     return node, format_node(node)
@@ -767,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--ipv6", action="store_true", help="also assign IPv6 addresses")
     create.add_argument("--release-excess", action="store_true", help="give excess addresses back to the cloud")
+    create.add_argument(
+        "--prefix-delegation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="IPv4 in /28 prefixes on Nitro types, or not (unset: the worker's IPAM_PREFIX_DELEGATION)",
+    )
 
     update = command(
         node,
@@ -786,6 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     update.add_argument(
         "--release-excess", action=argparse.BooleanOptionalAction, default=None, help="give excess back, or not"
+    )
+    update.add_argument(
+        "--prefix-delegation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="IPv4 in /28 prefixes on Nitro types, or not; what is attached stays until released",
     )
 
     delete = command(node, "delete", _node_delete, "forget a node and its pools", "admin", "ipamctl node delete node-a")

@@ -33,6 +33,7 @@ class NodeConfig:
     availability_zone: str = ""
     release_excess: bool = False
     ipv6_enabled: bool = False
+    prefix_delegation: bool | None = None  # None: the worker's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class PoolAddresses:
     allocated_ipv6: frozenset[str] = frozenset()
     free_ipv4: frozenset[str] = frozenset()
     free_ipv6: frozenset[str] = frozenset()
+    prefixes: frozenset[str] = frozenset()  # IPv4 /28 prefixes (their addresses are in the sets above)
 
     @property
     def held(self) -> frozenset[str]:
@@ -116,8 +118,10 @@ class AllocatorClient(Protocol):
         *,
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
+        prefixes: Sequence[str] = (),
     ) -> PoolNode:
-        """Addresses attached in the cloud join the pool; returns the node afterwards."""
+        """Addresses attached in the cloud join the pool, and `prefixes` (IPv4 /28) with their 16
+        addresses each; returns the node afterwards."""
         ...
 
     async def set_interfaces(
@@ -132,11 +136,17 @@ class AllocatorClient(Protocol):
 
     async def set_node_error(self, node: str, error: str) -> None: ...
 
-    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
-        """Addresses gone from the cloud leave the pool; returns those newly marked lost."""
+    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
+        """Addresses and prefixes gone from the cloud leave the pool (allocated addresses are marked
+        lost); returns those newly marked lost."""
         ...
 
-    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation: ...
+    async def reserve_for_release(
+        self, node: str, interface_id: str, count: int, family: Family, *, prefix: str = ""
+    ) -> Reservation:
+        """Reserves up to `count` free addresses of the interface, or with `prefix` that IPv4 /28
+        whole (all 16 free and out of the cooldown, else nothing: an empty reservation)."""
+        ...
 
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
         """The reserved `ips` were unassigned: they leave the pool; returns those released."""

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from clients.client import AsyncIpamClient
+from clients.client import AsyncIpamClient, IpamClientError
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
+from services.core.reasons import ErrorReason
 
 from .allocator_client import CLOUD_POOL, NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
 from .fencing import current_token
 from .model import InstanceLimits, NetworkInterface
+
+# A prefix's release refused with nothing reserved: it stays, and the worker asks again later.
+_PREFIX_KEPT = frozenset({ErrorReason.PREFIX_IN_USE, ErrorReason.PREFIX_COOLING_DOWN, ErrorReason.PREFIX_NOT_IN_POOL})
 
 
 class GrpcAllocator:
@@ -36,6 +40,7 @@ class GrpcAllocator:
             allocated_ipv6=frozenset(reply.ipv6),
             free_ipv4=frozenset(reply.free_ipv4),
             free_ipv6=frozenset(reply.free_ipv6),
+            prefixes=frozenset(p.prefix for p in reply.prefixes),
         )
 
     async def add_addresses(
@@ -46,12 +51,14 @@ class GrpcAllocator:
         *,
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
+        prefixes: Sequence[str] = (),
     ) -> PoolNode:
         request = npb.AddAddressesRequest(
             node=node,
             pool=CLOUD_POOL,
             interface=interface_message(interface),
             ips=list(ips),
+            ipv4_prefixes=list(prefixes),
             vpc_cidrs=list(vpc_cidrs),
             fencing_token=current_token.get(),
         )
@@ -84,23 +91,33 @@ class GrpcAllocator:
     async def set_node_error(self, node: str, error: str) -> None:
         await self.client.set_node_error(node, error)
 
-    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
+    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
         reply = await self.client.remove_addresses(
-            npb.RemoveAddressesRequest(node=node, pool=CLOUD_POOL, ips=ips, fencing_token=current_token.get())
+            npb.RemoveAddressesRequest(
+                node=node, pool=CLOUD_POOL, ips=ips, ipv4_prefixes=prefixes, fencing_token=current_token.get()
+            )
         )
         return list(reply.newly_lost)
 
-    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation:
-        reply = await self.client.reserve_for_release(
-            npb.ReserveForReleaseRequest(
-                node=node,
-                pool=CLOUD_POOL,
-                interface_id=interface_id,
-                count=count,
-                family=pb.FAMILY_IPV6 if family is Family.IPV6 else pb.FAMILY_IPV4,
-                fencing_token=current_token.get(),
+    async def reserve_for_release(
+        self, node: str, interface_id: str, count: int, family: Family, *, prefix: str = ""
+    ) -> Reservation:
+        try:
+            reply = await self.client.reserve_for_release(
+                npb.ReserveForReleaseRequest(
+                    node=node,
+                    pool=CLOUD_POOL,
+                    interface_id=interface_id,
+                    count=count,
+                    family=pb.FAMILY_IPV6 if family is Family.IPV6 else pb.FAMILY_IPV4,
+                    fencing_token=current_token.get(),
+                    prefix=prefix,
+                )
             )
-        )
+        except IpamClientError as exc:
+            if prefix and exc.reason in _PREFIX_KEPT:
+                return Reservation("")  # an address of it in use or cooling (or it is gone): nothing reserved
+            raise
         return Reservation(reply.reservation_id, tuple(reply.ips))
 
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
@@ -137,6 +154,7 @@ def interface_message(interface: NetworkInterface) -> npb.Interface:
         gateway_ip=interface.gateway_ip,
         primary_ip=interface.primary_ip,
         addresses=[*interface.ipv4, *interface.ipv6],
+        ipv4_prefixes=list(interface.ipv4_prefixes),
         security_group_ids=list(interface.security_group_ids),
         subnet_ipv6_cidr=interface.subnet_ipv6_cidr,
         gateway_ipv6=interface.gateway_ipv6,
@@ -154,6 +172,7 @@ def interface_from_message(message: npb.Interface) -> NetworkInterface:
         primary_ip=message.primary_ip,
         ipv4=tuple(a for a in message.addresses if ":" not in a),
         ipv6=tuple(a for a in message.addresses if ":" in a),
+        ipv4_prefixes=tuple(message.ipv4_prefixes),
         security_group_ids=tuple(message.security_group_ids),
         subnet_ipv6_cidr=message.subnet_ipv6_cidr,
         gateway_ipv6=message.gateway_ipv6,
@@ -178,6 +197,7 @@ def node_from_message(node: npb.Node) -> PoolNode:
             availability_zone=spec.availability_zone,
             release_excess=spec.release_excess,
             ipv6_enabled=spec.ipv6_enabled,
+            prefix_delegation=spec.prefix_delegation if spec.HasField("prefix_delegation") else None,
         ),
         stats=PoolStats(
             ipv4=PoolCounts(stats.available_ips, stats.used_ips, stats.cooling_ips),

@@ -378,6 +378,8 @@ def build_worker(
         check_conflicts=settings.checks_address_conflicts,
         excess_release_delay_seconds=settings.excess_release_delay_seconds,
         view=view,
+        prefix_delegation=settings.prefix_delegation,
+        prefix_backoff_seconds=settings.prefix_backoff_seconds,
     )
     return Worker(settings, redis, source, maintainer, provider, allocator, metrics, close_provider=close_provider)
 

@@ -16,15 +16,16 @@ from typing import Any, TypeVar
 
 from clients.client import IpamClientError
 from services.core.family import Family
+from services.core.prefixes import ADDRESSES_PER_PREFIX
 from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
 from .allocator_client import AllocatorClient, NodeConfig, PoolAddresses, PoolNode, Reservation
 from .cloud_view import CloudView
 from .metrics import WorkerMetrics
-from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet
+from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet, prefix_addresses
 from .providers.base import CloudProvider
-from .providers.errors import LimitExceeded, NotFound, ProviderError, SubnetFull, Transient
+from .providers.errors import LimitExceeded, NoPrefixRoom, NotFound, ProviderError, SubnetFull, Transient
 from .ratelimit import Priority, current_priority
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ T = TypeVar("T")
 MAX_ROUNDS = 12  # steps of one maintenance (reads it asks for not counted)
 DEFAULT_VIEW_AGE_S = 120.0  # a view entry older than this is read again before it is used
 SECURITY_GROUPS_TTL_S = 60.0  # security groups looked up by tags are read again after this (Cilium: each resync)
+DEFAULT_PREFIX_BACKOFF_S = 120.0  # a subnet without a free /28 gets no prefix request for this long
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Outcome:
     interfaces_created: int = 0
     reason: str = ""  # the planner's last NoAction reason
     detail: str = ""  # what a blocking reason is about, for the node's last error
+    notice: str = ""  # what the node asked for and cannot have, kept as its last error when nothing blocks
     cloud_seconds: float = 0.0  # time spent in cloud calls
     seconds: float = 0.0  # total time
     actions: list[str] = field(default_factory=list)
@@ -74,8 +77,9 @@ class _Maintenance:
     released_some: bool = False  # AddAddresses keeps the allocator's interface table; a release does not
 
 
-def planner_spec(spec: NodeConfig, instance: Instance) -> planner.NodeSpec:
-    """What planning needs of the node's spec, the instance filling in what the spec leaves open."""
+def planner_spec(spec: NodeConfig, instance: Instance, *, prefix_delegation: bool = False) -> planner.NodeSpec:
+    """What planning needs of the node's spec, the instance filling in what the spec leaves open
+    (`prefix_delegation`: the worker's default, for a spec that leaves it unset)."""
     return planner.NodeSpec(
         watermarks=spec.watermarks,
         first_interface_index=spec.first_interface_index,
@@ -86,6 +90,7 @@ def planner_spec(spec: NodeConfig, instance: Instance) -> planner.NodeSpec:
         vpc_id=spec.vpc_id or instance.vpc_id,
         availability_zone=spec.availability_zone or instance.availability_zone,
         release_excess=spec.release_excess,
+        prefix_delegation=prefix_delegation if spec.prefix_delegation is None else spec.prefix_delegation,
     )
 
 
@@ -112,8 +117,13 @@ class NodeMaintainer:
         check_conflicts: bool = True,
         excess_release_delay_seconds: float = 0.0,
         view: CloudView | None = None,
+        prefix_delegation: bool = False,
+        prefix_backoff_seconds: float = DEFAULT_PREFIX_BACKOFF_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`view`: the cloud view shared with the resync (one of its own, never refreshed, if none)."""
+        """`view`: the cloud view shared with the resync (one of its own, never refreshed, if none);
+        `prefix_delegation`: the default of nodes whose spec leaves it unset; `prefix_backoff_seconds`:
+        how long a subnet that had no free /28 is asked for none (secondaries meanwhile), by `clock`."""
         self.provider = provider
         self.view = view or CloudView(provider, max_age_seconds=DEFAULT_VIEW_AGE_S)
         self.excess_release_delay_s = excess_release_delay_seconds
@@ -124,6 +134,10 @@ class NodeMaintainer:
         self.stale_reservation_ms = int(stale_reservation_seconds * 1000)
         self._node_instances: dict[str, str] = {}  # node name -> instance id, as last seen
         self._security_groups: dict[str, tuple[float, list[SecurityGroup]]] = {}  # vpc -> (read at, groups)
+        self.prefix_delegation = prefix_delegation
+        self.prefix_backoff_s = prefix_backoff_seconds
+        self._clock = clock
+        self._no_prefix_room_until: dict[str, float] = {}  # subnet -> when prefixes are asked of it again
 
     async def _cloud(self, outcome: Outcome, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()
@@ -216,7 +230,13 @@ class NodeMaintainer:
         if cidrs is None:
             cidrs = await self._cloud(outcome, self.provider.vpc_cidrs, instance.vpc_id)
             self.view.put_vpc_cidrs(instance.vpc_id, cidrs)
-        plan_spec = planner_spec(spec, instance)
+        plan_spec = planner_spec(spec, instance, prefix_delegation=self.prefix_delegation)
+        if plan_spec.prefix_delegation and not limits.prefix_capable:
+            # The policy plans secondaries for such a type: no prefix call EC2 is bound to refuse.
+            outcome.notice = (
+                f"{DeficitReason.PREFIX_DELEGATION_UNSUPPORTED}: {spec.instance_type} takes no prefixes "
+                "(not a Nitro instance type): secondary addresses instead"
+            )
         if plan_spec.release_excess and not self._excess_due(name, node):
             plan_spec = replace(plan_spec, release_excess=False)  # not yet: the next resync looks again
         return _Maintenance(
@@ -268,6 +288,7 @@ class NodeMaintainer:
             free_ipv6=m.free_ipv6,
             tagged_security_groups=m.tagged_security_groups,
             progress=m.progress,
+            no_prefix_room=self._subnets_without_prefix_room(),
         )
 
     async def _apply(self, m: _Maintenance, step: planner.Step, outcome: Outcome) -> None:
@@ -290,9 +311,21 @@ class NodeMaintainer:
         except SubnetFull as exc:
             if not isinstance(step, planner.AllocationAction):
                 raise
-            log.info("node %s: subnet %s is full (%s); trying the next one", name, step.subnet_id, exc)
-            m.full_subnets.add(step.subnet_id)
-            m.subnets = None
+            if isinstance(exc, NoPrefixRoom) and step.prefixes:
+                # Not for good: prefixes are asked of the subnet again once the back-off is over.
+                log.info(
+                    "node %s: subnet %s has no free /28 (%s): another subnet, else secondaries, for %.0f s",
+                    name,
+                    step.subnet_id,
+                    exc.code,
+                    self.prefix_backoff_s,
+                )
+                self._no_prefix_room_until[step.subnet_id] = self._clock() + self.prefix_backoff_s
+                self.metrics.prefix_fallbacks.labels(step.subnet_id).inc()
+            else:
+                log.info("node %s: subnet %s is full (%s); trying the next one", name, step.subnet_id, exc)
+                m.full_subnets.add(step.subnet_id)
+                m.subnets = None
             m.node = await self.allocator.get_node(name)
         except LimitExceeded as exc:
             if not isinstance(step, planner.AllocationAction | planner.ReleaseAction):
@@ -309,6 +342,13 @@ class NodeMaintainer:
             log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
             self._read_again(m)
             m.node = await self.allocator.get_node(name)
+
+    def _subnets_without_prefix_room(self) -> frozenset[str]:
+        """The subnets that had no free /28 within the back-off (those past it are tried again)."""
+        now = self._clock()
+        for subnet_id in [s for s, until in self._no_prefix_room_until.items() if until <= now]:
+            del self._no_prefix_room_until[subnet_id]
+        return frozenset(self._no_prefix_room_until)
 
     def _read_again(self, m: _Maintenance) -> None:
         """The next decision reads the instance's interfaces and the subnets again."""
@@ -367,7 +407,7 @@ class NodeMaintainer:
         if viewed is None:
             return None
         first = node.config.first_interface_index
-        in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.ipv4, *i.ipv6)]
+        in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)]
         known = pool.held | node.reserved
         if len(in_view) != len(set(in_view)) or set(in_view) != known:
             return None
@@ -397,9 +437,13 @@ class NodeMaintainer:
         # interface held when it was last reported, also those a crashed worker never added.
         pool = m.pool if m.pool is not None else await self.allocator.dump(node.name)
         known = pool.held | node.reserved
-        current, added = await self._adopt(m, interfaces, known, outcome)
-        in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.ipv4, *i.ipv6)}
-        gone = await self._drop_gone(node.name, sorted(known - in_cloud - node.reserved))
+        current, added = await self._adopt(m, interfaces, known, pool.prefixes, outcome)
+        in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)}
+        prefixes_in_cloud = {p for i in current if i.device_index >= first for p in i.ipv4_prefixes}
+        gone_prefixes = sorted(pool.prefixes - prefixes_in_cloud)
+        in_gone_prefixes = {ip for p in gone_prefixes for ip in prefix_addresses(p)}
+        gone_singles = sorted(known - in_cloud - node.reserved - in_gone_prefixes)
+        gone = await self._drop_gone(node.name, gone_singles, gone_prefixes)
         settled = await self._settle_reservations(node, in_cloud) if m.settle_reservations else False
         table_changed = await self._report_table(m, current)
         if table_changed or added or gone or settled:
@@ -407,7 +451,12 @@ class NodeMaintainer:
         return current
 
     async def _adopt(
-        self, m: _Maintenance, interfaces: list[NetworkInterface], known: set[str] | frozenset[str], outcome: Outcome
+        self,
+        m: _Maintenance,
+        interfaces: list[NetworkInterface],
+        known: set[str] | frozenset[str],
+        pool_prefixes: frozenset[str],
+        outcome: Outcome,
     ) -> tuple[list[NetworkInterface], bool]:
         """Hands the allocator what the cloud holds and the pool does not know (what a crashed
         worker assigned and never added); a duplicate or a conflict is given back first. Returns
@@ -436,11 +485,22 @@ class NodeMaintainer:
             missing = [ip for ip in (*interface.ipv4, *interface.ipv6) if ip not in known]
             if missing and self.check_conflicts:  # e.g. left by a worker that died before its own check
                 interface, missing = await self._give_back_conflicts(name, interface, missing, outcome)
+            # A prefix the pool lacks joins it whole (the subnet delegated it: nothing to check).
+            new_prefixes = [p for p in interface.ipv4_prefixes if p not in pool_prefixes]
             current.append(interface)
             seen.update((*interface.ipv4, *interface.ipv6))
-            if missing or interface.id not in reported:
+            if missing or new_prefixes or interface.id not in reported:
                 added = True
-                await self.allocator.add_addresses(name, interface, missing, vpc_cidrs=m.cidrs, limits=m.limits)
+                await self.allocator.add_addresses(
+                    name, interface, missing, vpc_cidrs=m.cidrs, limits=m.limits, prefixes=new_prefixes
+                )
+                if new_prefixes:
+                    log.info(
+                        "node %s: prefix(es) %s on %s found in the cloud, added to the pool",
+                        name,
+                        ", ".join(new_prefixes),
+                        interface.id,
+                    )
                 if missing:
                     log.info(
                         "node %s: %d address(es) on %s found in the cloud, added to the pool",
@@ -450,12 +510,12 @@ class NodeMaintainer:
                     )
         return current, added
 
-    async def _drop_gone(self, name: str, gone: list[str]) -> bool:
-        """Addresses the pool holds and the cloud no longer does leave the pool (allocated ones are
-        marked lost). True when there were any."""
-        if not gone:
+    async def _drop_gone(self, name: str, gone: list[str], gone_prefixes: list[str]) -> bool:
+        """Addresses and prefixes the pool holds and the cloud no longer does leave the pool
+        (allocated addresses, a prefix's too, are marked lost). True when there were any."""
+        if not gone and not gone_prefixes:
             return False
-        newly_lost = await self.allocator.remove_addresses(name, gone)
+        newly_lost = await self.allocator.remove_addresses(name, gone, prefixes=gone_prefixes)
         if newly_lost:
             # Their owners keep them (the node's status counts them), but none is handed out again.
             self.metrics.addresses_lost.inc(len(newly_lost))
@@ -543,22 +603,30 @@ class NodeMaintainer:
                     security_group_ids=action.security_group_ids,
                     device_index=action.device_index,
                     ipv4_count=action.count,
+                    ipv4_prefix_count=action.prefixes,
                 )
-                added = list(interface.ipv4)
+                added, prefixes = list(interface.ipv4), list(interface.ipv4_prefixes)
                 outcome.interfaces_created += 1
+            elif action.prefixes:
+                known = self._interface(m, action.interface_id)
+                change = await self._cloud(
+                    outcome, self.provider.assign_prefixes, action.interface_id, action.prefixes, known=known
+                )
+                interface, added, prefixes = change.interface, [], list(change.prefixes)
             else:
                 known = self._interface(m, action.interface_id)
                 change = await self._cloud(
                     outcome, self.provider.assign_addresses, action.interface_id, action.count, known=known
                 )
-                interface, added = change.interface, list(change.addresses)
+                interface, added, prefixes = change.interface, list(change.addresses), []
             if added:
                 interface, added = await self._give_back_conflicts(name, interface, added, outcome)
-            m.node = await self.allocator.add_addresses(name, interface, added, vpc_cidrs=m.cidrs)
+            m.node = await self.allocator.add_addresses(name, interface, added, vpc_cidrs=m.cidrs, prefixes=prefixes)
             status = "success"
-            outcome.assigned += len(added)
-            outcome.actions.append(f"{kind} {len(added)} on {interface.id}")
-            self.metrics.allocation_ops.labels(action.subnet_id, status).inc(len(added))
+            count = len(added) + ADDRESSES_PER_PREFIX * len(prefixes)
+            outcome.assigned += count
+            outcome.actions.append(f"{kind} {count} on {interface.id}")
+            self.metrics.allocation_ops.labels(action.subnet_id, status).inc(count)
         except ProviderError:
             self.metrics.allocation_ops.labels(action.subnet_id, status).inc()
             raise
@@ -566,7 +634,7 @@ class NodeMaintainer:
             if action.creates_interface:
                 self.metrics.interface_creation_ops.labels(action.subnet_id, status).inc()
             self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
-        spent = action.count + (1 if action.creates_interface else 0)  # a new interface's primary too
+        spent = action.addresses + (1 if action.creates_interface else 0)  # a new interface's primary too
         assert m.subnets is not None  # read before the decision
         m.subnets = [
             replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s
@@ -604,14 +672,21 @@ class NodeMaintainer:
         the call was cancelled while its thread may still be running, the reservation stays: its
         addresses are never handed out, and the resync settles it against the cloud once stale."""
         name = node.name
-        reply = await self.allocator.reserve_for_release(name, action.interface_id, action.count, action.family)
+        reply = await self.allocator.reserve_for_release(
+            name, action.interface_id, action.count, action.family, prefix=action.prefix
+        )
         if not reply.ips:
             return None
         started = time.perf_counter()
         try:
-            change = await self._cloud(
-                outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips), known=known
-            )
+            if action.prefix:
+                change = await self._cloud(
+                    outcome, self.provider.unassign_prefixes, action.interface_id, [action.prefix], known=known
+                )
+            else:
+                change = await self._cloud(
+                    outcome, self.provider.unassign_addresses, action.interface_id, list(reply.ips), known=known
+                )
         except ProviderError as exc:
             self.metrics.release_ops.labels(action.subnet_id, "error").inc()
             await self._settle_failed_release(node, action.interface_id, reply, exc, outcome)
@@ -653,7 +728,7 @@ class NodeMaintainer:
             )
             return
         # An interface no longer attached holds none of the node's addresses.
-        held = {ip for i in interfaces if i.id == interface_id for ip in (i.primary_ip, *i.ipv4, *i.ipv6)}
+        held = {ip for i in interfaces if i.id == interface_id for ip in (i.primary_ip, *i.pool_ipv4, *i.ipv6)}
         gone = await self._settle_reservation(name, reservation.id, reservation.ips, held)
         log.warning(
             "node %s: unassign failed (%s); read again: %d of %d address(es) gone, the rest back in the pool",
@@ -678,7 +753,7 @@ class NodeMaintainer:
         stays, if it does (so callers fail fast with that reason), and the node's last error: the
         blocking reason's, or none after a maintenance that met no error."""
         blocking = outcome.reason if outcome.reason in BLOCKING_REASONS else ""
-        error = f"{blocking}: {outcome.detail}" if blocking and outcome.detail else blocking
+        error = f"{blocking}: {outcome.detail}" if blocking and outcome.detail else blocking or outcome.notice
         if error != node.last_error:
             await self.report_error(node.name, error)
         if interfaces is None and blocking == node.stats.deficit_reason:
@@ -709,7 +784,14 @@ def _comparable(interfaces: Iterable[NetworkInterface]) -> dict[str, tuple[Any, 
     """What the allocator's interface table says, in a form to compare (the subnets too: a table
     reported without its IPv6 subnet is reported again)."""
     return {
-        i.id: (i.device_index, frozenset((*i.ipv4, *i.ipv6)), i.subnet_cidr, i.subnet_ipv6_cidr, i.gateway_ipv6)
+        i.id: (
+            i.device_index,
+            frozenset((*i.ipv4, *i.ipv6)),
+            frozenset(i.ipv4_prefixes),
+            i.subnet_cidr,
+            i.subnet_ipv6_cidr,
+            i.gateway_ipv6,
+        )
         for i in interfaces
     }
 

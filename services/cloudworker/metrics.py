@@ -150,6 +150,12 @@ class WorkerMetrics:
             buckets=_API_BUCKETS,
             registry=registry,
         )
+        self.prefix_fallbacks = Counter(
+            "ipam_worker_prefix_fallbacks_total",
+            "Prefix requests a subnet had no free /28 for (prefixes backed off there for a while)",
+            ["subnet_id"],
+            registry=registry,
+        )
         self.conflict_give_backs = Counter(
             "ipam_worker_conflict_give_backs_total",
             "Unassign calls giving back addresses the cloud handed out twice or reserved",
@@ -213,7 +219,6 @@ class WorkerMetrics:
         self.leaked_interfaces_deleted = Counter(
             "ipam_worker_leaked_interfaces_deleted_total", "Leaked interfaces deleted", registry=registry
         )
-
 
     def exporting(self, holding: bool) -> None:
         """Whether this worker exports the cluster-wide gauges from now on."""

@@ -177,12 +177,14 @@ class AllocationAction:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseAction:
-    """Give `count` free addresses of `family` of interface `interface_id` back to the cloud."""
+    """Give `count` free addresses of `family` of interface `interface_id` back to the cloud; with
+    `prefix` set, that IPv4 /28 whole (its 16 addresses)."""
 
     interface_id: str
     subnet_id: str
     count: int
     family: Family = Family.IPV4
+    prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)

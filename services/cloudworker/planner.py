@@ -190,7 +190,7 @@ def _ipv4_step(state: NodeState, policy: CloudPolicy) -> Step:
         waiting_ipv4=state.waiting_ipv4,
         policy=policy,
         tagged_security_groups=state.tagged_security_groups or (),
-        free_ipv4=frozenset(a for i in attached for a in i.ipv4 if a not in allocated),
+        free_ipv4=frozenset(a for i in attached for a in i.pool_ipv4 if a not in allocated),
         no_prefix_room=state.no_prefix_room,
     )
     if isinstance(action, ReleaseAction) and exhausted:

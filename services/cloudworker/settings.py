@@ -76,6 +76,16 @@ class WorkerSettings(CloudSettings, BaseSettings):
         "excess this long (Cilium's excess-ip-release-delay): what the worker assigned for callers who "
         "have since left is not undone at once, nor assigned again the next minute",
     )
+    prefix_delegation: bool = Field(
+        False,
+        description="IPv4 in /28 prefixes (16 addresses per interface slot) on Nitro instance types, for "
+        "nodes whose spec leaves prefix_delegation unset",
+    )
+    prefix_backoff_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="how long a subnet that had no free /28 gets no prefix request (secondaries meanwhile)",
+    )
     leaked_interface_grace_seconds: float = Field(
         300.0, description="our detached interfaces older than this are deleted"
     )

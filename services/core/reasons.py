@@ -28,6 +28,9 @@ class DeficitReason(StrEnum):
     NO_INSTANCE = "no-instance"  # the node's spec names no instance id or type yet
     # The maintainer's, when the cloud does not know the spec's instance id (InvalidInstanceID.NotFound).
     INSTANCE_NOT_FOUND = "instance-not-found"
+    # The maintainer's, when a node asks for prefix delegation on an instance type that takes no
+    # prefixes: not blocking (secondaries are assigned instead), kept as the node's last error.
+    PREFIX_DELEGATION_UNSUPPORTED = "prefix-delegation-unsupported"
 
 
 # The reasons that block a refill: the worker stores them on the node, so that allocations fail at

@@ -307,15 +307,25 @@ class Ec2Policy:
         excess: int,
         family: Family,
     ) -> ReleaseAction | NoAction:
-        """From the interface with the most free addresses (ties: lowest device index)."""
+        """Secondaries first, from the interface with the most free ones (ties: lowest device index),
+        so a node that fell back to them drifts back to prefixes; then, with 16 or more in excess, a
+        prefix whose 16 addresses are all free, from the highest interface holding one."""
         best, most = None, 0
-        for interface in sorted(interfaces, key=lambda i: i.device_index):
+        usable = [
+            i for i in sorted(interfaces, key=lambda i: i.device_index) if i.device_index >= spec.first_interface_index
+        ]
+        for interface in usable:
             count = interface.free_count(family, free)
-            if interface.device_index >= spec.first_interface_index and count > most:
+            if count > most:
                 best, most = interface, count
-        if best is None:
-            return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
-        return ReleaseAction(best.id, best.subnet_id, min(most, excess), family)
+        if best is not None:
+            return ReleaseAction(best.id, best.subnet_id, min(most, excess), family)
+        if family is Family.IPV4 and excess >= ADDRESSES_PER_PREFIX:
+            for interface in reversed(usable):
+                for prefix in reversed(interface.ipv4_prefixes):
+                    if all(a in free for a in prefix_addresses(prefix)):
+                        return ReleaseAction(interface.id, interface.subnet_id, ADDRESSES_PER_PREFIX, family, prefix)
+        return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
 
     def prepare_ipv6_allocation(
         self, spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits, wanted: int

@@ -7,6 +7,7 @@ import pytest
 from services.cloudworker.providers.aws import RetryPolicy, classify_error
 from services.cloudworker.providers.errors import (
     LimitExceeded,
+    NoPrefixRoom,
     NotFound,
     ProviderError,
     SubnetFull,
@@ -22,7 +23,7 @@ from services.cloudworker.providers.errors import (
         ("Client.RequestLimitExceeded", 503, Throttled),
         ("Throttling", 400, Throttled),
         ("InsufficientFreeAddressesInSubnet", 400, SubnetFull),
-        ("InsufficientCidrBlocks", 400, SubnetFull),
+        ("InsufficientCidrBlocks", 400, NoPrefixRoom),
         ("PrivateIpAddressLimitExceeded", 400, LimitExceeded),
         ("AttachmentLimitExceeded", 400, LimitExceeded),
         ("InvalidNetworkInterfaceID.NotFound", 400, NotFound),
@@ -37,6 +38,19 @@ from services.cloudworker.providers.errors import (
 )
 def test_classify_error(code: str, status: int, expected: type[ProviderError]) -> None:
     assert classify_error(code, status) is expected
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("There aren't sufficient free Ipv4 addresses or prefixes", NoPrefixRoom),
+        ("Instance 'i-1' already has an interface attached at device index '1'.", ProviderError),
+    ],
+)
+def test_invalid_parameter_value_for_a_subnet_without_a_free_prefix(message: str, expected: type) -> None:
+    """EC2 answers a subnet without a free /28 with InvalidParameterValue too; only its message tells."""
+    assert classify_error("InvalidParameterValue", 400, message) is expected
+    assert issubclass(NoPrefixRoom, SubnetFull)
 
 
 def test_every_kind_is_a_provider_error() -> None:

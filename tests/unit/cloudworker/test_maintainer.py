@@ -96,6 +96,7 @@ class FakeCloud(Ec2Policy):
         security_group_ids: Sequence[str],
         device_index: int,
         ipv4_count: int,
+        ipv4_prefix_count: int = 0,
     ) -> NetworkInterface:
         self.calls.append("create_interface")
         interface = NetworkInterface(
@@ -196,6 +197,7 @@ class FakeAllocator:
         *,
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
+        prefixes: Sequence[str] = (),
     ) -> PoolNode:
         self.attached.update(ips)
         self.interfaces[interface.id] = interface
@@ -220,11 +222,13 @@ class FakeAllocator:
     async def set_node_error(self, node: str, error: str) -> None:
         self.last_error = error
 
-    async def remove_addresses(self, node: str, ips: Sequence[str]) -> list[str]:
+    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
         self.attached.difference_update(ip for ip in ips if ip not in self.allocated)
         return []
 
-    async def reserve_for_release(self, node: str, interface_id: str, count: int, family: Family) -> Reservation:
+    async def reserve_for_release(
+        self, node: str, interface_id: str, count: int, family: Family, *, prefix: str = ""
+    ) -> Reservation:
         raise AssertionError("these nodes never release")
 
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:

@@ -711,6 +711,7 @@ class PrefixCase:
     limits: InstanceLimits = M5_NITRO
     no_prefix_room: frozenset[str] = frozenset()
     spec: NodeSpec = PD
+    allocated: frozenset[str] = frozenset()  # of the prefixes' addresses (the others are free)
 
 
 PREFIX_CASES = {
@@ -784,11 +785,32 @@ PREFIX_CASES = {
         ReleaseAction("eth0", "node", 6),
         spec=replace(PD, release_excess=True),
     ),
-    "a free prefix's addresses are never given back as secondaries": PrefixCase(
+    "a prefix with all 16 free goes back whole, the last first": PrefixCase(
         PoolCounts(32, 0),
+        (with_prefixes(eni(0), 2),),
+        ReleaseAction("eth0", "node", 16, prefix="10.0.17.0/28"),
+        spec=replace(PD, release_excess=True),
+    ),
+    "a prefix with an address in use is kept, a wholly free one goes": PrefixCase(
+        PoolCounts(32, 1),
+        (with_prefixes(eni(0), 2),),
+        ReleaseAction("eth0", "node", 16, prefix="10.0.16.0/28"),
+        spec=replace(PD, release_excess=True),
+        allocated=frozenset({"10.0.17.15"}),
+    ),
+    "every prefix with an address in use: none goes": PrefixCase(
+        PoolCounts(32, 2),
         (with_prefixes(eni(0), 2),),
         NoAction(DeficitReason.NOTHING_RELEASABLE),
         spec=replace(PD, release_excess=True),
+        allocated=frozenset({"10.0.16.0", "10.0.17.9"}),
+    ),
+    "fewer than 16 in excess: a free prefix stays (the pool never goes below its watermark)": PrefixCase(
+        PoolCounts(32, 10),
+        (with_prefixes(eni(0), 2),),
+        NoAction(DeficitReason.NOTHING_RELEASABLE),
+        spec=replace(PD, release_excess=True),
+        allocated=frozenset(f"10.0.16.{n}" for n in range(10)),
     ),
 }
 
@@ -796,7 +818,7 @@ PREFIX_CASES = {
 @pytest.mark.parametrize("case", PREFIX_CASES.values(), ids=PREFIX_CASES.keys())
 def test_plan_in_prefixes(case: PrefixCase) -> None:
     spec = replace(case.spec, watermarks=replace(case.spec.watermarks, **case.watermarks))
-    free = free_of(case.interfaces) | frozenset(a for i in case.interfaces for a in i.prefix_ipv4)
+    free = free_of(case.interfaces) | frozenset(a for i in case.interfaces for a in i.prefix_ipv4) - case.allocated
     action = plan(
         spec,
         case.counts,
