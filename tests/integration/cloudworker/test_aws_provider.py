@@ -122,11 +122,12 @@ def instance(harness: Harness) -> str:
 
 
 def test_instance_limits_come_from_describe_instance_types_and_are_cached(harness: Harness) -> None:
-    assert harness.provider.instance_limits("m5.large") == InstanceLimits(3, 10, 10)
-    assert harness.provider.instance_limits("c5.xlarge") == InstanceLimits(4, 15, 15)
+    assert harness.provider.instance_limits("m5.large") == InstanceLimits(3, 10, 10, prefix_capable=True)
+    assert harness.provider.instance_limits("c5.xlarge") == InstanceLimits(4, 15, 15, prefix_capable=True)
     assert harness.provider.instance_limits("m5.large").capacity() == 27
     assert harness.attempts("DescribeInstanceTypes", "OK") == 2
     assert harness.limiter.taken == 2
+    assert not harness.provider.instance_limits("c4.large").prefix_capable  # Xen: no prefixes
 
 
 def test_nodes_of_one_type_asking_its_limits_at_once_cost_one_describe(harness: Harness) -> None:
@@ -137,7 +138,7 @@ def test_nodes_of_one_type_asking_its_limits_at_once_cost_one_describe(harness: 
     )
     with ThreadPoolExecutor(4) as pool:
         limits = list(pool.map(harness.provider.instance_limits, ["m5.xlarge"] * 4))
-    assert limits == [InstanceLimits(4, 15, 15)] * 4
+    assert limits == [InstanceLimits(4, 15, 15, prefix_capable=True)] * 4
     assert harness.attempts("DescribeInstanceTypes", "OK") == 1
 
 
