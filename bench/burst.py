@@ -98,7 +98,6 @@ SETTLE_TIMEOUT_S = 30  # the worker idle again after the burst
 QUIET_S = 1.0  # counters unchanged this long: the worker is done
 
 
-
 @dataclass(frozen=True)
 class BurstConfig:
     nodes: int
@@ -190,7 +189,8 @@ def instance_capacity(ec2: BaseClient, instance_type: str) -> tuple[int, int]:
 
 
 def attached_interfaces(ec2: BaseClient, instance_ids: Iterable[str]) -> dict[str, dict[str, int]]:
-    """instance id -> {interface id: secondary IPv4 addresses}, as the local EC2 holds them."""
+    """instance id -> {interface id: secondary IPv4 addresses, 16 per /28 prefix}, as the local EC2
+    holds them."""
     ids = list(instance_ids)
     result: dict[str, dict[str, int]] = {i: {} for i in ids}
     pages = ec2.get_paginator("describe_network_interfaces").paginate(
@@ -201,7 +201,7 @@ def attached_interfaces(ec2: BaseClient, instance_ids: Iterable[str]) -> dict[st
             instance = raw.get("Attachment", {}).get("InstanceId", "")
             if instance in result:
                 secondaries = sum(1 for a in raw.get("PrivateIpAddresses", []) if not a.get("Primary"))
-                result[instance][raw["NetworkInterfaceId"]] = secondaries
+                result[instance][raw["NetworkInterfaceId"]] = secondaries + 16 * len(raw.get("Ipv4Prefixes", []))
     return result
 
 

@@ -23,10 +23,14 @@ per grown one), each taken from its own bucket full at the start: the slowest bu
 (calls - burst) / rate. The same count divided by the mutating category's rate alone is given
 too (the definition that ignores the per-action buckets).
 
+With --prefix-delegation the burst runs twice on the local EC2 (which delegates /28 prefixes as
+EC2 does), with secondary addresses and then in prefix mode (IPAM_PREFIX_DELEGATION), and the EC2
+mutating calls per 1,000 allocations of each mode and their ratio are printed.
+
 Prints the tables, writes bench/out/scale-<time>.json.
 
     .venv/bin/python -m bench.scale [--nodes 100 300 1000] [--skip-resync] [--skip-burst]
-        [--worker-setting check_address_conflicts=false]
+        [--worker-setting check_address_conflicts=false] [--prefix-delegation]
 """
 
 from __future__ import annotations
@@ -373,10 +377,28 @@ def print_burst(b: dict[str, Any]) -> None:
     print("|---|---|---|---|")
     for name, w in b["windows"].items():
         print(
-            f"| {name} | {w['most_in_10s']} (from {w['at_s']} s) | {w['rate_x10s']:g} "
-            f"| {w['burst_plus_rate_x10s']:g} |"
+            f"| {name} | {w['most_in_10s']} (from {w['at_s']} s) | {w['rate_x10s']:g} | {w['burst_plus_rate_x10s']:g} |"
         )
     print(f"targets: {b['targets']}")
+
+
+def compare_prefix_delegation(
+    moto: MotoServer, nodes: int, allocations: int, settings: dict[str, str]
+) -> dict[str, Any]:
+    """The burst with secondary addresses, then in prefix mode: EC2 mutating calls per 1,000
+    allocations of each, their ratio, and the time until all allocations succeeded."""
+    modes = {}
+    for mode, value in (("secondaries", "false"), ("prefixes", "true")):
+        modes[mode] = burst_two_replicas(moto, nodes, allocations, {**settings, "prefix_delegation": value})
+        print_burst(modes[mode])
+    per_1000 = {mode: 1000 * b["mutating_calls"] / b["allocations"] for mode, b in modes.items()}
+    ratio = per_1000["prefixes"] / per_1000["secondaries"]
+    print("\n| mode | EC2 mutating calls per 1,000 allocations | all succeeded in (s) |")
+    print("|---|---|---|")
+    for mode, b in modes.items():
+        print(f"| {mode} | {per_1000[mode]:.1f} | {b['all_succeeded_s']:.2f} |")
+    print(f"prefix mode ÷ secondaries: {ratio:.3f} (target ≤ 0.1)")
+    return {"modes": modes, "mutating_per_1000": per_1000, "ratio": ratio}
 
 
 def main() -> int:
@@ -386,6 +408,11 @@ def main() -> int:
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument("--burst-nodes", type=int, default=20)
     parser.add_argument("--allocations", type=int, default=1000)
+    parser.add_argument(
+        "--prefix-delegation",
+        action="store_true",
+        help="run the burst with secondaries and in prefix mode, on the local EC2, and compare their EC2 calls",
+    )
     parser.add_argument(
         "--worker-setting",
         action="append",
@@ -402,8 +429,10 @@ def main() -> int:
         settings[name.strip().lower().removeprefix("ipam_")] = value.strip()
     results = []
     burst: dict[str, Any] = {}
-    with MotoServer() as moto:
-        if not args.skip_burst:
+    with MotoServer(local_ec2=args.prefix_delegation) as moto:
+        if not args.skip_burst and args.prefix_delegation:
+            burst = compare_prefix_delegation(moto, args.burst_nodes, args.allocations, settings)
+        elif not args.skip_burst:
             burst = burst_two_replicas(moto, args.burst_nodes, args.allocations, settings)
             print_burst(burst)
         for nodes in [] if args.skip_resync else args.nodes:
@@ -425,7 +454,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     path = OUT / f"scale-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps({"machine": machine(), "results": results, "burst": burst}, indent=2))
-    if burst:
+    if burst and "modes" not in burst:
         print_burst(burst)
     print(f"\nwritten: {path}")
     return 0

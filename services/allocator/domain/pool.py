@@ -54,7 +54,6 @@ class NodeSettings:
     first_interface_index: int
     release_excess: bool
     ipv6_enabled: bool
-    prefix_delegation: bool | None = None  # None: the worker's default
     # The spec's lists and maps by name (a map's entries as key=value), only to bound their sizes.
     spec_items: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
