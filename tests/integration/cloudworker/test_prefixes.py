@@ -208,8 +208,12 @@ def test_a_deficit_is_met_with_a_prefix_whose_16_addresses_all_join_the_pool(clo
         for i in range(20):
             cloud.allocate(node, f"pod-{i}", wait=True)
         poll(lambda: cloud.api.stats(node).available_ips - cloud.api.stats(node).used_ips >= 8, timeout=30)
+        # The pool holds every address of the prefixes EC2 holds (a step under way added last).
+        poll(
+            lambda: cloud.pool(node) == {str(a) for p in cloud.prefixes(instance_id) for a in ipaddress.ip_network(p)},
+            timeout=30,
+        )
         assert cloud.secondaries(instance_id) == []
-        assert cloud.pool(node) == {str(a) for p in cloud.prefixes(instance_id) for a in ipaddress.ip_network(p)}
         assert len(cloud.interfaces(instance_id)) == 1
         assert worker.stop() == 0, worker.log_text()[-3000:]
 
