@@ -36,7 +36,7 @@ class WorkerSettings(CloudSettings, BaseSettings):
     metrics_address: str = Field(
         "127.0.0.1:9200", description="host:port of the Prometheus endpoint; empty disables it"
     )
-    cloud: str = Field("aws", description="the cloud the addresses come from: aws (the one provider so far)")
+    cloud: str = Field("aws", description="the cloud the addresses come from: aws, or cluster-pool (no cloud)")
     cluster_name: str = Field("ipam", description="tags our interfaces, so leaked ones of this cluster are found")
     consumer_group: str = Field(contract.CONSUMER_GROUP, description="Redis Streams consumer group")
     consumer_name: str = Field(f"{socket.gethostname()}-{os.getpid()}", description="this worker in the group")

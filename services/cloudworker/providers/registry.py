@@ -12,11 +12,11 @@ from redis import Redis
 from redis.cluster import RedisCluster
 
 from services.cloudworker.metrics import WorkerMetrics
-from services.cloudworker.providers import aws
+from services.cloudworker.providers import aws, cluster_pool
 from services.cloudworker.providers.base import CloudProvider
 
 
-class CloudSettings(aws.AwsSettings):
+class CloudSettings(aws.AwsSettings, cluster_pool.ClusterPoolSettings):
     """Every known cloud's own settings: the worker's settings take them all in."""
 
 
@@ -45,7 +45,12 @@ def _aws(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
     return BuiltProvider(aws.from_settings(settings, wiring.metrics, cluster=wiring.cluster, redis=redis), redis.close)
 
 
-CLOUDS: dict[str, ProviderFactory] = {"aws": _aws}
+def _cluster_pool(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
+    redis = wiring.connect_redis()
+    return BuiltProvider(cluster_pool.from_settings(settings, cluster=wiring.cluster, redis=redis), redis.close)
+
+
+CLOUDS: dict[str, ProviderFactory] = {"aws": _aws, "cluster-pool": _cluster_pool}
 
 
 def build_provider(cloud: str, settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:

@@ -10,7 +10,8 @@ import uuid
 import pytest
 import redis
 
-from services.cloudworker.providers.cluster_pool import BlockStore, ClusterPoolSettings, block_of
+from services.cloudworker.providers.cluster_pool import BlockStore, block_of
+from services.cloudworker.settings import WorkerSettings
 from tests.support.redis_server import RedisServer
 
 CIDR = ipaddress.IPv4Network("10.128.0.0/24")  # 16 blocks, block 0 never carved
@@ -99,4 +100,4 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, env: dict[str
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=error):
-        ClusterPoolSettings()
+        WorkerSettings()

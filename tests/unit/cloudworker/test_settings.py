@@ -15,7 +15,9 @@ def test_the_cloud_is_aws_by_default_and_registered() -> None:
 
 def test_an_unknown_cloud_fails_at_start_up_naming_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IPAM_CLOUD", "gcp")
-    with pytest.raises(ValidationError, match=r"IPAM_CLOUD='gcp' is not a cloud this worker knows \(known: aws\)"):
+    with pytest.raises(
+        ValidationError, match=r"IPAM_CLOUD='gcp' is not a cloud this worker knows \(known: aws, cluster-pool\)"
+    ):
         WorkerSettings()
 
 
