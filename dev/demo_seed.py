@@ -4,6 +4,9 @@ In the local EC2 (the moto server) it creates a dual-stack VPC with /18 subnets 
 moto may hand out colliding addresses in small ones), a security group and instances of real
 instance types, then registers each instance as a node through the admin API. The worker fills
 their pools from the cloud. Re-running finds the demo VPC by its tag and changes nothing.
+
+With `IPAM_CLOUD=cluster-pool` (or `--cloud cluster-pool`) there is no cloud: it registers as many
+bare-metal nodes, named by nothing but their name (no instance), and touches no EC2.
 """
 
 from __future__ import annotations
@@ -156,6 +159,23 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
     return names
 
 
+def register_bare_nodes(client: IpamClient, count: int, pre_allocate: int) -> list[str]:
+    """`count` nodes without an instance (the cluster pool's: a node is its own instance), named
+    bare-metal-1...; existing nodes are left as they are."""
+    names = []
+    for i in range(1, count + 1):
+        name = f"bare-metal-{i}"
+        try:
+            client.create_node(node_spec(name, pre_allocate=pre_allocate, release_excess=True))
+            print(f"registered {name} (no instance: its addresses come from the cluster pool)")
+        except IpamClientError as exc:
+            if exc.reason != ErrorReason.NODE_ALREADY_EXISTS:
+                raise
+            print(f"{name} already registered")
+        names.append(name)
+    return names
+
+
 def forget_vanished_nodes(client: IpamClient, ec2: BaseClient) -> list[str]:
     """Nodes of an earlier demo whose instances the local EC2 no longer has are deleted: Redis keeps
     its data across `make run`s, and so does the local EC2 (it replays its recorded requests), but
@@ -184,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated instance types of the demo nodes",
     )
     parser.add_argument("--pre-allocate", type=int, default=8)
+    parser.add_argument(
+        "--cloud",
+        default=os.environ.get("IPAM_CLOUD", "aws"),
+        help="the workers' cloud: aws (nodes on instances of the local EC2) or cluster-pool (bare-metal nodes)",
+    )
     args = parser.parse_args(argv)
+    if args.cloud == "cluster-pool":
+        with IpamClient(args.address, token=os.environ.get("IPAM_ADMIN_TOKEN") or None, timeout=10) as client:
+            register_bare_nodes(client, len(args.instance_types.split(",")), args.pre_allocate)
+        return 0
     ec2 = boto3.session.Session().client(
         "ec2",
         region_name=os.environ.get("IPAM_AWS_REGION", REGION),
