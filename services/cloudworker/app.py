@@ -266,15 +266,20 @@ class Worker:
             self.node_gauges(await self.allocator.list_nodes())
 
     async def collect_leaked_interfaces(self) -> int:
-        """Deletes our interfaces found detached (and past their grace period since creation) by two
-        collections in a row, at most 25 a run, as Cilium: one detached for a moment survives.
-        Returns how many this run found leaked."""
+        """Deletes our interfaces found leaked (detached past their grace period since creation, or
+        held by the instance of no node: `list_leaked_interfaces`) by two collections in a row, at
+        most 25 a run, as Cilium: one detached for a moment survives. Returns how many this run
+        found leaked."""
         with at_priority(Priority.HOUSEKEEPING):
             return await self._collect_leaked_interfaces()
 
     async def _collect_leaked_interfaces(self) -> int:
+        nodes = await self.allocator.list_nodes()
+        instances = (self.provider.node_instance(n.name, n.config.instance_id, n.config.instance_type) for n in nodes)
         leaked = await asyncio.to_thread(
-            self.provider.list_leaked_interfaces, self.settings.leaked_interface_grace_seconds
+            self.provider.list_leaked_interfaces,
+            self.settings.leaked_interface_grace_seconds,
+            {i[0] for i in instances if i is not None},
         )
         seen_before, self._leak_suspects = self._leak_suspects, {i.id for i in leaked}
         for interface in [i for i in leaked if i.id in seen_before][:25]:

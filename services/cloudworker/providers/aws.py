@@ -755,7 +755,10 @@ class AwsProvider(Ec2Policy, CloudProvider):
                     )
         return conflicts
 
-    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+    def list_leaked_interfaces(
+        self, older_than_seconds: float, node_instances: Collection[str] | None = None
+    ) -> list[NetworkInterface]:
+        """Ours, detached past the grace period (an attached one is its instance's, node or not)."""
         raws = self._paginate(
             "DescribeNetworkInterfaces",
             "NetworkInterfaces",

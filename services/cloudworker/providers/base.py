@@ -153,9 +153,13 @@ class CloudProvider(CloudPolicy, Protocol):
         against a cloud that does (the local EC2 picks addresses at random)."""
         ...
 
-    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+    def list_leaked_interfaces(
+        self, older_than_seconds: float, node_instances: Collection[str] | None = None
+    ) -> list[NetworkInterface]:
         """Interfaces we created for this cluster that are detached (`available`) and older than
-        the grace period, so not merely created and not yet attached."""
+        the grace period, so not merely created and not yet attached; or, in a cloud whose
+        interfaces are never detached, those held by no instance of `node_instances` (the nodes'
+        instances, read just before; None: unknown, and then none of those)."""
         ...
 
     def delete_interface(self, interface_id: str) -> bool:

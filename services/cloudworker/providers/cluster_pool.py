@@ -494,9 +494,14 @@ class ClusterPoolProvider(ClusterPoolPolicy):
         """None: a block is carved once, in one script."""
         return set()
 
-    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
-        """None: a virtual interface is its blocks, and they belong to their node."""
-        return []
+    def list_leaked_interfaces(
+        self, older_than_seconds: float, node_instances: Collection[str] | None = None
+    ) -> list[NetworkInterface]:
+        """The virtual interfaces of owners that are no node's instance (a node deleted with its
+        blocks); none while the nodes are unknown."""
+        if node_instances is None:
+            return []
+        return [i for owner, i in self.list_vpc_interfaces(self.cluster) if owner not in node_instances]
 
     def delete_interface(self, interface_id: str) -> bool:
         """Gives back every block of the virtual interface; False if it held none."""

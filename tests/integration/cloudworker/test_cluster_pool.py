@@ -131,6 +131,19 @@ def test_a_restarted_worker_adopts_what_a_dead_one_carved(cluster: Cluster) -> N
         assert worker.stop() == 0, worker.log_text()[-3000:]
 
 
+def test_the_blocks_of_a_deleted_node_go_back_to_the_cluster_pool(cluster: Cluster) -> None:
+    name = uuid.uuid4().hex
+    kept, deleted = cluster.node(pre_allocate=8), cluster.node(pre_allocate=8)
+    blocks = cluster.blocks(name)
+    with cluster.worker(name, gc_interval_seconds=0.5) as worker:
+        poll(lambda: len(blocks.owners(CIDR)) == 2, timeout=30, describe=worker.log_tail)
+        cluster.api.nodes.DeleteNode(npb.DeleteNodeRequest(name=deleted), timeout=5)
+        cluster.nodes.remove(deleted)
+        poll(lambda: blocks.blocks_of(deleted) == [], timeout=30, describe=worker.log_tail)
+        assert len(blocks.blocks_of(kept)) == 1 and blocks.free_blocks(CIDR) == 62
+        assert worker.stop() == 0, worker.log_text()[-3000:]
+
+
 def test_two_workers_on_one_cluster_cidr_never_hand_out_a_block_twice(cluster: Cluster) -> None:
     name = uuid.uuid4().hex
     blocks = cluster.blocks(name)

@@ -89,6 +89,23 @@ def test_blocks_go_back_whole(provider: cluster_pool.ClusterPoolProvider) -> Non
     assert provider.delete_interface(created.id) and provider.list_interfaces("node-a") == []
 
 
+def test_the_blocks_of_an_owner_that_is_no_node_are_leaked(provider: cluster_pool.ClusterPoolProvider) -> None:
+    for node in ("node-a", "node-b"):
+        provider.create_interface(
+            instance_id=node,
+            node=node,
+            subnet_id="10.129.0.0/24",
+            security_group_ids=(),
+            device_index=1,
+            ipv4_count=0,
+            ipv4_prefix_count=1,
+        )
+    assert provider.list_leaked_interfaces(300) == []  # the nodes unknown: none
+    (leaked,) = provider.list_leaked_interfaces(300, {"node-a"})
+    assert leaked.id == "cp1-node-b" and provider.delete_interface(leaked.id)
+    assert provider.list_leaked_interfaces(300, {"node-a"}) == [] and provider.list_interfaces("node-b") == []
+
+
 def test_unknown_interfaces_and_a_dead_redis_are_provider_errors(
     provider: cluster_pool.ClusterPoolProvider, redis_server: RedisServer
 ) -> None:

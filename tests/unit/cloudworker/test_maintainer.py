@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
@@ -138,7 +138,9 @@ class FakeCloud(Ec2Policy):
         self.hand_out_twice -= found
         return found
 
-    def list_leaked_interfaces(self, older_than_seconds: float) -> list[NetworkInterface]:
+    def list_leaked_interfaces(
+        self, older_than_seconds: float, node_instances: Collection[str] | None = None
+    ) -> list[NetworkInterface]:
         return []
 
     def delete_interface(self, interface_id: str) -> bool:
