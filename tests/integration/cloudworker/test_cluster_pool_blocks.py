@@ -9,10 +9,11 @@ import uuid
 
 import pytest
 import redis
+import redis.cluster
 
 from services.cloudworker.providers.cluster_pool import BlockStore, block_of
 from services.cloudworker.settings import WorkerSettings
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisCluster, RedisServer
 
 CIDR = ipaddress.IPv4Network("10.128.0.0/24")  # 16 blocks, block 0 never carved
 
@@ -33,6 +34,17 @@ def test_blocks_are_carved_lowest_free_first_and_given_back_by_their_owner(redis
     assert [b.prefix for b in blocks.blocks_of("node-b")] == ["10.128.0.16/28", "10.128.0.48/28", "10.128.0.64/28"]
     assert blocks.owners(CIDR) == {1: "node-b", 2: "node-a", 3: "node-b", 4: "node-b"}
     assert blocks.free_blocks(CIDR) == 15 - 4
+
+
+def test_a_cluster_s_blocks_live_in_one_slot_of_a_redis_cluster() -> None:
+    with RedisCluster(3) as server:
+        client = redis.cluster.RedisCluster.from_url(server.url)
+        blocks = BlockStore(client, uuid.uuid4().hex)
+        blocks.register([CIDR])
+        assert [b.index for b in blocks.carve(CIDR, "node-a", 2)] == [1, 2]
+        assert [b.index for b in blocks.give_back(CIDR, "node-a", [1])] == [1]
+        assert [b.index for b in blocks.blocks_of("node-a")] == [2] and blocks.free_blocks(CIDR) == 14
+        client.close()
 
 
 def test_a_carve_is_all_or_none(redis_server: RedisServer) -> None:
