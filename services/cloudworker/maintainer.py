@@ -634,7 +634,9 @@ class NodeMaintainer:
             if action.creates_interface:
                 self.metrics.interface_creation_ops.labels(action.subnet_id, status).inc()
             self.metrics.action_duration.labels(kind, status, action.subnet_id).observe(time.perf_counter() - started)
-        spent = action.addresses + (1 if action.creates_interface else 0)  # a new interface's primary too
+        # What the subnet gave: the addresses, and a new interface's primary address if it has one (a
+        # cluster pool's virtual interface has none).
+        spent = count + (1 if action.creates_interface and interface.primary_ip else 0)
         assert m.subnets is not None  # read before the decision
         m.subnets = [
             replace(s, free_addresses=max(s.free_addresses - spent, 0)) if s.id == action.subnet_id else s

@@ -31,15 +31,9 @@ class Cluster:
     nodes: list[str] = field(default_factory=list)  # the test's: deleted after it
 
     def worker(self, cluster: str, **settings: object) -> WorkerProcess:
+        settings = {"cluster_pool_cidrs": str(CIDR), "cluster_pool_blocks_per_node": 8, **settings}
         return WorkerProcess(
-            self.redis_url,
-            self.allocator.address,
-            "",
-            cloud="cluster-pool",
-            cluster_name=cluster,
-            cluster_pool_cidrs=str(CIDR),
-            cluster_pool_blocks_per_node=8,
-            **settings,
+            self.redis_url, self.allocator.address, "", cloud="cluster-pool", cluster_name=cluster, **settings
         )
 
     def blocks(self, cluster: str) -> BlockStore:
@@ -141,6 +135,18 @@ def test_the_blocks_of_a_deleted_node_go_back_to_the_cluster_pool(cluster: Clust
         cluster.nodes.remove(deleted)
         poll(lambda: blocks.blocks_of(deleted) == [], timeout=30, describe=worker.log_tail)
         assert len(blocks.blocks_of(kept)) == 1 and blocks.free_blocks(CIDR) == 62
+        assert worker.stop() == 0, worker.log_text()[-3000:]
+
+
+def test_a_small_cluster_cidr_gives_every_one_of_its_blocks(cluster: Cluster) -> None:
+    """A virtual interface has no primary address: creating one spends its blocks alone of the
+    CIDR's free addresses, so the last block is still seen free."""
+    name = uuid.uuid4().hex
+    with cluster.worker(name, cluster_pool_cidrs="10.130.0.0/26") as worker:  # 3 blocks
+        for _ in range(3):
+            node = cluster.node(pre_allocate=8)
+            poll(lambda: cluster.api.stats(node).available_ips == 16, timeout=30, describe=worker.log_tail)  # noqa: B023
+        assert cluster.blocks(name).free_blocks(ipaddress.IPv4Network("10.130.0.0/26")) == 0
         assert worker.stop() == 0, worker.log_text()[-3000:]
 
 
