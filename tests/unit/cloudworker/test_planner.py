@@ -860,3 +860,38 @@ def test_m5_large_in_prefixes_grows_to_432_addresses() -> None:
     assert [len(i.ipv4_prefixes) for i in interfaces.values()] == [9, 9, 9]
     assert calls == 27  # one call per prefix when pods come one by one: 16 pods per call
     assert isinstance(run_worker(), NoAction)
+
+
+@pytest.mark.parametrize("max_above_watermark", [0, 5])
+def test_prefixes_settle_at_the_watermark_and_hold_still(max_above_watermark: int) -> None:
+    """For every number of pods on an m5.large in prefix mode, steps are carried out until the plan
+    says nothing; the pool then keeps at least pre_allocate free, and planning again changes nothing
+    (no refill that a release would undo, nor the reverse)."""
+    spec = replace(
+        PD, release_excess=True, watermarks=Watermarks(pre_allocate=8, max_above_watermark=max_above_watermark)
+    )
+    for used in range(0, 400, 7):
+        interface = eni(0)
+        steps = 0
+        while True:
+            addresses = interface.prefix_ipv4
+            counts = PoolCounts(len(addresses), min(used, len(addresses)))
+            free = frozenset(addresses[counts.used :])  # the pods packed into the first prefixes
+            waiting = used - counts.used  # pods that found no address wait
+            one_interface = replace(M5_NITRO, max_interfaces=1)
+            action = plan(spec, counts, [interface], one_interface, [NODE_SUBNET], free_ipv4=free, waiting_ipv4=waiting)
+            if isinstance(action, NoAction):
+                break
+            steps += 1
+            assert steps <= 2, f"{used} pods: still moving after {steps} steps ({action})"
+            if isinstance(action, AllocationAction):
+                interface = with_prefixes(interface, len(interface.ipv4_prefixes) + action.prefixes)
+            else:
+                assert isinstance(action, ReleaseAction) and action.prefix
+                interface = replace(
+                    interface, ipv4_prefixes=tuple(p for p in interface.ipv4_prefixes if p != action.prefix)
+                )
+        available = len(interface.prefix_ipv4)
+        if available < 9 * 16:  # below the interface's capacity the watermark holds
+            assert available - used >= 8, f"{used} pods: {available} addresses"
+        assert available - used < 8 + max_above_watermark + 16, f"{used} pods: a prefix or more above the watermark"
