@@ -27,7 +27,15 @@ from services.cloudworker.ratelimit import TokenBucket
 from services.core.reasons import DeficitReason
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api
-from tests.support.moto_server import AVAILABILITY_ZONE, DEMO_IMAGE_ID, MotoServer, ec2_client, record_requests
+from tests.support.moto_server import (
+    AVAILABILITY_ZONE,
+    DEMO_IMAGE_ID,
+    Ec2Fault,
+    Ec2FaultAfterCall,
+    MotoServer,
+    ec2_client,
+    record_requests,
+)
 from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -398,3 +406,37 @@ def test_only_a_prefix_whose_16_addresses_are_free_goes_back_and_the_pool_then_h
     for _ in range(10):  # neither a deficit nor a prefix's worth of excess: nothing moves
         maintainer.maintain(node)
     assert calls() == 1
+
+
+@pytest.mark.parametrize("carried_out", [True, False])
+def test_a_prefix_unassign_answered_500_is_settled_by_reading_the_interface_back(
+    cloud: Cloud, maintainer: Maintainer, carried_out: bool
+) -> None:
+    """EC2 answered 500 to the unassign, having done it or not: the interface is read back, and the
+    prefix leaves the pool only if EC2 no longer holds it (else it returns whole)."""
+    vpc = cloud.vpc(24)
+    node, instance_id = cloud.node(vpc, release_excess=True, pre_allocate=20)  # two prefixes
+    maintainer.maintain(node)
+    first, second = cloud.prefixes(instance_id)
+    cloud.api.nodes.UpdateNode(
+        npb.UpdateNodeRequest(
+            spec=npb.NodeSpec(
+                name=node,
+                instance_id=instance_id,
+                instance_type="m5.large",
+                prefix_delegation=True,
+                release_excess=True,
+            )
+        ),
+        timeout=5,
+    )  # pre_allocate 8 again: one prefix in excess
+    fault = (Ec2FaultAfterCall if carried_out else Ec2Fault)(
+        maintainer.client, "UnassignPrivateIpAddresses", "InternalError", status=500
+    )
+    with pytest.raises(Exception, match="InternalError"):
+        maintainer.maintain(node)
+    assert fault.injected == 1
+    held = cloud.prefixes(instance_id)
+    assert held == ([first] if carried_out else [first, second])
+    assert cloud.pool(node) == {str(a) for p in held for a in ipaddress.ip_network(p)}
+    assert list(cloud.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5).reservations) == []

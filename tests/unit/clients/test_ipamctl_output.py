@@ -223,3 +223,10 @@ def test_status_says_where_the_allocator_writes_and_whether_replicas_hold_it() -
     assert line(mode="cluster", replicas=1, in_sync=1) == (
         "redis  cluster, 3 masters: 1 replicas (1 in sync, the fewest of any master)"
     )
+
+
+def test_status_names_a_node_that_asked_for_prefixes_its_type_cannot_take() -> None:
+    node = _node("node-c4", "c4.large", 2, 10, 0, 0)
+    node.last_error = "prefix-delegation-unsupported: c4.large takes no prefixes (not a Nitro instance type)"
+    lines = format_status(_status(), [node]).splitlines()
+    assert f"  node-c4                  ok, but {node.last_error}" in lines

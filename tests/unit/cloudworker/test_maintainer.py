@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from prometheus_client import CollectorRegistry
 
 from services.cloudworker.allocator_client import NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
-from services.cloudworker.maintainer import NodeMaintainer, Outcome
+from services.cloudworker.maintainer import NodeMaintainer, Outcome, planner_spec
 from services.cloudworker.metrics import WorkerMetrics
 from services.cloudworker.model import (
     AddressChange,
@@ -334,3 +334,15 @@ def test_the_provider_says_which_instance_holds_a_node_s_addresses() -> None:
     outcome = _maintain(cloud, allocator)
     assert outcome.reason == DeficitReason.NOTHING_NEEDED and allocator.attached == cloud.held() != set()
     assert set(cloud.instance_ids) == {"node-a"}
+
+
+def test_a_spec_s_prefix_delegation_wins_over_the_worker_s_default() -> None:
+    instance = Instance("i-1", "m5.large", "us-east-1a", "vpc-1", "subnet-1")
+    for spec, default, expected in [
+        (None, True, True),
+        (None, False, False),
+        (False, True, False),
+        (True, False, True),
+    ]:
+        config = NodeConfig("n", prefix_delegation=spec)
+        assert planner_spec(config, instance, prefix_delegation=default).prefix_delegation is expected
