@@ -64,7 +64,7 @@ from services.cloudworker.providers.errors import (
 )
 from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket
 from services.core.family import Family
-from services.core.prefixes import ADDRESSES_PER_PREFIX, prefixes_for, supports_prefixes
+from services.core.prefixes import ADDRESSES_PER_PREFIX, prefix_capacity, prefixes_for, supports_prefixes
 from services.core.reasons import DeficitReason
 
 if TYPE_CHECKING:
@@ -284,9 +284,12 @@ class Ec2Policy:
         if not free_indexes:
             if blocked_by_subnet:
                 return NoAction(DeficitReason.SUBNET_FULL, "interfaces with free slots are in full subnets")
+            capacity = limits.capacity(spec.first_interface_index)
+            if spec.prefix_delegation and limits.prefix_capable:
+                capacity = prefix_capacity(limits.max_interfaces, limits.ipv4_per_interface, spec.first_interface_index)
             return NoAction(
                 DeficitReason.AT_CAPACITY,
-                f"{limits.capacity(spec.first_interface_index)} usable addresses, all attached",
+                f"{capacity} usable addresses, all attached",
             )
         subnet = _subnet_for_new_interface(spec, interfaces, limits, subnets)
         if subnet is None:

@@ -859,7 +859,7 @@ def test_m5_large_in_prefixes_grows_to_432_addresses() -> None:
     assert counts.available == 432
     assert [len(i.ipv4_prefixes) for i in interfaces.values()] == [9, 9, 9]
     assert calls == 27  # one call per prefix when pods come one by one: 16 pods per call
-    assert isinstance(run_worker(), NoAction)
+    assert run_worker() == NoAction(DeficitReason.AT_CAPACITY, "432 usable addresses, all attached")
 
 
 @pytest.mark.parametrize("max_above_watermark", [0, 5])
