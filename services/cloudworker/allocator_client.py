@@ -4,6 +4,7 @@ place protobuf is translated); unit tests put a fake behind the same Protocol.""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -94,6 +95,13 @@ class PoolAddresses:
     free_ipv4: frozenset[str] = frozenset()
     free_ipv6: frozenset[str] = frozenset()
     prefixes: frozenset[str] = frozenset()  # IPv4 /28 prefixes (their addresses are in the sets above)
+    ipv6_prefix: str = ""  # the IPv6 /80 ("" = none); only its addresses handed out are in the sets above
+
+    def from_ipv6_prefix(self, ip: str) -> bool:
+        """Whether `ip` lies in the pool's IPv6 /80 (the cloud lists the prefix, never its addresses)."""
+        return (
+            bool(self.ipv6_prefix) and ":" in ip and ipaddress.ip_address(ip) in ipaddress.ip_network(self.ipv6_prefix)
+        )
 
     @property
     def held(self) -> frozenset[str]:
@@ -119,9 +127,10 @@ class AllocatorClient(Protocol):
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
         prefixes: Sequence[str] = (),
+        ipv6_prefix: str = "",
     ) -> PoolNode:
-        """Addresses attached in the cloud join the pool, and `prefixes` (IPv4 /28) with their 16
-        addresses each; returns the node afterwards."""
+        """Addresses attached in the cloud join the pool, `prefixes` (IPv4 /28) with their 16
+        addresses each, and `ipv6_prefix` (an IPv6 /80, handed out lazily); returns the node afterwards."""
         ...
 
     async def set_interfaces(
@@ -136,9 +145,11 @@ class AllocatorClient(Protocol):
 
     async def set_node_error(self, node: str, error: str) -> None: ...
 
-    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
-        """Addresses and prefixes gone from the cloud leave the pool (allocated addresses are marked
-        lost); returns those newly marked lost."""
+    async def remove_addresses(
+        self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = (), ipv6_prefix: str = ""
+    ) -> list[str]:
+        """Addresses and prefixes (IPv4 /28s, the IPv6 /80) gone from the cloud leave the pool
+        (allocated addresses are marked lost); returns those newly marked lost."""
         ...
 
     async def reserve_for_release(

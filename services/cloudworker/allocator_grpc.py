@@ -41,6 +41,7 @@ class GrpcAllocator:
             free_ipv4=frozenset(reply.free_ipv4),
             free_ipv6=frozenset(reply.free_ipv6),
             prefixes=frozenset(p.prefix for p in reply.prefixes),
+            ipv6_prefix=reply.ipv6_prefix,
         )
 
     async def add_addresses(
@@ -52,6 +53,7 @@ class GrpcAllocator:
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
         prefixes: Sequence[str] = (),
+        ipv6_prefix: str = "",
     ) -> PoolNode:
         request = npb.AddAddressesRequest(
             node=node,
@@ -59,6 +61,7 @@ class GrpcAllocator:
             interface=interface_message(interface),
             ips=list(ips),
             ipv4_prefixes=list(prefixes),
+            ipv6_prefix=ipv6_prefix,
             vpc_cidrs=list(vpc_cidrs),
             fencing_token=current_token.get(),
         )
@@ -91,10 +94,17 @@ class GrpcAllocator:
     async def set_node_error(self, node: str, error: str) -> None:
         await self.client.set_node_error(node, error)
 
-    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
+    async def remove_addresses(
+        self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = (), ipv6_prefix: str = ""
+    ) -> list[str]:
         reply = await self.client.remove_addresses(
             npb.RemoveAddressesRequest(
-                node=node, pool=CLOUD_POOL, ips=ips, ipv4_prefixes=prefixes, fencing_token=current_token.get()
+                node=node,
+                pool=CLOUD_POOL,
+                ips=ips,
+                ipv4_prefixes=prefixes,
+                ipv6_prefix=ipv6_prefix,
+                fencing_token=current_token.get(),
             )
         )
         return list(reply.newly_lost)

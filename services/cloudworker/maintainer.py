@@ -336,7 +336,7 @@ class NodeMaintainer:
         except Transient as exc:
             # An assign or a create that failed this way may still have been carried out: read the
             # truth again (reconciling adds what is there) before deciding, once per maintenance.
-            if m.ambiguous_seen or not isinstance(step, planner.AllocationAction):
+            if m.ambiguous_seen or not isinstance(step, planner.AllocationAction | planner.AssignIPv6):
                 raise
             m.ambiguous_seen = True
             log.info("node %s: %s answered %s; reading the truth again", name, exc.operation, exc.code)
@@ -408,8 +408,11 @@ class NodeMaintainer:
             return None
         first = node.config.first_interface_index
         in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)]
-        known = pool.held | node.reserved
+        known = {ip for ip in pool.held | node.reserved if not pool.from_ipv6_prefix(ip)}
         if len(in_view) != len(set(in_view)) or set(in_view) != known:
+            return None
+        ipv6_prefixes = [p for i in viewed if i.device_index >= first for p in i.ipv6_prefixes]
+        if ipv6_prefixes != ([pool.ipv6_prefix] if pool.ipv6_prefix else []):
             return None
         return viewed
 
@@ -436,14 +439,25 @@ class NodeMaintainer:
         # What the pool holds, not the allocator's interface table: the table lists every address an
         # interface held when it was last reported, also those a crashed worker never added.
         pool = m.pool if m.pool is not None else await self.allocator.dump(node.name)
-        known = pool.held | node.reserved
+        # The /80's addresses are the pool's alone: the cloud lists the prefix, never them.
+        known = {ip for ip in pool.held | node.reserved if not pool.from_ipv6_prefix(ip)}
         current, added = await self._adopt(m, interfaces, known, pool.prefixes, outcome)
         in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)}
         prefixes_in_cloud = {p for i in current if i.device_index >= first for p in i.ipv4_prefixes}
         gone_prefixes = sorted(pool.prefixes - prefixes_in_cloud)
         in_gone_prefixes = {ip for p in gone_prefixes for ip in prefix_addresses(p)}
         gone_singles = sorted(known - in_cloud - node.reserved - in_gone_prefixes)
-        gone = await self._drop_gone(node.name, gone_singles, gone_prefixes)
+        ipv6_prefixes = [(p, i) for i in current if i.device_index >= first for p in i.ipv6_prefixes]
+        gone_ipv6_prefix = pool.ipv6_prefix if pool.ipv6_prefix not in {p for p, _ in ipv6_prefixes} else ""
+        gone = await self._drop_gone(node.name, gone_singles, gone_prefixes, gone_ipv6_prefix)
+        # A /80 the pool lacks joins it once a gone one has left (one per pool).
+        if ipv6_prefixes and (not pool.ipv6_prefix or gone_ipv6_prefix):
+            prefix, interface = ipv6_prefixes[0]
+            await self.allocator.add_addresses(node.name, interface, [], vpc_cidrs=m.cidrs, ipv6_prefix=prefix)
+            log.info(
+                "node %s: IPv6 prefix %s on %s found in the cloud, added to the pool", node.name, prefix, interface.id
+            )
+            added = True
         settled = await self._settle_reservations(node, in_cloud) if m.settle_reservations else False
         table_changed = await self._report_table(m, current)
         if table_changed or added or gone or settled:
@@ -510,12 +524,16 @@ class NodeMaintainer:
                     )
         return current, added
 
-    async def _drop_gone(self, name: str, gone: list[str], gone_prefixes: list[str]) -> bool:
+    async def _drop_gone(
+        self, name: str, gone: list[str], gone_prefixes: list[str], gone_ipv6_prefix: str = ""
+    ) -> bool:
         """Addresses and prefixes the pool holds and the cloud no longer does leave the pool
         (allocated addresses, a prefix's too, are marked lost). True when there were any."""
-        if not gone and not gone_prefixes:
+        if not gone and not gone_prefixes and not gone_ipv6_prefix:
             return False
-        newly_lost = await self.allocator.remove_addresses(name, gone, prefixes=gone_prefixes)
+        newly_lost = await self.allocator.remove_addresses(
+            name, gone, prefixes=gone_prefixes, ipv6_prefix=gone_ipv6_prefix
+        )
         if newly_lost:
             # Their owners keep them (the node's status counts them), but none is handed out again.
             self.metrics.addresses_lost.inc(len(newly_lost))
@@ -741,12 +759,26 @@ class NodeMaintainer:
         )
 
     async def _assign_ipv6(self, m: _Maintenance, step: planner.AssignIPv6, outcome: Outcome) -> None:
-        """Assigns IPv6 addresses as the policy chose and hands them to the allocator."""
-        change = await self._cloud(outcome, self.provider.assign_addresses, step.interface_id, step.count, Family.IPV6)
-        node = await self.allocator.add_addresses(m.node.name, change.interface, change.addresses)
-        outcome.assigned += len(change.addresses)
-        m.progress = planner.advance(m.progress, step, moved=bool(change.addresses))
-        if change.addresses:
+        """Assigns IPv6 addresses, or the node's /80, as the policy chose and hands them to the allocator."""
+        if step.prefix:
+            known = self._interface(m, step.interface_id)
+            change = await self._cloud(outcome, self.provider.assign_ipv6_prefix, step.interface_id, known=known)
+            moved = bool(change.prefixes)
+            node = m.node
+            if moved:  # one per pool: the allocator takes the first (a second could only be the cloud's doing)
+                node = await self.allocator.add_addresses(
+                    m.node.name, change.interface, [], vpc_cidrs=m.cidrs, ipv6_prefix=change.prefixes[0]
+                )
+                outcome.actions.append(f"assign IPv6 prefix {change.prefixes[0]} on {step.interface_id}")
+        else:
+            change = await self._cloud(
+                outcome, self.provider.assign_addresses, step.interface_id, step.count, Family.IPV6
+            )
+            moved = bool(change.addresses)
+            node = await self.allocator.add_addresses(m.node.name, change.interface, change.addresses)
+            outcome.assigned += len(change.addresses)
+        m.progress = planner.advance(m.progress, step, moved=moved)
+        if moved:
             self._replace_interface(m, change.interface)
             m.node = node
 

@@ -79,6 +79,7 @@ class NetworkInterface:
     subnet_ipv6_cidr: str = ""  # "" = the subnet has no IPv6 block
     gateway_ipv6: str = ""  # the IPv6 router as the interface reaches it (the cloud's, not derived)
     ipv4_prefixes: tuple[str, ...] = ()  # delegated /28 prefixes, each one slot of 16 addresses
+    ipv6_prefixes: tuple[str, ...] = ()  # delegated IPv6 /80 prefixes (one per node in prefix mode)
 
     def addresses(self, family: Family) -> tuple[str, ...]:
         """Its secondary addresses of `family` (IPv4: the /32s, prefixes excluded)."""
@@ -197,10 +198,12 @@ class NoAction:
 
 @dataclass(frozen=True, slots=True)
 class AssignIPv6:
-    """Assign `count` IPv6 addresses on the existing interface `interface_id`."""
+    """Assign `count` IPv6 addresses on the existing interface `interface_id`, or with `prefix` set
+    one IPv6 /80 prefix instead (`count` is then 0): the node's IPv6 for as long as it lives."""
 
     interface_id: str
     count: int
+    prefix: bool = False
 
 
 Action = AllocationAction | ReleaseAction | NoAction

@@ -333,12 +333,34 @@ class Ec2Policy:
     def prepare_ipv6_allocation(
         self, spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits, wanted: int
     ) -> AssignIPv6 | None:
-        """On the lowest usable interface with room, within the type's IPv6 addresses per interface."""
+        """On the lowest usable interface with room, within the type's IPv6 addresses per interface.
+        In prefix mode (`spec.prefix_delegation` on a type that takes prefixes), as the VPC CNI's IPv6
+        mode: one /80 for the node, on its first usable interface (the primary one unless
+        `first_interface_index` leaves it out) when its subnet has an IPv6 block; none once the node
+        holds a /80, whatever `wanted` (its 2^48 addresses serve every caller)."""
+        if spec.prefix_delegation and limits.prefix_capable:
+            return _ipv6_prefix_allocation(spec, interfaces, limits)
         for interface in interfaces:
             room = limits.ipv6_per_interface - len(interface.ipv6)
             if interface.device_index >= spec.first_interface_index and room > 0:
                 return AssignIPv6(interface.id, min(wanted, room))
         return None
+
+
+def _ipv6_prefix_allocation(
+    spec: NodeSpec, interfaces: Sequence[NetworkInterface], limits: InstanceLimits
+) -> AssignIPv6 | None:
+    """One /80 on the lowest usable interface, unless the node holds one already (or that interface's
+    subnet has no IPv6 block, or the type takes no IPv6)."""
+    usable = sorted(
+        (i for i in interfaces if i.device_index >= spec.first_interface_index), key=lambda i: i.device_index
+    )
+    if not usable or any(i.ipv6_prefixes for i in usable):
+        return None
+    first = usable[0]
+    if not first.subnet_ipv6_cidr or limits.ipv6_per_interface - len(first.ipv6) <= 0:
+        return None
+    return AssignIPv6(first.id, 0, prefix=True)
 
 
 def _prefix_allocation(
@@ -692,6 +714,15 @@ class AwsProvider(Ec2Policy, CloudProvider):
             new = [p for p in after.ipv4_prefixes if p not in old]
         return AddressChange(_expanded(new), after, tuple(new))
 
+    def assign_ipv6_prefix(self, interface_id: str, *, known: NetworkInterface | None = None) -> AddressChange:
+        """One IPv6 /80 (AssignIpv6Addresses with Ipv6PrefixCount 1), read back: once per node, so the
+        interface as DescribeNetworkInterfaces lists it (its Ipv6Prefixes) is worth the call."""
+        before = known if known is not None and known.id == interface_id else self._read_interface(interface_id)
+        self._call("AssignIpv6Addresses", NetworkInterfaceId=interface_id, Ipv6PrefixCount=1)
+        after = self._read_interface(interface_id)
+        new = tuple(p for p in after.ipv6_prefixes if p not in before.ipv6_prefixes)
+        return AddressChange((), after, new)
+
     def unassign_prefixes(
         self, interface_id: str, prefixes: Sequence[str], *, known: NetworkInterface | None = None
     ) -> AddressChange:
@@ -1006,6 +1037,11 @@ def _parse_interface(
         subnet_ipv6_cidr=subnet_ipv6_cidr,
         gateway_ipv6=ipv6_gateway if subnet_ipv6_cidr else "",
         ipv4_prefixes=tuple(p["Ipv4Prefix"] for p in raw.get("Ipv4Prefixes", []) if p.get("Ipv4Prefix")),
+        ipv6_prefixes=tuple(
+            str(ipaddress.ip_network(p["Ipv6Prefix"], strict=False))
+            for p in raw.get("Ipv6Prefixes", [])
+            if p.get("Ipv6Prefix")
+        ),
     )
 
 

@@ -127,6 +127,11 @@ class CloudProvider(CloudPolicy, Protocol):
         free aligned /28); returns the new prefixes, their addresses and the interface."""
         ...
 
+    def assign_ipv6_prefix(self, interface_id: str, *, known: NetworkInterface | None = None) -> AddressChange:
+        """Assign one IPv6 /80 prefix; returns it (in `prefixes`; none when the interface read back
+        holds nothing new) and the interface. Its addresses are never listed one by one."""
+        ...
+
     def unassign_prefixes(
         self, interface_id: str, prefixes: Sequence[str], *, known: NetworkInterface | None = None
     ) -> AddressChange:

@@ -200,6 +200,7 @@ class FakeAllocator:
         vpc_cidrs: Sequence[str] = (),
         limits: InstanceLimits | None = None,
         prefixes: Sequence[str] = (),
+        ipv6_prefix: str = "",
     ) -> PoolNode:
         self.attached.update(ips)
         self.interfaces[interface.id] = interface
@@ -224,7 +225,9 @@ class FakeAllocator:
     async def set_node_error(self, node: str, error: str) -> None:
         self.last_error = error
 
-    async def remove_addresses(self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = ()) -> list[str]:
+    async def remove_addresses(
+        self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = (), ipv6_prefix: str = ""
+    ) -> list[str]:
         self.attached.difference_update(ip for ip in ips if ip not in self.allocated)
         return []
 

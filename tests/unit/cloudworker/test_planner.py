@@ -895,3 +895,82 @@ def test_prefixes_settle_at_the_watermark_and_hold_still(max_above_watermark: in
         if available < 9 * 16:  # below the interface's capacity the watermark holds
             assert available - used >= 8, f"{used} pods: {available} addresses"
         assert available - used < 8 + max_above_watermark + 16, f"{used} pods: a prefix or more above the watermark"
+
+
+# --- IPv6 in prefix mode: one /80 per node ------------------------------------------------------
+
+V6_SUBNET = "2001:db8:0:1::/64"
+
+
+def dual(
+    interface: NetworkInterface, *, ipv6_prefixes: tuple[str, ...] = (), ipv6_subnet: str = V6_SUBNET
+) -> NetworkInterface:
+    return replace(interface, subnet_ipv6_cidr=ipv6_subnet, ipv6_prefixes=ipv6_prefixes)
+
+
+IPV6_PREFIX_CASES = {
+    "prefix mode: one /80 on the primary interface, whatever the deficit": (
+        PD,
+        M5_NITRO,
+        (dual(eni(0)), dual(eni(1))),
+        AssignIPv6("eth0", 0, prefix=True),
+    ),
+    "the node holds a /80: nothing more, on any interface": (
+        PD,
+        M5_NITRO,
+        (dual(eni(0)), dual(eni(1), ipv6_prefixes=("2001:db8:0:1:1::/80",))),
+        None,
+    ),
+    "the primary interface left out by first_interface_index: the first usable one": (
+        replace(PD, first_interface_index=1),
+        M5_NITRO,
+        (dual(eni(0)), dual(eni(1))),
+        AssignIPv6("eth1", 0, prefix=True),
+    ),
+    "no usable interface yet: none (IPv4 brings one first)": (
+        replace(PD, first_interface_index=1),
+        M5_NITRO,
+        (dual(eni(0)),),
+        None,
+    ),
+    "the interface's subnet has no IPv6 block: no call EC2 would refuse": (
+        PD,
+        M5_NITRO,
+        (dual(eni(0), ipv6_subnet=""),),
+        None,
+    ),
+    "a type that takes no IPv6: none": (PD, replace(M5_NITRO, ipv6_per_interface=0), (dual(eni(0)),), None),
+    "a type that takes no prefixes: addresses one by one": (
+        PD,
+        M5_LARGE,
+        (dual(eni(0)),),
+        AssignIPv6("eth0", 8),
+    ),
+    "prefix delegation off: addresses one by one": (SPEC, M5_NITRO, (dual(eni(0)),), AssignIPv6("eth0", 8)),
+}
+
+
+@pytest.mark.parametrize("case", IPV6_PREFIX_CASES.values(), ids=IPV6_PREFIX_CASES.keys())
+def test_ipv6_in_prefix_mode(
+    case: tuple[NodeSpec, InstanceLimits, tuple[NetworkInterface, ...], AssignIPv6 | None],
+) -> None:
+    spec, limits, interfaces, expected = case
+    assert EC2.prepare_ipv6_allocation(spec, interfaces, limits, 8) == expected
+
+
+def test_decide_assigns_the_80_before_ipv4_s_prefixes_and_then_nothing_more_for_ipv6() -> None:
+    """decide and Ec2Policy on a dual-stack prefix node: the /80 first, then IPv4's prefix; once the
+    pool holds the /80 (the allocator then reports no IPv6 need), IPv6 asks for nothing."""
+    empty = state(
+        spec=PD, limits=M5_NITRO, interfaces=(dual(eni(0)),), ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8
+    )
+    assert decide(empty, EC2) == AssignIPv6("eth0", 0, prefix=True)
+    held = replace(
+        empty,
+        interfaces=(dual(eni(0), ipv6_prefixes=("2001:db8:0:1:1::/80",)),),
+        needed_ipv6=0,
+        progress=advance(Progress(), AssignIPv6("eth0", 0, prefix=True), moved=True),
+    )
+    assert decide(held, EC2) == prefixes_on(0, 1)
+    # Callers waiting for IPv6 while the /80 is held (it never runs dry): still no IPv6 call.
+    assert decide(replace(held, waiting_ipv6=3, ipv4=PoolCounts(8, 0)), EC2) == NoAction(DeficitReason.NOTHING_NEEDED)
