@@ -18,7 +18,14 @@ from ipam.v1 import nodes_pb2 as npb
 from tests.integration.cloudworker.test_prefixes import Cloud, Maintainer
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
-from tests.support.moto_server import AVAILABILITY_ZONE, DEMO_IMAGE_ID, MotoServer, ec2_client
+from tests.support.moto_server import (
+    AVAILABILITY_ZONE,
+    DEMO_IMAGE_ID,
+    Ec2FaultAfterCall,
+    MotoServer,
+    ec2_client,
+    record_requests,
+)
 from tests.support.polling import poll
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -132,3 +139,40 @@ def test_a_dual_stack_prefix_node_hands_out_ipv6_from_its_80_without_writing_it_
         assert redis_bytes(cloud) - before < 12 * 1500
         assert ipv6_prefixes(cloud, instance_id) == [[prefix]]  # never released while the node lives
         assert worker.stop() == 0, worker.log_text()[-3000:]
+
+
+def test_an_ambiguous_assign_is_read_back_and_a_80_removed_out_of_band_is_replaced(
+    cloud: Cloud, maintainer: Maintainer
+) -> None:
+    node, instance_id, _ = dual_stack_node(cloud)
+    assigns = record_requests(maintainer.client, "AssignIpv6Addresses")
+    fault = Ec2FaultAfterCall(maintainer.client, "AssignIpv6Addresses")  # carried out, answered 500
+    maintainer.maintain(node)
+    assert fault.injected == 1 and len(assigns) == 1  # read back, found: not asked again
+    ((first,),) = ipv6_prefixes(cloud, instance_id)
+    assert pool_prefix(cloud, node) == first
+
+    taken = [
+        cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner=f"pod-{i}"), timeout=5).ipv6.ip
+        for i in range(2)
+    ]
+    for _ in range(3):  # nothing more for IPv6 while the node holds its /80
+        maintainer.maintain(node)
+    assert len(assigns) == 1
+
+    eth0 = cloud.interfaces(instance_id)[0]["NetworkInterfaceId"]
+    cloud.ec2.unassign_ipv6_addresses(NetworkInterfaceId=eth0, Ipv6Prefixes=[first])
+    # Another interface takes it meanwhile: the node's next /80 is another one.
+    other = cloud.ec2.create_network_interface(SubnetId=cloud.interfaces(instance_id)[0]["SubnetId"])
+    cloud.ec2.assign_ipv6_addresses(
+        NetworkInterfaceId=other["NetworkInterface"]["NetworkInterfaceId"], Ipv6Prefixes=[first]
+    )
+    maintainer.forget(instance_id)  # as the resync's read of the VPC finds it
+    maintainer.maintain(node)
+    # Its allocated addresses stay their owners', marked lost; a new /80 takes its place.
+    assert cloud.api.stats(node).lost_ips == 2
+    assert set(cloud.api.dump(node)[1]) == set(taken)
+    ((second,),) = ipv6_prefixes(cloud, instance_id)
+    assert second != first and pool_prefix(cloud, node) == second
+    reply = cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="pod-after"), timeout=5)
+    assert ipaddress.ip_address(reply.ipv6.ip) in ipaddress.IPv6Network(second)
