@@ -12,6 +12,8 @@ last such command of its write, says that n replicas hold it (one WAIT per write
 WAIT covers everything the connection wrote before it). WAIT blocks its connection until the
 replicas answer, so with replicas to wait for the commands go over a few connections, each turn's to
 one whose WAIT has answered: Redis runs one turn's scripts while another's wait for the replicas.
+When every connection waits, a connection's new commands are held until its WAIT answers, then go
+out together under one WAIT (a group commit: the busier, the fewer WAITs per command).
 
 Used for the pool scripts on a single Redis or the master that Sentinel names (`redis://` URLs);
 Redis Cluster, TLS and everything else go through redis-py.
@@ -76,6 +78,7 @@ class _RespProtocol(asyncio.Protocol):
         # A replicated command's reply, held until its WAIT answers; a WAIT's commands.
         self._held: dict[asyncio.Future[Any], Any] = {}
         self._wait_groups: dict[asyncio.Future[Any], list[asyncio.Future[Any]]] = {}
+        self._deferred = False  # a flush waits for the WAIT out to answer
         self.closed = False
         self.retired = False  # talks to a replica now: new commands go to a new connection
 
@@ -120,7 +123,18 @@ class _RespProtocol(asyncio.Protocol):
         # The reply, if it comes, is dropped (`data_received` skips done futures).
         if not future.done():
             sent = any(self._waiting[i] is future for i in range(self._written))
+            if not sent:
+                self._drop_unsent(future)  # held behind a WAIT: it must never go out now
             future.set_exception(self._no_answer(sent, f"redis did not answer within {timeout_s:.2f} s"))
+
+    def _drop_unsent(self, future: asyncio.Future[Any]) -> None:
+        for index in range(self._written, len(self._waiting)):
+            if self._waiting[index] is future:
+                del self._waiting[index]
+                del self._unsent[index - self._written]
+                if future in self._unsent_replicated:
+                    self._unsent_replicated.remove(future)
+                return
 
     @staticmethod
     def _no_answer(sent: bool, what: str) -> Exception:
@@ -129,6 +143,10 @@ class _RespProtocol(asyncio.Protocol):
         return RedisTimeoutError(f"{what}; the command had not been sent")
 
     def _flush(self) -> None:
+        if self._wait_groups and self._unsent and not self.closed:
+            self._deferred = True  # behind the WAIT out: sent, under one WAIT, once it answers
+            return
+        self._deferred = False
         if self._unsent_replicated and not self.closed:
             # WAIT's timeout 0 would block for ever: at least 1 ms.
             wait_ms = max(1, int(self._unsent_wait_s * 1000))
@@ -168,6 +186,8 @@ class _RespProtocol(asyncio.Protocol):
                 self._held[future] = reply
             else:
                 future.set_result(reply)
+        if self._deferred and not self._wait_groups:
+            self._flush()
         if self.retired and not self._waiting:
             self.close()
 
@@ -243,7 +263,7 @@ class PipelinedConnection:
 
     `resolve` names the server on every (re)connection (Sentinel's master), else `host`:`port`.
     `min_replicas`, `replica_wait_s`: what `execute(..., replicate=True)` waits for; with replicas to
-    wait for, `connections` (default 4) connections are used, else one."""
+    wait for, up to `connections` (default 4) connections are used, else one."""
 
     def __init__(
         self,

@@ -233,3 +233,45 @@ def test_a_wait_for_the_replica_holds_up_no_command_of_a_later_turn(
         replica.resume()
     assert read == b"next turn" and not done_before_read
     assert isinstance(blocked, NotReplicatedError)
+
+
+def test_commands_held_behind_a_wait_go_out_together_under_one_wait(
+    with_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = with_replica
+
+    async def test() -> tuple[list[object], object, int]:
+        connection = PipelinedConnection(
+            primary.host, primary.port, timeout_s=5.0, min_replicas=1, replica_wait_s=4.0, connections=1
+        )
+        try:
+            await connection.execute("PING")
+            with primary.client() as observer:
+                observer.config_resetstat()
+                first = asyncio.ensure_future(connection.execute("SET", "held-0", 0, replicate=True))
+                while int(observer.info("clients")["blocked_clients"]) < 1:  # its WAIT is out
+                    await asyncio.sleep(0.01)
+                later = []
+                for i in range(1, 6):  # each in a turn of its own
+                    later.append(asyncio.ensure_future(connection.execute("SET", f"held-{i}", i, replicate=True)))
+                    await asyncio.sleep(0)
+                given_up = connection.execute("SET", "given-up", 1, replicate=True, timeout_s=0.1)
+                gave_up = (await asyncio.gather(given_up, return_exceptions=True))[0]
+                replica.resume()
+                answers = await asyncio.gather(first, *later)
+                waits = int(observer.info("commandstats")["cmdstat_wait"]["calls"])
+            return answers, gave_up, waits
+        finally:
+            await connection.close()
+
+    replica.pause()
+    try:
+        answers, gave_up, waits = asyncio.run(test())
+    finally:
+        replica.resume()
+    assert answers == [b"OK"] * 6
+    assert waits == 2  # the first write's, and one for the five held behind it
+    # Given up while held, it never went out: "not sent" was the truth.
+    assert isinstance(gave_up, RedisTimeoutError) and not isinstance(gave_up, OutcomeUnknownError)
+    with primary.client() as conn:
+        assert conn.get("given-up") is None
