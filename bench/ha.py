@@ -4,7 +4,8 @@
 1. Throughput: AllocateNext under ghz (as bench/run_bench.py's full-speed phase) against a primary with
    one replica (both AOF), the allocator with `IPAM_REDIS_MIN_REPLICAS` 0 (no WAIT) and 1 (a change is
    answered once the replica holds it), alternately for `--rounds` rounds, each on fresh nodes. The
-   figure is the ratio of the best round of each: min replicas 1 ÷ 0 (target >= 0.8).
+   figure is the ratio of the best round of each: min replicas 1 ÷ 0 (target >= 0.8); the WAITs Redis
+   ran per call say how many calls one WAIT covered.
 2. Failover: a primary, its replica and three Sentinels (`down-after-milliseconds` 2000), the allocator
    through them with `IPAM_REDIS_MIN_REPLICAS=1`, and callers of the project's client (keyed
    AllocateNext, its default retries and deadline) at a steady pace. The primary is killed (SIGKILL);
@@ -55,6 +56,7 @@ class Throughput:
     p50_ms: float
     p99_ms: float
     errors: dict[str, int]
+    waits_per_call: float = 0.0  # WAIT commands Redis ran per AllocateNext: how well writes share one
 
 
 @dataclass
@@ -72,6 +74,18 @@ class Failover:
     twice: int = 0  # addresses answered to two owners
 
 
+def fill_all(cfg: Config, primary: RedisServer, rounds: int) -> None:
+    """The nodes of every round, seeded up front without waiting for the replica (the seeding is not
+    what is measured)."""
+    with ExitStack() as stack:
+        allocator = stack.enter_context(AllocatorProcess(primary.url, log_level="WARNING"))
+        stack.push(print_log_on_error(allocator))
+        for index in range(rounds):
+            for min_replicas in (0, 1):
+                prefix = f"{BENCH_PREFIX}{min_replicas}r{index}"
+                asyncio.run(fill(allocator.address, prefix, cfg.nodes, cfg.ips_per_node, cfg.ips_per_interface))
+
+
 def throughput_round(cfg: Config, primary: RedisServer, min_replicas: int, index: int) -> Throughput:
     allocator = AllocatorProcess(
         primary.url,
@@ -83,11 +97,12 @@ def throughput_round(cfg: Config, primary: RedisServer, min_replicas: int, index
         stack.enter_context(allocator)
         stack.push(print_log_on_error(allocator))
         prefix = f"{BENCH_PREFIX}{min_replicas}r{index}"
-        asyncio.run(fill(allocator.address, prefix, cfg.nodes, cfg.ips_per_node, cfg.ips_per_interface))
         data = [
             {**d, "node": d["node"].replace(BENCH_PREFIX, prefix, 1)}
             for d in call_data(cfg, "AllocateNext", f"o{min_replicas}r{index}", cfg.requests + cfg.skip_first)
         ]
+        with primary.client() as redis:
+            redis.config_resetstat()
         phase = ghz_phase(
             cfg,
             allocator.address,
@@ -97,7 +112,12 @@ def throughput_round(cfg: Config, primary: RedisServer, min_replicas: int, index
             total=cfg.requests + cfg.skip_first,
             skip_first=cfg.skip_first,
         )
-    return Throughput(min_replicas, index, phase.ok_rps, phase.p50_ms, phase.p99_ms, phase.errors)
+        with primary.client() as redis:
+            waits = int(redis.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+    calls = cfg.requests + cfg.skip_first
+    return Throughput(
+        min_replicas, index, phase.ok_rps, phase.p50_ms, phase.p99_ms, phase.errors, round(waits / calls, 3)
+    )
 
 
 def failover(out: Failover) -> None:
@@ -180,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1))
     parser.add_argument("-c", "--concurrency", type=int, default=50, help="ghz concurrent calls")
     parser.add_argument("-n", "--requests", type=int, default=20_000, help="tallied calls per throughput round")
-    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds of each setting")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds of each setting")
     parser.add_argument("--fsync", choices=("everysec", "always"), default="always", help="appendfsync, both servers")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -210,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         primary = stack.enter_context(RedisServer(extra_args=aof))
         replica = stack.enter_context(RedisServer(extra_args=[*aof, "--replicaof", primary.host, str(primary.port)]))
         print(f"throughput: primary {primary.port}, replica {replica.port}, {cfg.workers} allocator workers")
+        fill_all(cfg, primary, args.rounds)
         for index in range(args.rounds):
             for min_replicas in (0, 1):
                 print(f"  round {index + 1}, min replicas {min_replicas} ...", flush=True)
@@ -221,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     failover(result)
     failed_calls = sum(result.failed.values())
     print()
-    print("| min replicas | round | AllocateNext/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| min replicas | round | AllocateNext/s | p50 ms | p99 ms | WAIT per call | errors |")
+    print("|---|---|---|---|---|---|---|")
     for r in rounds:
-        figures = f"{r.ok_rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors or '-'}"
+        figures = f"{r.ok_rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.waits_per_call:.2f} | {r.errors or '-'}"
         print(f"| {r.min_replicas} | {r.round + 1} | {figures} |")
     print(f"\nthroughput, min replicas 1 / 0 (best rounds): {ratio:.2f} (target >= {MIN_THROUGHPUT_RATIO})")
     print(
