@@ -350,13 +350,22 @@ class SentinelGroup:
         """`host:port,...` of the Sentinels (IPAM_REDIS_SENTINELS)."""
         return ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
 
-    def start(self) -> Self:
-        """Start the primary, the replica (in sync), then the Sentinels (once they all see both)."""
+    def start_replication(self) -> Self:
+        """Start the primary and its replica, and return once the replica is in sync (no Sentinels)."""
         try:
             self.primary.start()
             self.replica.extra_args += ["--replicaof", HOST, str(self.primary.port)]
             self.replica.start()
             self.wait_in_sync()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start(self) -> Self:
+        """Start the primary, the replica (in sync), then the Sentinels (once they all see both)."""
+        self.start_replication()
+        try:
             ports = [free_port() for _ in range(3)]
             known = [f"sentinel known-replica {self.name} {HOST} {self.replica.port}\n"] * 3
             for i, port in enumerate(ports):

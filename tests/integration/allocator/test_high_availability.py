@@ -269,11 +269,7 @@ def test_cluster_lagging_replica_promoted_loses_no_acknowledged_allocation(
 
 @pytest.fixture(scope="module")
 def primary_and_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
-    group = SentinelGroup()
-    group.primary.start()
-    group.replica.extra_args += ["--replicaof", group.primary.host, str(group.primary.port)]
-    group.replica.start()
-    group.wait_in_sync()
+    group = SentinelGroup().start_replication()  # its primary and replica, no Sentinels
     yield group.primary, group.replica
     group.close()
 

@@ -159,11 +159,7 @@ def test_only_plain_redis_urls_are_pipelined() -> None:
 
 @pytest.fixture(scope="module")
 def with_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
-    group = SentinelGroup()  # its primary and replica only
-    group.primary.start()
-    group.replica.extra_args += ["--replicaof", group.primary.host, str(group.primary.port)]
-    group.replica.start()
-    group.wait_in_sync()
+    group = SentinelGroup().start_replication()  # its primary and replica, no Sentinels
     yield group.primary, group.replica
     group.close()
 
