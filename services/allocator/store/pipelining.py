@@ -122,7 +122,8 @@ class _RespProtocol(asyncio.Protocol):
     def _give_up(self, future: asyncio.Future[Any], timeout_s: float) -> None:
         # The reply, if it comes, is dropped (`data_received` skips done futures).
         if not future.done():
-            sent = any(self._waiting[i] is future for i in range(self._written))
+            # Written, or answered and held until its WAIT answers: either way Redis may have run it.
+            sent = future in self._held or any(self._waiting[i] is future for i in range(self._written))
             if not sent:
                 self._drop_unsent(future)  # held behind a WAIT: it must never go out now
             future.set_exception(self._no_answer(sent, f"redis did not answer within {timeout_s:.2f} s"))

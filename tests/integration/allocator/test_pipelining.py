@@ -209,6 +209,27 @@ def test_without_its_replica_a_replicated_command_runs_but_is_not_answered_ok(
         assert conn.get("unconfirmed") == "2"  # Redis ran them: "not confirmed", never "not done"
 
 
+def test_a_replicated_command_given_up_while_its_wait_is_out_says_it_may_have_run(
+    with_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = with_replica
+
+    async def test(connection: PipelinedConnection) -> BaseException | None:
+        call = connection.execute("SET", "ran-then-given-up", 1, timeout_s=0.3, replicate=True)
+        (answer,) = await asyncio.gather(call, return_exceptions=True)
+        return answer if isinstance(answer, BaseException) else None
+
+    replica.pause()
+    try:
+        answer = run_replicated(test, primary.url, wait_s=2.0)
+    finally:
+        replica.resume()
+    # Redis ran the SET and answered it; only its WAIT was out when the call's own time ran out.
+    assert isinstance(answer, OutcomeUnknownError), repr(answer)
+    with primary.client() as conn:
+        assert conn.get("ran-then-given-up") == "1"
+
+
 def test_a_wait_for_the_replica_holds_up_no_command_of_a_later_turn(
     with_replica: tuple[RedisServer, RedisServer],
 ) -> None:
