@@ -226,10 +226,10 @@ def minimum_calls(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
 
 
 def ec2_calls(samples: dict[Any, float]) -> dict[str, dict[str, int]]:
-    """operation -> response code -> attempts, from `ipam_worker_ec2_api_duration_seconds_count`."""
+    """operation -> response code -> attempts, from `ipam_worker_cloud_api_duration_seconds_count`."""
     calls: dict[str, dict[str, int]] = {}
     for (name, labels), value in samples.items():
-        if name == "ipam_worker_ec2_api_duration_seconds_count":
+        if name == "ipam_worker_cloud_api_duration_seconds_count":
             tags = dict(labels)
             calls.setdefault(tags["operation"], {})[tags["response_code"]] = int(value)
     return calls
@@ -456,7 +456,7 @@ def summarize(cfg: BurstConfig, **measured: Any) -> dict[str, Any]:
     ratio = counted / minimum["total"] if minimum["total"] else math.nan
     raw_ratio = (mutating_ok + mutating_failed) / minimum["total"] if minimum["total"] else math.nan
 
-    wait_sum, wait_count = histogram_sum_count(samples, "ipam_worker_ec2_rate_limit_wait_seconds")
+    wait_sum, wait_count = histogram_sum_count(samples, "ipam_worker_cloud_rate_limit_wait_seconds")
     overhead_hist = "ipam_worker_maintenance_overhead_seconds"
     lag_hist = "ipam_worker_queue_lag_seconds"
     overhead_sum, overhead_count = histogram_sum_count(samples, overhead_hist)

@@ -6,7 +6,7 @@ does), an allocator and one worker (IPAM_PREFIX_DELEGATION true or false, a fast
 so that the budget does not pace the run), runs N m5.large nodes at pre_allocate 8, then starts
 pods one after another, round robin over the nodes, each an AllocateNext with wait_for_refill,
 with a pause between two (pods arriving at a steady rate, not all at once: bench/scale.py has the
-burst). The mutating calls come from the worker's own metrics (ipam_worker_ec2_calls_total by
+burst). The mutating calls come from the worker's own metrics (ipam_worker_cloud_calls_total by
 operation), counted from the first pod until the worker is idle again.
 
 Prints the table and the ratio, writes bench/out/prefix-calls-<time>.json.

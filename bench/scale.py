@@ -9,7 +9,7 @@ gives each two secondary addresses in EC2 directly and registers the nodes (pre_
   2. resync    a fresh worker at the default rate (EC2's buckets, IPAM_EC2_ACCOUNT_SHARE 0.5):
                its first full resync (the instances are new to its view), then a steady one.
 
-EC2 calls by operation come from the worker's own metrics (ipam_worker_ec2_calls_total), the wall
+EC2 calls by operation come from the worker's own metrics (ipam_worker_cloud_calls_total), the wall
 time from ipam_worker_resync_duration_seconds.
 
 Burst. 20 m5.xlarge nodes at their watermark (pre_allocate 8), two worker replicas at the default
@@ -17,7 +17,7 @@ rate (EC2's buckets at IPAM_EC2_ACCOUNT_SHARE 0.5, kept in one Redis), then 1,00
 (wait_for_refill) at once, spread evenly. Measured: the time until all succeed against its floor,
 the Describe calls per mutating call, and the EC2 calls per second of each replica, with the most
 that both together made in any 10 s window in each bucket. Both replicas' metrics
-(ipam_worker_ec2_calls_total) are scraped every SAMPLE_S; the floor is the fewest mutating calls
+(ipam_worker_cloud_calls_total) are scraped every SAMPLE_S; the floor is the fewest mutating calls
 the final EC2 state needed (create, attach and DeleteOnTermination per new interface, one assign
 per grown one), each taken from its own bucket full at the start: the slowest bucket's
 (calls - burst) / rate. The same count divided by the mutating category's rate alone is given
@@ -51,7 +51,7 @@ from bench import burst as burst_bench
 from bench.harness import SampleKey, counter_total, machine, metric_samples, metrics_url, scrape
 from dev.demo_seed import DEMO_IMAGE_ID, create_demo_network, run_instance
 from ipam.v1 import nodes_pb2 as npb
-from services.cloudworker.ratelimit import Ec2Budget, is_read
+from services.cloudworker.providers.aws import Ec2Budget, is_read
 from services.cloudworker.settings import WorkerSettings
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
@@ -169,7 +169,7 @@ def calls_by_bucket(worker: WorkerProcess) -> Counter[tuple[str, str]]:
     """(operation, bucket) -> calls so far, from the worker's own counter."""
     counted: Counter[tuple[str, str]] = Counter()
     for (name, labels), value in samples(worker).items():
-        if name == "ipam_worker_ec2_calls_total":
+        if name == "ipam_worker_cloud_calls_total":
             named = dict(labels)
             counted[(named["operation"], named["bucket"])] += int(value)
     return counted

@@ -52,8 +52,11 @@ class Worker:
         metrics: WorkerMetrics,
         *,
         close_provider: Callable[[], None] = lambda: None,
+        cloud: str = "",
     ) -> None:
-        """`close_provider` closes what the provider opened (its rate limiter's Redis client)."""
+        """`close_provider` closes what the provider opened (its rate limiter's Redis client);
+        `cloud` is what the provider says of itself, for the start-up log."""
+        self.cloud = cloud
         self.settings = settings
         self._close_provider = close_provider
         self.redis = redis
@@ -335,10 +338,11 @@ def build_worker(
     `provider` replaces the AWS provider the settings describe; `Worker.close` closes the rest."""
     metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
     close_provider: Callable[[], None] = _nothing
+    cloud = "a provider given by the caller"
     if provider is None:
         wiring = ProviderWiring(
             cluster=settings.cluster_name,
-            metrics=metrics,
+            observer=metrics.cloud.observer(settings.cloud),
             connect_redis=lambda: connect_sync(
                 settings.redis_url,
                 cluster=settings.redis_cluster,
@@ -347,7 +351,7 @@ def build_worker(
             ),
         )
         built = build_provider(settings.cloud, settings, wiring)
-        provider, close_provider = built.provider, built.close
+        provider, close_provider, cloud = built.provider, built.close, built.description
     redis = redis_client.connect(
         settings.redis_url,
         cluster=settings.redis_cluster,
@@ -386,7 +390,9 @@ def build_worker(
         prefix_delegation=settings.prefix_delegation,
         prefix_backoff_seconds=settings.prefix_backoff_seconds,
     )
-    return Worker(settings, redis, source, maintainer, provider, allocator, metrics, close_provider=close_provider)
+    return Worker(
+        settings, redis, source, maintainer, provider, allocator, metrics, close_provider=close_provider, cloud=cloud
+    )
 
 
 def _nothing() -> None:
@@ -411,14 +417,12 @@ async def run(settings: WorkerSettings) -> None:
         asyncio.create_task(worker.every(settings.heartbeat_seconds / 3, "heartbeat")),
     ]
     log.info(
-        "worker %s consuming %s for the allocator at %s (EC2 %s, %s)",
+        "worker %s consuming %s for the allocator at %s (cloud %s: %s)",
         settings.consumer_name,
         contract.EVENTS_STREAM,
         settings.grpc_address,
-        settings.ec2_endpoint_url or "AWS",
-        f"{settings.ec2_qps:.1f} qps, burst {settings.ec2_burst}"
-        if settings.ec2_qps > 0
-        else f"{settings.ec2_account_share:g} of EC2's request buckets",
+        settings.cloud,
+        worker.cloud,
     )
     await worker.stopping.wait()
     log.info("worker stopping: finishing the nodes in progress")

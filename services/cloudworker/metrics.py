@@ -1,5 +1,5 @@
-"""Metrics of the worker's cloud API calls. The provider reports to an `ApiObserver`; `Ec2Metrics`
-is the Prometheus one, registered in a registry the caller passes in (no global state)."""
+"""Metrics of the worker's cloud API calls. The provider reports to an `ApiObserver`; a
+`CloudMetrics` observer is the Prometheus one, registered in a registry the caller passes in (no global state)."""
 
 from __future__ import annotations
 
@@ -33,65 +33,78 @@ class NullObserver:
         pass
 
 
-class Ec2Metrics:
-    """EC2 call durations, rate-limiter waits, calls by bucket, tokens left and throttled answers
-    (an `ApiObserver` and a `BudgetObserver`)."""
+class CloudMetrics:
+    """The cloud's call durations, rate-limiter waits, calls by bucket, tokens left and throttled
+    answers, each labelled with the provider that made them (`observer` gives one provider's)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.api_duration_seconds = Histogram(
-            "ipam_worker_ec2_api_duration_seconds",
-            "Duration of EC2 API calls, by operation and response code (OK or the EC2 error code).",
-            ["operation", "response_code"],
+            "ipam_worker_cloud_api_duration_seconds",
+            "Duration of the cloud's API calls, by provider, operation and response code (OK or the cloud's "
+            "error code).",
+            ["provider", "operation", "response_code"],
             buckets=_API_BUCKETS,
             registry=registry,
         )
         self.rate_limit_wait_seconds = Histogram(
-            "ipam_worker_ec2_rate_limit_wait_seconds",
-            "Time an EC2 API call waited for a token of the rate limiter, by operation.",
-            ["operation"],
+            "ipam_worker_cloud_rate_limit_wait_seconds",
+            "Time a cloud API call waited for a token of the rate limiter, by provider and operation.",
+            ["provider", "operation"],
             buckets=_WAIT_BUCKETS,
             registry=registry,
         )
-
         self.calls = Counter(
-            "ipam_worker_ec2_calls_total",
-            "EC2 calls made (each attempt and Describe page), by operation and the token bucket they took from",
-            ["operation", "bucket"],
+            "ipam_worker_cloud_calls_total",
+            "Cloud API calls made (each attempt and page), by provider, operation and the token bucket they took from",
+            ["provider", "operation", "bucket"],
             registry=registry,
         )
         self.bucket_tokens = Gauge(
-            "ipam_worker_ec2_bucket_tokens",
-            "Tokens left in an EC2 token bucket (shared by every replica) after this worker's last take",
-            ["bucket"],
+            "ipam_worker_cloud_bucket_tokens",
+            "Tokens left in a cloud's token bucket (shared by every replica) after this worker's last take",
+            ["provider", "bucket"],
             registry=registry,
         )
         self.bucket_rate_factor = Gauge(
-            "ipam_worker_ec2_bucket_rate_factor",
-            "Share of its rate an EC2 token bucket refills at now: lowered by throttled answers, climbs back",
-            ["bucket"],
+            "ipam_worker_cloud_bucket_rate_factor",
+            "Share of its rate a cloud's token bucket refills at now: lowered by throttled answers, climbs back",
+            ["provider", "bucket"],
             registry=registry,
         )
         self.throttled = Counter(
-            "ipam_worker_ec2_throttled_total",
-            "EC2 answers that throttled a call (RequestLimitExceeded and the like), by operation and bucket",
-            ["operation", "bucket"],
+            "ipam_worker_cloud_throttled_total",
+            "Cloud answers that throttled a call (EC2's RequestLimitExceeded and the like), by provider, "
+            "operation and bucket",
+            ["provider", "operation", "bucket"],
             registry=registry,
         )
 
+    def observer(self, provider: str) -> CloudObserver:
+        """What provider `provider` reports to."""
+        return CloudObserver(self, provider)
+
+
+class CloudObserver:
+    """`CloudMetrics` of one provider: an `ApiObserver` and a `BudgetObserver`."""
+
+    def __init__(self, metrics: CloudMetrics, provider: str) -> None:
+        self.metrics = metrics
+        self.provider = provider
+
     def observe_api_call(self, operation: str, response_code: str, seconds: float) -> None:
-        self.api_duration_seconds.labels(operation, response_code).observe(seconds)
+        self.metrics.api_duration_seconds.labels(self.provider, operation, response_code).observe(seconds)
 
     def observe_take(self, operation: str, bucket: str, tokens_left: float, rate_factor: float) -> None:
-        self.calls.labels(operation, bucket).inc()
-        self.bucket_tokens.labels(bucket).set(tokens_left)
-        self.bucket_rate_factor.labels(bucket).set(rate_factor)
+        self.metrics.calls.labels(self.provider, operation, bucket).inc()
+        self.metrics.bucket_tokens.labels(self.provider, bucket).set(tokens_left)
+        self.metrics.bucket_rate_factor.labels(self.provider, bucket).set(rate_factor)
 
     def observe_throttled(self, operation: str, bucket: str, rate_factor: float) -> None:
-        self.throttled.labels(operation, bucket).inc()
-        self.bucket_rate_factor.labels(bucket).set(rate_factor)
+        self.metrics.throttled.labels(self.provider, operation, bucket).inc()
+        self.metrics.bucket_rate_factor.labels(self.provider, bucket).set(rate_factor)
 
     def observe_rate_limit_wait(self, operation: str, seconds: float) -> None:
-        self.rate_limit_wait_seconds.labels(operation).observe(seconds)
+        self.metrics.rate_limit_wait_seconds.labels(self.provider, operation).observe(seconds)
 
 
 class WorkerMetrics:
@@ -106,7 +119,7 @@ class WorkerMetrics:
         self.cluster_view = WhileExporting(self.cluster)
         registry.register(self.cluster_view)
         self.exporter = register_process_metrics(registry, "worker")
-        self.ec2 = Ec2Metrics(registry)
+        self.cloud = CloudMetrics(registry)
         self.allocation_ops = Counter(
             "ipam_worker_ip_allocation_ops_total",
             "Addresses assigned, by subnet and status",

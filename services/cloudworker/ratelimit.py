@@ -1,10 +1,9 @@
 """Rate limits of the worker's cloud calls.
 
-`TokenBucket` is one in-process bucket (Cilium's `--limit-ipam-api-qps/burst`). `Ec2Budget` is
-EC2's documented throttling model: each call takes a token of its action's own bucket when it has
-one, else of its category's (non-mutating, mutating, unfiltered Describe), scaled to the share of
-the account the worker may use. `RedisRateLimiter` keeps those buckets in Redis, taken by one
-atomic script, so every worker replica spends the same budget; a throttled answer lowers a
+`TokenBucket` is one in-process bucket (Cilium's `--limit-ipam-api-qps/burst`). A `Budget` is a
+cloud's throttling model, declared by its provider (EC2's is `providers.aws.Ec2Budget`): the
+bucket each call takes a token of. `RedisRateLimiter` keeps a budget's buckets in Redis, taken by
+one atomic script, so every worker replica spends the same budget; a throttled answer lowers a
 bucket's rate (multiplicative decrease) and it climbs back (additive increase). Callers waiting at
 a lower `Priority` leave part of each bucket to those at a higher one: refills first.
 """
@@ -120,64 +119,17 @@ class Bucket:
     rate: float
 
 
-# EC2's account-wide buckets per Region (its documented defaults).
-NON_MUTATING = Bucket("non-mutating", 100, 20)
-MUTATING = Bucket("mutating", 50, 5)
-UNFILTERED = Bucket("unfiltered-describe", 50, 10)
-ACTION_BUCKETS = {
-    name: Bucket(name, 100, 5)
-    for name in (
-        "AssignPrivateIpAddresses",
-        "UnassignPrivateIpAddresses",
-        "AssignIpv6Addresses",
-        "CreateNetworkInterface",
-        "DeleteNetworkInterface",
-        "ModifyNetworkInterfaceAttribute",
-    )
-} | {"CreateTags": Bucket("CreateTags", 100, 10)}
-_NARROWING_PARAMS = ("Filters", "MaxResults", "NextToken")
-
-
-def is_read(operation: str) -> bool:
-    """Describe and Get calls change nothing (EC2's non-mutating category)."""
-    return operation.startswith(("Describe", "Get"))
-
-
-class Ec2Budget:
-    """Which bucket an EC2 call takes from, and that bucket's size for this worker.
-
-    `share` (0 < share <= 1) scales every bucket: the part of the account's budget this cluster's
-    workers may use. `qps`/`burst` > 0 replace the model by one bucket for every call."""
-
-    def __init__(self, share: float = 1.0, *, qps: float = 0.0, burst: int = 0) -> None:
-        if not 0 < share <= 1:
-            raise ValueError(f"the share of the account's budget must be in (0, 1], got {share}")
-        if qps < 0 or (qps > 0 and burst < 1):
-            raise ValueError(f"need qps >= 0 and, with qps, burst >= 1; got qps={qps} burst={burst}")
-        self.share = share
-        self.override = Bucket("all", float(burst), qps) if qps > 0 else None
-
-    def _scaled(self, bucket: Bucket) -> Bucket:
-        return Bucket(bucket.name, max(bucket.burst * self.share, 1.0), bucket.rate * self.share)
+class Budget(Protocol):
+    """A cloud's request budget, which its provider declares: which bucket a call takes a token
+    from, and every bucket there is."""
 
     def bucket_for(self, operation: str, params: Mapping[str, Any] | None = None) -> Bucket:
         """The bucket a call of `operation` with `params` takes its token from."""
-        if self.override is not None:
-            return self.override
-        if operation in ACTION_BUCKETS:
-            return self._scaled(ACTION_BUCKETS[operation])
-        if is_read(operation):
-            narrowed = any(key in (params or {}) for key in _NARROWING_PARAMS) or any(
-                key.endswith("Ids") for key in (params or {})
-            )
-            return self._scaled(NON_MUTATING if narrowed else UNFILTERED)
-        return self._scaled(MUTATING)
+        ...
 
     def buckets(self) -> list[Bucket]:
-        """Every bucket of this budget (for the metrics)."""
-        if self.override is not None:
-            return [self.override]
-        return [self._scaled(b) for b in (NON_MUTATING, MUTATING, UNFILTERED, *ACTION_BUCKETS.values())]
+        """Every bucket of the budget (for the metrics)."""
+        ...
 
 
 class BudgetObserver(Protocol):
@@ -218,7 +170,8 @@ RECOVER_PER_S = 0.02  # additive increase: from half speed back to full in 25 s
 
 
 class RedisRateLimiter:
-    """`Ec2Budget`'s buckets in Redis, shared by every worker of the account and Region.
+    """A `Budget`'s buckets in Redis, shared by every worker that spends it (for EC2: of one
+    account and Region).
 
     Keys share one hash tag, so on Redis Cluster each script touches one slot. Thread-safe. When
     Redis cannot be reached a call is not held up: it takes a token of an in-process bucket of the
@@ -233,14 +186,14 @@ class RedisRateLimiter:
     def __init__(
         self,
         client: redis.Redis | RedisCluster,
-        budget: Ec2Budget,
+        budget: Budget,
         *,
-        scope: str = "ec2",
+        scope: str,
         observer: BudgetObserver | None = None,
         sleep: Callable[[float], None] = time.sleep,
         recover_per_s: float = RECOVER_PER_S,
     ) -> None:
-        """`scope`: the account and Region whose budget this is (part of the keys); `recover_per_s`:
+        """`scope`: whose budget this is, as its provider names it (part of the keys); `recover_per_s`:
         the rate factor regained per second after a throttled answer."""
         self.recover_per_s = recover_per_s
         self.client = client
@@ -274,7 +227,7 @@ class RedisRateLimiter:
                 try:
                     granted, wait, tokens, factor = self._take_token(bucket, reserve)
                 except redis.RedisError as exc:
-                    log.warning("EC2 budget in Redis unreachable (%s): this replica counts alone", exc)
+                    log.warning("the cloud's budget in Redis unreachable (%s): this replica counts alone", exc)
                     return waited + self._local_bucket(bucket).acquire()
                 if granted:
                     self.observer.observe_take(operation, bucket.name, tokens, factor)
@@ -294,7 +247,7 @@ class RedisRateLimiter:
                 )
             )
         except redis.RedisError as exc:
-            log.warning("EC2 budget in Redis unreachable (%s): throttling not recorded", exc)
+            log.warning("the cloud's budget in Redis unreachable (%s): throttling not recorded", exc)
             return 1.0
         self.observer.observe_throttled(operation, bucket.name, factor)
         return factor

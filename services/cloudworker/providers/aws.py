@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from botocore.exceptions import ClientError
 from botocore.parsers import ResponseParserError
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from services.cloudworker.metrics import ApiObserver, NullObserver, WorkerMetrics
+from services.cloudworker.metrics import ApiObserver, CloudObserver, NullObserver
 from services.cloudworker.model import (
     AddressChange,
     AllocationAction,
@@ -62,7 +62,7 @@ from services.cloudworker.providers.errors import (
     Throttled,
     Transient,
 )
-from services.cloudworker.ratelimit import Ec2Budget, Limiter, RedisRateLimiter, TokenBucket
+from services.cloudworker.ratelimit import Bucket, Limiter, RedisRateLimiter, TokenBucket
 from services.core.family import Family
 from services.core.prefixes import ADDRESSES_PER_PREFIX, prefix_capacity, prefixes_for, supports_prefixes
 from services.core.reasons import DeficitReason
@@ -185,6 +185,66 @@ def make_ec2_client(
         aws_secret_access_key=secret_access_key,
         config=config,
     )
+
+
+# EC2's account-wide buckets per Region (its documented defaults).
+NON_MUTATING = Bucket("non-mutating", 100, 20)
+MUTATING = Bucket("mutating", 50, 5)
+UNFILTERED = Bucket("unfiltered-describe", 50, 10)
+ACTION_BUCKETS = {
+    name: Bucket(name, 100, 5)
+    for name in (
+        "AssignPrivateIpAddresses",
+        "UnassignPrivateIpAddresses",
+        "AssignIpv6Addresses",
+        "CreateNetworkInterface",
+        "DeleteNetworkInterface",
+        "ModifyNetworkInterfaceAttribute",
+    )
+} | {"CreateTags": Bucket("CreateTags", 100, 10)}
+_NARROWING_PARAMS = ("Filters", "MaxResults", "NextToken")
+
+
+def is_read(operation: str) -> bool:
+    """Describe and Get calls change nothing (EC2's non-mutating category)."""
+    return operation.startswith(("Describe", "Get"))
+
+
+class Ec2Budget:
+    """Which bucket an EC2 call takes from, and that bucket's size for this worker.
+
+    `share` (0 < share <= 1) scales every bucket: the part of the account's budget this cluster's
+    workers may use. `qps`/`burst` > 0 replace the model by one bucket for every call."""
+
+    def __init__(self, share: float = 1.0, *, qps: float = 0.0, burst: int = 0) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"the share of the account's budget must be in (0, 1], got {share}")
+        if qps < 0 or (qps > 0 and burst < 1):
+            raise ValueError(f"need qps >= 0 and, with qps, burst >= 1; got qps={qps} burst={burst}")
+        self.share = share
+        self.override = Bucket("all", float(burst), qps) if qps > 0 else None
+
+    def _scaled(self, bucket: Bucket) -> Bucket:
+        return Bucket(bucket.name, max(bucket.burst * self.share, 1.0), bucket.rate * self.share)
+
+    def bucket_for(self, operation: str, params: Mapping[str, Any] | None = None) -> Bucket:
+        """The bucket a call of `operation` with `params` takes its token from."""
+        if self.override is not None:
+            return self.override
+        if operation in ACTION_BUCKETS:
+            return self._scaled(ACTION_BUCKETS[operation])
+        if is_read(operation):
+            narrowed = any(key in (params or {}) for key in _NARROWING_PARAMS) or any(
+                key.endswith("Ids") for key in (params or {})
+            )
+            return self._scaled(NON_MUTATING if narrowed else UNFILTERED)
+        return self._scaled(MUTATING)
+
+    def buckets(self) -> list[Bucket]:
+        """Every bucket of this budget (for the metrics)."""
+        if self.override is not None:
+            return [self.override]
+        return [self._scaled(b) for b in (NON_MUTATING, MUTATING, UNFILTERED, *ACTION_BUCKETS.values())]
 
 
 class AwsSettings(BaseModel):
@@ -940,12 +1000,12 @@ def build_aws_provider(
 
 
 def from_settings(
-    settings: AwsSettings, metrics: WorkerMetrics, *, cluster: str, redis: Redis | RedisCluster
+    settings: AwsSettings, observer: CloudObserver, *, cluster: str, redis: Redis | RedisCluster
 ) -> AwsProvider:
     """The worker's AWS provider: EC2's buckets (or the QPS override) kept in `redis` for every
     replica."""
     budget = Ec2Budget(settings.ec2_account_share, qps=settings.ec2_qps, burst=settings.ec2_burst)
-    limiter = RedisRateLimiter(redis, budget, scope=f"ec2:{settings.aws_region}", observer=metrics.ec2)
+    limiter = RedisRateLimiter(redis, budget, scope=f"ec2:{settings.aws_region}", observer=observer)
     return build_aws_provider(
         cluster=cluster,
         region=settings.aws_region,
@@ -954,15 +1014,25 @@ def from_settings(
         secret_access_key=settings.aws_secret_access_key.get_secret_value() or None,
         qps=settings.ec2_qps,
         burst=settings.ec2_burst,
-        observer=metrics.ec2,
+        observer=observer,
         limiter=limiter,
         ipv6_gateway=settings.ipv6_gateway,
     )
 
 
+def describe(settings: AwsSettings) -> str:
+    """The start-up log's words for this provider: its endpoint and its budget."""
+    budget = (
+        f"{settings.ec2_qps:.1f} qps, burst {settings.ec2_burst}"
+        if settings.ec2_qps > 0
+        else f"{settings.ec2_account_share:g} of EC2's request buckets"
+    )
+    return f"EC2 {settings.ec2_endpoint_url or 'AWS'} in {settings.aws_region}, {budget}"
+
+
 def _retryable(error: ProviderError, operation: str) -> bool:
     # A transient failure may hide a change that did happen: only reads are safe to repeat.
-    return isinstance(error, Throttled) or (isinstance(error, Transient) and operation.startswith("Describe"))
+    return isinstance(error, Throttled) or (isinstance(error, Transient) and is_read(operation))
 
 
 def _from_client_error(exc: ClientError, operation: str) -> ProviderError:

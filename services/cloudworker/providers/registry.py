@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.cluster import RedisCluster
 
-from services.cloudworker.metrics import WorkerMetrics
+from services.cloudworker.metrics import CloudObserver
 from services.cloudworker.providers import aws, cluster_pool
 from services.cloudworker.providers.base import CloudProvider
 
@@ -25,7 +25,7 @@ class ProviderWiring:
     """What the worker hands every provider besides its settings."""
 
     cluster: str  # the cluster's name, on what the provider creates (so its leaks are found)
-    metrics: WorkerMetrics
+    observer: CloudObserver  # the cloud's metrics, labelled with the provider's name
     connect_redis: Callable[[], Redis | RedisCluster]  # a blocking client of the worker's Redis
 
 
@@ -35,6 +35,7 @@ class BuiltProvider:
 
     provider: CloudProvider
     close: Callable[[], None]
+    description: str = ""  # what the start-up log says of it (endpoint, budget)
 
 
 ProviderFactory = Callable[[CloudSettings, ProviderWiring], BuiltProvider]
@@ -42,12 +43,16 @@ ProviderFactory = Callable[[CloudSettings, ProviderWiring], BuiltProvider]
 
 def _aws(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
     redis = wiring.connect_redis()
-    return BuiltProvider(aws.from_settings(settings, wiring.metrics, cluster=wiring.cluster, redis=redis), redis.close)
+    provider = aws.from_settings(settings, wiring.observer, cluster=wiring.cluster, redis=redis)
+    return BuiltProvider(provider, redis.close, aws.describe(settings))
 
 
 def _cluster_pool(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
     redis = wiring.connect_redis()
-    return BuiltProvider(cluster_pool.from_settings(settings, cluster=wiring.cluster, redis=redis), redis.close)
+    provider = cluster_pool.from_settings(settings, cluster=wiring.cluster, redis=redis)
+    return BuiltProvider(
+        provider, redis.close, f"blocks of /{settings.cluster_pool_block_length} from {settings.cluster_pool_cidrs}"
+    )
 
 
 CLOUDS: dict[str, ProviderFactory] = {"aws": _aws, "cluster-pool": _cluster_pool}

@@ -13,7 +13,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.client import BaseClient
 from prometheus_client import CollectorRegistry
 
-from services.cloudworker.metrics import Ec2Metrics
+from services.cloudworker.metrics import CloudMetrics
 from services.cloudworker.model import InstanceLimits, NetworkInterface
 from services.cloudworker.providers.aws import (
     AWS_IPV6_GATEWAY,
@@ -73,8 +73,8 @@ class Harness:
     def attempts(self, operation: str, response_code: str) -> int:
         """EC2 attempts of `operation` that ended with `response_code`, as the metrics counted them."""
         value = self.registry.get_sample_value(
-            "ipam_worker_ec2_api_duration_seconds_count",
-            {"operation": operation, "response_code": response_code},
+            "ipam_worker_cloud_api_duration_seconds_count",
+            {"provider": "aws", "operation": operation, "response_code": response_code},
         )
         return int(value or 0)
 
@@ -105,7 +105,7 @@ def harness(moto_server: MotoServer, demo_network: DemoNetwork) -> Harness:
         cluster=f"test-{next(_clusters)}",
         limiter=limiter,
         retry=RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=1.0),
-        observer=Ec2Metrics(registry),
+        observer=CloudMetrics(registry).observer("aws"),
         sleep=backoffs.append,
         clock=clock,
     )
@@ -441,14 +441,15 @@ def test_rate_limiter_waits_are_observed_per_operation(moto_server: MotoServer) 
         ec2_client(moto_server.endpoint_url),
         cluster="c",
         limiter=TokenBucket(qps=10, burst=1, clock=clock, sleep=clock.sleep),
-        observer=Ec2Metrics(registry),
+        observer=CloudMetrics(registry).observer("aws"),
     )
     provider.instance_limits("m5.large")
     provider.instance_limits("c5.xlarge")
 
     def waited(stat: str) -> float | None:
         return registry.get_sample_value(
-            f"ipam_worker_ec2_rate_limit_wait_seconds_{stat}", {"operation": "DescribeInstanceTypes"}
+            f"ipam_worker_cloud_rate_limit_wait_seconds_{stat}",
+            {"provider": "aws", "operation": "DescribeInstanceTypes"},
         )
 
     assert waited("count") == 2

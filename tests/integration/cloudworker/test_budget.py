@@ -19,8 +19,8 @@ from clients.client import AsyncIpamClient
 from services.cloudworker.allocator_grpc import GrpcAllocator
 from services.cloudworker.maintainer import NodeMaintainer
 from services.cloudworker.metrics import WorkerMetrics
-from services.cloudworker.providers.aws import AwsProvider, RetryPolicy
-from services.cloudworker.ratelimit import Ec2Budget, Priority, RedisRateLimiter, at_priority, connect_sync
+from services.cloudworker.providers.aws import AwsProvider, Ec2Budget, RetryPolicy
+from services.cloudworker.ratelimit import Priority, RedisRateLimiter, at_priority, connect_sync
 from tests.support.allocator_process import ADMIN_TOKEN, AllocatorProcess
 from tests.support.api import Api
 from tests.support.moto_server import DemoNetwork, Ec2Fault, MotoServer, ec2_client, run_instance
@@ -79,7 +79,11 @@ class Setup:
     def replica(self, budget: Ec2Budget, scope: str, **limiter: Any) -> Replica:
         metrics = WorkerMetrics(CollectorRegistry())
         shared = RedisRateLimiter(
-            connect_sync(self.redis.url, cluster=False), budget, scope=scope, observer=metrics.ec2, **limiter
+            connect_sync(self.redis.url, cluster=False),
+            budget,
+            scope=scope,
+            observer=metrics.cloud.observer("aws"),
+            **limiter,
         )
         return Replica(ec2_client(self.moto.endpoint_url), shared, metrics)
 
@@ -125,7 +129,8 @@ def test_two_replicas_together_stay_within_the_configured_rate(setup: Setup) -> 
         in_window = sum(1 for s in sent[i:] if s < first + 1.0)
         assert in_window <= burst + rate + 1
     counted = sum(
-        r.sample("ipam_worker_ec2_calls_total", operation="AssignPrivateIpAddresses", bucket="all") for r in replicas
+        r.sample("ipam_worker_cloud_calls_total", provider="aws", operation="AssignPrivateIpAddresses", bucket="all")
+        for r in replicas
     )
     assert counted == sum(1 for r in replicas for _, op in r.sent if op == "AssignPrivateIpAddresses") >= 10
 
@@ -144,9 +149,14 @@ def test_request_limit_exceeded_lowers_the_rate_the_refill_completes_and_the_rat
     asyncio.run(refill())
     assert throttled.injected == 3
     assert setup.api.stats(node).available_ips == 8  # the refill completed
-    assert replica.sample("ipam_worker_ec2_throttled_total", operation="AssignPrivateIpAddresses", bucket="all") == 3
+    assert (
+        replica.sample(
+            "ipam_worker_cloud_throttled_total", provider="aws", operation="AssignPrivateIpAddresses", bucket="all"
+        )
+        == 3
+    )
     # Three halvings: the call that got through took its token at about an eighth of the rate.
-    assert replica.sample("ipam_worker_ec2_bucket_rate_factor", bucket="all") < 0.5
+    assert replica.sample("ipam_worker_cloud_bucket_rate_factor", provider="aws", bucket="all") < 0.5
     bucket = budget.bucket_for("AssignPrivateIpAddresses")
 
     def recovered() -> bool:
@@ -154,4 +164,4 @@ def test_request_limit_exceeded_lowers_the_rate_the_refill_completes_and_the_rat
         return replica.limiter.state(bucket)[1] >= 1.0
 
     poll(recovered, timeout=10, interval=0.2)
-    assert replica.sample("ipam_worker_ec2_bucket_rate_factor", bucket="all") == 1.0
+    assert replica.sample("ipam_worker_cloud_bucket_rate_factor", provider="aws", bucket="all") == 1.0

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dev.demo_seed import DEMO_IMAGE_ID, DemoNetwork, create_demo_network
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
-from services.cloudworker.ratelimit import is_read
+from services.cloudworker.providers.aws import is_read
 from tests.support.allocator_process import AllocatorProcess
 from tests.support.api import Api
 from tests.support.moto_server import MotoServer, ec2_client
@@ -39,7 +39,7 @@ def scrape(worker: WorkerProcess) -> dict[str, list[tuple[dict[str, str], float]
 
 def calls(worker: WorkerProcess) -> Counter[str]:
     """EC2 calls so far by operation, as the worker counts them."""
-    samples = scrape(worker).get("ipam_worker_ec2_calls_total", [])
+    samples = scrape(worker).get("ipam_worker_cloud_calls_total", [])
     counted: Counter[str] = Counter()
     for labels, value in samples:
         counted[labels["operation"]] += int(value)

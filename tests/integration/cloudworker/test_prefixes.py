@@ -129,7 +129,7 @@ class Maintainer:
             cluster="ipam",
             limiter=TokenBucket(100, 100),
             retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),
-            observer=self.metrics.ec2,
+            observer=self.metrics.cloud.observer("aws"),
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -232,7 +232,8 @@ def prefix_requests(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def failed_calls(m: Maintainer, operation: str, code: str) -> float:
     sample = m.metrics.registry.get_sample_value(
-        "ipam_worker_ec2_api_duration_seconds_count", {"operation": operation, "response_code": code}
+        "ipam_worker_cloud_api_duration_seconds_count",
+        {"provider": "aws", "operation": operation, "response_code": code},
     )
     return sample or 0.0
 

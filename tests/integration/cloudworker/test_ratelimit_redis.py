@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
+from services.cloudworker.providers.aws import Ec2Budget
 from services.cloudworker.ratelimit import (
-    Ec2Budget,
     Priority,
     RedisRateLimiter,
     at_priority,

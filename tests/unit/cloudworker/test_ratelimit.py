@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from services.cloudworker.ratelimit import Bucket, Ec2Budget, Priority, TokenBucket, at_priority, current_priority
+from services.cloudworker.providers.aws import Ec2Budget
+from services.cloudworker.ratelimit import Bucket, Priority, TokenBucket, at_priority, current_priority
 
 
 class FakeClock:
