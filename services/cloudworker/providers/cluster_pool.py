@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 from pydantic import BaseModel, Field, field_validator
 
+from services.cloudworker.metrics import ApiObserver, NullObserver
 from services.cloudworker.model import (
     AddressChange,
     AllocationAction,
@@ -47,16 +49,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _redis_call(call: Callable[P, T]) -> Callable[P, T]:
-    """A Redis that fails or does not answer is a `Transient` failure of the call (a carve that
-    timed out may have happened: the maintenance reads the node's blocks again)."""
+def _redis_call(call: Callable[Concatenate[BlockStore, P], T]) -> Callable[Concatenate[BlockStore, P], T]:
+    """Each call is reported to the store's observer as the cloud's API calls are (its name the
+    operation, "OK" or the error's class the code). A Redis that fails or does not answer is a
+    `Transient` failure of the call (a carve that timed out may have happened: the maintenance
+    reads the node's blocks again)."""
 
     @functools.wraps(call)
-    def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
+    def wrapped(store: BlockStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        started, code = time.perf_counter(), "OK"
         try:
-            return call(*args, **kwargs)
+            return call(store, *args, **kwargs)
         except redis.exceptions.RedisError as exc:
-            raise Transient(f"{call.__name__}: {exc}", code=type(exc).__name__, operation=call.__name__) from exc
+            code = type(exc).__name__
+            raise Transient(f"{call.__name__}: {exc}", code=code, operation=call.__name__) from exc
+        finally:
+            store.observer.observe_api_call(call.__name__, code, time.perf_counter() - started)
 
     return wrapped
 
@@ -152,9 +160,11 @@ class BlockStore:
     Every key of a cluster shares one hash tag, so the scripts run on one node of a Redis Cluster.
     A block's owner is the node's instance (the name the worker maintains it by)."""
 
-    def __init__(self, client: Any, cluster: str) -> None:
-        """`client`: a blocking Redis client (the provider's calls run in threads)."""
+    def __init__(self, client: Any, cluster: str, *, observer: ApiObserver | None = None) -> None:
+        """`client`: a blocking Redis client (the provider's calls run in threads); `observer`: where
+        each call is reported (the worker's cloud metrics)."""
         self._client = client
+        self.observer: ApiObserver = observer or NullObserver()
         tag = f"{_KEY_PREFIX}:{{{cluster}}}"
         self._cidrs_key = f"{tag}:cidrs"
         self._cursors_key = f"{tag}:cursors"
@@ -513,9 +523,19 @@ def _expanded(prefixes: Sequence[str]) -> tuple[str, ...]:
     return tuple(a for p in prefixes for a in prefix_addresses(p))
 
 
-def from_settings(settings: ClusterPoolSettings, *, cluster: str, redis: Any) -> ClusterPoolProvider:
+def from_settings(
+    settings: ClusterPoolSettings, *, cluster: str, redis: Any, observer: ApiObserver | None = None
+) -> ClusterPoolProvider:
     """The worker's cluster-pool provider, its blocks in `redis` (the worker's, a blocking client),
-    its CIDRs registered there."""
-    blocks = BlockStore(redis, cluster)
+    its CIDRs registered there; its calls reported to `observer`."""
+    blocks = BlockStore(redis, cluster, observer=observer)
     blocks.register(settings.cluster_pool_networks)
     return ClusterPoolProvider(blocks, settings, cluster=cluster)
+
+
+def describe(settings: ClusterPoolSettings) -> str:
+    """The start-up log's words for this provider: its CIDRs and blocks."""
+    return (
+        f"/{settings.cluster_pool_block_length} blocks from {settings.cluster_pool_cidrs}, "
+        f"up to {settings.cluster_pool_blocks_per_node} per node and CIDR"
+    )

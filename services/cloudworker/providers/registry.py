@@ -49,10 +49,8 @@ def _aws(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
 
 def _cluster_pool(settings: CloudSettings, wiring: ProviderWiring) -> BuiltProvider:
     redis = wiring.connect_redis()
-    provider = cluster_pool.from_settings(settings, cluster=wiring.cluster, redis=redis)
-    return BuiltProvider(
-        provider, redis.close, f"blocks of /{settings.cluster_pool_block_length} from {settings.cluster_pool_cidrs}"
-    )
+    provider = cluster_pool.from_settings(settings, cluster=wiring.cluster, redis=redis, observer=wiring.observer)
+    return BuiltProvider(provider, redis.close, cluster_pool.describe(settings))
 
 
 CLOUDS: dict[str, ProviderFactory] = {"aws": _aws, "cluster-pool": _cluster_pool}

@@ -86,6 +86,7 @@ def test_a_deficit_is_met_with_blocks_and_excess_goes_back_whole(cluster: Cluste
     blocks = cluster.blocks(name)
     with cluster.worker(name) as worker:
         poll(lambda: cluster.api.stats(node).available_ips == 32, timeout=30, describe=lambda: worker.log_tail(40))
+        assert f"(cloud cluster-pool: /28 blocks from {CIDR}, up to 8 per node and CIDR)" in worker.log_text()
         assert [b.prefix for b in blocks.blocks_of(node)] == ["10.128.0.16/28", "10.128.0.32/28"]
         assert cluster.pool(node) == addresses(blocks, node)
         shown = cluster.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)

@@ -7,7 +7,9 @@ import uuid
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from services.cloudworker.metrics import CloudMetrics
 from services.cloudworker.providers import cluster_pool
 from services.cloudworker.providers.errors import NotFound, SubnetFull, Transient
 from services.cloudworker.settings import WorkerSettings
@@ -104,6 +106,29 @@ def test_the_blocks_of_an_owner_that_is_no_node_are_leaked(provider: cluster_poo
     (leaked,) = provider.list_leaked_interfaces(300, {"node-a"})
     assert leaked.id == "cp1-node-b" and provider.delete_interface(leaked.id)
     assert provider.list_leaked_interfaces(300, {"node-a"}) == [] and provider.list_interfaces("node-b") == []
+
+
+def test_its_calls_are_reported_as_the_cloud_s(redis_server: RedisServer) -> None:
+    registry = CollectorRegistry()
+    provider = cluster_pool.from_settings(
+        WorkerSettings(cloud="cluster-pool", cluster_pool_cidrs=CIDRS),
+        cluster=uuid.uuid4().hex,
+        redis=redis.Redis.from_url(redis_server.url),
+        observer=CloudMetrics(registry).observer("cluster-pool"),
+    )
+    provider.assign_prefixes("cp1-node-a", 2)
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    provider.blocks = cluster_pool.BlockStore(
+        redis.Redis.from_url(nobody, socket_timeout=0.5), provider.cluster, observer=provider.blocks.observer
+    )
+    with pytest.raises(Transient):
+        provider.assign_prefixes("cp1-node-a", 1)
+
+    def calls(operation: str, code: str = "OK") -> float | None:
+        labels = {"provider": "cluster-pool", "operation": operation, "response_code": code}
+        return registry.get_sample_value("ipam_worker_cloud_api_duration_seconds_count", labels)
+
+    assert (calls("carve"), calls("blocks_of"), calls("carve", "ConnectionError")) == (1, 1, 1)
 
 
 def test_unknown_interfaces_and_a_dead_redis_are_provider_errors(
