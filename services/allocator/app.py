@@ -1,4 +1,5 @@
-"""Wiring: settings -> Redis store -> service -> gRPC server (+ health, reflection, metrics)."""
+"""Wiring (`build_allocator`: settings -> Redis store -> service -> gRPC server, with health,
+reflection and metrics) and lifecycle (`serve`: start, run until a signal, stop gracefully)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ from ipam.v1 import allocator_pb2, allocator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from services.core import redis_client
 from services.core.metrics import ALLOCATOR_EXPORTER_KEY, ExporterLease
 from services.core.net import split_host_port
+from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 
 from .events import RedisStreamQueue
@@ -64,11 +67,27 @@ def replica_name(settings: AllocatorSettings, worker_index: int) -> str:
     return f"{name}/{worker_index}" if settings.workers > 1 else name
 
 
-async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
-    """Runs one allocator process until SIGTERM/SIGINT; in-flight calls get the grace period."""
-    me = replica_name(settings, worker_index)
-    metrics = AllocatorMetrics()
+@dataclass
+class Allocator:
+    """One allocator process, wired and not yet started: what `serve` runs and stops."""
 
+    settings: AllocatorSettings
+    name: str  # how this process names itself in its log
+    worker_index: int
+    metrics: AllocatorMetrics
+    client: RedisClient
+    store: RedisStore
+    refills: RefillWatcher
+    service: AllocatorService
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    tls: bool
+
+
+def build_allocator(settings: AllocatorSettings, *, worker_index: int = 0) -> Allocator:
+    """The allocator and everything it talks to, from its settings: Redis, the store, the service,
+    the gRPC server with its servicers, health and reflection, the port bound."""
+    metrics = AllocatorMetrics()
     client = redis_client.connect(
         settings.redis_url,
         cluster=settings.redis_cluster,
@@ -130,49 +149,79 @@ async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: as
         server.add_secure_port(settings.grpc_address, credentials)
     else:
         server.add_insecure_port(settings.grpc_address)
-    await server.start()
-    if settings.metrics_address:  # after the gRPC port is bound: a metrics answer means serving
-        host, port = split_host_port(settings.metrics_address)
-        start_http_server(port + worker_index, addr=host, registry=metrics.registry)
+    return Allocator(
+        settings=settings,
+        name=replica_name(settings, worker_index),
+        worker_index=worker_index,
+        metrics=metrics,
+        client=client,
+        store=store,
+        refills=refills,
+        service=service,
+        server=server,
+        health=health_servicer,
+        tls=credentials is not None,
+    )
 
-    sweeper = TimerSweeper(
-        service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds
-    )
-    tasks = [asyncio.create_task(sweeper.run()), asyncio.create_task(_watch_health(store, health_servicer))]
-    if settings.pool_metrics_seconds > 0:
-        lease = ExporterLease(
-            client,
-            ALLOCATOR_EXPORTER_KEY,
-            f"{socket.gethostname()}-{os.getpid()}",
-            ttl_seconds=max(3 * settings.pool_metrics_seconds, 5.0),
-        )
-        tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds, lease)))
-    refills.start()
-    log.info(
-        "allocator %s listening on %s (%s), metrics on %s",
-        me,
-        settings.grpc_address,
-        "TLS" if credentials else "plaintext",
-        settings.metrics_address or "-",
-    )
+
+async def serve(settings: AllocatorSettings, *, worker_index: int = 0, ready: asyncio.Event | None = None) -> None:
+    """Runs one allocator process until SIGTERM/SIGINT; in-flight calls get the grace period."""
+    allocator = build_allocator(settings, worker_index=worker_index)
+    tasks = await _start(allocator)
     if ready is not None:
         ready.set()
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await _stop(allocator, tasks)
 
-    log.info("allocator %s shutting down: finishing in-flight calls", me)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_seconds)
+
+async def _start(allocator: Allocator) -> list[asyncio.Task[None]]:
+    """Starts serving, then the metrics endpoint and the background tasks (returned)."""
+    settings, metrics, service = allocator.settings, allocator.metrics, allocator.service
+    await allocator.server.start()
+    if settings.metrics_address:  # after the gRPC port is bound: a metrics answer means serving
+        host, port = split_host_port(settings.metrics_address)
+        start_http_server(port + allocator.worker_index, addr=host, registry=metrics.registry)
+    sweeper = TimerSweeper(
+        service, interval_s=settings.timer_sweep_seconds, full_scan_s=settings.timer_full_scan_seconds
+    )
+    tasks = [
+        asyncio.create_task(sweeper.run()),
+        asyncio.create_task(_watch_health(allocator.store, allocator.health)),
+    ]
+    if settings.pool_metrics_seconds > 0:
+        lease = ExporterLease(
+            allocator.client,
+            ALLOCATOR_EXPORTER_KEY,
+            f"{socket.gethostname()}-{os.getpid()}",
+            ttl_seconds=max(3 * settings.pool_metrics_seconds, 5.0),
+        )
+        tasks.append(asyncio.create_task(_sample_pools(service, metrics, settings.pool_metrics_seconds, lease)))
+    allocator.refills.start()
+    log.info(
+        "allocator %s listening on %s (%s), metrics on %s",
+        allocator.name,
+        settings.grpc_address,
+        "TLS" if allocator.tls else "plaintext",
+        settings.metrics_address or "-",
+    )
+    return tasks
+
+
+async def _stop(allocator: Allocator, tasks: list[asyncio.Task[None]]) -> None:
+    """Health says NOT_SERVING, in-flight calls get the grace period, then the rest stops."""
+    log.info("allocator %s shutting down: finishing in-flight calls", allocator.name)
+    await allocator.health.enter_graceful_shutdown()
+    await allocator.server.stop(allocator.settings.shutdown_grace_seconds)
     if await cancel_until_done(tasks, timeout=5.0):
-        log.warning("allocator %s: background tasks still running after 5 s", me)
-    await refills.stop()
+        log.warning("allocator %s: background tasks still running after 5 s", allocator.name)
+    await allocator.refills.stop()
     with contextlib.suppress(Exception):
-        await store.close()
+        await allocator.store.close()
 
 
 async def _sample_pools(
