@@ -289,7 +289,7 @@ class ClusterPoolPolicy:
         slots = limits.ipv4_per_interface - 1  # a virtual interface has no primary address
         free_blocks = {s.id: s.free_addresses // ADDRESSES_PER_PREFIX for s in subnets}
         full = False
-        held = set()
+        held: set[str] = set()  # the CIDRs the node has an interface in
         for interface in sorted(interfaces, key=lambda i: i.device_index):
             held.add(interface.subnet_id)
             room = slots - interface.ipv4_count
