@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from services.core.family import Family
 from services.core.pool_math import pool_demand_ips, pool_excess_ips
@@ -67,6 +66,7 @@ from .domain.pool import (
 )
 from .domain.stats import NodeStats, node_stats
 from .events import Consumer, DeadLetter, EventQueue
+from .metrics import AllocatorMetrics
 from .refill import Refills
 from .store.base import PoolStore, call_key
 
@@ -100,7 +100,7 @@ class AllocatorService:
         *,
         ipv4_enabled: bool,
         ipv6_enabled: bool,
-        metrics: Any = None,
+        metrics: AllocatorMetrics | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -368,16 +368,16 @@ class AllocatorService:
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         if limit < 0:
-            raise InvalidArgument(f"limit {limit} is negative", reason="INVALID_COUNT")
+            raise InvalidArgument(f"limit {limit} is negative", reason=ErrorReason.INVALID_COUNT)
         return await self.queue.dead_letters(limit or 100)
 
     async def replay_dead_letters(self, ids: Sequence[str], *, every: bool) -> tuple[list[str], list[str]]:
         """Puts dead letters back on the events stream; `every` for all of them (then no ids)."""
         if every == bool(ids):
-            raise InvalidArgument("give dead-letter ids or all, not both or neither", reason="INVALID_COUNT")
+            raise InvalidArgument("give dead-letter ids or all, not both or neither", reason=ErrorReason.INVALID_COUNT)
         for dead_id in ids:
             if not _STREAM_ID.fullmatch(dead_id):
-                raise InvalidArgument(f"{dead_id!r} is not a stream id (ms-seq)", reason="INVALID_TEXT")
+                raise InvalidArgument(f"{dead_id!r} is not a stream id (ms-seq)", reason=ErrorReason.INVALID_TEXT)
         return await self.queue.replay(None if every else list(ids))
 
     # --- NodeManager ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
@@ -291,12 +291,13 @@ class Worker:
                 self.metrics.leaked_interfaces_deleted.inc()
         return len(leaked)
 
-    async def every(self, seconds: float, job: str) -> None:
+    async def every(self, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Runs `job` every `seconds` until the stop; a failure is logged and the next run comes."""
         while not self.stopping.is_set():
             try:
-                await getattr(self, job)()
+                await job()
             except Exception as exc:  # noqa: BLE001 - periodic jobs keep going
-                log.warning("%s failed: %s", job, exc)
+                log.warning("%s failed: %s", getattr(job, "__name__", job), exc)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), seconds)
 
@@ -410,11 +411,11 @@ async def run(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, worker.stopping.set)
     tasks = [
         asyncio.create_task(worker.consume()),
-        asyncio.create_task(worker.every(settings.resync_interval_seconds, "resync_once")),
-        asyncio.create_task(worker.every(EXPORTER_LEASE_SECONDS / 3, "export_cluster_gauges")),
-        asyncio.create_task(worker.every(settings.gc_interval_seconds, "collect_leaked_interfaces")),
-        asyncio.create_task(worker.every(30.0, "trim_events")),
-        asyncio.create_task(worker.every(settings.heartbeat_seconds / 3, "heartbeat")),
+        asyncio.create_task(worker.every(settings.resync_interval_seconds, worker.resync_once)),
+        asyncio.create_task(worker.every(EXPORTER_LEASE_SECONDS / 3, worker.export_cluster_gauges)),
+        asyncio.create_task(worker.every(settings.gc_interval_seconds, worker.collect_leaked_interfaces)),
+        asyncio.create_task(worker.every(30.0, worker.trim_events)),
+        asyncio.create_task(worker.every(settings.heartbeat_seconds / 3, worker.heartbeat)),
     ]
     log.info(
         "worker %s consuming %s for the allocator at %s (cloud %s: %s)",
