@@ -91,6 +91,8 @@ proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=gen --pyi_out=gen --grpc_python_out=gen proto/ipam/v1/*.proto
 	@touch gen/ipam/__init__.py gen/ipam/v1/__init__.py
 
+# The cluster of docker-compose.yml as local processes; `IPAM_CLOUD=cluster-pool make run`: the
+# same with no cloud for the nodes (bare-metal nodes, /28 blocks from the cluster pool).
 run: setup
 	$(PY) -m dev.devcluster
 
