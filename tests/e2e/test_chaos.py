@@ -402,6 +402,7 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
             for d in (apis[0].admin_alloc.Dump(pb.DumpRequest(node=n), timeout=5) for n in nodes)
         ]
         assert not set.intersection(*pools), summary
+
         # No leaked interface: every one of ours is attached (the collector may delete some meanwhile).
         def all_attached() -> bool:
             ours = ec2.describe_network_interfaces(
@@ -415,10 +416,10 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
         # The consumers of the workers killed are gone once their entries were claimed.
         live = {w.env["IPAM_CONSUMER_NAME"] for w in cluster.workers}
         poll(
-            lambda: {
-                _text(c["name"]) for c in client.xinfo_consumers(contract.EVENTS_STREAM, contract.CONSUMER_GROUP)
-            }
-            <= live,
+            lambda: (
+                {_text(c["name"]) for c in client.xinfo_consumers(contract.EVENTS_STREAM, contract.CONSUMER_GROUP)}
+                <= live
+            ),
             timeout=30,
         )
     finally:

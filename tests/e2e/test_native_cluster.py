@@ -76,7 +76,9 @@ def test_a_restart_keeps_the_nodes_their_allocations_and_the_cloud_behind_them(r
     demo_nodes = [n for n in IpamClient(address, token=ADMIN).list_nodes() if n.spec.name.startswith("node-")]
     assert demo_nodes, "the seed registered the demo nodes"
     with IpamClient(address, token=CLIENT) as client:
-        client.allocate_next(demo_nodes[0].spec.name, family=Family.IPV4, owner="kept-1", wait_for_refill=True, timeout=30)
+        client.allocate_next(
+            demo_nodes[0].spec.name, family=Family.IPV4, owner="kept-1", wait_for_refill=True, timeout=30
+        )
     with IpamClient(address, token=ADMIN) as admin:
 
         def settled() -> bool:  # no refill or release under way
@@ -97,7 +99,12 @@ def test_a_restart_keeps_the_nodes_their_allocations_and_the_cloud_behind_them(r
     ec2 = ec2_client(ec2_url)
     for name, (instance_id, _, addresses) in before.items():
         reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
-        in_ec2 = sorted(a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"])
+        in_ec2 = sorted(
+            a["PrivateIpAddress"]
+            for i in reply["NetworkInterfaces"]
+            for a in i["PrivateIpAddresses"]
+            if not a["Primary"]
+        )
         assert set(addresses) <= set(in_ec2), name  # what the pools hold is still attached in the cloud
     # Each allocator replica named itself.
     assert "allocator 2 listening" in (running.var / "log" / "allocator-2.log").read_text()
@@ -217,6 +224,10 @@ def test_allocations_survive_killing_an_allocator_and_a_worker(cluster: tuple[Na
                     return False
             return True
 
-        poll(ec2_matches_pools, timeout=120, interval=1.0, describe=lambda: f"EC2 and the pools still differ: {difference}")
+        poll(
+            ec2_matches_pools,
+            timeout=120,
+            interval=1.0,
+            describe=lambda: f"EC2 and the pools still differ: {difference}",
+        )
     assert len({ip for _, ip in acknowledged.values()}) == ALLOCATIONS
-

@@ -26,7 +26,9 @@ def test_allocation_result_carries_the_subnet_of_its_interface(api: Api) -> None
 
 def test_release_by_key_releases_only_that_key_and_again_releases_nothing(api: Api) -> None:
     node = api.node_with_pool(4, 4)
-    both = api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="c1", idempotency_key="net/c1/eth0"), timeout=5)
+    both = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, owner="c1", idempotency_key="net/c1/eth0"), timeout=5
+    )
     other = _allocate(api, node, "c1", "net/c1/eth1").ipv4.ip
 
     reply = api.alloc.ReleaseByKey(pb.ReleaseByKeyRequest(node=node, idempotency_key="net/c1/eth0"), timeout=5)

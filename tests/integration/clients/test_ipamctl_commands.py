@@ -111,9 +111,7 @@ def test_status_shows_allocators_workers_nodes_and_events(cluster: Cluster) -> N
     # With an instance (a node without one is a dead end: "no-instance"); this worker's EC2 is away.
     in_deficit = cluster.api.create_node(instance_id="i-0123456789abcdef0")
     dead_address = f"127.0.0.1:{free_port()}"
-    status = _json(
-        ipamctl(cluster, "status", "-o", "json", "--address", f"{cluster.allocator.address},{dead_address}")
-    )
+    status = _json(ipamctl(cluster, "status", "-o", "json", "--address", f"{cluster.allocator.address},{dead_address}"))
     reachable = {a["address"]: a["reachable"] for a in status["allocators"]}
     assert reachable == {cluster.allocator.address: True, dead_address: False}
     workers = {w["name"]: w["alive"] for w in status["workers"]}
@@ -131,7 +129,9 @@ def test_status_shows_allocators_workers_nodes_and_events(cluster: Cluster) -> N
 def test_node_update_changes_watermarks_and_ipv6_and_keeps_the_rest(cluster: Cluster) -> None:
     node = cluster.api.create_node(subnet_ids=["subnet-1"], release_excess=True)
     updated = _json(
-        ipamctl(cluster, "node", "update", node, "--pre-allocate", "0", "--max-above-watermark", "4", "--ipv6", "-o", "json")
+        ipamctl(
+            cluster, "node", "update", node, "--pre-allocate", "0", "--max-above-watermark", "4", "--ipv6", "-o", "json"
+        )
     )
     spec = updated["spec"]
     assert (spec["pre_allocate"], spec["max_above_watermark"], spec["ipv6_enabled"]) == (0, 4, True)
