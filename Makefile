@@ -107,6 +107,7 @@ test: cni-system setup cni $(CNITOOL)
 
 lint: setup
 	$(VENV)/bin/ruff check services clients dev tests bench
+	$(VENV)/bin/ruff format --check services clients dev tests bench
 
 $(GHZ):
 	GOBIN=$(GOBIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
