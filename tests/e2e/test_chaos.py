@@ -1,19 +1,22 @@
 """Chaos: two allocators and two workers (real processes) under a random workload and random faults
 — kill -9 of each process, Redis and the local EC2 frozen with SIGSTOP, EC2 faults through a proxy
-(throttling, clean 500s, calls carried out and then answered 500) — then the invariants:
+(throttling, clean 500s, calls carried out and then answered 500, more often for prefix calls) — on
+a node with secondary addresses beside nodes in prefix delegation (/28s, one of them dual-stack
+with its /80), then the invariants:
 
 - no address has two owners; nothing acknowledged is lost; a call retried with its key, or abandoned
   and then released by its key, holds one address at most;
 - no address allocated throughout a sample (Dump, EC2, Dump) is missing from its node in EC2, and
   no allocation is ever marked lost (only out-of-band changes make one);
-- at the end the pools equal EC2, no interface is leaked, the consumer group has nothing pending
-  and the dead letters are empty.
+- at the end the pools equal EC2 (secondaries and prefixes' addresses; the dual-stack node's /80),
+  no interface is leaked, the consumer group has nothing pending and the dead letters are empty.
 
 The seed is printed; IPAM_CHAOS_SEED replays a run.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import signal
@@ -21,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -40,7 +44,8 @@ from tests.support.service_process import ServiceProcess
 from tests.support.worker_process import WorkerProcess
 
 CHAOS_SECONDS = float(os.environ.get("IPAM_CHAOS_SECONDS", "50"))
-NODES = 2
+# Per node: its spec's prefix_delegation and ipv6_enabled (a /32 node beside prefix nodes).
+NODE_MODES = ((False, False), (True, False), (True, True))
 CLIENTS = 4
 # Answers after which the call may or may not have happened: the client cannot count on either.
 AMBIGUOUS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -85,11 +90,23 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def secondaries(ec2: BaseClient, instance_id: str) -> set[str]:
-    reply = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])
-    return {
-        a["PrivateIpAddress"] for i in reply["NetworkInterfaces"] for a in i["PrivateIpAddresses"] if not a["Primary"]
+def _interfaces(ec2: BaseClient, instance_id: str) -> list[dict[str, Any]]:
+    filters = [{"Name": "attachment.instance-id", "Values": [instance_id]}]
+    return ec2.describe_network_interfaces(Filters=filters)["NetworkInterfaces"]
+
+
+def pool_addresses(ec2: BaseClient, instance_id: str) -> set[str]:
+    """The instance's IPv4 addresses a pool holds: its secondaries and its /28 prefixes' addresses."""
+    interfaces = _interfaces(ec2, instance_id)
+    singles = {a["PrivateIpAddress"] for i in interfaces for a in i["PrivateIpAddresses"] if not a["Primary"]}
+    in_prefixes = {
+        str(a) for i in interfaces for p in i.get("Ipv4Prefixes", []) for a in ipaddress.ip_network(p["Ipv4Prefix"])
     }
+    return singles | in_prefixes
+
+
+def ipv6_prefixes(ec2: BaseClient, instance_id: str) -> list[str]:
+    return [p["Ipv6Prefix"] for i in _interfaces(ec2, instance_id) for p in i.get("Ipv6Prefixes", [])]
 
 
 class Cluster:
@@ -263,7 +280,7 @@ def _sample(api: Api, ec2: BaseClient, nodes: dict[str, str], ledger: Ledger) ->
     for node, instance_id in nodes.items():
         try:
             before = dict(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=2).ipv4)
-            in_ec2 = secondaries(ec2, instance_id)
+            in_ec2 = pool_addresses(ec2, instance_id)
             after = dict(api.admin_alloc.Dump(pb.DumpRequest(node=node), timeout=2).ipv4)
             lost = api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=2).stats.lost_ips
         except Exception:  # noqa: BLE001 - a frozen Redis or EC2, a killed allocator: no sample
@@ -288,7 +305,7 @@ def seed() -> int:
 
 @pytest.fixture
 def stack(seed: int) -> Iterator[tuple[RedisServer, MotoServer, Ec2FaultProxy]]:
-    with RedisServer() as redis, MotoServer() as moto, Ec2FaultProxy(moto.endpoint_url, seed) as proxy:
+    with RedisServer() as redis, MotoServer(local_ec2=True) as moto, Ec2FaultProxy(moto.endpoint_url, seed) as proxy:
         yield redis, moto, proxy
 
 
@@ -302,9 +319,12 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
     cluster.start()
     apis = [Api(a.address) for a in cluster.allocators]
     nodes: dict[str, str] = {}
-    for _ in range(NODES):
+    nodes_v6: dict[str, bool] = {}
+    for prefix_delegation, ipv6_enabled in NODE_MODES:
         instance_id = run_instance(ec2, network, "m5.large")
         name = apis[0].create_node(
+            prefix_delegation=prefix_delegation,
+            ipv6_enabled=ipv6_enabled,
             instance_id=instance_id,
             instance_type="m5.large",
             vpc_id=network.vpc_id,
@@ -316,6 +336,7 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
             release_excess=True,
         )
         nodes[name] = instance_id
+        nodes_v6[name] = ipv6_enabled
     for name in nodes:
         poll(lambda n=name: apis[0].stats(n).available_ips >= 4, timeout=30)
 
@@ -329,7 +350,7 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
         t.start()
 
     faults: list[str] = []
-    proxy.rates = FaultRates(throttle=0.05, error=0.03, after_call=0.15)
+    proxy.rates = FaultRates(throttle=0.05, error=0.03, after_call=0.15, prefix_after_call=0.3)
     faults_by_kind: dict[str, Callable[[], None]] = {
         "kill allocator 0": lambda: cluster.restart_allocator(0),
         "kill allocator 1": lambda: cluster.restart_allocator(1),
@@ -360,9 +381,12 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
         unsettled.clear()
         for node, instance_id in nodes.items():
             dump = apis[0].admin_alloc.Dump(pb.DumpRequest(node=node), timeout=5)
-            pool, cloud = set(dump.ipv4) | set(dump.free_ipv4), secondaries(ec2, instance_id)
+            pool, cloud = set(dump.ipv4) | set(dump.free_ipv4), pool_addresses(ec2, instance_id)
             if pool != cloud:
                 unsettled[node] = {"pool only": pool - cloud, "EC2 only": cloud - pool}
+            in_ec2 = ipv6_prefixes(ec2, instance_id)
+            if nodes_v6.get(node) and in_ec2 != [dump.ipv6_prefix]:  # one /80, the pool's
+                unsettled[f"{node} /80"] = {"pool": dump.ipv6_prefix, "EC2": in_ec2}
         pending = redis.client().xpending(contract.EVENTS_STREAM, contract.CONSUMER_GROUP)["pending"]
         if pending:
             unsettled["pending events"] = pending
@@ -379,9 +403,17 @@ def test_chaos_keeps_the_invariants(seed: int, stack: tuple[RedisServer, MotoSer
         except AssertionError:
             raise AssertionError(f"not settled: {unsettled}; seed {seed}; faults {faults}") from None
         _sample(apis[0], ec2, nodes, ledger)
-        summary = f"seed {seed}; faults {faults}; proxy {proxy.counts}; calls {ledger.counts}"
+        summary = (
+            f"seed {seed}; faults {faults}; proxy {proxy.counts} ({proxy.prefix_after_calls} prefix calls carried "
+            f"out and answered 500); calls {ledger.counts}"
+        )
         print(summary)
         assert ledger.violations == [], summary
+        # The prefix nodes' addresses came in /28s.
+        in_prefixes = {n: any(i.get("Ipv4Prefixes") for i in _interfaces(ec2, nodes[n])) for n in nodes}
+        assert in_prefixes == dict(zip(nodes, [mode[0] for mode in NODE_MODES], strict=True)), (
+            f"{in_prefixes}; {summary}"
+        )
 
         # Nothing acknowledged is lost: every address held is still its owner's.
         owners = {}

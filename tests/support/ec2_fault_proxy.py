@@ -2,7 +2,8 @@
 whose EC2 client lives in another process (botocore's event hooks reach only our own clients).
 
 Per call, by chance: throttled (503 RequestLimitExceeded, not forwarded), a clean 500 (not
-forwarded), or carried out and then answered with a 500 (forwarded, its answer thrown away).
+forwarded), or carried out and then answered with a 500 (forwarded, its answer thrown away), at a
+rate of its own for calls that assign or unassign prefixes.
 And on demand: calls of one action held, not forwarded, until released (`hold`, `release`).
 """
 
@@ -25,11 +26,13 @@ _ERROR = (
 
 @dataclass
 class FaultRates:
-    """Chances per call (0..1); `after_call` only for calls that change something."""
+    """Chances per call (0..1); `after_call` only for calls that change something, `prefix_after_call`
+    (when set) instead of it for those that name prefixes (Ipv4Prefix*, Ipv6Prefix*)."""
 
     throttle: float = 0.0
     error: float = 0.0
     after_call: float = 0.0
+    prefix_after_call: float | None = None
 
 
 class Ec2FaultProxy:
@@ -40,6 +43,7 @@ class Ec2FaultProxy:
         self.upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
         self.rates = FaultRates()
         self.counts: dict[str, int] = {"throttle": 0, "error": 0, "after_call": 0, "forwarded": 0}
+        self.prefix_after_calls = 0  # of the after_call faults, those of prefix calls
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._held_action = ""
@@ -114,15 +118,18 @@ class Ec2FaultProxy:
     def _choose(self, body: bytes) -> str:
         action = _action(body)
         mutating = not action.startswith("Describe")
+        prefixes = mutating and (b"Ipv4Prefix" in body or b"Ipv6Prefix" in body)
         with self._lock:
             roll = self._random.random()
             r = self.rates
+            after_call = r.prefix_after_call if prefixes and r.prefix_after_call is not None else r.after_call
             if roll < r.throttle:
                 fault = "throttle"
             elif roll < r.throttle + r.error:
                 fault = "error"
-            elif mutating and roll < r.throttle + r.error + r.after_call:
+            elif mutating and roll < r.throttle + r.error + after_call:
                 fault = "after_call"
+                self.prefix_after_calls += prefixes
             else:
                 fault = "forwarded"
             self.counts[fault] += 1
