@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ipam.v1 import allocator_pb2 as pb
+from ipam.v1 import nodes_pb2 as npb
 from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api
 from tests.support.moto_server import DemoNetwork, MotoServer, create_demo_network, ec2_client, run_instance
@@ -86,10 +87,11 @@ class Cni:
             **extra,
         }
 
-    def write_conflist(self, directory: Path, family: str = "ipv4") -> Path:
-        """A network config list in `directory` (cnitool's NETCONFPATH) using our plugin for `family`."""
+    def write_conflist(self, directory: Path, family: str = "ipv4", node: str | None = None) -> Path:
+        """A network config list in `directory` (cnitool's NETCONFPATH) using our plugin for `family`
+        (on `node`, else the fixture's)."""
         directory.mkdir(exist_ok=True)
-        conf = self.plugin_conf(family=family)
+        conf = self.plugin_conf(node=node, family=family)
         plugins = [{k: v for k, v in conf.items() if k not in ("cniVersion", "name")}]
         conflist = {"cniVersion": BRIDGE_VERSION, "name": self.network, "plugins": plugins}
         (directory / "10-ipcni.conflist").write_text(json.dumps(conflist))
@@ -137,6 +139,9 @@ class Cni:
 
     def dump(self, node: str | None = None) -> pb.DumpResponse:
         return self.api.alloc.Dump(pb.DumpRequest(node=node or self.node), timeout=5)
+
+    def node_message(self, node: str) -> npb.Node:
+        return self.api.nodes.GetNode(npb.GetNodeRequest(name=node), timeout=5)
 
     def keyed(self, node: str | None = None) -> dict[str, str]:
         """idempotency key -> address, for this network's attachments."""
@@ -205,7 +210,7 @@ def cni(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     token_file.write_text(CLIENT_TOKEN + "\n")
     token_file.chmod(0o600)
     tag = uuid.uuid4().hex[:6]
-    with MotoServer() as moto:
+    with MotoServer(local_ec2=True) as moto:  # the local EC2: prefix delegation as EC2 does it
         ec2 = ec2_client(moto.endpoint_url)
         demo = create_demo_network(ec2, instance_types=())
         allocator = AllocatorProcess(redis_server.url).start()
@@ -313,6 +318,37 @@ def test_an_ipv6_container_gets_its_address_in_its_subnet_and_an_ipv6_gateway(cn
     deleted = cni.cnitool("del", ns, netconf_dir=net_d)
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert key not in cni.keyed()
+
+
+def test_a_dual_stack_add_on_a_prefix_node_gets_an_address_of_a_28_and_one_of_the_80(cni: Cni) -> None:
+    """cnitool's ADD on a node in prefix delegation: IPv4 from one of its /28 prefixes, IPv6 from its
+    /80 with the /64 and the IPv6 gateway, both as EC2 delegated them; DEL gives both back."""
+    assert cni.demo is not None
+    instance_id = run_instance(cni.ec2, cni.demo, "m5.large")
+    node = cni.api.create_node(
+        instance_id=instance_id, instance_type="m5.large", ipv6_enabled=True, prefix_delegation=True
+    )
+    poll(lambda: cni.node_message(node).ipv6_prefix != "" and cni.api.stats(node).available_ips >= 16, timeout=30)
+    interfaces = cni.ec2.describe_network_interfaces(
+        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
+    )["NetworkInterfaces"]
+    ipv4_prefixes = [ipaddress.ip_network(p["Ipv4Prefix"]) for i in interfaces for p in i.get("Ipv4Prefixes", [])]
+    (ipv6_prefix,) = [ipaddress.ip_network(p["Ipv6Prefix"]) for i in interfaces for p in i.get("Ipv6Prefixes", [])]
+
+    net_d = cni.write_conflist(cni.tmp / "net-prefix.d", "dual", node=node)
+    ns = cni.add_netns()
+    result = cni.cnitool("add", ns, netconf_dir=net_d)
+    assert result.returncode == 0, result.stdout + result.stderr
+    configs = {ipaddress.ip_interface(c["address"]).version: c for c in json.loads(result.stdout)["ips"]}
+    v4, v6 = ipaddress.ip_interface(configs[4]["address"]), ipaddress.ip_interface(configs[6]["address"])
+    assert any(v4.ip in p for p in ipv4_prefixes)
+    assert v6.ip in ipv6_prefix and v6.network.prefixlen == 64 and configs[6]["gateway"] == "fe80:ec2::1"
+    assert address_on(ns) == [configs[4]["address"]] and address_on(ns, family="inet6") == [configs[6]["address"]]
+    key = key_of(cni, container_id_of(ns))
+    assert cni.keyed(node)[key] in (str(v4.ip), str(v6.ip))
+    deleted = cni.cnitool("del", ns, netconf_dir=net_d)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert cni.keyed(node) == {} and cni.api.dump(node) == ({}, {})
 
 
 def test_a_failed_add_leaves_nothing_allocated_under_its_key(cni: Cni) -> None:
