@@ -443,3 +443,21 @@ def test_a_prefix_gone_from_the_cloud_takes_its_addresses_along(api: Api) -> Non
     stats = api.stats(node)
     assert (stats.lost_ips, stats.used_ipv6, stats.available_ipv6) == (0, 1, 1)
     assert _allocate6(api, node, "v6-new").ip == "2001:db8:0:7::2"
+
+
+def test_a_named_pool_keeps_its_own_prefixes_and_an_expired_timer_returns_an_address_to_its_prefix(
+    api: Api,
+) -> None:
+    node = api.create_node(pre_allocate=0, pre_allocate_set=True)
+    _add(api, node, [A], pool="blue")
+    _add(api, node, [B])
+    timed = api.alloc.AllocateNext(
+        pb.AllocateNextRequest(node=node, pool="blue", family=pb.FAMILY_IPV4, owner="job", expiration_seconds=1),
+        timeout=5,
+    ).ipv4
+    assert _in(timed.ip, A) and timed.expiration_uuid
+    assert _in(_allocate(api, node, "pod"), B)  # the default pool's own prefix
+    poll(lambda: api.dump(node, pool="blue")[0] == {})
+    # Back in its prefix: A is wholly free again, so it is reserved whole.
+    reply = api.nodes.ReserveForRelease(npb.ReserveForReleaseRequest(node=node, pool="blue", prefix=A), timeout=5)
+    assert sorted(reply.ips, key=ipaddress.ip_address) == [str(a) for a in ipaddress.ip_network(A)]
