@@ -1,6 +1,7 @@
-"""IPv6 in prefix mode end to end: one /80 per node on its primary interface, assigned by the worker
-in the local EC2 (over HTTP), handed to the real allocator as the pool's IPv6 prefix, its addresses
-handed out one by one and never written out."""
+"""Prefix nodes across the worker and the allocator, end to end with the local EC2 (over HTTP): IPv6
+in prefix mode (one /80 per node on its primary interface, handed to the real allocator as the
+pool's IPv6 prefix, its addresses handed out one by one and never written out), and callers waiting
+for a refill served by /28 prefixes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ipaddress
 import itertools
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -176,3 +178,17 @@ def test_an_ambiguous_assign_is_read_back_and_a_80_removed_out_of_band_is_replac
     assert second != first and pool_prefix(cloud, node) == second
     reply = cloud.api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="pod-after"), timeout=5)
     assert ipaddress.ip_address(reply.ipv6.ip) in ipaddress.IPv6Network(second)
+
+
+def test_callers_waiting_on_an_empty_prefix_node_are_served_by_prefixes(cloud: Cloud) -> None:
+    """20 callers wait at once on a prefix node with nothing free and no watermark: the worker counts
+    them into the deficit and meets it with prefixes; each caller gets an address of one."""
+    vpc = cloud.vpc(24)
+    node, instance_id = cloud.node(vpc, pre_allocate=0, pre_allocate_set=True)
+    with WorkerProcess(cloud.redis_url, cloud.allocator.address, cloud.moto.endpoint_url) as worker:
+        with ThreadPoolExecutor(20) as pool:
+            handed = list(pool.map(lambda i: cloud.allocate(node, f"pod-{i}", wait=True).ip, range(20)))
+        prefixes = [ipaddress.ip_network(p) for p in cloud.prefixes(instance_id)]
+        assert len(set(handed)) == 20 and all(any(ipaddress.ip_address(ip) in p for p in prefixes) for ip in handed)
+        assert cloud.secondaries(instance_id) == []
+        assert worker.stop() == 0, worker.log_text()[-3000:]
