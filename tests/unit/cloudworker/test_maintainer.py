@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
@@ -164,6 +164,7 @@ class FakeAllocator:
     last_error: str = ""
     limits: InstanceLimits = field(default_factory=lambda: InstanceLimits(0, 0))
     vpc_cidrs: tuple[str, ...] = ()
+    during_release: Callable[[], None] = lambda: None  # what happens while the cloud unassigns
 
     def node(self) -> PoolNode:
         counts = PoolCounts(len(self.attached), len(self.allocated), 0)
@@ -234,13 +235,17 @@ class FakeAllocator:
     async def reserve_for_release(
         self, node: str, interface_id: str, count: int, family: Family, *, prefix: str = ""
     ) -> Reservation:
-        raise AssertionError("these nodes never release")
+        held = self.interfaces[interface_id].addresses(family)
+        free = [ip for ip in held if ip in self.attached and ip not in self.allocated]
+        return Reservation("r-1", tuple(free[:count]))
 
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
-        raise AssertionError("these nodes never release")
+        self.attached.difference_update(ips)
+        self.during_release()
+        return list(ips)
 
     async def abort_release(self, node: str, reservation_id: str) -> None:
-        raise AssertionError("these nodes never release")
+        pass
 
     async def close(self) -> None:
         pass
@@ -349,3 +354,25 @@ def test_a_spec_s_prefix_delegation_wins_over_the_worker_s_default() -> None:
     ]:
         config = NodeConfig("n", prefix_delegation=spec)
         assert planner_spec(config, instance, prefix_delegation=default).prefix_delegation is expected
+
+
+def test_a_maintenance_that_gave_back_leaves_a_deficit_since_to_the_next_one() -> None:
+    """Refill or give back, never both: pods that took addresses while the excess went back leave a
+    deficit that the next maintenance (their own event) refills, not an assign right after the
+    release on the same node."""
+    cloud, allocator = FakeCloud(), FakeAllocator(_spec(pre_allocate=8))
+    maintainer = NodeMaintainer(cloud, allocator, WorkerMetrics(CollectorRegistry()), stale_reservation_seconds=60)
+    _maintain(cloud, allocator, maintainer)  # 8 addresses on eni-0 and a new eni-1
+    allocator.spec = replace(_spec(pre_allocate=2), release_excess=True)  # 6 in excess
+
+    def pods_arrive() -> None:
+        allocator.allocated.update(sorted(allocator.attached)[:3])
+
+    allocator.during_release = pods_arrive
+    cloud.calls.clear()
+    outcome = _maintain(cloud, allocator, maintainer)
+    assert outcome.assigned == 0 and "assign_addresses" not in cloud.calls  # no refill in this one
+    assert outcome.released == 4 and outcome.reason == DeficitReason.OTHER_WAY_NEXT
+    assert allocator.node().stats.needed_ipv4 > 0  # left for the next maintenance
+    again = _maintain(cloud, allocator, maintainer)
+    assert again.assigned > 0 and again.released == 0 and allocator.node().stats.needed_ipv4 == 0
