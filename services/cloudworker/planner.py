@@ -33,7 +33,7 @@ from services.cloudworker.model import (
 )
 from services.cloudworker.providers.base import CloudPolicy
 from services.core.family import Family
-from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips
+from services.core.pool_math import PoolCounts, Watermarks, pool_excess_ips, pool_needed_ips, pool_surge_needed_ips
 from services.core.reasons import DeficitReason
 
 __all__ = [
@@ -221,7 +221,8 @@ def plan(
     """The one next step for the node's IPv4 pool.
 
     `waiting_ipv4` counts callers waiting for a refill (Cilium's pending pods, its surge): they are
-    added to the deficit, so one step serves them and still leaves the watermark free.
+    counted as used, so one step serves them and still leaves the watermark free (and free addresses
+    a refill just brought are not asked for again for waiters not yet woken).
     Release wins only when there is excess, no deficit, and `spec.release_excess` is set; it
     gives back only addresses among `free_ipv4` (the pool's free ones).
     `subnets` should hold the subnets of the node's VPC and zone; the policy does not use an
@@ -232,7 +233,7 @@ def plan(
     if limits.max_interfaces <= 0 or limits.ipv4_per_interface <= 0:
         raise ValueError(f"instance limits unknown or invalid: {limits}")
     w = spec.watermarks
-    needed = pool_needed_ips(counts, w) + max(waiting_ipv4, 0)
+    needed = pool_surge_needed_ips(counts, w, waiting_ipv4)
     if needed > 0:
         wanted = needed + w.max_above_watermark
         if w.max_allocate > 0:

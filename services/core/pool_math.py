@@ -6,7 +6,7 @@ event, the worker's planner to decide how much to allocate or release.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_PRE_ALLOCATE = 8
 
@@ -70,10 +70,21 @@ def pool_excess_ips(counts: PoolCounts, w: Watermarks) -> int:
     return excess_ips(counts.available - counts.cooling, counts.used, w)
 
 
+def pool_surge_needed_ips(counts: PoolCounts, w: Watermarks, waiting: int = 0) -> int:
+    """`pool_needed_ips` with the callers waiting (Cilium's surge) counted as used: the watermark's
+    need plus the waiters the free addresses do not cover. Free addresses are taken by waiters first
+    (a refill just added still has its waiters counted until they wake): counting those waiters on
+    top would ask for their addresses twice (a whole second /28 each time in prefix mode).
+    max_allocate is the caller's to apply (a cap here would hide waiters it stops)."""
+    uncapped = replace(w, max_allocate=0)
+    return pool_needed_ips(PoolCounts(counts.available, counts.used + max(waiting, 0), counts.cooling), uncapped)
+
+
 def pool_demand_ips(counts: PoolCounts, w: Watermarks, waiting: int = 0) -> int:
-    """What a refill must bring: the watermark's need plus the callers waiting (Cilium's surge), never
-    beyond max_allocate. 0 means no refill is coming, whoever waits."""
-    demand = pool_needed_ips(counts, w) + max(waiting, 0)
+    """What a refill must bring: the watermark's need plus the callers waiting that the free
+    addresses do not cover (`pool_surge_needed_ips`), never beyond max_allocate. 0 means no refill
+    is coming, whoever waits."""
+    demand = pool_surge_needed_ips(counts, w, waiting)
     if w.max_allocate > 0:
         demand = min(demand, w.max_allocate - counts.available)
     return max(demand, 0)

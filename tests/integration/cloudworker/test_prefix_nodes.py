@@ -182,7 +182,7 @@ def test_an_ambiguous_assign_is_read_back_and_a_80_removed_out_of_band_is_replac
 
 def test_callers_waiting_on_an_empty_prefix_node_are_served_by_prefixes(cloud: Cloud) -> None:
     """20 callers wait at once on a prefix node with nothing free and no watermark: the worker counts
-    them into the deficit and meets it with prefixes; each caller gets an address of one."""
+    them into the deficit and meets it with two prefixes; each caller gets an address of one."""
     vpc = cloud.vpc(24)
     node, instance_id = cloud.node(vpc, pre_allocate=0, pre_allocate_set=True)
     with WorkerProcess(cloud.redis_url, cloud.allocator.address, cloud.moto.endpoint_url) as worker:
@@ -191,4 +191,6 @@ def test_callers_waiting_on_an_empty_prefix_node_are_served_by_prefixes(cloud: C
         prefixes = [ipaddress.ip_network(p) for p in cloud.prefixes(instance_id)]
         assert len(set(handed)) == 20 and all(any(ipaddress.ip_address(ip) in p for p in prefixes) for ip in handed)
         assert cloud.secondaries(instance_id) == []
+        # ⌈20 / 16⌉: callers the free addresses already cover are not asked for again.
+        assert len(prefixes) == 2, prefixes
         assert worker.stop() == 0, worker.log_text()[-3000:]

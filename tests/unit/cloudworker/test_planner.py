@@ -974,3 +974,12 @@ def test_decide_assigns_the_80_before_ipv4_s_prefixes_and_then_nothing_more_for_
     assert decide(held, EC2) == prefixes_on(0, 1)
     # Callers waiting for IPv6 while the /80 is held (it never runs dry): still no IPv6 call.
     assert decide(replace(held, waiting_ipv6=3, ipv4=PoolCounts(8, 0)), EC2) == NoAction(DeficitReason.NOTHING_NEEDED)
+
+
+def test_a_refill_s_waiters_not_yet_woken_are_not_asked_for_again() -> None:
+    """Within one maintenance the allocator's answer to AddAddresses still counts the callers the new
+    prefixes will serve: the free addresses cover them, so no second round of prefixes is asked."""
+    waiting = state(spec=PD, limits=M5_NITRO, interfaces=(eni(0),), ipv4=PoolCounts(0, 0), waiting_ipv4=20)
+    assert decide(waiting, EC2) == prefixes_on(0, 2)  # ⌈(20 + 8) / 16⌉
+    after = replace(waiting, interfaces=(with_prefixes(eni(0), 2),), ipv4=PoolCounts(32, 0))
+    assert isinstance(decide(after, EC2), NoAction)

@@ -10,6 +10,7 @@ from services.core.pool_math import (
     excess_ips,
     interface_capacity,
     needed_ips,
+    pool_demand_ips,
     pool_excess_ips,
     pool_needed_ips,
 )
@@ -98,3 +99,19 @@ CAPACITY = [
 @pytest.mark.parametrize("adapters,per_interface,first_index,expected", CAPACITY)
 def test_interface_capacity(adapters: int, per_interface: int, first_index: int, expected: int) -> None:
     assert interface_capacity(adapters, per_interface, first_index) == expected
+
+
+@pytest.mark.parametrize(
+    ("available", "used", "waiting", "max_a", "expected"),
+    [
+        (0, 0, 20, 0, 28),  # nothing free: the waiters and the watermark
+        (8, 8, 3, 0, 11),
+        (32, 0, 20, 0, 0),  # a refill just came: its waiters, not yet woken, take 20 of its 32
+        (20, 0, 20, 0, 8),  # they take all of it: the watermark is still missing
+        (16, 0, 20, 24, 8),  # never beyond max_allocate
+        (4, 0, 0, 0, 4),  # no waiters: the watermark alone
+    ],
+)
+def test_pool_demand_counts_waiters_as_used(available: int, used: int, waiting: int, max_a: int, expected: int) -> None:
+    w = Watermarks(pre_allocate=8, max_allocate=max_a)
+    assert pool_demand_ips(PoolCounts(available, used), w, waiting) == expected
