@@ -149,8 +149,11 @@ def decide(state: NodeState, policy: CloudPolicy) -> Step:
 
 
 def _ipv6_assign(state: NodeState, policy: CloudPolicy) -> AssignIPv6 | None:
-    """IPv6 addresses where the policy finds room, for the deficit and the callers waiting."""
-    wanted = state.needed_ipv6 + state.waiting_ipv6  # IPv6 waiters are its surge
+    """IPv6 addresses where the policy finds room, for the deficit and the callers waiting that the
+    free addresses do not cover (the allocator's needed_ipv6 is 0 for a pool holding a /80)."""
+    if state.needed_ipv6 <= 0 and state.waiting_ipv6 <= 0:
+        return None
+    wanted = pool_surge_needed_ips(state.ipv6, state.spec.watermarks, state.waiting_ipv6)  # IPv6 waiters are its surge
     if not state.ipv6_enabled or wanted <= 0 or Family.IPV6 in state.progress.nothing_assigned:
         return None
     return policy.prepare_ipv6_allocation(state.spec, state.interfaces, state.limits, wanted)

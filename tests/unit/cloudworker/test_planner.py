@@ -544,6 +544,12 @@ DECIDE_CASES = {
         (("ipv6", (10,)),),
         FakePolicy(ipv6=AssignIPv6("eni-0", 10)),
     ),
+    "IPv6 callers waiting that the free IPv6 addresses cover: none assigned": DecideCase(
+        state(ipv6_enabled=True, ipv6=PoolCounts(12, 0), waiting_ipv6=2),
+        NoAction(DeficitReason.NOTHING_NEEDED),
+        (),
+        FakePolicy(ipv6=AssignIPv6("eni-0", 2)),
+    ),
     "IPv6 needed but no interface has room: IPv4's step": DecideCase(
         state(ipv4=PoolCounts(0, 0), ipv6_enabled=True, needed_ipv6=8),
         allocate_on(0, 1),
