@@ -34,6 +34,7 @@ from services.cloudworker.ratelimit import TokenBucket
 from services.cloudworker.settings import WorkerSettings
 from tests.support.allocator_process import ADMIN_TOKEN, CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, expect_error, reason_of
+from tests.support.ec2_fault_proxy import Ec2FaultProxy
 from tests.support.moto_server import (
     DemoNetwork,
     Ec2Fault,
@@ -549,17 +550,24 @@ def test_a_worker_killed_mid_event_is_replaced_and_nothing_is_assigned_twice(
     moto_server: MotoServer, demo_network: DemoNetwork
 ) -> None:
     ec2 = ec2_client(moto_server.endpoint_url)
-    with RedisServer() as own_redis, AllocatorProcess(own_redis.url) as allocator:
+    with (
+        RedisServer() as own_redis,
+        AllocatorProcess(own_redis.url) as allocator,
+        Ec2FaultProxy(moto_server.endpoint_url, seed=1) as proxy,
+    ):
         api = Api(allocator.address)
-        # A slow worker (an EC2 call every 2 s): it is killed right after EC2 assigned the addresses
-        # and before it told the allocator, the most dangerous moment.
-        slow = WorkerProcess(
-            own_redis.url, allocator.address, moto_server.endpoint_url, ec2_qps=0.5, ec2_burst=1
-        ).start()
+        # The worker is killed between EC2's assignment and its telling the allocator, the most
+        # dangerous moment: its assignment is held at the proxy, the worker killed, then the
+        # assignment carried out (a slow worker killed once the addresses showed up took 15 s). Its
+        # node lock, which the other waits out, has a lease of 2 s instead of 5: it is held by no one else.
+        doomed = WorkerProcess(own_redis.url, allocator.address, proxy.endpoint_url, node_lock_seconds=2).start()
+        proxy.hold("AssignPrivateIpAddresses")
         instance_id = run_instance(ec2, demo_network, "m5.large")
         node = api.create_node(instance_id=instance_id, instance_type="m5.large")
+        poll(lambda: proxy.held == 1, describe=doomed.log_tail)
+        doomed.kill()
+        proxy.release()
         poll(lambda: secondaries(ec2, instance_id))
-        slow.kill()
         assert api.stats(node).available_ips == 0  # the allocator never heard of them
         with WorkerProcess(own_redis.url, allocator.address, moto_server.endpoint_url) as other:
             poll(lambda: api.stats(node).available_ips >= 8)
