@@ -27,20 +27,21 @@ RELEASE_DELAY_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def cloud(redis_server: RedisServer, moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
-    """As test_worker's, with an excess release delay to see."""
-    allocator = AllocatorProcess(redis_server.url).start()
-    worker = WorkerProcess(
-        redis_server.url,
-        allocator.address,
-        moto_server.endpoint_url,
-        excess_release_delay_seconds=RELEASE_DELAY_S,
-    ).start()
-    api = Api(allocator.address)
-    yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
-    api.close()
-    assert worker.stop() == 0, worker.log_text()[-3000:]
-    allocator.stop()
+def cloud(moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
+    """As test_worker's (a Redis of its own), with an excess release delay to see."""
+    with RedisServer() as redis:
+        allocator = AllocatorProcess(redis.url).start()
+        worker = WorkerProcess(
+            redis.url,
+            allocator.address,
+            moto_server.endpoint_url,
+            excess_release_delay_seconds=RELEASE_DELAY_S,
+        ).start()
+        api = Api(allocator.address)
+        yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
+        api.close()
+        assert worker.stop() == 0, worker.log_text()[-3000:]
+        allocator.stop()
 
 
 GHOST_INSTANCE = "i-0123456789abcdef0"  # well-formed, and no such instance in the local EC2

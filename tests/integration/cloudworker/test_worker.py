@@ -88,20 +88,23 @@ def pool_matches_ec2(api: Api, ec2: BaseClient, node: str, instance_id: str, cou
 
 
 @pytest.fixture(scope="module")
-def cloud(redis_server: RedisServer, moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
-    allocator = AllocatorProcess(redis_server.url).start()
-    worker = WorkerProcess(
-        redis_server.url,
-        allocator.address,
-        moto_server.endpoint_url,
-        gc_interval_seconds=1,
-        leaked_interface_grace_seconds=60,
-    ).start()
-    api = Api(allocator.address)
-    yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
-    api.close()
-    assert worker.stop() == 0, worker.log_text()[-3000:]
-    allocator.stop()
+def cloud(moto_server: MotoServer, demo_network: DemoNetwork) -> Iterator[Cloud]:
+    """A Redis of the module's own: on the session's, the worker would resync, and take the events
+    of, every node the earlier tests left there, all through this module."""
+    with RedisServer() as redis:
+        allocator = AllocatorProcess(redis.url).start()
+        worker = WorkerProcess(
+            redis.url,
+            allocator.address,
+            moto_server.endpoint_url,
+            gc_interval_seconds=1,
+            leaked_interface_grace_seconds=60,
+        ).start()
+        api = Api(allocator.address)
+        yield Cloud(api, ec2_client(moto_server.endpoint_url), demo_network, allocator, moto_server)
+        api.close()
+        assert worker.stop() == 0, worker.log_text()[-3000:]
+        allocator.stop()
 
 
 def test_deficit_fills_to_the_watermark_then_to_the_instance_limit(cloud: Cloud) -> None:

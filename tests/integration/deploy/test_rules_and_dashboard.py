@@ -56,9 +56,17 @@ def _exported(text: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def services(redis_server: RedisServer) -> Iterator[tuple[AllocatorProcess, WorkerProcess]]:
-    with MotoServer() as moto, AllocatorProcess(redis_server.url, pool_metrics_seconds=0.5) as allocator:
-        worker = WorkerProcess(redis_server.url, allocator.address, moto.endpoint_url).start()
+def redis() -> Iterator[RedisServer]:
+    """The module's own: on the session's, the worker would resync every node earlier tests left
+    there, and the allocator export them all."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def services(redis: RedisServer) -> Iterator[tuple[AllocatorProcess, WorkerProcess]]:
+    with MotoServer() as moto, AllocatorProcess(redis.url, pool_metrics_seconds=0.5) as allocator:
+        worker = WorkerProcess(redis.url, allocator.address, moto.endpoint_url).start()
         try:
             yield allocator, worker
         finally:
@@ -96,14 +104,14 @@ def _pool_series(text: str) -> list[str]:
 
 
 def test_one_allocator_replica_exports_the_pool_gauges_and_another_takes_over(
-    services: tuple[AllocatorProcess, WorkerProcess], redis_server: RedisServer
+    services: tuple[AllocatorProcess, WorkerProcess], redis: RedisServer
 ) -> None:
     """With two replicas a plain sum() counts each pool once: only the lease holder exports them."""
     first, _ = services
     api = Api(first.address)
     node = api.node_with_pool(3)
     api.close()
-    with AllocatorProcess(redis_server.url, pool_metrics_seconds=0.5) as second:
+    with AllocatorProcess(redis.url, pool_metrics_seconds=0.5) as second:
         poll(lambda: any(node in line for line in _pool_series(_scrape(first.metrics_port))), timeout=20)
         scrapes = [_scrape(first.metrics_port), _scrape(second.metrics_port)]
         assert 'ipam_cluster_exporter{service="allocator"} 1.0' in scrapes[0]
