@@ -58,6 +58,7 @@ class Cni:
     bridge: str
     node: str
     token_file: Path
+    redis_url: str = ""
     ec2: Any = None
     demo: DemoNetwork | None = None
     namespaces: list[str] = field(default_factory=list)
@@ -198,7 +199,7 @@ def _fill_node(api: Api, ec2: Any, network: DemoNetwork, instance_type: str, **s
 
 
 @pytest.fixture(scope="module")
-def cni(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cni]:
+def cni(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cni]:
     refusal = _netns_refusal()
     if refusal is not None:
         pytest.skip(f"network namespaces are refused here ({refusal}): the CNI tests need root and netns")
@@ -210,13 +211,15 @@ def cni(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     token_file.write_text(CLIENT_TOKEN + "\n")
     token_file.chmod(0o600)
     tag = uuid.uuid4().hex[:6]
-    with MotoServer(local_ec2=True) as moto:  # the local EC2: prefix delegation as EC2 does it
+    # A Redis of the module's own: on the session's, the worker would resync, and take the events
+    # of, every node the earlier tests left there.
+    with RedisServer() as redis, MotoServer(local_ec2=True) as moto:  # the local EC2: prefix delegation as EC2's
         ec2 = ec2_client(moto.endpoint_url)
         demo = create_demo_network(ec2, instance_types=())
-        allocator = AllocatorProcess(redis_server.url).start()
-        worker = WorkerProcess(redis_server.url, allocator.address, moto.endpoint_url).start()
+        allocator = AllocatorProcess(redis.url).start()
+        worker = WorkerProcess(redis.url, allocator.address, moto.endpoint_url).start()
         api = Api(allocator.address)
-        cni = Cni(api, allocator, tmp, f"ipcni-net-{tag}", f"ipcni{tag}", "", token_file)
+        cni = Cni(api, allocator, tmp, f"ipcni-net-{tag}", f"ipcni{tag}", "", token_file, redis.url)
         try:
             cni.node = _fill_node(api, ec2, demo, "m5.large", ipv6_enabled=True)
             cni.ec2, cni.demo = ec2, demo
@@ -392,10 +395,10 @@ def test_gc_frees_every_attachment_but_the_valid_ones(cni: Cni) -> None:
 
 
 def test_status_fails_with_50_while_the_allocator_is_stopped_and_passes_once_it_is_back(
-    cni: Cni, redis_server: RedisServer
+    cni: Cni,
 ) -> None:
     port = free_port()
-    own = AllocatorProcess(redis_server.url, port=port).start()
+    own = AllocatorProcess(cni.redis_url, port=port).start()
     try:
         net_d = cni.tmp / f"status-{port}"
         net_d.mkdir()
