@@ -95,7 +95,14 @@ def test_a_deficit_is_met_with_blocks_and_excess_goes_back_whole(cluster: Cluste
         # 40 callers: ⌈(40 + 20 − 32) / 16⌉ = 2 more blocks, the lowest free ones.
         for i in range(40):
             cluster.allocate(node, f"pod-{i}")
-        poll(lambda: len(blocks.blocks_of(node)) == 4 and cluster.api.stats(node).needed_ips == 0, timeout=30)
+        poll(
+            lambda: len(blocks.blocks_of(node)) == 4 and cluster.api.stats(node).needed_ips == 0,
+            timeout=30,
+            describe=lambda: (
+                f"blocks {[b.prefix for b in blocks.blocks_of(node)]}, {cluster.api.stats(node)}; "
+                + worker.log_tail(40)
+            ),
+        )
         assert cluster.pool(node) == addresses(blocks, node)
 
         # 40 gone: the free blocks above the watermark go back whole, the node keeps its watermark.
