@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.core.family import Family
 from services.core.reasons import ErrorReason
@@ -212,24 +212,18 @@ def validate_timeout(seconds: int, what: str = "timeout") -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class InterfaceInfo:
-    """What an allocation result carries about the interface holding the address."""
-
-    id: str = ""
-    mac: str = ""
-    device_index: int = 0
-    gateway_ip: str = ""
-    subnet_cidr: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class Allocation:
-    """One allocated address."""
+    """One allocated address, with what a caller configures it by: the interface holding it, and the
+    subnet and gateway of the address's own family."""
 
     ip: str
     family: Family
     pool: str
     owner: str
-    interface: InterfaceInfo = field(default_factory=InterfaceInfo)
+    interface_id: str = ""
+    mac: str = ""
+    device_index: int = 0
+    gateway_ip: str = ""
+    subnet_cidr: str = ""
     expiration_uuid: str = ""
     vpc_cidrs: tuple[str, ...] = ()

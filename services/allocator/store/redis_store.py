@@ -37,7 +37,7 @@ from ..domain.errors import (
     OutcomeUnknown,
     Unavailable,
 )
-from ..domain.model import DEFAULT_POOL, Allocation, InterfaceInfo
+from ..domain.model import DEFAULT_POOL, Allocation
 from ..domain.pool import (
     AllocateOutcome,
     ChangeOutcome,
@@ -249,9 +249,11 @@ def _flat_allocation(values: Sequence[Any], i: int, pool: str, vpc_cidrs: tuple[
         family=family,
         pool=pool,
         owner=owner.decode(),
-        interface=InterfaceInfo(
-            id=iface.decode(), mac=mac, device_index=int(device_index), gateway_ip=gateway, subnet_cidr=subnet
-        ),
+        interface_id=iface.decode(),
+        mac=mac,
+        device_index=int(device_index),
+        gateway_ip=gateway,
+        subnet_cidr=subnet,
         expiration_uuid=expiration_uuid.decode(),
         vpc_cidrs=vpc_cidrs,
     )
@@ -310,9 +312,11 @@ def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
         family=family,
         pool=pool,
         owner=item["owner"],
-        interface=InterfaceInfo(
-            id=item.get("iface", ""), mac=mac, device_index=int(device_index), gateway_ip=gateway, subnet_cidr=subnet
-        ),
+        interface_id=item.get("iface", ""),
+        mac=mac,
+        device_index=int(device_index),
+        gateway_ip=gateway,
+        subnet_cidr=subnet,
         expiration_uuid=item.get("uuid", ""),
         vpc_cidrs=tuple(vpc.split()),
     )

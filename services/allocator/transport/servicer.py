@@ -79,14 +79,14 @@ def allocation_result(a: Allocation) -> pb.AllocationResult:
     return pb.AllocationResult(
         ip=a.ip,
         cidrs=list(a.vpc_cidrs),
-        primary_mac=a.interface.mac,
-        gateway_ip=a.interface.gateway_ip,
+        primary_mac=a.mac,
+        gateway_ip=a.gateway_ip,
         expiration_uuid=a.expiration_uuid,
-        interface_number=str(a.interface.device_index),
-        interface_id=a.interface.id,
+        interface_number=str(a.device_index),
+        interface_id=a.interface_id,
         pool=a.pool,
         owner=a.owner,
-        subnet_cidr=a.interface.subnet_cidr,
+        subnet_cidr=a.subnet_cidr,
     )
 
 
