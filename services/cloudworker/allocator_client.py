@@ -11,6 +11,7 @@ from typing import Protocol
 
 from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
+from services.core.reasons import ErrorReason
 
 from .model import InstanceLimits, NetworkInterface
 
@@ -109,8 +110,19 @@ class PoolAddresses:
         return self.allocated_ipv4 | self.allocated_ipv6 | self.free_ipv4 | self.free_ipv6
 
 
+class AllocatorError(Exception):
+    """The allocator refused a call or could not be reached: its stable reason ("" when it gave
+    none; a reason this release does not know stays a plain string) and what it said."""
+
+    def __init__(self, reason: ErrorReason | str, message: str) -> None:
+        super().__init__(f"{reason or 'no reason'}: {message}")
+        self.reason = reason
+        self.message = message
+
+
 class AllocatorClient(Protocol):
-    """The allocator's node and pool calls the worker makes, on each node's cloud pool."""
+    """The allocator's node and pool calls the worker makes, on each node's cloud pool; each raises
+    `AllocatorError` when the call fails."""
 
     async def get_node(self, name: str) -> PoolNode: ...
 

@@ -4,7 +4,9 @@ node lock held by the maintenance making it (`fencing.current_token`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Concatenate, ParamSpec, TypeVar
 
 from clients.client import AsyncIpamClient, IpamClientError
 from ipam.v1 import allocator_pb2 as pb
@@ -13,12 +15,31 @@ from services.core.family import Family
 from services.core.pool_math import PoolCounts, Watermarks
 from services.core.reasons import ErrorReason
 
-from .allocator_client import CLOUD_POOL, NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
+from .allocator_client import CLOUD_POOL, AllocatorError, NodeConfig, PoolAddresses, PoolNode, PoolStats, Reservation
 from .fencing import current_token
 from .model import InstanceLimits, NetworkInterface
 
 # A prefix's release refused with nothing reserved: it stays, and the worker asks again later.
 _PREFIX_KEPT = frozenset({ErrorReason.PREFIX_IN_USE, ErrorReason.PREFIX_COOLING_DOWN, ErrorReason.PREFIX_NOT_IN_POOL})
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _translated(
+    call: Callable[Concatenate[GrpcAllocator, P], Awaitable[T]],
+) -> Callable[Concatenate[GrpcAllocator, P], Awaitable[T]]:
+    """The client's failure as the worker's `AllocatorError` (gRPC's status stays here)."""
+
+    @functools.wraps(call)
+    async def wrapped(self: GrpcAllocator, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(self, *args, **kwargs)
+        except IpamClientError as exc:
+            raise AllocatorError(exc.reason, f"{exc.code.name}: {exc.message}") from exc
+
+    return wrapped
 
 
 class GrpcAllocator:
@@ -27,12 +48,15 @@ class GrpcAllocator:
     def __init__(self, client: AsyncIpamClient) -> None:
         self.client = client
 
+    @_translated
     async def get_node(self, name: str) -> PoolNode:
         return node_from_message(await self.client.get_node(name, CLOUD_POOL))
 
+    @_translated
     async def list_nodes(self, *, order_by_watermark: bool = False) -> list[PoolNode]:
         return [node_from_message(n) for n in await self.client.list_nodes(order_by_watermark=order_by_watermark)]
 
+    @_translated
     async def dump(self, node: str) -> PoolAddresses:
         reply = await self.client.dump(node, CLOUD_POOL)
         return PoolAddresses(
@@ -44,6 +68,7 @@ class GrpcAllocator:
             ipv6_prefix=reply.ipv6_prefix,
         )
 
+    @_translated
     async def add_addresses(
         self,
         node: str,
@@ -70,6 +95,7 @@ class GrpcAllocator:
         reply = await self.client.add_addresses(request)
         return node_from_message(reply.node)
 
+    @_translated
     async def set_interfaces(
         self,
         node: str,
@@ -91,9 +117,11 @@ class GrpcAllocator:
             )
         )
 
+    @_translated
     async def set_node_error(self, node: str, error: str) -> None:
         await self.client.set_node_error(node, error)
 
+    @_translated
     async def remove_addresses(
         self, node: str, ips: Sequence[str], *, prefixes: Sequence[str] = (), ipv6_prefix: str = ""
     ) -> list[str]:
@@ -109,6 +137,7 @@ class GrpcAllocator:
         )
         return list(reply.newly_lost)
 
+    @_translated
     async def reserve_for_release(
         self, node: str, interface_id: str, count: int, family: Family, *, prefix: str = ""
     ) -> Reservation:
@@ -130,6 +159,7 @@ class GrpcAllocator:
             raise
         return Reservation(reply.reservation_id, tuple(reply.ips))
 
+    @_translated
     async def complete_release(self, node: str, reservation_id: str, ips: Sequence[str]) -> list[str]:
         reply = await self.client.complete_release(
             npb.CompleteReleaseRequest(
@@ -142,6 +172,7 @@ class GrpcAllocator:
         )
         return list(reply.released_ips)
 
+    @_translated
     async def abort_release(self, node: str, reservation_id: str) -> None:
         await self.client.abort_release(
             npb.AbortReleaseRequest(

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.lock import Lock
 
-from clients.client import AsyncIpamClient, IpamClientError
+from clients.client import AsyncIpamClient
 from services.core import contract, liveness, redis_client
 from services.core.metrics import WORKER_EXPORTER_KEY, ExporterLease
 from services.core.net import split_host_port
@@ -22,7 +22,7 @@ from services.core.redis_client import RedisClient
 from services.core.tasks import cancel_until_done
 
 from . import fencing
-from .allocator_client import CLOUD_POOL, AllocatorClient, PoolNode
+from .allocator_client import CLOUD_POOL, AllocatorClient, AllocatorError, PoolNode
 from .allocator_grpc import GrpcAllocator
 from .cloud_view import CloudView
 from .maintainer import NodeMaintainer
@@ -101,7 +101,7 @@ class Worker:
                 with fencing.holding(await fencing.take_token(self.redis, node)):
                     await self._maintain_holding(lock, node, settle)
                 maintained = True
-            except IpamClientError as exc:
+            except AllocatorError as exc:
                 if exc.reason != ErrorReason.STALE_FENCING_TOKEN:
                     raise
                 log.warning("node %s: another worker holds it now (%s); this one stops", node, exc.message)
@@ -156,7 +156,7 @@ class Worker:
                 await self.source.ack(delivery)
                 self.metrics.events.labels("node-busy").inc()
                 return
-        except IpamClientError as exc:
+        except AllocatorError as exc:
             if exc.reason == ErrorReason.NODE_NOT_FOUND:
                 await self.source.ack(delivery)
                 self.metrics.events.labels("node-gone").inc()
@@ -230,7 +230,7 @@ class Worker:
                         await self.maintain_node(name, settle=True, wait_for_lock=self.settings.node_lock_seconds)
                 except Exception as exc:  # noqa: BLE001 - one node's failure does not stop the others
                     log.warning("resync of node %s failed: %s", name, exc)
-                    if not isinstance(exc, IpamClientError):
+                    if not isinstance(exc, AllocatorError):
                         await self._keep_error(name, exc)
 
         await asyncio.gather(*(visit(node.name) for node in nodes))

@@ -14,13 +14,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from clients.client import IpamClientError
 from services.core.family import Family
 from services.core.prefixes import ADDRESSES_PER_PREFIX
 from services.core.reasons import BLOCKING_REASONS, DeficitReason
 
 from . import planner
-from .allocator_client import AllocatorClient, NodeConfig, PoolAddresses, PoolNode, Reservation
+from .allocator_client import AllocatorClient, AllocatorError, NodeConfig, PoolAddresses, PoolNode, Reservation
 from .cloud_view import CloudView
 from .metrics import WorkerMetrics
 from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet, prefix_addresses
@@ -147,7 +146,7 @@ class NodeMaintainer:
             outcome.cloud_seconds += time.perf_counter() - started
 
     async def maintain(self, name: str, *, settle_reservations: bool = False) -> Outcome:
-        """Maintains node `name`; returns what was done. Raises ProviderError / IpamClientError.
+        """Maintains node `name`; returns what was done. Raises ProviderError / AllocatorError.
 
         Read the state (the pool from the allocator, the cloud from the view or a read), decide the
         next step (`planner.decide`, pure, with the provider's policy), apply it through the
@@ -798,14 +797,14 @@ class NodeMaintainer:
             await self.allocator.set_interfaces(
                 node.name, table, vpc_cidrs=node.vpc_cidrs, limits=node.limits, deficit_reason=blocking
             )
-        except IpamClientError as exc:
+        except AllocatorError as exc:
             log.warning("node %s: could not report its interfaces: %s", node.name, exc)
 
     async def report_error(self, name: str, error: str) -> None:
         """Keeps `error` ("" clears it) as the node's last error, on one line; a failure is logged."""
         try:
             await self.allocator.set_node_error(name, " ".join(error.split())[:1000])
-        except IpamClientError as exc:
+        except AllocatorError as exc:
             log.warning("node %s: could not report its last error: %s", name, exc)
 
 

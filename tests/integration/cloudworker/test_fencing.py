@@ -17,10 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from botocore.client import BaseClient
 
-from clients.client import AsyncIpamClient, IpamClientError
+from clients.client import AsyncIpamClient
 from ipam.v1 import allocator_pb2 as pb
 from ipam.v1 import nodes_pb2 as npb
 from services.cloudworker import fencing
+from services.cloudworker.allocator_client import AllocatorError
 from services.cloudworker.allocator_grpc import GrpcAllocator
 from services.cloudworker.model import NetworkInterface
 from services.core import contract
@@ -136,7 +137,7 @@ def test_a_former_lock_holder_is_refused_and_no_address_is_duplicated_or_lost(cl
                 ):
                     try:
                         await call
-                    except IpamClientError as exc:
+                    except AllocatorError as exc:
                         refused.append(exc.reason)
         finally:
             await client.close()
