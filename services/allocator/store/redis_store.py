@@ -238,12 +238,8 @@ _FAMILY_TAGS = {(Family.IPV4,): "4", (Family.IPV6,): "6", (Family.IPV6, Family.I
 def _flat_allocation(values: Sequence[Any], i: int, pool: str, vpc_cidrs: tuple[str, ...]) -> Allocation:
     """The allocation at `values[i:i + 6]` of allocate_next's answer."""
     ip, tag, owner, expiration_uuid, iface, info = values[i : i + 6]
-    # As `_allocation`: an IPv6 address takes the interface's IPv6 subnet and gateway (none in rows
-    # written before they were kept).
-    mac, device_index, gateway, subnet, gateway6, subnet6 = ((info or b"\t0").decode() + "\t" * 5).split("\t")[:6]
     family = Family.IPV4 if tag == b"4" else Family.IPV6
-    if family is Family.IPV6:
-        gateway, subnet = gateway6, subnet6
+    mac, device_index, gateway, subnet = _interface_row(_text(info or b""), family)
     return Allocation(
         ip=ip.decode(),
         family=family,
@@ -251,7 +247,7 @@ def _flat_allocation(values: Sequence[Any], i: int, pool: str, vpc_cidrs: tuple[
         owner=owner.decode(),
         interface_id=iface.decode(),
         mac=mac,
-        device_index=int(device_index),
+        device_index=device_index,
         gateway_ip=gateway,
         subnet_cidr=subnet,
         expiration_uuid=expiration_uuid.decode(),
@@ -275,6 +271,16 @@ def interface_json(interface: NodeInterface) -> str:
     return json.dumps({name: getattr(interface, name) for name in _INTERFACE_FIELDS}, sort_keys=True)
 
 
+def _interface_row(info: str, family: Family) -> tuple[str, int, str, str]:
+    """An interface's compact row (`interface_info`) as the MAC, the device index and `family`'s
+    gateway and subnet. Rows written before the subnet was kept there have three fields, before
+    IPv6's four: an IPv6 address then has no subnet or gateway, rather than the IPv4 ones."""
+    mac, device_index, gateway, subnet, gateway6, subnet6 = (info + "\t" * 5).split("\t")[:6]
+    if family is Family.IPV6:
+        gateway, subnet = gateway6, subnet6
+    return mac, int(device_index or 0), gateway, subnet
+
+
 def interface_info(interface: NodeInterface) -> str:
     """The compact form allocation results read (see `keys.interface_info_key`)."""
     i = interface
@@ -294,19 +300,14 @@ def _pool_subnets(interfaces4: set[str], interfaces6: set[str], info: dict[Any, 
     found: dict[tuple[Family, str, str], list[str]] = {}
     for family, interfaces in ((Family.IPV4, interfaces4), (Family.IPV6, interfaces6)):
         for interface in sorted(interfaces - {""}):
-            fields = (rows.get(interface, "") + "\t" * 5).split("\t")
-            gateway, cidr = fields[2:4] if family is Family.IPV4 else fields[4:6]
+            _, _, gateway, cidr = _interface_row(rows.get(interface, ""), family)
             found.setdefault((family, cidr, gateway), []).append(interface)
     return tuple(PoolSubnet(f, cidr, gateway, tuple(ids)) for (f, cidr, gateway), ids in found.items())
 
 
 def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
-    # Rows written before the subnet was kept there have three fields, before IPv6's four: an IPv6
-    # address then has no subnet or gateway, rather than the IPv4 ones.
-    mac, device_index, gateway, subnet, gateway6, subnet6 = ((item.get("info") or "\t0") + "\t" * 5).split("\t")[:6]
     family = Family.IPV4 if item["family"] == "4" else Family.IPV6
-    if family is Family.IPV6:
-        gateway, subnet = gateway6, subnet6
+    mac, device_index, gateway, subnet = _interface_row(item.get("info") or "", family)
     return Allocation(
         ip=item["ip"],
         family=family,
@@ -314,7 +315,7 @@ def _allocation(item: dict[str, Any], pool: str, vpc: str) -> Allocation:
         owner=item["owner"],
         interface_id=item.get("iface", ""),
         mac=mac,
-        device_index=int(device_index),
+        device_index=device_index,
         gateway_ip=gateway,
         subnet_cidr=subnet,
         expiration_uuid=item.get("uuid", ""),
