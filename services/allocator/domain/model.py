@@ -6,6 +6,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.core.family import Family
 from services.core.reasons import ErrorReason
@@ -110,26 +111,30 @@ def check_subnet(cidr: str, gateway: str, family: Family) -> None:
         parse_ip(gateway, family)
 
 
+_Network = TypeVar("_Network", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _parse_delegated(value: str, network: type[_Network], length: int, family: str) -> _Network:
+    """A prefix of `length` bits on its boundary; anything else is refused with INVALID_PREFIX."""
+    try:
+        prefix = network(value, strict=True)
+    except ValueError:
+        raise InvalidArgument(
+            f"{value!r} is not a canonical {family} prefix", reason=ErrorReason.INVALID_PREFIX
+        ) from None
+    if prefix.prefixlen != length:
+        raise InvalidArgument(f"{value} is not a /{length}", reason=ErrorReason.INVALID_PREFIX)
+    return prefix
+
+
 def parse_prefix(value: str) -> ipaddress.IPv4Network:
     """An IPv4 /28 prefix, on its boundary ("10.0.1.16/28"); anything else is refused."""
-    try:
-        prefix = ipaddress.IPv4Network(value, strict=True)
-    except ValueError:
-        raise InvalidArgument(f"{value!r} is not a canonical IPv4 prefix", reason=ErrorReason.INVALID_PREFIX) from None
-    if prefix.prefixlen != 28:
-        raise InvalidArgument(f"{value} is not a /28", reason=ErrorReason.INVALID_PREFIX)
-    return prefix
+    return _parse_delegated(value, ipaddress.IPv4Network, 28, "IPv4")
 
 
 def parse_ipv6_80(value: str) -> ipaddress.IPv6Network:
     """An IPv6 /80 prefix on its boundary ("2001:db8:0:1:2::/80"); anything else is refused."""
-    try:
-        prefix = ipaddress.IPv6Network(value, strict=True)
-    except ValueError:
-        raise InvalidArgument(f"{value!r} is not a canonical IPv6 prefix", reason=ErrorReason.INVALID_PREFIX) from None
-    if prefix.prefixlen != 80:
-        raise InvalidArgument(f"{value} is not a /80", reason=ErrorReason.INVALID_PREFIX)
-    return prefix
+    return _parse_delegated(value, ipaddress.IPv6Network, 80, "IPv6")
 
 
 def parse_ipv6_prefix(value: str, interface_id: str, subnet_cidr: str) -> str:
