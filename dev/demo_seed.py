@@ -23,6 +23,7 @@ import boto3
 from botocore.client import BaseClient
 
 from clients.client import IpamClient, IpamClientError, node_spec
+from ipam.v1.nodes_pb2 import NodeSpec
 from services.core.reasons import ErrorReason
 
 DEMO_TAG = {"Key": "ipam.io/demo", "Value": "true"}
@@ -148,13 +149,7 @@ def register_nodes(client: IpamClient, network: DemoNetwork, pre_allocate: int) 
             pre_allocate=pre_allocate,
             release_excess=True,
         )
-        try:
-            client.create_node(spec)
-            print(f"registered {name} ({instance_type}, {instance_id})")
-        except IpamClientError as exc:
-            if exc.reason != ErrorReason.NODE_ALREADY_EXISTS:
-                raise
-            print(f"{name} already registered")
+        _register(client, spec, f"{instance_type}, {instance_id}")
         names.append(name)
     return names
 
@@ -165,15 +160,21 @@ def register_bare_nodes(client: IpamClient, count: int, pre_allocate: int) -> li
     names = []
     for i in range(1, count + 1):
         name = f"bare-metal-{i}"
-        try:
-            client.create_node(node_spec(name, pre_allocate=pre_allocate, release_excess=True))
-            print(f"registered {name} (no instance: its addresses come from the cluster pool)")
-        except IpamClientError as exc:
-            if exc.reason != ErrorReason.NODE_ALREADY_EXISTS:
-                raise
-            print(f"{name} already registered")
+        spec = node_spec(name, pre_allocate=pre_allocate, release_excess=True)
+        _register(client, spec, "no instance: its addresses come from the cluster pool")
         names.append(name)
     return names
+
+
+def _register(client: IpamClient, spec: NodeSpec, what: str) -> None:
+    """Creates the node `spec` names, saying so with `what`; one that exists is left as it is."""
+    try:
+        client.create_node(spec)
+        print(f"registered {spec.name} ({what})")
+    except IpamClientError as exc:
+        if exc.reason != ErrorReason.NODE_ALREADY_EXISTS:
+            raise
+        print(f"{spec.name} already registered")
 
 
 def forget_vanished_nodes(client: IpamClient, ec2: BaseClient) -> list[str]:
