@@ -609,3 +609,9 @@ def _cluster_state(node: RedisServer) -> str:
         if line.startswith("cluster_state:"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+def pool_libraries(client: redis.Redis) -> set[str]:
+    """The names of the allocator's libraries that Redis holds."""
+    names = {dict(zip(entry[::2], entry[1::2], strict=True))["library_name"] for entry in client.function_list()}
+    return {name for name in names if name.startswith("ipam_pool_")}

@@ -1,4 +1,4 @@
-"""The Redis store: every state change of a pool is one Lua script (loaded once, run by EVALSHA).
+"""The Redis store: every state change of a pool is one Lua script (a function of one library, run by FCALL).
 
 This adapter turns script answers into domain values and Lua failure reasons into the domain's
 exceptions; it knows nothing of gRPC.
@@ -14,12 +14,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import fields
-from importlib import resources
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
-from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, MovedError, NoScriptError, ReadOnlyError, RedisClusterException, ResponseError
+from redis.exceptions import AskError, MovedError, ReadOnlyError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -58,6 +56,7 @@ from ..domain.pool import (
 )
 from . import keys
 from .base import CALL_KEY_PREFIX, current_call_scope
+from .functions import FUNCTION_NOT_FOUND, pool_library
 from .pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
 
 T = TypeVar("T")
@@ -349,11 +348,8 @@ class RedisStore:
         self.min_replicas = min_replicas
         self.replica_wait_s = replica_wait_s
         self.reuse_cooldown_ms = reuse_cooldown_ms
-        lib = resources.files(__package__).joinpath("lua/_lib.lua").read_text()
-        self._scripts = {
-            name: client.register_script(lib + resources.files(__package__).joinpath(f"lua/{name}.lua").read_text())
-            for name in SCRIPTS
-        }
+        self._library = pool_library(SCRIPTS, _READ_ONLY)
+        self._loading: asyncio.Future[Any] | None = None
 
     async def close(self) -> None:
         if self._pipelined is not None:
@@ -432,7 +428,7 @@ class RedisStore:
     async def _eval(self, script: str, node: str, pool: str, args: Sequence[Any]) -> Any:
         """One pool script's raw answer."""
         argv = (pool, self.reuse_cooldown_ms, *args)
-        runner = self._scripts[script]
+        function = self._library.functions[script]
         pool_keys = keys.pool_keys(node, pool)
         change = script not in _READ_ONLY
         replicate = change and self.min_replicas > 0
@@ -440,14 +436,14 @@ class RedisStore:
             # The pipelined connection bounds its own wait by the caller's deadline; not yet a wait
             # for replicas, whose reply it holds as unsent when the deadline comes.
             return await self.call(
-                lambda: self._eval_pipelined(runner, pool_keys, argv, replicate),
+                lambda: self._eval_pipelined(function, pool_keys, argv, replicate),
                 change=change,
                 exact=True,
                 bounded=not replicate,
             )
         if replicate:
-            return await self.call(lambda: self._eval_replicated(runner, pool_keys, argv), change=change)
-        return await self.call(lambda: runner(keys=pool_keys, args=argv), change=change)
+            return await self.call(lambda: self._eval_replicated(function, pool_keys, argv), change=change)
+        return await self.call(lambda: self._eval_plain(function, pool_keys, argv), change=change)
 
     async def _run(
         self, script: str, node: str, pool: str, *args: Any, ip: str = "", owner: str = "", prefix: str = ""
@@ -499,26 +495,46 @@ class RedisStore:
             return IpAlreadyAllocated(message, current_owner=_text(holder), node=node, pool=pool)
         return exc_type(message, reason=reason, node=node, pool=pool)
 
+    async def _load_library(self, load: Callable[[str], Awaitable[Any]]) -> None:
+        """Loads the pool library into a Redis that lacks it (a fresh or flushed Redis); callers that
+        find it missing meanwhile wait for the same load."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(load(self._library.code))
+            self._loading.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._loading)
+
+    async def _eval_plain(self, function: str, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+        """One FCALL through redis-py (a cluster routes it by its keys)."""
+        try:
+            return await self.client.fcall(function, len(pool_keys), *pool_keys, *argv)
+        except ResponseError as exc:
+            if FUNCTION_NOT_FOUND not in str(exc):
+                raise
+        await self._load_library(lambda code: self.client.function_load(code, replace=True))  # every master
+        return await self.client.fcall(function, len(pool_keys), *pool_keys, *argv)
+
     async def _eval_pipelined(
-        self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any], replicate: bool
+        self, function: str, pool_keys: Sequence[Any], argv: Sequence[Any], replicate: bool
     ) -> Any:
-        assert self._pipelined is not None
+        pipelined = self._pipelined
+        assert pipelined is not None
         budget, by_deadline = self._budget()
         timeout_s = budget if by_deadline else None
-        args = ("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+        args = ("FCALL", function, len(pool_keys), *pool_keys, *argv)
         try:
-            return await self._pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
-        except NoScriptError:
-            # Redis lost its script cache (a restart, a promoted replica): load it and run this call again.
-            await self._pipelined.execute("SCRIPT", "LOAD", script.script, timeout_s=timeout_s)
-            return await self._pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
+            return await pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
+        except ResponseError as exc:
+            if FUNCTION_NOT_FOUND not in str(exc):
+                raise
+        await self._load_library(lambda code: pipelined.execute("FUNCTION", "LOAD", "REPLACE", code))
+        return await pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
 
-    async def _eval_replicated(self, script: AsyncScript, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+    async def _eval_replicated(self, function: str, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
         """The script and `WAIT` on one connection, through redis-py: on a Redis Cluster, on the node
         that holds the pool's slot. `NotReplicatedError` when too few replicas confirmed."""
         budget, _ = self._budget()
         wait_ms = max(1, int(min(self.replica_wait_s, budget) * 1000))
-        args = ("EVALSHA", script.sha, len(pool_keys), *pool_keys, *argv)
+        args = ("FCALL", function, len(pool_keys), *pool_keys, *argv)
         for attempt in range(2):
             if isinstance(self.client, RedisCluster):
                 raw, acks = await self._eval_on_slot_node(self.client, pool_keys[0], args, wait_ms)
@@ -527,8 +543,8 @@ class RedisStore:
                 pipe.execute_command(*args)
                 pipe.execute_command("WAIT", self.min_replicas, wait_ms)
                 raw, acks = await pipe.execute(raise_on_error=False)
-            if isinstance(raw, NoScriptError) and attempt == 0:
-                await self.client.script_load(script.script)  # on a cluster, every master
+            if isinstance(raw, ResponseError) and FUNCTION_NOT_FOUND in str(raw) and attempt == 0:
+                await self._load_library(lambda code: self.client.function_load(code, replace=True))
                 continue
             break
         if isinstance(raw, Exception):

@@ -24,7 +24,7 @@ from services.core.reasons import ErrorReason
 from tests.support.allocator_process import CLIENT_TOKEN, AllocatorProcess
 from tests.support.api import Api, reason_of
 from tests.support.polling import poll
-from tests.support.redis_server import RedisCluster, RedisServer, SentinelGroup
+from tests.support.redis_server import RedisCluster, RedisServer, SentinelGroup, pool_libraries
 
 # Enough free addresses that no caller of a test ever meets an empty pool.
 POOL_SIZE = 1000
@@ -272,6 +272,20 @@ def primary_and_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
     group = SentinelGroup().start_replication()  # its primary and replica, no Sentinels
     yield group.primary, group.replica
     group.close()
+
+
+def test_the_replica_holds_the_pool_scripts_so_a_promoted_one_runs_them_at_once(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    primary, replica = primary_and_replica
+    with AllocatorProcess(primary.url, redis_min_replicas=1, redis_replica_wait_seconds=0.3) as allocator:
+        api = Api(allocator.address)
+        api.node_with_pool(v4=4, pre_allocate=0)
+        api.close()
+    on_primary = pool_libraries(primary.client())
+    assert on_primary
+    # WAIT covered the library's load as it covers the data: the replica has it already.
+    assert pool_libraries(replica.client()) == on_primary
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "redis-py"])

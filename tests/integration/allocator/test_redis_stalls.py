@@ -77,8 +77,8 @@ def in_thread(call: Any) -> tuple[threading.Thread, dict[str, Any]]:
 
 
 def warm(api: Api, node: str) -> None:
-    """Runs allocate_next and release once, so Redis has their scripts: a frozen Redis's first use of
-    a script would answer NOSCRIPT on waking instead of running it."""
+    """Runs allocate_next and release once, so Redis has the pool scripts: a frozen Redis's first use
+    of them would answer that the function is missing on waking instead of running it."""
     api.alloc.AllocateNext(pb.AllocateNextRequest(node=node, owner="warm-up", family=pb.FAMILY_IPV4), timeout=5)
     api.alloc.Release(pb.ReleaseRequest(node=node, owner="warm-up"), timeout=5)
 

@@ -1,21 +1,23 @@
--- Shared prelude, prepended to every pool script when it is loaded.
+-- Shared prelude of the pool scripts. The store loads them as one Redis Functions library: this
+-- code runs once, when Redis loads the library, and each script's body becomes a function that
+-- starts with `bind` (at the end of this file). Code here at the top level may not call Lua's
+-- globals (Redis allows only `redis.register_function` while loading).
 -- Every pool script gets the same KEYS (all one node's hash tag, so one cluster slot):
-local K_NODE, K_POOLS, K_IFACES = KEYS[1], KEYS[2], KEYS[3]
-local K_FREE = {['4'] = KEYS[4], ['6'] = KEYS[5]}          -- zset ip -> ms it became free (0 = new)
-local K_ADDRS = {['4'] = KEYS[6], ['6'] = KEYS[7]}         -- hash ip -> interface id (attached addresses)
-local K_ALLOC = {['4'] = KEYS[8], ['6'] = KEYS[9]}         -- hash ip -> "owner\tuuid\tidempotency key"
-local K_OWNERS, K_IDEM, K_EXCLUDED = KEYS[10], KEYS[11], KEYS[12]
-local K_RESERVED = {['4'] = KEYS[13], ['6'] = KEYS[14]}    -- hash ip -> reservation id
-local K_RESERVATIONS, K_EXP, K_PENDING = KEYS[15], KEYS[16], KEYS[17]  -- hash id -> reservation
-local K_IFINFO = KEYS[18]                                    -- hash interface id -> "mac\tdevice\tgateway\tsubnet\tgateway6\tsubnet6"
-local K_WAITING = KEYS[19]                                   -- zset "<family>:<call id>" -> deadline ms (wait_for_refill)
-local K_LOST = KEYS[20]                                      -- hash ip -> ms: allocated, but gone from the cloud
-local K_PREFIXES = KEYS[21]                                  -- hash "a.b.c.d/28" -> interface id: IPv4 prefixes
-local K_PFREE = KEYS[22]                                     -- zset prefix -> how many of its addresses are free
-local K_PREFIX6 = KEYS[23]                                   -- hash: the pool's IPv6 /80 (see prefix6 below)
+local K_NODE, K_POOLS, K_IFACES                  -- [1] [2] [3]
+local K_FREE = {}                                -- [4] [5] by family: zset ip -> ms it became free (0 = new)
+local K_ADDRS = {}                               -- [6] [7] hash ip -> interface id (attached addresses)
+local K_ALLOC = {}                               -- [8] [9] hash ip -> "owner\tuuid\tidempotency key"
+local K_OWNERS, K_IDEM, K_EXCLUDED               -- [10] [11] [12]
+local K_RESERVED = {}                            -- [13] [14] hash ip -> reservation id
+local K_RESERVATIONS, K_EXP, K_PENDING           -- [15] hash id -> reservation, [16], [17]
+local K_IFINFO   -- [18] hash interface id -> "mac\tdevice\tgateway\tsubnet\tgateway6\tsubnet6"
+local K_WAITING  -- [19] zset "<family>:<call id>" -> deadline ms (wait_for_refill)
+local K_LOST     -- [20] hash ip -> ms: allocated, but gone from the cloud
+local K_PREFIXES -- [21] hash "a.b.c.d/28" -> interface id: IPv4 prefixes
+local K_PFREE    -- [22] zset prefix -> how many of its addresses are free
+local K_PREFIX6  -- [23] hash: the pool's IPv6 /80 (see prefix6 below)
 -- and the same leading ARGV: pool name, reuse cooldown in ms.
-local POOL = ARGV[1]
-local COOLDOWN_MS = tonumber(ARGV[2])
+local POOL, COOLDOWN_MS
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -262,8 +264,9 @@ local function watermark_settings()
 end
 
 -- The node fields the hot scripts (allocate_next, release) read, in one HMGET.
-local NODE_FIELDS = {'created_ms', 'vpc_cidrs', 'deficit_reason', unpack(WATERMARK_FIELDS)}
-NODE_FIELDS[#NODE_FIELDS + 1] = 'prefixes'  -- "1" once a pool of the node has held a prefix
+local NODE_FIELDS = {'created_ms', 'vpc_cidrs', 'deficit_reason', 'pre_allocate', 'min_allocate', 'max_allocate',
+                     'max_above_watermark', 'release_excess', 'ipv6_enabled',
+                     'prefixes'}  -- "1" once a pool of the node has held a prefix
 
 -- The node's fields (nil when the node does not exist): `v6` its ipv6_enabled, `vpc`, `reason` (why
 -- the worker could not refill it), `wm` WATERMARK_FIELDS' values in their order.
@@ -467,4 +470,15 @@ local function stale_token(token)
   if token < newest then return true end
   if token > newest then redis.call('HSET', K_NODE, 'fence', string.format('%.0f', token)) end
   return false
+end
+
+-- Sets the keys and the leading arguments of one call; what a script caches starts out unread.
+local function bind(keys, args)
+  K_NODE, K_POOLS, K_IFACES = keys[1], keys[2], keys[3]
+  K_FREE['4'], K_FREE['6'], K_ADDRS['4'], K_ADDRS['6'] = keys[4], keys[5], keys[6], keys[7]
+  K_ALLOC['4'], K_ALLOC['6'], K_OWNERS, K_IDEM, K_EXCLUDED = keys[8], keys[9], keys[10], keys[11], keys[12]
+  K_RESERVED['4'], K_RESERVED['6'], K_RESERVATIONS, K_EXP, K_PENDING = keys[13], keys[14], keys[15], keys[16], keys[17]
+  K_IFINFO, K_WAITING, K_LOST, K_PREFIXES, K_PFREE, K_PREFIX6 = keys[18], keys[19], keys[20], keys[21], keys[22], keys[23]
+  POOL, COOLDOWN_MS = args[1], tonumber(args[2])
+  prefixes_held, prefix6_read = nil, nil
 end
