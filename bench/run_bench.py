@@ -142,6 +142,7 @@ class Phase:
     scripts_per_call: float = 0.0  # script calls (FCALL or EVALSHA) per call
     script_commands: float = 0.0  # Redis commands run inside the scripts, per script call
     script_us: float = float("nan")  # µs per script call by Redis's own clock
+    scripts_per_read: float = float("nan")  # script calls per read of Redis's from its clients' sockets
     redis_commands: dict[str, int] = field(default_factory=dict)  # every command Redis ran, by name
     load_average: tuple[float, ...] = ()  # of the machine (1, 5, 15 minutes) at the phase's end
 
@@ -208,6 +209,7 @@ class CostMeter:
         cpu = self._cpu()
         with self.redis_server.client() as redis:
             stats = redis.info("commandstats")
+            reads = int(redis.info("stats")["total_reads_processed"])
         calls = max(phase.calls, 1)
         phase.cpu_us = {
             name: round((after - before) * 1e6 / calls, 1)
@@ -222,6 +224,7 @@ class CostMeter:
         phase.script_commands = inside / scripts if scripts else 0.0
         script_usec = sum(float(stats.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in self._SCRIPTS)
         phase.script_us = script_usec / scripts if scripts else float("nan")
+        phase.scripts_per_read = scripts / reads if reads else float("nan")
         phase.load_average = tuple(round(x, 2) for x in os.getloadavg())
 
 
@@ -554,8 +557,8 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
     lines += [
         "",
         f"{'cost per call':<34}{'allocator':>10}{'redis':>8}{'ghz':>8}{'scripts':>9}{'cmds in':>9}"
-        f"{'µs per':>8}  load average",
-        f"{'':<34}{'CPU µs':>10}{'CPU µs':>8}{'CPU µs':>8}{'':>9}{'script':>9}{'script':>8}",
+        f"{'µs per':>8}{'scripts':>9}  load average",
+        f"{'':<34}{'CPU µs':>10}{'CPU µs':>8}{'CPU µs':>8}{'':>9}{'script':>9}{'script':>8}{'a read':>9}",
     ]
     for p in phases:
         name = f"{p.name} ({p.rate_limit}/s)" if p.rate_limit else p.name
@@ -564,7 +567,8 @@ def table(cfg: Config, info: dict[str, Any], phases: list[Phase], checks: list[T
         script_commands = f"{p.script_commands:.1f}" if scripted else "-"
         lines.append(
             f"{name:<34}{p.cpu_us.get('allocator', 0):>10.0f}{p.cpu_us.get('redis', 0):>8.0f}"
-            f"{p.cpu_us.get('ghz', 0):>8.0f}{p.scripts_per_call:>9.2f}{script_commands:>9}{script_us:>8}  "
+            f"{p.cpu_us.get('ghz', 0):>8.0f}{p.scripts_per_call:>9.2f}{script_commands:>9}{script_us:>8}"
+            f"{p.scripts_per_read if scripted else float('nan'):>9.2f}  "
             + " ".join(f"{x:.2f}" for x in p.load_average)
             + (f"  (replica {p.cpu_us['replica']:.0f} µs)" if "replica" in p.cpu_us else "")
         )
