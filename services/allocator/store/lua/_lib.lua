@@ -191,7 +191,7 @@ end
 
 -- Takes a free IPv4 address out of its reuse cooldown from the prefix with the fewest free addresses
 -- that has one (within a prefix the one free longest, then the lowest); returns it, its score and its
--- prefix, or nil when no prefix has one. `clock` gives the time (clock_once), read only when needed.
+-- prefix, or nil when no prefix has one. `clock` gives the time, read only when needed.
 local function take_from_prefixes(clock)
   if prefixes_held == false then return nil end
   local candidates = redis.call('ZRANGEBYSCORE', K_PFREE, 1, '+inf')
@@ -360,13 +360,11 @@ local function state_if_needed(node, clock)
   return pool_state(clock(), node)
 end
 
--- A clock for one script: Redis's time in ms, read on first use only.
-local function clock_once()
-  local now
-  return function()
-    if not now then now = now_ms() end
-    return now
-  end
+-- The call's clock: Redis's time in ms, read on first use only (`bind` forgets it).
+local clock_now
+local function clock()
+  if not clock_now then clock_now = now_ms() end
+  return clock_now
 end
 
 local function ok(result, now)
@@ -458,6 +456,17 @@ local function describe(ip, f, owner, uuid)
   return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}
 end
 
+-- An allocation as the flat answers give it, appended to `out`: ip, family, owner, uuid, interface id and
+-- the interface's row (a few bytes, not its table row). `prefix`: the /28 holding it, when known.
+local function append_allocation(out, ip, f, owner, uuid, prefix)
+  local iface
+  if prefix then iface = redis.call('HGET', K_PREFIXES, prefix) else iface = iface_of(ip, f) end
+  local info = ''
+  if iface then info = redis.call('HGET', K_IFINFO, iface) or '' else iface = '' end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = ip, f, owner, uuid, iface, info
+end
+
 -- Fencing. A worker taking a node's lock is issued a token above every earlier one (K_NODE's field
 -- 'fence', raised by the worker's fencing_token.lua). A change carrying a token below it comes from
 -- a worker whose lock has passed to another (lost in a failover, or expired while it stalled): it is
@@ -480,5 +489,5 @@ local function bind(keys, args)
   K_RESERVED['4'], K_RESERVED['6'], K_RESERVATIONS, K_EXP, K_PENDING = keys[13], keys[14], keys[15], keys[16], keys[17]
   K_IFINFO, K_WAITING, K_LOST, K_PREFIXES, K_PFREE, K_PREFIX6 = keys[18], keys[19], keys[20], keys[21], keys[22], keys[23]
   POOL, COOLDOWN_MS = args[1], tonumber(args[2])
-  prefixes_held, prefix6_read = nil, nil
+  prefixes_held, prefix6_read, clock_now = nil, nil, nil
 end

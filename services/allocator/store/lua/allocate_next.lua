@@ -5,9 +5,7 @@
 -- uuid, interface id, interface info), then the pool state when it may need an event.
 local node = node_fields()
 if not node then return {'NODE_NOT_FOUND'} end
-local clock = clock_once()
 local owner, idem, expiration_ms = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local timer_uuid = {['4'] = ARGV[7], ['6'] = ARGV[8]}
 
 -- Dual-stack ("64") means the families enabled on the allocator and on the node.
 local families = ARGV[3]
@@ -20,24 +18,6 @@ if node.v6 ~= '1' then
   end
 end
 
-local function answer(allocations, replayed)
-  local out = {'', replayed, node.vpc, #allocations}
-  for _, a in ipairs(allocations) do
-    for _, v in ipairs(a) do out[#out + 1] = v end
-  end
-  return out
-end
-
--- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
-local function described(ip, f, owner, uuid, prefix)
-  local iface
-  if prefix then iface = redis.call('HGET', K_PREFIXES, prefix) else iface = iface_of(ip, f) end
-  iface = iface or ''
-  local info = ''
-  if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
-  return {ip, f, owner, uuid, iface, info}
-end
-
 if idem ~= '' then
   local prior = redis.call('HGET', K_IDEM, idem)
   if prior == CANCELLED then
@@ -47,18 +27,18 @@ if idem ~= '' then
   local held = keyed(idem, prior)
   if held then
     -- A retry: the same owner asking for the same families gets what the first try took.
-    local out, got = {}, {}
+    local out, got = {'', 1, node.vpc, #held}, {}
     for _, h in ipairs(held) do
       if h.owner ~= owner then return {'IDEMPOTENCY_KEY_IN_USE'} end
       got[h.f] = true
-      out[#out + 1] = described(h.ip, h.f, h.owner, h.uuid)
+      append_allocation(out, h.ip, h.f, h.owner, h.uuid)
     end
     for f in string.gmatch(families, '%d') do
       if not got[f] then return {'IDEMPOTENCY_KEY_IN_USE'} end
       got[f] = nil
     end
     if next(got) then return {'IDEMPOTENCY_KEY_IN_USE'} end
-    return answer(out, 1)  -- a replay changes nothing: no pool state
+    return out  -- a replay changes nothing: no pool state
   end
 end
 
@@ -70,7 +50,8 @@ end
 -- free set first, then from the pool's /80 (prefix6_next), the cursor moved only once every family
 -- has its address.
 local picks = {}
-for f in string.gmatch(families, '%d') do
+for i = 1, #families do
+  local f = string.sub(families, i, i)
   local ip, freed, prefix
   if f == '4' then ip, freed, prefix = take_from_prefixes(clock) end
   if not ip then
@@ -93,21 +74,21 @@ for f in string.gmatch(families, '%d') do
   picks[#picks + 1] = {f, ip, freed, offset, prefix}
 end
 
-local out, taken = {}, {}
+local out, taken = {'', 0, node.vpc, #picks}, {}
 for _, p in ipairs(picks) do
   local f, ip = p[1], p[2]
   local uuid = ''
   if p[4] then prefix6_advance(p[4]) end
   if expiration_ms > 0 then
-    uuid = timer_uuid[f]
+    if f == '4' then uuid = ARGV[7] else uuid = ARGV[8] end
     redis.call('ZADD', K_EXP, clock() + expiration_ms, ip)
   end
   redis.call('HSET', K_ALLOC[f], ip, owner .. '\t' .. uuid .. '\t' .. idem)
   owners_add(owner, ip)
-  out[#out + 1] = described(ip, f, owner, uuid, p[5])
+  append_allocation(out, ip, f, owner, uuid, p[5])
   taken[#taken + 1] = ip
 end
 if idem ~= '' then redis.call('HSET', K_IDEM, idem, table.concat(taken, ' ')) end
 local st = state_if_needed(node, clock)
-if st then return append_state(answer(out, 0), st) end
-return answer(out, 0)
+if st then return append_state(out, st) end
+return out

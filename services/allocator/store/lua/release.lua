@@ -3,7 +3,6 @@
 -- number of addresses released, each of them, then the pool state when it may need an event.
 local node = node_fields()
 if not node then return {'NODE_NOT_FOUND'} end
-local clock = clock_once()
 local mode, value = ARGV[3], ARGV[4]
 local released = {}
 local failure
