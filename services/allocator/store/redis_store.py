@@ -84,6 +84,9 @@ SCRIPTS = (
     "cancel_call",
 )
 
+# The pool scripts as Redis loads them: one library of functions (functions.py).
+POOL_LIBRARY = pool_library(SCRIPTS, _READ_ONLY)
+
 # A Redis call ends this long before the caller's deadline, for the work after it.
 DEADLINE_MARGIN_S = 0.01
 
@@ -348,7 +351,7 @@ class RedisStore:
         self.min_replicas = min_replicas
         self.replica_wait_s = replica_wait_s
         self.reuse_cooldown_ms = reuse_cooldown_ms
-        self._library = pool_library(SCRIPTS, _READ_ONLY)
+        self._library = POOL_LIBRARY
         self._loading: asyncio.Future[Any] | None = None
 
     async def close(self) -> None:
