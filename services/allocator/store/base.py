@@ -4,11 +4,9 @@ domain's exceptions (`PoolEmpty` carries the pool's state)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Protocol
 
 from services.core.family import Family
@@ -38,11 +36,21 @@ def call_key() -> str:
     return CALL_KEY_PREFIX + os.urandom(16).hex()
 
 
-@dataclass(slots=True)
 class CallScope:
-    """One caller's bounds on the store: the monotonic time by which the store must have answered."""
+    """One caller's bounds on the store: the monotonic time by which the store must have answered.
+    Store calls made while it is entered (`with`) are bounded by it."""
 
-    deadline: float | None
+    __slots__ = ("deadline", "_token")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+
+    def __enter__(self) -> CallScope:
+        self._token = _SCOPE.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _SCOPE.reset(self._token)
 
 
 _SCOPE: ContextVar[CallScope | None] = ContextVar("ipam_store_call_scope", default=None)
@@ -53,15 +61,9 @@ def current_call_scope() -> CallScope | None:
     return _SCOPE.get()
 
 
-@contextlib.contextmanager
-def call_scope(deadline: float | None) -> Iterator[CallScope]:
+def call_scope(deadline: float | None) -> CallScope:
     """Store calls made within bound their wait for Redis by `deadline` (time.monotonic())."""
-    scope = CallScope(deadline)
-    token = _SCOPE.set(scope)
-    try:
-        yield scope
-    finally:
-        _SCOPE.reset(token)
+    return CallScope(deadline)
 
 
 class PoolStore(Protocol):

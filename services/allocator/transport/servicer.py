@@ -23,7 +23,7 @@ from ..domain.model import Allocation, parse_family, validate_page_size
 from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent, PrefixUse
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeView
-from ..store.base import call_scope
+from ..store.base import CallScope, current_call_scope
 from .status import status_code_of, to_status
 
 Req = TypeVar("Req")
@@ -49,7 +49,7 @@ def rpc(handler: Handler) -> Handler:
             remaining = context.time_remaining()
             try:
                 # The store ends its own waits earlier (`_deadline`), saying whether a change may apply.
-                with call_scope(_deadline(context)):
+                with CallScope(_deadline(remaining)):
                     async with asyncio.timeout(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)):
                         return await handler(self, request, context)
             except TimeoutError:
@@ -66,13 +66,19 @@ def rpc(handler: Handler) -> Handler:
     return wrapper
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """When a waiting call stops waiting: a tenth of its time before its deadline (0.1 s to 1 s), so
-    that its answer still arrives when many waiting calls end at once on a busy server."""
-    remaining = context.time_remaining()
+def _deadline(remaining: float | None) -> float | None:
+    """When a waiting call stops waiting, given the seconds left before its deadline: a tenth of its
+    time before (0.1 s to 1 s), so that its answer still arrives when many waiting calls end at once
+    on a busy server."""
     if remaining is None:
         return None
     return time.monotonic() + remaining - min(max(0.1 * remaining, 2 * _DEADLINE_MARGIN), 1.0)
+
+
+def _call_deadline() -> float | None:
+    """This call's `_deadline`, as `rpc` set it for the store."""
+    scope = current_call_scope()
+    return None if scope is None else scope.deadline
 
 
 def allocation_result(a: Allocation) -> pb.AllocationResult:
@@ -115,7 +121,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             skip_sync_upstream=request.skip_sync_upstream,
             idempotency_key=request.idempotency_key,
             wait_for_refill=request.wait_for_refill,
-            deadline=_deadline(context),
+            deadline=_call_deadline(),
         )
         response = pb.AllocateNextResponse()
         for a in allocations:
