@@ -24,6 +24,7 @@ from ..domain.pool import CloudFacts, NodeInterface, NodeSettings, PoolEvent, Pr
 from ..metrics import AllocatorMetrics
 from ..service import AllocatorService, NodeView
 from ..store.base import CallScope, current_call_scope
+from .cutoffs import Cutoffs
 from .status import status_code_of, to_status
 
 Req = TypeVar("Req")
@@ -35,7 +36,8 @@ _DEADLINE_MARGIN = 0.05
 
 
 def rpc(handler: Handler) -> Handler:
-    """Runs a handler within the call's deadline and turns domain errors into statuses."""
+    """Runs a handler within the call's deadline and turns domain errors into statuses (the
+    servicer has `metrics` and `cutoffs`)."""
     method = handler.__name__
 
     @functools.wraps(handler)
@@ -49,9 +51,11 @@ def rpc(handler: Handler) -> Handler:
             remaining = context.time_remaining()
             try:
                 # The store ends its own waits earlier (`_deadline`), saying whether a change may apply.
-                with CallScope(_deadline(remaining)):
-                    async with asyncio.timeout(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)):
-                        return await handler(self, request, context)
+                with (
+                    CallScope(_deadline(remaining)),
+                    self.cutoffs.after(None if remaining is None else max(remaining - _DEADLINE_MARGIN, 0.001)),
+                ):
+                    return await handler(self, request, context)
             except TimeoutError:
                 raise Unavailable(
                     "the store did not answer within the call's deadline", reason=ErrorReason.DEADLINE_TOO_SHORT
@@ -107,6 +111,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         self.service = service
         self.metrics = metrics
         self.is_admin = is_admin or (lambda metadata: True)
+        self.cutoffs = Cutoffs()
 
     @rpc
     async def AllocateNext(
@@ -370,6 +375,7 @@ class NodeManagerServicer(nodes_pb2_grpc.NodeManagerServicer):
     def __init__(self, service: AllocatorService, metrics: AllocatorMetrics | None) -> None:
         self.service = service
         self.metrics = metrics
+        self.cutoffs = Cutoffs()
 
     async def _put(self, spec: npb.NodeSpec, create: bool) -> npb.Node:
         view = await self.service.put_node(spec.name, spec.SerializeToString(), node_settings(spec), create=create)
