@@ -2,31 +2,88 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import bisect
+import itertools
+import math
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from services.core.metrics import WhileExporting, register_process_metrics
 
+_DURATION_BUCKETS = (
+    *(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075),  # fine where a p99 target lies
+    *(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    math.inf,
+)
 
-@dataclass
+
 class MethodMetrics:
-    """The metric children of one gRPC method, looked up once (labels() costs on a hot path)."""
+    """The figures of one gRPC method, as plain numbers that a scrape reads (`_CallMetrics`): a
+    prometheus_client child takes a lock and checks its labels at every change, which cost more than
+    the rest of a call's bookkeeping. Changed on the event loop only."""
 
-    in_flight: Any
-    duration: Any
-    requests: Counter
-    method: str
-    _by_code: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("method", "in_flight", "buckets", "sum", "by_code", "created")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.in_flight = 0
+        self.buckets = [0] * len(_DURATION_BUCKETS)  # per bucket, not cumulative
+        self.sum = 0.0
+        self.by_code: dict[str, tuple[int, float]] = {}  # code -> (calls, when the code was first seen)
+        self.created = time.time()
+
+    def start(self) -> None:
+        self.in_flight += 1
 
     def done(self, code: str, seconds: float) -> None:
-        self.in_flight.dec()
-        self.duration.observe(seconds)
-        counter = self._by_code.get(code)
-        if counter is None:
-            counter = self._by_code[code] = self.requests.labels(method=self.method, code=code)
-        counter.inc()
+        self.in_flight -= 1
+        self.sum += seconds
+        self.buckets[bisect.bisect_left(_DURATION_BUCKETS, seconds)] += 1  # the first bound >= seconds
+        counted = self.by_code.get(code)
+        self.by_code[code] = (counted[0] + 1, counted[1]) if counted is not None else (1, time.time())
+
+
+class _CallMetrics:
+    """ipam_allocator_requests_total{method,code}, ipam_allocator_request_duration_seconds{method} and
+    ipam_allocator_in_flight{method}, read from the methods' `MethodMetrics` at each scrape."""
+
+    def __init__(self, methods: dict[str, MethodMetrics]) -> None:
+        self._methods = methods
+
+    def describe(self) -> list[Metric]:
+        return self._families([])
+
+    def collect(self) -> list[Metric]:
+        return self._families(list(self._methods.values()))
+
+    @staticmethod
+    def _families(methods: list[MethodMetrics]) -> list[Metric]:
+        requests = CounterMetricFamily(
+            "ipam_allocator_requests", "gRPC calls by method and status code", labels=["method", "code"]
+        )
+        duration = HistogramMetricFamily(
+            "ipam_allocator_request_duration_seconds", "gRPC call duration by method", labels=["method"]
+        )
+        in_flight = GaugeMetricFamily(
+            "ipam_allocator_in_flight", "gRPC calls being served, by method", labels=["method"]
+        )
+        for m in methods:
+            for code, (calls, created) in list(m.by_code.items()):
+                requests.add_metric([m.method, code], calls, created=created)
+            buckets, total = list(m.buckets), m.sum
+            cumulative = list(itertools.accumulate(buckets))
+            duration.add_metric(
+                [m.method],
+                [(floatToGoString(bound), count) for bound, count in zip(_DURATION_BUCKETS, cumulative, strict=True)],
+                total,
+            )
+            duration.samples.append(Sample(f"{duration.name}_created", {"method": m.method}, m.created))
+            in_flight.add_metric([m.method], m.in_flight)
+        return [requests, duration, in_flight]
 
 
 class AllocatorMetrics:
@@ -40,28 +97,7 @@ class AllocatorMetrics:
         self.registry.register(self.cluster_view)
         self.exporter = register_process_metrics(self.registry, "allocator")
         self._methods: dict[str, MethodMetrics] = {}
-        self.requests = Counter(
-            "ipam_allocator_requests_total",
-            "gRPC calls by method and status code",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "ipam_allocator_request_duration_seconds",
-            "gRPC call duration by method",
-            ["method"],
-            buckets=(
-                *(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075),  # fine where a p99 target lies
-                *(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            ),
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "ipam_allocator_in_flight",
-            "gRPC calls being served, by method",
-            ["method"],
-            registry=self.registry,
-        )
+        self.registry.register(_CallMetrics(self._methods))
         self.events_published = Counter(
             "ipam_allocator_events_published_total",
             "pool events published by kind",
@@ -96,7 +132,5 @@ class AllocatorMetrics:
     def method(self, name: str) -> MethodMetrics:
         found = self._methods.get(name)
         if found is None:
-            found = self._methods[name] = MethodMetrics(
-                self.in_flight.labels(method=name), self.duration.labels(method=name), self.requests, name
-            )
+            found = self._methods[name] = MethodMetrics(name)
         return found

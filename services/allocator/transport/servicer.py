@@ -46,7 +46,7 @@ def rpc(handler: Handler) -> Handler:
         code = grpc.StatusCode.OK
         metrics = self.metrics.method(method) if self.metrics is not None else None
         if metrics is not None:
-            metrics.in_flight.inc()
+            metrics.start()
         try:
             remaining = context.time_remaining()
             try:
