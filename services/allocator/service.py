@@ -223,7 +223,7 @@ class AllocatorService:
                         waiter = ""
                         raise
                     continue
-                if not outcome.replayed:
+                if not outcome.replayed and outcome.state is not None:  # None: no event needed
                     await self.publish_if_needed(node, pool, outcome.state, skip_sync_upstream=skip_sync_upstream)
                 return outcome.allocations
         finally:
