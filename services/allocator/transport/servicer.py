@@ -43,7 +43,7 @@ def rpc(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code = "OK"  # the status code's name (StatusCode.name is an enum property: slow)
         metrics = self.metrics.method(method) if self.metrics is not None else None
         if metrics is not None:
             metrics.start()
@@ -61,11 +61,11 @@ def rpc(handler: Handler) -> Handler:
                     "the store did not answer within the call's deadline", reason=ErrorReason.DEADLINE_TOO_SHORT
                 ) from None
         except IpamError as error:
-            code = status_code_of(error)
+            code = status_code_of(error).name
             await context.abort_with_status(to_status(error))
         finally:
             if metrics is not None:
-                metrics.done(code.name, time.perf_counter() - started)
+                metrics.done(code, time.perf_counter() - started)
 
     return wrapper
 
