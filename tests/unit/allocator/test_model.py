@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.allocator.domain import model
 from services.allocator.domain.errors import InvalidArgument
 from services.allocator.domain.model import (
     parse_family,
@@ -67,6 +68,16 @@ def test_validate_name_refuses(value: str, reason: str) -> None:
 
 def test_validate_name_accepts_dns_like_names() -> None:
     assert validate_name("ip-10-0-1-17.ec2.internal", "node") == "ip-10-0-1-17.ec2.internal"
+
+
+def test_validate_name_remembers_a_bounded_number_of_valid_names() -> None:
+    for i in range(model._VALID_NAMES_KEPT + 10):
+        assert validate_name(f"node-{i}", "node") == f"node-{i}"
+        assert len(model._VALID_NAMES) <= model._VALID_NAMES_KEPT
+    assert "node-0" not in model._VALID_NAMES  # emptied when full
+    assert validate_name("node-0", "pool") == "node-0"  # a remembered name is valid for a pool too
+    with pytest.raises(InvalidArgument):
+        validate_name("bad name", "node")
 
 
 @pytest.mark.parametrize(
