@@ -23,8 +23,7 @@ class Cutoffs:
         the cancellation leaves the block as TimeoutError, unless the task was cancelled otherwise too."""
         return Cutoff(self, delay)
 
-    def _add(self, cutoff: Cutoff, delay: float) -> int:
-        loop = asyncio.get_running_loop()
+    def _add(self, cutoff: Cutoff, delay: float, loop: asyncio.AbstractEventLoop) -> int:
         slot = int((loop.time() + delay) / SLOT_S)
         members = self._slots.get(slot)
         if members is None:
@@ -60,12 +59,13 @@ class Cutoff:
 
     def __enter__(self) -> Cutoff:
         if self._delay is not None:
-            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()  # once: it checks the process id, a system call
+            task = asyncio.current_task(loop)
             if task is None:
                 raise RuntimeError("a cutoff is used inside a task")
             self._task = task
             self._cancelling = task.cancelling()
-            self._slot = self._cutoffs._add(self, self._delay)
+            self._slot = self._cutoffs._add(self, self._delay, loop)
         return self
 
     def fire(self) -> None:
