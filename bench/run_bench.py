@@ -107,6 +107,7 @@ class Config:
     nodes: int  # nodes the ghz phases spread their calls over
     ips_per_interface: int  # addresses per interface (one AddAddresses call each)
     half_seconds: float  # length of the half-rate phase
+    half_rate: int  # that phase's calls a second (0: half the measured AllocateNext peak)
     fsync: str  # appendfsync policy of the Redis AOF
     memory_nodes: int
     memory_ips: int  # addresses per node of the memory fill
@@ -456,7 +457,7 @@ def load_phases(cfg: Config, allocator: AllocatorProcess, meter: CostMeter) -> t
         phase(f"{method}, one at a time", method, "serial", serial, serial // 10, serial=True)
         for method in ("AllocateNext", "Release")
     ]
-    half_rate = max(1, int(phases[1].ok_rps / 2))
+    half_rate = cfg.half_rate or max(1, int(phases[1].ok_rps / 2))
     # Bounded by the pool, less a margin so that no node falls below its watermark (no refill events).
     half_total = min(int(half_rate * cfg.half_seconds), int(cfg.ips_per_node * cfg.nodes * 0.9))
     phases.append(
@@ -647,6 +648,13 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--nodes", type=int, default=16, help="nodes the calls are spread over")
     parser.add_argument("--ips-per-interface", type=int, default=50, help="addresses per interface")
     parser.add_argument("--half-seconds", type=float, default=10.0, help="length of the half-rate phase")
+    parser.add_argument(
+        "--half-rate",
+        type=int,
+        default=0,
+        help="that phase's AllocateNext calls a second instead of half the measured peak (to compare two "
+        "builds' p99 at the same load)",
+    )
     parser.add_argument("--fsync", choices=("everysec", "always"), default="everysec", help="Redis appendfsync")
     parser.add_argument("--memory-nodes", type=int, default=1000, help="nodes of the memory fill")
     parser.add_argument("--memory-ips", type=int, default=100, help="addresses per node of the memory fill")
@@ -676,6 +684,7 @@ def parse_args(argv: list[str] | None) -> Config:
         nodes=args.nodes,
         ips_per_interface=args.ips_per_interface,
         half_seconds=args.half_seconds,
+        half_rate=args.half_rate,
         fsync=args.fsync,
         memory_nodes=args.memory_nodes,
         memory_ips=args.memory_ips,
