@@ -63,11 +63,6 @@ def current_call_scope() -> CallScope | None:
     return _SCOPE.get()
 
 
-def call_scope(deadline: float | None) -> CallScope:
-    """Store calls made within bound their wait for Redis by `deadline` (time.monotonic())."""
-    return CallScope(deadline)
-
-
 class PoolStore(Protocol):
     """Pools, allocations, owners, timers and node records."""
 

@@ -19,8 +19,15 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
+from redis.exceptions import ResponseError
+
 # Redis's answer to an FCALL of a function it does not hold (a Redis without the library).
 FUNCTION_NOT_FOUND = "Function not found"
+
+
+def is_function_missing(reply: object) -> bool:
+    """Whether an FCALL's error says that Redis does not hold the function (nothing ran)."""
+    return isinstance(reply, ResponseError) and FUNCTION_NOT_FOUND in str(reply)
 
 
 @dataclass(frozen=True, slots=True)

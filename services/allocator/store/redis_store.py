@@ -56,7 +56,7 @@ from ..domain.pool import (
 )
 from . import keys
 from .base import CALL_KEY_PREFIX, current_call_scope
-from .functions import FUNCTION_NOT_FOUND, pool_library
+from .functions import is_function_missing, pool_library
 from .pipelining import NotReplicatedError, OutcomeUnknownError, PipelinedConnection
 
 T = TypeVar("T")
@@ -348,7 +348,7 @@ class RedisStore:
     ) -> None:
         """`pipelined`: the connection the pool scripts go through (else `client`, e.g. a cluster).
         `timeout_s`: how long a call waits for Redis (the clients' own timeout), unless the caller's
-        deadline (`call_scope`) comes first. `min_replicas`: a pool script's change is answered only
+        deadline (`CallScope`) comes first. `min_replicas`: a pool script's change is answered only
         once that many replicas hold it (`WAIT`, at most `replica_wait_s`), else `OutcomeUnknown`;
         the pipelined connection must be made with the same (`PipelinedConnection.min_replicas`)."""
         if pipelined is not None and pipelined.min_replicas != min_replicas:
@@ -359,7 +359,6 @@ class RedisStore:
         self.min_replicas = min_replicas
         self.replica_wait_s = replica_wait_s
         self.reuse_cooldown_ms = reuse_cooldown_ms
-        self._library = POOL_LIBRARY
         self._loading: asyncio.Future[Any] | None = None
 
     async def close(self) -> None:
@@ -439,7 +438,7 @@ class RedisStore:
     async def _eval(self, script: str, node: str, pool: str, args: Sequence[Any]) -> Any:
         """One pool script's raw answer."""
         argv = (pool, self.reuse_cooldown_ms, *args)
-        function = self._library.functions[script]
+        function = POOL_LIBRARY.functions[script]
         pool_keys = keys.pool_keys(node, pool)
         change = script not in _READ_ONLY
         replicate = change and self.min_replicas > 0
@@ -506,11 +505,18 @@ class RedisStore:
             return IpAlreadyAllocated(message, current_owner=_text(holder), node=node, pool=pool)
         return exc_type(message, reason=reason, node=node, pool=pool)
 
-    async def _load_library(self, load: Callable[[str], Awaitable[Any]]) -> None:
-        """Loads the pool library into a Redis that lacks it (a fresh or flushed Redis); callers that
-        find it missing meanwhile wait for the same load."""
+    async def _load_library(self, pipelined: PipelinedConnection | None = None) -> None:
+        """Loads the pool library into a Redis that lacks it (a fresh or flushed Redis), over
+        `pipelined` or else through redis-py (on a cluster, every master); callers that find it
+        missing meanwhile wait for the same load."""
         if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(load(self._library.code))
+            code = POOL_LIBRARY.code
+            load: Awaitable[Any]
+            if pipelined is not None:
+                load = pipelined.execute("FUNCTION", "LOAD", "REPLACE", code)
+            else:
+                load = self.client.function_load(code, replace=True)
+            self._loading = asyncio.ensure_future(load)
             self._loading.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.shield(self._loading)
 
@@ -519,9 +525,9 @@ class RedisStore:
         try:
             return await self.client.fcall(function, len(pool_keys), *pool_keys, *argv)
         except ResponseError as exc:
-            if FUNCTION_NOT_FOUND not in str(exc):
+            if not is_function_missing(exc):
                 raise
-        await self._load_library(lambda code: self.client.function_load(code, replace=True))  # every master
+        await self._load_library()
         return await self.client.fcall(function, len(pool_keys), *pool_keys, *argv)
 
     async def _eval_pipelined(
@@ -535,9 +541,9 @@ class RedisStore:
         try:
             return await pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
         except ResponseError as exc:
-            if FUNCTION_NOT_FOUND not in str(exc):
+            if not is_function_missing(exc):
                 raise
-        await self._load_library(lambda code: pipelined.execute("FUNCTION", "LOAD", "REPLACE", code))
+        await self._load_library(pipelined)
         return await pipelined.execute(*args, timeout_s=timeout_s, replicate=replicate)
 
     async def _eval_replicated(self, function: str, pool_keys: Sequence[Any], argv: Sequence[Any]) -> Any:
@@ -554,8 +560,8 @@ class RedisStore:
                 pipe.execute_command(*args)
                 pipe.execute_command("WAIT", self.min_replicas, wait_ms)
                 raw, acks = await pipe.execute(raise_on_error=False)
-            if isinstance(raw, ResponseError) and FUNCTION_NOT_FOUND in str(raw) and attempt == 0:
-                await self._load_library(lambda code: self.client.function_load(code, replace=True))
+            if is_function_missing(raw) and attempt == 0:
+                await self._load_library()
                 continue
             break
         if isinstance(raw, Exception):

@@ -448,21 +448,25 @@ local function keyed(idem, prior)
   return held
 end
 
--- What an allocation result needs: the interface holding the address (a few bytes, not its table row).
+-- What an allocation result needs of the interface holding an address: its id and its compact row
+-- (a few bytes, not its table row), '' each when none holds it. `prefix`: the /28 holding it, when known.
+local function holder_of(ip, f, prefix)
+  local iface
+  if prefix then iface = redis.call('HGET', K_PREFIXES, prefix) else iface = iface_of(ip, f) end
+  if not iface then return '', '' end
+  return iface, redis.call('HGET', K_IFINFO, iface) or ''
+end
+
+-- An allocation as the JSON answers give it.
 local function describe(ip, f, owner, uuid)
-  local iface = iface_of(ip, f) or ''
-  local info = ''
-  if iface ~= '' then info = redis.call('HGET', K_IFINFO, iface) or '' end
+  local iface, info = holder_of(ip, f)
   return {ip = ip, family = f, owner = owner, uuid = uuid, iface = iface, info = info}
 end
 
--- An allocation as the flat answers give it, appended to `out`: ip, family, owner, uuid, interface id and
--- the interface's row (a few bytes, not its table row). `prefix`: the /28 holding it, when known.
+-- An allocation as the flat answers give it, appended to `out`: ip, family, owner, uuid, interface id
+-- and row.
 local function append_allocation(out, ip, f, owner, uuid, prefix)
-  local iface
-  if prefix then iface = redis.call('HGET', K_PREFIXES, prefix) else iface = iface_of(ip, f) end
-  local info = ''
-  if iface then info = redis.call('HGET', K_IFINFO, iface) or '' else iface = '' end
+  local iface, info = holder_of(ip, f, prefix)
   local n = #out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] = ip, f, owner, uuid, iface, info
 end
