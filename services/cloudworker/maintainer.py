@@ -22,7 +22,7 @@ from . import planner
 from .allocator_client import AllocatorClient, AllocatorError, NodeConfig, PoolAddresses, PoolNode, Reservation
 from .cloud_view import CloudView
 from .metrics import WorkerMetrics
-from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet, prefix_addresses
+from .model import Instance, InstanceLimits, NetworkInterface, SecurityGroup, Subnet, prefixes_addresses
 from .providers.base import CloudProvider
 from .providers.errors import LimitExceeded, NoPrefixRoom, NotFound, ProviderError, SubnetFull, Transient
 from .ratelimit import Priority, current_priority
@@ -444,7 +444,7 @@ class NodeMaintainer:
         in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)}
         prefixes_in_cloud = {p for i in current if i.device_index >= first for p in i.ipv4_prefixes}
         gone_prefixes = sorted(pool.prefixes - prefixes_in_cloud)
-        in_gone_prefixes = {ip for p in gone_prefixes for ip in prefix_addresses(p)}
+        in_gone_prefixes = set(prefixes_addresses(gone_prefixes))
         gone_singles = sorted(known - in_cloud - node.reserved - in_gone_prefixes)
         ipv6_prefixes = [(p, i) for i in current if i.device_index >= first for p in i.ipv6_prefixes]
         gone_ipv6_prefix = pool.ipv6_prefix if pool.ipv6_prefix not in {p for p, _ in ipv6_prefixes} else ""

@@ -4,7 +4,7 @@ cloud providers (no I/O)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.core.family import Family
@@ -88,7 +88,7 @@ class NetworkInterface:
     @property
     def prefix_ipv4(self) -> tuple[str, ...]:
         """Every address of its IPv4 prefixes."""
-        return tuple(a for p in self.ipv4_prefixes for a in prefix_addresses(p))
+        return prefixes_addresses(self.ipv4_prefixes)
 
     @property
     def pool_ipv4(self) -> tuple[str, ...]:
@@ -98,6 +98,11 @@ class NetworkInterface:
     def free_count(self, family: Family, free: Collection[str]) -> int:
         """How many of its addresses of `family` are among `free` (the pool's free ones)."""
         return sum(1 for a in self.addresses(family) if a in free)
+
+    def whole_prefixes(self, addresses: Collection[str]) -> list[str]:
+        """Its IPv4 prefixes whose 16 addresses are all among `addresses` (e.g. the pool's free ones:
+        the prefixes that may go back whole)."""
+        return [p for p in self.ipv4_prefixes if all(a in addresses for a in prefix_addresses(p))]
 
     @property
     def ipv4_count(self) -> int:
@@ -113,11 +118,21 @@ class NetworkInterface:
         return str(ipaddress.ip_network(self.subnet_cidr, strict=False).network_address + 1)
 
 
+def usable_interfaces(interfaces: Iterable[NetworkInterface], first_index: int) -> list[NetworkInterface]:
+    """The interfaces a node's pool may use (device index `first_index` and up), lowest first."""
+    return sorted((i for i in interfaces if i.device_index >= first_index), key=lambda i: i.device_index)
+
+
 def prefix_addresses(prefix: str) -> tuple[str, ...]:
     """The 16 addresses of an IPv4 /28 prefix, all of them usable (the subnet's reserved addresses
     never fall in a delegated prefix)."""
     network = ipaddress.ip_network(prefix, strict=False)
     return tuple(str(network.network_address + i) for i in range(min(network.num_addresses, ADDRESSES_PER_PREFIX)))
+
+
+def prefixes_addresses(prefixes: Iterable[str]) -> tuple[str, ...]:
+    """The addresses of IPv4 /28 prefixes, prefix after prefix."""
+    return tuple(a for p in prefixes for a in prefix_addresses(p))
 
 
 @dataclass(frozen=True, slots=True)

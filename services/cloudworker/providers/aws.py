@@ -50,7 +50,8 @@ from services.cloudworker.model import (
     ReleaseAction,
     SecurityGroup,
     Subnet,
-    prefix_addresses,
+    prefixes_addresses,
+    usable_interfaces,
 )
 from services.cloudworker.providers.base import CloudProvider
 from services.cloudworker.providers.errors import (
@@ -322,9 +323,9 @@ class Ec2Policy:
         # An existing interface with a free slot, in a subnet with free addresses, lowest device first.
         subnets_by_id = {s.id: s for s in subnets}
         blocked_by_subnet = False
-        for interface in sorted(interfaces, key=lambda i: i.device_index):
+        for interface in usable_interfaces(interfaces, spec.first_interface_index):
             room = limits.ipv4_per_interface - interface.ipv4_count
-            if interface.device_index < spec.first_interface_index or room <= 0:
+            if room <= 0:
                 continue
             subnet = subnets_by_id.get(interface.subnet_id)
             if subnet is None:
@@ -374,9 +375,7 @@ class Ec2Policy:
         so a node that fell back to them drifts back to prefixes; then, with 16 or more in excess, a
         prefix whose 16 addresses are all free, from the highest interface holding one."""
         best, most = None, 0
-        usable = [
-            i for i in sorted(interfaces, key=lambda i: i.device_index) if i.device_index >= spec.first_interface_index
-        ]
+        usable = usable_interfaces(interfaces, spec.first_interface_index)
         for interface in usable:
             count = interface.free_count(family, free)
             if count > most:
@@ -385,9 +384,8 @@ class Ec2Policy:
             return ReleaseAction(best.id, best.subnet_id, min(most, excess), family)
         if family is Family.IPV4 and excess >= ADDRESSES_PER_PREFIX:
             for interface in reversed(usable):
-                for prefix in reversed(interface.ipv4_prefixes):
-                    if all(a in free for a in prefix_addresses(prefix)):
-                        return ReleaseAction(interface.id, interface.subnet_id, ADDRESSES_PER_PREFIX, family, prefix)
+                for prefix in reversed(interface.whole_prefixes(free)):
+                    return ReleaseAction(interface.id, interface.subnet_id, ADDRESSES_PER_PREFIX, family, prefix)
         return NoAction(DeficitReason.NOTHING_RELEASABLE, f"{excess} in excess, no interface holds a free address")
 
     def prepare_ipv6_allocation(
@@ -412,9 +410,7 @@ def _ipv6_prefix_allocation(
 ) -> AssignIPv6 | None:
     """One /80 on the lowest usable interface, unless the node holds one already (or that interface's
     subnet has no IPv6 block, or the type takes no IPv6)."""
-    usable = sorted(
-        (i for i in interfaces if i.device_index >= spec.first_interface_index), key=lambda i: i.device_index
-    )
+    usable = usable_interfaces(interfaces, spec.first_interface_index)
     if not usable or any(i.ipv6_prefixes for i in usable):
         return None
     first = usable[0]
@@ -436,10 +432,10 @@ def _prefix_allocation(
     them, else on a new interface in another subnet; None when no subnet may take a prefix now
     (those of `no_prefix_room` had no free /28 lately)."""
     subnets_by_id = {s.id: s for s in subnets}
-    for interface in sorted(interfaces, key=lambda i: i.device_index):
+    for interface in usable_interfaces(interfaces, spec.first_interface_index):
         room = limits.ipv4_per_interface - interface.ipv4_count
         subnet = subnets_by_id.get(interface.subnet_id)
-        if interface.device_index < spec.first_interface_index or room <= 0 or subnet is None:
+        if room <= 0 or subnet is None:
             continue
         count = min(prefixes_for(wanted, room), subnet.free_addresses // ADDRESSES_PER_PREFIX)
         if subnet.id in no_prefix_room or count <= 0:
@@ -772,7 +768,7 @@ class AwsProvider(Ec2Policy, CloudProvider):
         else:
             after = self._read_interface(interface_id)
             new = [p for p in after.ipv4_prefixes if p not in old]
-        return AddressChange(_expanded(new), after, tuple(new))
+        return AddressChange(prefixes_addresses(new), after, tuple(new))
 
     def assign_ipv6_prefix(self, interface_id: str, *, known: NetworkInterface | None = None) -> AddressChange:
         """One IPv6 /80 (AssignIpv6Addresses with Ipv6PrefixCount 1), read back: once per node, so the
@@ -796,10 +792,10 @@ class AwsProvider(Ec2Policy, CloudProvider):
         )
         if known is not None and known.id == interface_id:
             after = replace(known, ipv4_prefixes=tuple(p for p in known.ipv4_prefixes if p not in wanted))
-            return AddressChange(_expanded(wanted), after, tuple(wanted))
+            return AddressChange(prefixes_addresses(wanted), after, tuple(wanted))
         after = self._read_interface(interface_id)
         gone = [p for p in wanted if p not in after.ipv4_prefixes]
-        return AddressChange(_expanded(gone), after, tuple(gone))
+        return AddressChange(prefixes_addresses(gone), after, tuple(gone))
 
     def unassign_addresses(
         self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
@@ -1123,10 +1119,6 @@ def reserved_addresses(cidr: str) -> set[str]:
     if network.version != 4 or network.num_addresses < 8:
         return set()
     return {str(network.network_address + i) for i in range(4)} | {str(network.broadcast_address)}
-
-
-def _expanded(prefixes: Sequence[str]) -> tuple[str, ...]:
-    return tuple(a for p in prefixes for a in prefix_addresses(p))
 
 
 def _addresses(interface: NetworkInterface, family: Family) -> tuple[str, ...]:

@@ -34,7 +34,8 @@ from services.cloudworker.model import (
     ReleaseAction,
     SecurityGroup,
     Subnet,
-    prefix_addresses,
+    prefixes_addresses,
+    usable_interfaces,
 )
 from services.cloudworker.providers.errors import NotFound, SubnetFull, Transient
 from services.core.family import Family
@@ -334,10 +335,8 @@ class ClusterPoolPolicy:
         if family is Family.IPV4 and excess >= ADDRESSES_PER_PREFIX:
             candidates = [
                 (interface.device_index, int(ipaddress.IPv4Network(prefix).network_address), interface, prefix)
-                for interface in interfaces
-                if interface.device_index >= spec.first_interface_index
-                for prefix in interface.ipv4_prefixes
-                if all(a in free for a in prefix_addresses(prefix))
+                for interface in usable_interfaces(interfaces, spec.first_interface_index)
+                for prefix in interface.whole_prefixes(free)
             ]
             if candidates:
                 _, _, interface, prefix = max(candidates, key=lambda c: (c[0], c[1]))
@@ -467,7 +466,7 @@ class ClusterPoolProvider(ClusterPoolPolicy):
     def assign_prefixes(self, interface_id: str, count: int, *, known: NetworkInterface | None = None) -> AddressChange:
         cidr, owner = self._parse_interface_id(interface_id)
         new = tuple(b.prefix for b in self._carve(cidr, owner, count))
-        return AddressChange(_expanded(new), self._read_interface(interface_id), new)
+        return AddressChange(prefixes_addresses(new), self._read_interface(interface_id), new)
 
     def assign_addresses(
         self, interface_id: str, count: int, family: Family = Family.IPV4, *, known: NetworkInterface | None = None
@@ -488,7 +487,7 @@ class ClusterPoolProvider(ClusterPoolPolicy):
             except ValueError:
                 continue  # not a block of this interface: not held, nothing to give back
         gone = tuple(b.prefix for b in self.blocks.give_back(cidr, owner, indexes))
-        return AddressChange(_expanded(gone), self._read_interface(interface_id), gone)
+        return AddressChange(prefixes_addresses(gone), self._read_interface(interface_id), gone)
 
     def unassign_addresses(
         self, interface_id: str, ips: Sequence[str], *, known: NetworkInterface | None = None
@@ -497,7 +496,7 @@ class ClusterPoolProvider(ClusterPoolPolicy):
         among `ips`."""
         wanted = set(ips)
         interface = known or self._read_interface(interface_id)
-        whole = [p for p in interface.ipv4_prefixes if all(a in wanted for a in prefix_addresses(p))]
+        whole = interface.whole_prefixes(wanted)
         return self.unassign_prefixes(interface_id, whole, known=interface)
 
     def conflicting_addresses(self, interface: NetworkInterface, ips: Sequence[str]) -> set[str]:
@@ -517,10 +516,6 @@ class ClusterPoolProvider(ClusterPoolPolicy):
         """Gives back every block of the virtual interface; False if it held none."""
         interface = self._read_interface(interface_id)
         return bool(self.unassign_prefixes(interface_id, interface.ipv4_prefixes).prefixes)
-
-
-def _expanded(prefixes: Sequence[str]) -> tuple[str, ...]:
-    return tuple(a for p in prefixes for a in prefix_addresses(p))
 
 
 def from_settings(
