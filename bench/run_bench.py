@@ -179,14 +179,25 @@ def allocator_memory(allocator: AllocatorProcess) -> dict[str, Any]:
     }
 
 
+_SCRIPTS = ("fcall", "evalsha")  # the pool scripts' calls: functions, or scripts in older code
+# Commands that are not the scripts' own: the scripts themselves, WAIT after them, the meter's,
+# and a replica's acknowledgements.
+_OUTSIDE = (*_SCRIPTS, "eval", "fcall_ro", "function", "wait", "info", "config", "replconf", "psync", "sync")
+
+
+def command_counts(stats: dict[str, Any]) -> dict[str, int]:
+    """Calls by command name, from `INFO commandstats`."""
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def commands_inside_scripts(commands: dict[str, int]) -> int:
+    """Of `command_counts`, the commands the scripts ran (those of `_OUTSIDE` left out)."""
+    return sum(n for name, n in commands.items() if name.split("|")[0] not in _OUTSIDE)
+
+
 class CostMeter:
     """The cost of one phase's calls: CPU of the allocator's processes, Redis and ghz (the bench's
     children that ended: its ghz runs), and the commands Redis ran (`INFO commandstats`)."""
-
-    # Commands that are not the scripts' own: the scripts themselves, WAIT after them, the meter's,
-    # and a replica's acknowledgements.
-    _SCRIPTS = ("fcall", "evalsha")  # the pool scripts' calls: functions, or scripts in older code
-    _OUTSIDE = (*_SCRIPTS, "eval", "fcall_ro", "function", "wait", "info", "config", "replconf", "psync", "sync")
 
     def __init__(
         self, redis_server: RedisServer, allocator: AllocatorProcess, replica: RedisServer | None = None
@@ -222,13 +233,13 @@ class CostMeter:
             for name, before, after in zip(("allocator", "redis", "ghz", "replica"), self._start, cpu, strict=True)
             if name != "replica" or self.replica_pids
         }
-        commands = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-        scripts = sum(commands.get(name, 0) for name in self._SCRIPTS)
-        inside = sum(n for name, n in commands.items() if name.split("|")[0] not in self._OUTSIDE)
+        commands = command_counts(stats)
+        scripts = sum(commands.get(name, 0) for name in _SCRIPTS)
+        inside = commands_inside_scripts(commands)
         phase.redis_commands = commands
         phase.scripts_per_call = scripts / calls
         phase.script_commands = inside / scripts if scripts else 0.0
-        script_usec = sum(float(stats.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in self._SCRIPTS)
+        script_usec = sum(float(stats.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in _SCRIPTS)
         phase.script_us = script_usec / scripts if scripts else float("nan")
         phase.scripts_per_read = scripts / reads if reads else float("nan")
         phase.load_average = tuple(round(x, 2) for x in os.getloadavg())
@@ -489,11 +500,7 @@ def script_alone(redis_server: RedisServer, calls: int = ALONE_CALLS) -> dict[st
     with redis_server.client() as redis:
         stats = redis.info("commandstats")
     fcall = stats.get("cmdstat_fcall", {"calls": 0, "usec": 0})
-    inside = sum(
-        int(v["calls"])
-        for k, v in stats.items()
-        if k.split("|")[0] not in ("cmdstat_fcall", "cmdstat_info", "cmdstat_config")
-    )
+    inside = commands_inside_scripts(command_counts(stats))
     return {
         "calls": int(fcall["calls"]),
         "us_per_call": float(fcall["usec"]) / max(int(fcall["calls"]), 1),
