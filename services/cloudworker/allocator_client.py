@@ -5,7 +5,7 @@ place protobuf is translated); unit tests put a fake behind the same Protocol.""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,11 +98,14 @@ class PoolAddresses:
     prefixes: frozenset[str] = frozenset()  # IPv4 /28 prefixes (their addresses are in the sets above)
     ipv6_prefix: str = ""  # the IPv6 /80 ("" = none); only its addresses handed out are in the sets above
 
-    def from_ipv6_prefix(self, ip: str) -> bool:
-        """Whether `ip` lies in the pool's IPv6 /80 (the cloud lists the prefix, never its addresses)."""
-        return (
-            bool(self.ipv6_prefix) and ":" in ip and ipaddress.ip_address(ip) in ipaddress.ip_network(self.ipv6_prefix)
-        )
+    def listed_by_cloud(self, reserved: Collection[str]) -> set[str]:
+        """The addresses the cloud lists for the pool: those it holds and `reserved`, less the
+        addresses of its IPv6 /80 (the cloud lists the prefix, never its addresses)."""
+        addresses = self.held | frozenset(reserved)
+        if not self.ipv6_prefix:
+            return set(addresses)
+        prefix = ipaddress.ip_network(self.ipv6_prefix)
+        return {ip for ip in addresses if ":" not in ip or ipaddress.ip_address(ip) not in prefix}
 
     @property
     def held(self) -> frozenset[str]:

@@ -407,7 +407,7 @@ class NodeMaintainer:
             return None
         first = node.config.first_interface_index
         in_view = [ip for i in viewed if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)]
-        known = {ip for ip in pool.held | node.reserved if not pool.from_ipv6_prefix(ip)}
+        known = pool.listed_by_cloud(node.reserved)
         if len(in_view) != len(set(in_view)) or set(in_view) != known:
             return None
         ipv6_prefixes = [p for i in viewed if i.device_index >= first for p in i.ipv6_prefixes]
@@ -439,7 +439,7 @@ class NodeMaintainer:
         # interface held when it was last reported, also those a crashed worker never added.
         pool = m.pool if m.pool is not None else await self.allocator.dump(node.name)
         # The /80's addresses are the pool's alone: the cloud lists the prefix, never them.
-        known = {ip for ip in pool.held | node.reserved if not pool.from_ipv6_prefix(ip)}
+        known = pool.listed_by_cloud(node.reserved)
         current, added = await self._adopt(m, interfaces, known, pool.prefixes, outcome)
         in_cloud = {ip for i in current if i.device_index >= first for ip in (*i.pool_ipv4, *i.ipv6)}
         prefixes_in_cloud = {p for i in current if i.device_index >= first for p in i.ipv4_prefixes}
